@@ -1,0 +1,198 @@
+//! The command line: `pool-managerd [serve]` runs the daemon; `status`, `drain`, `reload` and
+//! `restart` are operator commands that talk to a running daemon over its socket.
+//!
+//! Exit codes: 0 success; 1 the daemon answered with an error (e.g. unknown pool); 2 the daemon
+//! could not be reached or the command line / config is wrong.
+
+use crate::status_view::{PoolStatusView, RegistryView, render_table};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
+use pool_ipc::registry::PoolId;
+use pool_ipc::socket_path::resolve_socket_path;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pool-managerd/config.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pool-managerd",
+    version,
+    about = "Pool registry and engine sidecar for LLM inference hosts",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SocketArgs {
+    /// The Unix socket (default: $POOL_MANAGERD_SOCKET, /run/pool-managerd/pool.sock for root,
+    /// $XDG_RUNTIME_DIR/pool-managerd/pool.sock otherwise).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The pool configuration (TOML).
+    #[arg(long, env = "POOL_MANAGERD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The Unix socket; overrides the config's server.socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Address of the HTTP debug shim (ip:port, port 0 for any, or "off"); overrides the config.
+    #[arg(long)]
+    pub debug_listen: Option<String>,
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default when no command is given).
+    Serve(ServeArgs),
+    /// Show the pools of a running pool-managerd.
+    Status {
+        /// Only this pool.
+        pool: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Stop giving out leases on a pool, then stop its engine when they end (or at the deadline).
+    Drain {
+        pool: String,
+        #[arg(long, default_value_t = 60)]
+        deadline_secs: u64,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Bring a new model up on a pool and swap to it.
+    Reload {
+        pool: String,
+        model: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Restart a pool's engine (also clears a Failed pool).
+    Restart {
+        pool: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+}
+
+/// Runs an operator command against a running daemon.
+pub async fn run_command(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Serve(_) => return ExitCode::from(2),
+        Command::Status { pool, json, socket } => status(socket, pool, json).await,
+        Command::Drain {
+            pool,
+            deadline_secs,
+            socket,
+        } => {
+            let deadline = Duration::from_secs(deadline_secs);
+            admin(socket, |client| async move {
+                client.drain(&PoolId(pool), deadline).await
+            })
+            .await
+        }
+        Command::Reload {
+            pool,
+            model,
+            socket,
+        } => {
+            admin(socket, |client| async move {
+                client.reload(&PoolId(pool), &model).await
+            })
+            .await
+        }
+        Command::Restart { pool, socket } => {
+            admin(socket, |client| async move {
+                client.restart(&PoolId(pool)).await
+            })
+            .await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pool-managerd: {error}");
+            match error {
+                ClientError::Remote(_) => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
+        }
+    }
+}
+
+async fn connect(socket: SocketArgs) -> Result<PoolClient, ClientError> {
+    let path = resolve_socket_path(socket.socket).map_err(|error| ClientError::Connect {
+        path: PathBuf::new(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, error.to_string()),
+    })?;
+    PoolClient::connect(ClientConfig::new(path, "pool-managerd-cli")).await
+}
+
+async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<(), ClientError> {
+    let client = connect(socket).await?;
+    let text = match pool {
+        Some(pool) => {
+            let view = PoolStatusView::from(&client.pool_status(&PoolId(pool)).await?);
+            if json {
+                to_json(&view)
+            } else {
+                render_table(&[view])
+            }
+        }
+        None => {
+            let view = RegistryView::from(&client.snapshot().await?);
+            if json {
+                to_json(&view)
+            } else {
+                format!(
+                    "registry epoch {}, {} pools\n{}",
+                    view.epoch,
+                    view.pools.len(),
+                    render_table(&view.pools)
+                )
+            }
+        }
+    };
+    print!("{text}");
+    client.close();
+    Ok(())
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => text + "\n",
+        Err(error) => format!("{{\"error\":\"cannot render JSON: {error}\"}}\n"),
+    }
+}
+
+async fn admin<F, Fut>(socket: SocketArgs, operation: F) -> Result<(), ClientError>
+where
+    F: FnOnce(PoolClient) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ClientError>>,
+{
+    let client = connect(socket).await?;
+    operation(client.clone()).await?;
+    println!("accepted");
+    client.close();
+    Ok(())
+}

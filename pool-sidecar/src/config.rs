@@ -1,0 +1,436 @@
+//! pool-managerd's configuration: the TOML file, validated into typed values before anything
+//! starts. A config that fails validation names the file and the offending setting, and nothing
+//! is bound, spawned or probed.
+//!
+//! ```toml
+//! [server]
+//! socket = "/run/pool-managerd/pool.sock"   # --socket and $POOL_MANAGERD_SOCKET override it
+//! allowed_uids = [1000]                     # default: this process's uid and root
+//! allowed_gids = [990]                      # matched against the peer's primary gid
+//! admin_uids = []                           # who may drain/reload/restart; default as allowed_uids
+//! socket_group = "pool-clients"             # group owning the socket and its directory
+//!
+//! [debug_http]
+//! listen = "127.0.0.1:9200"                 # "off" disables the shim
+//! token_file = "/etc/pool-managerd/token"   # required for a non-loopback address
+//!
+//! [[pool]]
+//! id = "tiny"
+//! model = "tiny-llama"
+//! engine = "llamacpp"                        # or "openai"
+//! endpoint = "http://127.0.0.1:8081"         # or a Unix socket path
+//! slots = 4
+//! [pool.probe]
+//! interval_ms = 1000
+//! timeout_ms = 1000
+//! failure_threshold = 3
+//! success_threshold = 1
+//! ```
+
+use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
+use pool_ipc::registry::{Endpoint, EngineKind, PoolId};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_DEBUG_LISTEN: &str = "127.0.0.1:9200";
+pub const MAX_SLOTS: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    debug_http: RawDebugHttp,
+    #[serde(default, rename = "pool")]
+    pools: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    socket: Option<PathBuf>,
+    allowed_uids: Option<Vec<u32>>,
+    #[serde(default)]
+    allowed_gids: Vec<u32>,
+    admin_uids: Option<Vec<u32>>,
+    #[serde(default)]
+    admin_gids: Vec<u32>,
+    socket_group: Option<GroupSpec>,
+    max_frame_bytes: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum GroupSpec {
+    Id(u32),
+    Name(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebugHttp {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    id: String,
+    model: String,
+    engine: EngineKind,
+    endpoint: String,
+    slots: u32,
+    health_path: Option<String>,
+    #[serde(default)]
+    probe: ProbePolicy,
+}
+
+/// How a pool's engine is probed, and how many answers in a row change its state.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbePolicy {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failures that turn a Ready pool Unhealthy (a slow engine is not a dead one).
+    pub failure_threshold: u32,
+    /// Consecutive successes that turn an Unhealthy pool Ready again.
+    pub success_threshold: u32,
+}
+
+impl Default for ProbePolicy {
+    fn default() -> ProbePolicy {
+        ProbePolicy {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            failure_threshold: 3,
+            success_threshold: 1,
+        }
+    }
+}
+
+impl ProbePolicy {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub debug_http: DebugHttpConfig,
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Who may talk to the socket, and how it is laid out on disk.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub socket: Option<PathBuf>,
+    pub access: AccessPolicy,
+    pub socket_group: Option<u32>,
+    pub max_frame_bytes: u32,
+}
+
+/// The SO_PEERCRED allowlist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessPolicy {
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    pub admin_uids: Vec<u32>,
+    pub admin_gids: Vec<u32>,
+}
+
+impl AccessPolicy {
+    pub fn admits(&self, uid: u32, gid: u32) -> bool {
+        self.allowed_uids.contains(&uid) || self.allowed_gids.contains(&gid)
+    }
+
+    pub fn admits_admin(&self, uid: u32, gid: u32) -> bool {
+        self.admin_uids.contains(&uid) || self.admin_gids.contains(&gid)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DebugHttpConfig {
+    /// `None`: the shim is off.
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub id: PoolId,
+    pub model: String,
+    pub engine: EngineKind,
+    pub endpoint: Endpoint,
+    pub slots: u32,
+    pub health_path: String,
+    pub probe: ProbePolicy,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// `origin` names the file in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: error.to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let server = validate_server(raw.server).map_err(invalid)?;
+        let debug_http = validate_debug_http(raw.debug_http).map_err(invalid)?;
+        let mut seen = HashSet::new();
+        let mut pools = Vec::with_capacity(raw.pools.len());
+        for raw_pool in raw.pools {
+            let pool = validate_pool(raw_pool).map_err(invalid)?;
+            if !seen.insert(pool.id.clone()) {
+                return Err(invalid(format!(
+                    "pool {:?} is declared twice",
+                    pool.id.as_str()
+                )));
+            }
+            pools.push(pool);
+        }
+        Ok(Config {
+            server,
+            debug_http,
+            pools,
+        })
+    }
+}
+
+fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let default_uids = if own_uid == 0 {
+        vec![0]
+    } else {
+        vec![own_uid, 0]
+    };
+    let allowed_uids = raw.allowed_uids.unwrap_or_else(|| default_uids.clone());
+    let admin_uids = raw.admin_uids.unwrap_or(default_uids);
+    let socket_group = match raw.socket_group {
+        None => None,
+        Some(GroupSpec::Id(gid)) => Some(gid),
+        Some(GroupSpec::Name(name)) => match nix::unistd::Group::from_name(&name) {
+            Ok(Some(group)) => Some(group.gid.as_raw()),
+            Ok(None) => return Err(format!("server.socket_group: no group named {name:?}")),
+            Err(error) => return Err(format!("server.socket_group {name:?}: {error}")),
+        },
+    };
+    let max_frame_bytes = raw.max_frame_bytes.unwrap_or(DEFAULT_MAX_FRAME_BYTES);
+    if !(1024..=MAX_FRAME_BYTES_CEILING).contains(&max_frame_bytes) {
+        return Err(format!(
+            "server.max_frame_bytes must be between 1024 and {MAX_FRAME_BYTES_CEILING}, got {max_frame_bytes}"
+        ));
+    }
+    Ok(ServerConfig {
+        socket: raw.socket,
+        access: AccessPolicy {
+            allowed_uids,
+            allowed_gids: raw.allowed_gids,
+            admin_uids,
+            admin_gids: raw.admin_gids,
+        },
+        socket_group,
+        max_frame_bytes,
+    })
+}
+
+fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
+    let token = match raw.token_file {
+        None => None,
+        Some(path) => Some(read_token(&path)?),
+    };
+    let listen = match raw.listen.as_deref() {
+        Some("off") => None,
+        Some(text) => Some(parse_listen(text)?),
+        None => Some(parse_listen(DEFAULT_DEBUG_LISTEN)?),
+    };
+    let config = DebugHttpConfig { listen, token };
+    config.check_exposure()?;
+    Ok(config)
+}
+
+impl DebugHttpConfig {
+    /// A shim reachable from other hosts must demand a token.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        match self.listen {
+            Some(addr) if !addr.ip().is_loopback() && self.token.is_none() => Err(format!(
+                "debug_http.listen {addr} is not a loopback address; set debug_http.token_file to require a bearer token"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("debug_http.listen {text:?} is not an ip:port address (or \"off\")"))
+}
+
+fn read_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("debug_http.token_file {}: {error}", path.display()))?;
+    let token = text.trim().to_owned();
+    if token.len() < 16 {
+        return Err(format!(
+            "debug_http.token_file {}: the token must be at least 16 characters",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
+fn valid_pool_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+}
+
+fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
+    if !valid_pool_id(&raw.id) {
+        return Err(format!(
+            "pool id {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            raw.id
+        ));
+    }
+    let context = |message: String| format!("pool {:?}: {message}", raw.id);
+    if raw.model.trim().is_empty() {
+        return Err(context("model must not be empty".into()));
+    }
+    if !(1..=MAX_SLOTS).contains(&raw.slots) {
+        return Err(context(format!(
+            "slots must be between 1 and {MAX_SLOTS}, got {}",
+            raw.slots
+        )));
+    }
+    let endpoint = Endpoint::parse(&raw.endpoint).map_err(|error| context(error.to_string()))?;
+    let health_path = raw.health_path.unwrap_or_else(|| match raw.engine {
+        EngineKind::Llamacpp => "/health".to_owned(),
+        EngineKind::Openai => "/v1/models".to_owned(),
+    });
+    if !health_path.starts_with('/') {
+        return Err(context(format!(
+            "health_path {health_path:?} must start with '/'"
+        )));
+    }
+    let probe = raw.probe;
+    if probe.interval_ms < 10 || probe.timeout_ms < 10 {
+        return Err(context(
+            "probe.interval_ms and probe.timeout_ms must be at least 10".into(),
+        ));
+    }
+    if probe.failure_threshold == 0 || probe.success_threshold == 0 {
+        return Err(context(
+            "probe.failure_threshold and probe.success_threshold must be at least 1".into(),
+        ));
+    }
+    Ok(PoolConfig {
+        id: PoolId(raw.id),
+        model: raw.model,
+        engine: raw.engine,
+        endpoint,
+        slots: raw.slots,
+        health_path,
+        probe,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const ONE_POOL: &str = r#"
+        [[pool]]
+        id = "tiny"
+        model = "tiny-llama"
+        engine = "llamacpp"
+        endpoint = "http://127.0.0.1:8081"
+        slots = 4
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_safe_defaults() {
+        let config = parse(ONE_POOL).unwrap();
+        assert_eq!(config.pools.len(), 1);
+        assert_eq!(config.pools[0].health_path, "/health");
+        assert_eq!(config.pools[0].probe, ProbePolicy::default());
+        assert!(config.server.access.allowed_uids.contains(&0));
+        assert_eq!(
+            config.debug_http.listen,
+            Some("127.0.0.1:9200".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn errors_name_the_offending_setting() {
+        let error = parse(&ONE_POOL.replace("slots = 4", "slots = 0")).unwrap_err();
+        assert!(
+            error.to_string().contains("pool \"tiny\": slots must be"),
+            "{error}"
+        );
+        let error = parse(&ONE_POOL.replace("llamacpp", "tgi")).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown variant `tgi`"),
+            "{error}"
+        );
+        let error = parse(&format!("{ONE_POOL}\nbogus = 1")).unwrap_err();
+        assert!(error.to_string().contains("bogus"), "{error}");
+        let error = parse(&format!("{ONE_POOL}{ONE_POOL}")).unwrap_err();
+        assert!(error.to_string().contains("declared twice"), "{error}");
+        let error = parse(&ONE_POOL.replace("http://127.0.0.1:8081", "engine.sock")).unwrap_err();
+        assert!(
+            error.to_string().contains("neither an http:// URL"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_public_shim_without_a_token_is_refused() {
+        let text = format!("[debug_http]\nlisten = \"0.0.0.0:9200\"\n{ONE_POOL}");
+        let error = parse(&text).unwrap_err();
+        assert!(error.to_string().contains("token_file"), "{error}");
+    }
+
+    #[test]
+    fn the_shim_can_be_turned_off() {
+        let text = format!("[debug_http]\nlisten = \"off\"\n{ONE_POOL}");
+        assert_eq!(parse(&text).unwrap().debug_http.listen, None);
+    }
+}

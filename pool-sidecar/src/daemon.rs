@@ -1,0 +1,124 @@
+//! Running the daemon: [`run`] takes already-bound listeners (so tests and socket activation can
+//! pass their own), starts the registry, the probes, the socket server and the debug shim, and
+//! shuts them down in order when `shutdown` fires: stop accepting, close connections (their
+//! leases come back), stop probes, wait for every task within the grace period.
+
+use crate::config::Config;
+use crate::debug_http::{self, DebugState};
+use crate::ipc::server::{self, IpcContext};
+use crate::metrics::Metrics;
+use crate::probe;
+use crate::registry::spawn_registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub struct Listeners {
+    pub ipc: UnixListener,
+    pub debug_http: Option<TcpListener>,
+}
+
+/// Runs until `shutdown` is cancelled. `on_ready` is called once every pool has been probed
+/// once (or the first probes timed out) and the socket is being served.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) {
+    let metrics = Arc::new(Metrics::new());
+    // Lease ids of this incarnation start at a random point, far from the last one's.
+    let lease_id_base = u64::from(rand::random::<u32>()) << 32;
+    let (registry, registry_task) =
+        spawn_registry(&config.pools, lease_id_base, Arc::clone(&metrics));
+    let tracker = TaskTracker::new();
+    let probes = shutdown.child_token();
+    for pool in &config.pools {
+        tracker.spawn(probe::probe_pool(
+            pool.clone(),
+            registry.clone(),
+            probes.clone(),
+        ));
+    }
+
+    // Answer the first client with known states rather than "starting" everywhere.
+    let first_probe_window = config
+        .pools
+        .iter()
+        .map(|pool| pool.probe.timeout())
+        .max()
+        .unwrap_or_default()
+        + Duration::from_millis(500);
+    let mut snapshots = registry.watch_snapshot();
+    let first_probes = snapshots.wait_for(|snapshot| {
+        snapshot
+            .pools
+            .iter()
+            .all(|pool| pool.last_probe_unix_ms.is_some())
+    });
+    if tokio::time::timeout(first_probe_window, first_probes)
+        .await
+        .is_err()
+    {
+        tracing::warn!("not every pool answered its first probe in time; serving anyway");
+    }
+
+    if let Some(listener) = listeners.debug_http {
+        let state = DebugState {
+            registry: registry.clone(),
+            metrics: Arc::clone(&metrics),
+            token: config.debug_http.token.as_deref().map(Arc::from),
+        };
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(error) = debug_http::serve(listener, state, stop).await {
+                tracing::error!(%error, "debug HTTP shim failed");
+            }
+        });
+    }
+    let context = Arc::new(IpcContext {
+        registry: registry.clone(),
+        access: config.server.access.clone(),
+        max_frame_bytes: config.server.max_frame_bytes,
+        metrics,
+    });
+    tracker.spawn(server::serve(
+        listeners.ipc,
+        context,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let ready = config
+        .pools
+        .iter()
+        .filter(|pool| {
+            registry
+                .snapshot()
+                .pool(&pool.id)
+                .is_some_and(|status| status.is_dispatchable())
+        })
+        .count();
+    tracing::info!(
+        pools = config.pools.len(),
+        ready,
+        "pool-managerd is serving"
+    );
+    on_ready();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not finish within the shutdown grace period");
+    }
+    drop(registry);
+    let _ = registry_task.await;
+    tracing::info!("stopped");
+}

@@ -1,0 +1,433 @@
+//! One peer on the Unix socket, from credentials check to close.
+//!
+//! Order of business: SO_PEERCRED against the allowlist (refused peers get one `Refused` frame
+//! and nothing else), then exactly one `Hello` (magic and version checked, held leases
+//! re-asserted), then calls answered in order with replies batched per burst, interleaved with
+//! pushed registry events. Any malformed or oversized frame ends the connection with a typed
+//! `Refused` frame: after a framing error the byte stream cannot be trusted. However the
+//! connection ends, its leases are handed back (`LeasesReturn`'s `Drop`).
+
+use super::server::IpcContext;
+use crate::registry::{ConnectionId, RegistryEvent};
+use bytes::BytesMut;
+use pool_ipc::codec::{decode_payload, decode_payload_prefix, encode_frame};
+use pool_ipc::error_code::{ErrorCode, IpcError};
+use pool_ipc::framed::{FrameReader, ReadError};
+use pool_ipc::registry::{DispatchCheck, PoolId, PoolSnapshot};
+use pool_ipc::wire::{
+    Call, Change, ClientFrame, Event, Hello, HelloPreamble, MAGIC, PROTOCOL_VERSION, Reply,
+    Request, Response, ServerFrame, Welcome,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf, UCred};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_ID_LEN: usize = 256;
+
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why a connection ends early; becomes the one `Refused` frame the peer gets.
+struct Refusal(IpcError);
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal(IpcError::new(code, message))
+    }
+}
+
+/// Returns the connection's leases to the registry however the connection ends.
+struct LeasesReturn {
+    context: Arc<IpcContext>,
+    id: ConnectionId,
+}
+
+impl Drop for LeasesReturn {
+    fn drop(&mut self) {
+        self.context.registry.connection_closed(self.id);
+        self.context.metrics.ipc_connections.dec();
+    }
+}
+
+pub async fn serve(
+    stream: UnixStream,
+    id: ConnectionId,
+    context: Arc<IpcContext>,
+    shutdown: CancellationToken,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(peer) => peer,
+        Err(error) => {
+            tracing::warn!(connection = id, %error, "cannot read peer credentials; closing");
+            context.metrics.record_refused("no_credentials");
+            return;
+        }
+    };
+    let (read, write) = stream.into_split();
+    let mut session = Session {
+        id,
+        peer,
+        reader: FrameReader::new(read, context.max_frame_bytes),
+        writer: write,
+        out: BytesMut::with_capacity(4096),
+        subscribed: false,
+        events: context.registry.subscribe_events(),
+        context,
+    };
+    if !session.context.access.admits(peer.uid(), peer.gid()) {
+        tracing::warn!(connection = id, uid = peer.uid(), gid = peer.gid(), pid = ?peer.pid(), "refused a peer that is not on the allowlist");
+        session.context.metrics.record_refused("unauthorized");
+        let message = format!(
+            "uid {} (gid {}) is not allowed on this socket",
+            peer.uid(),
+            peer.gid()
+        );
+        session
+            .refuse(Refusal::new(ErrorCode::Unauthorized, message))
+            .await;
+        return;
+    }
+    session.context.metrics.ipc_connections.inc();
+    let _leases_return = LeasesReturn {
+        context: Arc::clone(&session.context),
+        id,
+    };
+    if let Err(refusal) = session.run(&shutdown).await {
+        session.refuse(refusal).await;
+    }
+}
+
+struct Session {
+    id: ConnectionId,
+    peer: UCred,
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    out: BytesMut,
+    subscribed: bool,
+    events: broadcast::Receiver<Arc<Vec<RegistryEvent>>>,
+    context: Arc<IpcContext>,
+}
+
+impl Session {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), Refusal> {
+        let hello = tokio::select! {
+            () = shutdown.cancelled() => return Err(shutting_down()),
+            hello = self.handshake() => hello?,
+        };
+        let Some(hello) = hello else {
+            return Ok(());
+        };
+        self.welcome(hello).await?;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(shutting_down()),
+                frame = self.reader.read_frame() => match frame {
+                    Ok(Some(payload)) => {
+                        self.handle_payload(&payload).await?;
+                        while let Some(payload) = self.reader.buffered_frame().map_err(bad_frame)? {
+                            self.handle_payload(&payload).await?;
+                        }
+                        self.flush().await?;
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(ReadError::Codec(error)) => return Err(bad_frame(error)),
+                    Err(error) => {
+                        tracing::debug!(connection = self.id, %error, "connection broke off");
+                        return Ok(());
+                    }
+                },
+                batch = self.events.recv() => {
+                    match batch {
+                        Ok(batch) => self.forward_events(&batch)?,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => self.resync(missed)?,
+                        Err(broadcast::error::RecvError::Closed) => return Err(shutting_down()),
+                    }
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+
+    /// Reads the first frame; `Ok(None)` if the peer left without saying anything.
+    async fn handshake(&mut self) -> Result<Option<Hello>, Refusal> {
+        let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.reader.read_frame()).await {
+            Err(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("no Hello within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                ));
+            }
+            Ok(Ok(None)) => return Ok(None),
+            Ok(Err(ReadError::Codec(error))) => return Err(bad_frame(error)),
+            Ok(Err(error)) => {
+                tracing::debug!(connection = self.id, %error, "connection broke off before Hello");
+                return Ok(None);
+            }
+            Ok(Ok(Some(payload))) => payload,
+        };
+        let hello = match decode_payload::<ClientFrame>(&first) {
+            Ok(ClientFrame::Hello(hello)) => hello,
+            Ok(ClientFrame::Call(_)) => {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    "the first frame must be Hello",
+                ));
+            }
+            Err(error) => {
+                return Err(match decode_payload_prefix::<HelloPreamble>(&first) {
+                    Ok((preamble, _))
+                        if preamble.frame_variant == 0
+                            && preamble.magic == MAGIC
+                            && preamble.protocol_version != PROTOCOL_VERSION =>
+                    {
+                        self.version_mismatch(preamble.protocol_version, "?")
+                    }
+                    _ => Refusal::new(
+                        ErrorCode::BadRequest,
+                        format!("not a pool-managerd Hello: {error}"),
+                    ),
+                });
+            }
+        };
+        if hello.magic != MAGIC {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "bad magic: not a pool-managerd client",
+            ));
+        }
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(self.version_mismatch(hello.protocol_version, &hello.client_name));
+        }
+        Ok(Some(hello))
+    }
+
+    fn version_mismatch(&self, client_version: u32, client_name: &str) -> Refusal {
+        tracing::warn!(
+            connection = self.id,
+            client = client_name,
+            client_version,
+            server_version = PROTOCOL_VERSION,
+            "refused a client speaking another protocol version"
+        );
+        self.context.metrics.record_refused("version_mismatch");
+        Refusal::new(
+            ErrorCode::VersionMismatch,
+            format!(
+                "this pool-managerd speaks protocol version {PROTOCOL_VERSION}, the client speaks version {client_version}"
+            ),
+        )
+    }
+
+    async fn welcome(&mut self, hello: Hello) -> Result<(), Refusal> {
+        let (reasserted, rejected) = if hello.held_leases.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.context
+                .registry
+                .reassert(self.id, hello.held_leases)
+                .await
+                .map_err(Refusal)?
+        };
+        tracing::info!(connection = self.id, client = %hello.client_name, uid = self.peer.uid(), pid = ?self.peer.pid(), reasserted = reasserted.len(), rejected = rejected.len(), "client connected");
+        let welcome = ServerFrame::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            server_version: SERVER_VERSION.to_owned(),
+            registry_epoch: self.context.registry.snapshot().epoch,
+            max_frame_bytes: self.context.max_frame_bytes,
+            reasserted,
+            rejected,
+        });
+        self.queue(&welcome)?;
+        self.flush().await
+    }
+
+    async fn handle_payload(&mut self, payload: &[u8]) -> Result<(), Refusal> {
+        let call = match decode_payload::<ClientFrame>(payload) {
+            Ok(ClientFrame::Call(call)) => call,
+            Ok(ClientFrame::Hello(_)) => {
+                return Err(Refusal::new(ErrorCode::BadRequest, "Hello sent twice"));
+            }
+            Err(error) => {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("malformed frame: {error}"),
+                ));
+            }
+        };
+        let Call { id, request } = call;
+        let op = request.name();
+        let result = self.answer(request).await;
+        self.context.metrics.record_request(op, result.is_ok());
+        let reply = ServerFrame::Reply(Reply { id, result });
+        if let Err(error) = encode_frame(&reply, &mut self.out, self.context.max_frame_bytes) {
+            tracing::error!(connection = self.id, op, %error, "reply does not fit in a frame");
+            let reply = ServerFrame::Reply(Reply {
+                id,
+                result: Err(IpcError::new(
+                    ErrorCode::Internal,
+                    format!("the reply does not fit in a frame: {error}"),
+                )),
+            });
+            self.queue(&reply)?;
+        }
+        Ok(())
+    }
+
+    async fn answer(&mut self, request: Request) -> Result<Response, IpcError> {
+        if request.is_admin()
+            && !self
+                .context
+                .access
+                .admits_admin(self.peer.uid(), self.peer.gid())
+        {
+            return Err(IpcError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "{} is an admin operation; uid {} is not an admin",
+                    request.name(),
+                    self.peer.uid()
+                ),
+            ));
+        }
+        let registry = &self.context.registry;
+        match request {
+            Request::Ping => Ok(Response::Pong),
+            Request::Snapshot => Ok(Response::Snapshot((*registry.snapshot()).clone())),
+            Request::PoolStatus { pool } => {
+                self.with_pool(&pool, |status| Response::PoolStatus(status.clone()))
+            }
+            Request::CanDispatch { pool } => self.with_pool(&pool, |status| {
+                Response::CanDispatch(DispatchCheck {
+                    dispatchable: status.is_dispatchable(),
+                    state: status.state,
+                    slots_free: status.slots_free,
+                })
+            }),
+            Request::Acquire {
+                target,
+                task_id,
+                session,
+            } => {
+                if task_id.len() > MAX_ID_LEN
+                    || session.as_ref().is_some_and(|s| s.len() > MAX_ID_LEN)
+                {
+                    return Err(IpcError::new(
+                        ErrorCode::BadRequest,
+                        format!("task_id and session must be at most {MAX_ID_LEN} bytes"),
+                    ));
+                }
+                let lease = registry.acquire(self.id, target).await?;
+                tracing::debug!(connection = self.id, lease = %lease.id, pool = %lease.pool, %task_id, ?session, "lease granted");
+                Ok(Response::Acquired(lease))
+            }
+            Request::Release { lease, outcome } => {
+                registry.release(self.id, lease, outcome).await?;
+                Ok(Response::Released)
+            }
+            Request::Subscribe => {
+                self.subscribed = true;
+                Ok(Response::Subscribed((*registry.snapshot()).clone()))
+            }
+            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => {
+                Err(IpcError::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "{} is not supported yet: this pool-managerd probes engines it does not manage",
+                        request.name()
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn with_pool(
+        &self,
+        pool: &PoolId,
+        view: impl FnOnce(&PoolSnapshot) -> Response,
+    ) -> Result<Response, IpcError> {
+        let snapshot = self.context.registry.snapshot();
+        snapshot.pool(pool).map(view).ok_or_else(|| {
+            IpcError::new(
+                ErrorCode::NotFound,
+                format!("unknown pool {:?}", pool.as_str()),
+            )
+        })
+    }
+
+    fn forward_events(&mut self, batch: &[RegistryEvent]) -> Result<(), Refusal> {
+        for event in batch {
+            let for_us = self.subscribed
+                || (matches!(event.change, Change::LeasesRevoked { .. })
+                    && event.lease_owners.contains(&self.id));
+            if for_us {
+                self.queue(&ServerFrame::Event(Event {
+                    epoch: event.epoch,
+                    change: event.change.clone(),
+                }))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer fell behind the event stream: replace its mirror wholesale.
+    fn resync(&mut self, missed: u64) -> Result<(), Refusal> {
+        if !self.subscribed {
+            return Ok(());
+        }
+        tracing::warn!(
+            connection = self.id,
+            missed,
+            "subscriber lagged; sending a full resync"
+        );
+        let snapshot = (*self.context.registry.snapshot()).clone();
+        self.queue(&ServerFrame::Event(Event {
+            epoch: snapshot.epoch,
+            change: Change::Resync(snapshot),
+        }))
+    }
+
+    fn queue(&mut self, frame: &ServerFrame) -> Result<(), Refusal> {
+        encode_frame(frame, &mut self.out, self.context.max_frame_bytes)
+            .map_err(|error| Refusal::new(ErrorCode::Internal, error.to_string()))
+    }
+
+    async fn flush(&mut self) -> Result<(), Refusal> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        written.map_err(|error| {
+            tracing::debug!(connection = self.id, %error, "write failed");
+            Refusal::new(ErrorCode::Internal, "write failed")
+        })
+    }
+
+    /// Sends one `Refused` frame (best effort) and closes.
+    async fn refuse(&mut self, Refusal(error): Refusal) {
+        tracing::debug!(connection = self.id, %error, "closing connection");
+        self.out.clear();
+        if encode_frame(
+            &ServerFrame::Refused(error),
+            &mut self.out,
+            self.context.max_frame_bytes,
+        )
+        .is_ok()
+        {
+            let _ = self.writer.write_all(&self.out).await;
+        }
+        let _ = self.writer.shutdown().await;
+    }
+}
+
+fn bad_frame(error: pool_ipc::codec::CodecError) -> Refusal {
+    Refusal::new(ErrorCode::BadRequest, error.to_string())
+}
+
+fn shutting_down() -> Refusal {
+    Refusal::new(ErrorCode::ShuttingDown, "pool-managerd is shutting down")
+}

@@ -1,0 +1,208 @@
+//! Creating the listening socket file the safe way.
+//!
+//! The socket lives in a directory of mode 0750 (created if missing) and is itself mode 0660,
+//! optionally owned by a client group. A lock file beside it (`<socket>.lock`, flock) makes two
+//! daemons starting at once exclude each other; an existing socket file is probed: a live one is
+//! never taken over, a stale one (nobody listening) is replaced. Anything at the path that is
+//! not a socket is left alone and reported.
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::{Gid, chown};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(
+        "another pool-managerd is already serving {0} (it answered a connect); refusing to take over its socket"
+    )]
+    AlreadyServing(PathBuf),
+    #[error("another pool-managerd holds the lock {0}; refusing to start a second one")]
+    Locked(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket path {path} is {len} bytes long; Unix sockets allow at most 107")]
+    PathTooLong { path: PathBuf, len: usize },
+    #[error("socket path {0} has no parent directory")]
+    NoParent(PathBuf),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SocketError {
+    let path = path.to_owned();
+    move |source| SocketError::Io { what, path, source }
+}
+
+/// Keeps the socket's lock; removes the socket file and the lock when dropped.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    lock_path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// Binds the socket at `path` (see the module docs for the rules).
+pub fn bind_socket(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketFile), SocketError> {
+    let len = path.as_os_str().len();
+    if len > 107 {
+        return Err(SocketError::PathTooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .ok_or_else(|| SocketError::NoParent(path.to_owned()))?;
+    prepare_directory(dir, group)?;
+
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock_path = PathBuf::from(lock_name);
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io("cannot open lock file", &lock_path))?;
+    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| SocketError::Locked(lock_path.clone()))?;
+
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if !metadata.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.to_owned()));
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(SocketError::AlreadyServing(path.to_owned())),
+            Err(error) if error.kind() == ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "replacing a stale socket file (nobody listening)");
+                std::fs::remove_file(path).map_err(io("cannot remove stale socket", path))?;
+            }
+            Err(error) => return Err(io("cannot probe existing socket", path)(error)),
+        },
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => return Err(io("cannot inspect socket path", path)(error)),
+    }
+
+    let listener = UnixListener::bind(path).map_err(io("cannot bind socket", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io("cannot set socket mode", path))?;
+    if let Some(gid) = group {
+        chown(path, None, Some(Gid::from_raw(gid)))
+            .map_err(|errno| io("cannot chown socket", path)(errno.into()))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(io("cannot make socket non-blocking", path))?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_owned(),
+            lock_path,
+            _lock: lock,
+        },
+    ))
+}
+
+fn prepare_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> {
+    match std::fs::metadata(dir) {
+        Ok(metadata) => {
+            if metadata.permissions().mode() & 0o007 != 0 {
+                tracing::warn!(dir = %dir.display(), mode = format!("{:o}", metadata.permissions().mode() & 0o7777), "socket directory is accessible to everyone; 0750 is recommended");
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(io("cannot create socket directory", dir))?;
+            // The mode given to mkdir is filtered by the umask; say exactly what we mean.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+                .map_err(io("cannot set socket directory mode", dir))?;
+            if let Some(gid) = group {
+                chown(dir, None, Some(Gid::from_raw(gid)))
+                    .map_err(|errno| io("cannot chown socket directory", dir)(errno.into()))?;
+            }
+            Ok(())
+        }
+        Err(error) => Err(io("cannot inspect socket directory", dir)(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_socket_gets_a_private_directory_and_mode_0660() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("run/pool.sock");
+        let (_listener, file) = bind_socket(&path, None).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o660);
+        assert_eq!(mode(path.parent().unwrap()), 0o750);
+        drop(file);
+        assert!(!path.exists(), "the socket file is removed on drop");
+    }
+
+    #[test]
+    fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("pool.sock");
+        let (listener, first) = bind_socket(&path, None).unwrap();
+        assert!(matches!(
+            bind_socket(&path, None),
+            Err(SocketError::Locked(_))
+        ));
+        // A listener without the lock (e.g. started by hand elsewhere) is still detected live.
+        std::mem::forget(first);
+        let lock_path = temp.path().join("pool.sock.lock");
+        std::fs::remove_file(&lock_path).unwrap();
+        assert!(matches!(
+            bind_socket(&path, None),
+            Err(SocketError::AlreadyServing(_))
+        ));
+        drop(listener);
+        // Nobody listens now: the file is stale.
+        assert!(bind_socket(&path, None).is_ok());
+    }
+
+    #[test]
+    fn a_regular_file_at_the_socket_path_is_left_alone() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("pool.sock");
+        std::fs::write(&path, b"data").unwrap();
+        assert!(matches!(
+            bind_socket(&path, None),
+            Err(SocketError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+    }
+}

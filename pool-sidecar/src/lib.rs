@@ -1,0 +1,19 @@
+//! pool-managerd: the pool registry sidecar. It knows which engines serve which models, whether
+//! they are healthy, and who holds their slots; it serves that over a Unix socket (`ipc`), with
+//! a read-only HTTP shim for operators (`debug_http`).
+//!
+//! Module map: `config` (the TOML file), `registry` (state + the actor that owns it), `probe`
+//! and `engine_http` (engine health), `ipc` (socket file, accept loop, one connection),
+//! `debug_http` and `status_view` (operator views), `metrics`, `cli`, `daemon` (wiring and
+//! shutdown order).
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod debug_http;
+pub mod engine_http;
+pub mod ipc;
+pub mod metrics;
+pub mod probe;
+pub mod registry;
+pub mod status_view;

@@ -1,0 +1,133 @@
+//! `pool-managerd`: parses the command line, then either runs the daemon (binding its sockets
+//! first, so that a bad config or a busy socket fails before anything starts) or runs an
+//! operator command against a running one.
+
+use clap::Parser;
+use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
+use pool_sidecar::config::{Config, parse_listen};
+use pool_sidecar::daemon::{Listeners, run};
+use pool_sidecar::ipc::socket::bind_socket;
+use std::io::Write;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("pool-managerd: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        None => serve(cli.serve, &runtime),
+        Some(Command::Serve(args)) => serve(args, &runtime),
+        Some(command) => runtime.block_on(run_command(command)),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    init_tracing(args.log_format);
+    match start(args, runtime) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("pool-managerd: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
+    let mut config = Config::load(&args.config).map_err(|error| error.to_string())?;
+    if let Some(listen) = &args.debug_listen {
+        config.debug_http.listen = match listen.as_str() {
+            "off" => None,
+            text => Some(parse_listen(text)?),
+        };
+        config.debug_http.check_exposure()?;
+    }
+    let explicit =
+        args.socket
+            .clone()
+            .or(match std::env::var_os(pool_ipc::socket_path::SOCKET_ENV) {
+                Some(value) if !value.is_empty() => None,
+                _ => config.server.socket.clone(),
+            });
+    let socket_path =
+        pool_ipc::socket_path::resolve_socket_path(explicit).map_err(|error| error.to_string())?;
+
+    let _guard = runtime.enter();
+    let (std_listener, socket_file) =
+        bind_socket(&socket_path, config.server.socket_group).map_err(|error| error.to_string())?;
+    let ipc = tokio::net::UnixListener::from_std(std_listener)
+        .map_err(|error| format!("cannot register the socket: {error}"))?;
+    let debug_http = match config.debug_http.listen {
+        None => None,
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|listener| {
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                })
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|error| format!("cannot bind the debug HTTP shim on {addr}: {error}"))?;
+            Some(listener)
+        }
+    };
+    let debug_addr = match &debug_http {
+        Some(listener) => listener
+            .local_addr()
+            .map(|addr| addr.to_string())
+            .unwrap_or_else(|_| "?".into()),
+        None => "off".into(),
+    };
+
+    let shutdown = CancellationToken::new();
+    runtime.spawn(stop_on_signal(shutdown.clone()));
+    let socket_shown = socket_file.path().display().to_string();
+    runtime.block_on(run(
+        config,
+        Listeners { ipc, debug_http },
+        shutdown,
+        move || {
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(
+                stdout,
+                "READY socket={socket_shown} debug_http={debug_addr}"
+            );
+            let _ = stdout.flush();
+        },
+    ));
+    drop(socket_file);
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

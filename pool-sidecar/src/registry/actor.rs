@@ -1,0 +1,344 @@
+//! The registry actor: one task owns the [`RegistryState`] and applies commands to it in order.
+//!
+//! Commands are compound (acquire = check + reserve), decided inside the actor, never
+//! get-then-act from outside. After each batch of queued commands the actor publishes a fresh
+//! snapshot (a `watch`, for advisory reads: CanDispatch, the debug shim, metrics) and the
+//! coalesced changes (a `broadcast`, for subscribers). The actor never awaits anything but its
+//! inbox, so one slow peer or engine can never stall the registry.
+//!
+//! The inbox is unbounded on purpose: `Drop` paths must be able to hand back leases without
+//! awaiting, and its depth is bounded in practice because every connection waits for each reply
+//! before reading its next call.
+
+use super::state::{ConnectionId, ProbeReport, RegistryState};
+use crate::config::PoolConfig;
+use crate::metrics::Metrics;
+use pool_ipc::error_code::{ErrorCode, IpcError};
+use pool_ipc::registry::{AcquireTarget, Lease, LeaseId, PoolId, RegistrySnapshot, ReleaseOutcome};
+use pool_ipc::wire::{Change, HeldLease};
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Commands handled in a batch before publishing; bounds how stale the snapshot can get.
+const MAX_BATCH: usize = 256;
+const EVENT_BUFFER: usize = 1024;
+
+type Reply<T> = oneshot::Sender<T>;
+type ReassertOutcome = (Vec<LeaseId>, Vec<(LeaseId, IpcError)>);
+
+enum Command {
+    Acquire {
+        owner: ConnectionId,
+        target: AcquireTarget,
+        reply: Reply<Result<Lease, IpcError>>,
+    },
+    Release {
+        owner: ConnectionId,
+        lease: LeaseId,
+        outcome: ReleaseOutcome,
+        reply: Reply<Result<(), IpcError>>,
+    },
+    Reassert {
+        owner: ConnectionId,
+        held: Vec<HeldLease>,
+        reply: Reply<ReassertOutcome>,
+    },
+    ConnectionClosed {
+        owner: ConnectionId,
+    },
+    Probe {
+        pool: PoolId,
+        report: ProbeReport,
+    },
+}
+
+/// One published change, and the connections that must see it even without subscribing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryEvent {
+    pub epoch: u64,
+    pub change: Change,
+    pub lease_owners: Vec<ConnectionId>,
+}
+
+/// A cheap, cloneable way to talk to the registry actor.
+#[derive(Clone)]
+pub struct RegistryHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    snapshot: watch::Receiver<Arc<RegistrySnapshot>>,
+    events: broadcast::Sender<Arc<Vec<RegistryEvent>>>,
+}
+
+fn registry_gone() -> IpcError {
+    IpcError::new(ErrorCode::ShuttingDown, "the registry is shutting down")
+}
+
+impl RegistryHandle {
+    async fn ask<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, IpcError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .map_err(|_| registry_gone())?;
+        answer.await.map_err(|_| registry_gone())
+    }
+
+    pub async fn acquire(
+        &self,
+        owner: ConnectionId,
+        target: AcquireTarget,
+    ) -> Result<Lease, IpcError> {
+        self.ask(|reply| Command::Acquire {
+            owner,
+            target,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn release(
+        &self,
+        owner: ConnectionId,
+        lease: LeaseId,
+        outcome: ReleaseOutcome,
+    ) -> Result<(), IpcError> {
+        self.ask(|reply| Command::Release {
+            owner,
+            lease,
+            outcome,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn reassert(
+        &self,
+        owner: ConnectionId,
+        held: Vec<HeldLease>,
+    ) -> Result<ReassertOutcome, IpcError> {
+        self.ask(|reply| Command::Reassert { owner, held, reply })
+            .await
+    }
+
+    /// Hands back every lease of a closed connection; callable from `Drop`.
+    pub fn connection_closed(&self, owner: ConnectionId) {
+        let _ = self.commands.send(Command::ConnectionClosed { owner });
+    }
+
+    pub fn record_probe(&self, pool: PoolId, report: ProbeReport) {
+        let _ = self.commands.send(Command::Probe { pool, report });
+    }
+
+    /// The last published registry (advisory: it may be a few microseconds behind).
+    pub fn snapshot(&self) -> Arc<RegistrySnapshot> {
+        Arc::clone(&self.snapshot.borrow())
+    }
+
+    pub fn watch_snapshot(&self) -> watch::Receiver<Arc<RegistrySnapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Changes published from now on.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Vec<RegistryEvent>>> {
+        self.events.subscribe()
+    }
+}
+
+/// Starts the actor; it runs until every handle is dropped.
+pub fn spawn_registry(
+    pools: &[PoolConfig],
+    lease_id_base: u64,
+    metrics: Arc<Metrics>,
+) -> (RegistryHandle, tokio::task::JoinHandle<()>) {
+    let state = RegistryState::new(pools, lease_id_base);
+    let (commands, inbox) = mpsc::unbounded_channel();
+    let (snapshot_tx, snapshot) = watch::channel(Arc::new(state.snapshot()));
+    let events = broadcast::Sender::new(EVENT_BUFFER);
+    let actor = RegistryActor {
+        state,
+        inbox,
+        snapshot: snapshot_tx,
+        events: events.clone(),
+        metrics,
+    };
+    let task = tokio::spawn(actor.run());
+    (
+        RegistryHandle {
+            commands,
+            snapshot,
+            events,
+        },
+        task,
+    )
+}
+
+struct RegistryActor {
+    state: RegistryState,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    snapshot: watch::Sender<Arc<RegistrySnapshot>>,
+    events: broadcast::Sender<Arc<Vec<RegistryEvent>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RegistryActor {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while self.inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            for command in batch.drain(..) {
+                self.apply(command);
+            }
+            self.publish();
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Acquire {
+                owner,
+                target,
+                reply,
+            } => {
+                let result = self.state.acquire(owner, &target);
+                if let Ok(lease) = &result {
+                    self.metrics.leases_granted.inc();
+                    // The requester may have gone while we decided: then the lease goes back.
+                    if reply.send(result.clone()).is_err() {
+                        let _ = self
+                            .state
+                            .release(owner, lease.id, ReleaseOutcome::Cancelled);
+                    }
+                } else {
+                    let _ = reply.send(result);
+                }
+            }
+            Command::Release {
+                owner,
+                lease,
+                outcome,
+                reply,
+            } => {
+                let _ = reply.send(self.state.release(owner, lease, outcome));
+            }
+            Command::Reassert { owner, held, reply } => {
+                let outcome = self.state.reassert(owner, &held);
+                if !outcome.0.is_empty() {
+                    tracing::info!(
+                        connection = owner,
+                        leases = outcome.0.len(),
+                        "re-asserted leases re-created"
+                    );
+                }
+                if reply.send(outcome).is_err() {
+                    self.state.connection_closed(owner);
+                }
+            }
+            Command::ConnectionClosed { owner } => {
+                let released = self.state.connection_closed(owner);
+                if released > 0 {
+                    tracing::info!(
+                        connection = owner,
+                        released,
+                        "connection closed; its leases came back"
+                    );
+                }
+            }
+            Command::Probe { pool, report } => {
+                if report.result.is_err() {
+                    self.metrics.record_probe_failure(&pool);
+                }
+                self.state.record_probe(&pool, report);
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        for end in self.state.take_ended() {
+            self.metrics.record_lease_end(end);
+        }
+        let changes = self.state.take_changes();
+        self.metrics
+            .leases_active
+            .set(i64::try_from(self.state.live_leases()).unwrap_or(i64::MAX));
+        self.snapshot.send_replace(Arc::new(self.state.snapshot()));
+        if changes.is_empty() {
+            return;
+        }
+        let epoch = self.state.epoch();
+        for pending in &changes {
+            log_change(&pending.change);
+        }
+        let batch: Vec<RegistryEvent> = changes
+            .into_iter()
+            .map(|pending| RegistryEvent {
+                epoch,
+                change: pending.change,
+                lease_owners: pending.lease_owners,
+            })
+            .collect();
+        // No receivers is fine: nobody is subscribed.
+        let _ = self.events.send(Arc::new(batch));
+    }
+}
+
+fn log_change(change: &Change) {
+    if let Change::LeasesRevoked {
+        pool,
+        leases,
+        reason,
+    } = change
+    {
+        tracing::warn!(%pool, leases = leases.len(), %reason, "leases revoked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProbePolicy;
+    use pool_ipc::registry::{Endpoint, EngineKind, PoolState};
+
+    fn config() -> Vec<PoolConfig> {
+        vec![PoolConfig {
+            id: PoolId("a".into()),
+            model: "m".into(),
+            engine: EngineKind::Llamacpp,
+            endpoint: Endpoint::Unix {
+                path: "/tmp/x.sock".into(),
+            },
+            slots: 1,
+            health_path: "/health".into(),
+            probe: ProbePolicy::default(),
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_vanished_requester_does_not_keep_its_lease() {
+        let (registry, _task) = spawn_registry(&config(), 0, Arc::new(Metrics::new()));
+        registry.record_probe(
+            PoolId("a".into()),
+            ProbeReport {
+                at_unix_ms: 1,
+                result: Ok(()),
+                engine_version: None,
+            },
+        );
+        let mut snapshots = registry.watch_snapshot();
+        snapshots
+            .wait_for(|s| s.pools[0].state == PoolState::Ready)
+            .await
+            .unwrap();
+        // The requester gives up before the actor answers.
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        registry
+            .commands
+            .send(Command::Acquire {
+                owner: 1,
+                target: AcquireTarget::Pool(PoolId("a".into())),
+                reply,
+            })
+            .unwrap();
+        let lease = registry
+            .acquire(2, AcquireTarget::Pool(PoolId("a".into())))
+            .await;
+        assert!(lease.is_ok(), "the abandoned lease came back: {lease:?}");
+    }
+}

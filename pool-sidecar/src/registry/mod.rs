@@ -1,0 +1,8 @@
+//! The pool registry: [`state`] holds the rules, [`actor`] owns the one instance and is the
+//! only code that mutates it; everyone else holds a [`RegistryHandle`].
+
+pub mod actor;
+pub mod state;
+
+pub use actor::{RegistryEvent, RegistryHandle, spawn_registry};
+pub use state::{ConnectionId, ProbeReport};

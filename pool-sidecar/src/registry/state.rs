@@ -1,0 +1,679 @@
+//! The registry's plain state: pools, their slots and the leases on them, and every rule about
+//! how they change. Synchronous, no I/O, no clock: the actor owns the only instance and feeds it
+//! commands; tests drive it directly.
+//!
+//! Invariants (checked by `check_invariants` in tests): a pool's free slots are
+//! `slots_total - leases on it`, so `0 <= slots_free <= slots_total` by construction; a new lease
+//! is granted only on a `Ready` pool with a free slot, in the same step as the check; every lease
+//! belongs to exactly one live connection and dies with it.
+
+use crate::config::{PoolConfig, ProbePolicy};
+use pool_ipc::error_code::{ErrorCode, IpcError};
+use pool_ipc::registry::{
+    AcquireTarget, Endpoint, EngineKind, Lease, LeaseId, PoolId, PoolSnapshot, PoolState,
+    RegistrySnapshot, ReleaseOutcome,
+};
+use pool_ipc::wire::{Change, HeldLease};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Identifies one accepted socket connection for the lifetime of the daemon.
+pub type ConnectionId = u64;
+
+/// What a health probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub at_unix_ms: u64,
+    pub result: Result<(), String>,
+    /// The engine's version, where the engine reports one.
+    pub engine_version: Option<String>,
+}
+
+/// Why leases ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseEnd {
+    Released(ReleaseOutcome),
+    ConnectionClosed,
+    Revoked,
+}
+
+impl LeaseEnd {
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseEnd::Released(outcome) => outcome.name(),
+            LeaseEnd::ConnectionClosed => "connection_closed",
+            LeaseEnd::Revoked => "revoked",
+        }
+    }
+}
+
+/// One change to publish, with the connections it must reach even if they did not subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    pub change: Change,
+    pub lease_owners: Vec<ConnectionId>,
+}
+
+#[derive(Debug)]
+struct PoolEntry {
+    model: String,
+    engine: EngineKind,
+    endpoint: Endpoint,
+    probe: ProbePolicy,
+    state: PoolState,
+    live: bool,
+    slots_total: u32,
+    leases: BTreeSet<LeaseId>,
+    engine_version: Option<String>,
+    last_error: Option<String>,
+    restarts: u32,
+    last_probe_unix_ms: Option<u64>,
+    consecutive_failures: u32,
+    consecutive_successes: u32,
+}
+
+impl PoolEntry {
+    fn slots_free(&self) -> u32 {
+        // `leases.len() <= slots_total` always holds; saturate rather than trust it blindly.
+        self.slots_total
+            .saturating_sub(u32::try_from(self.leases.len()).unwrap_or(u32::MAX))
+    }
+}
+
+#[derive(Debug)]
+struct LeaseRecord {
+    pool: PoolId,
+    owner: ConnectionId,
+}
+
+#[derive(Debug)]
+pub struct RegistryState {
+    epoch: u64,
+    pools: BTreeMap<PoolId, PoolEntry>,
+    leases: HashMap<LeaseId, LeaseRecord>,
+    next_lease: u64,
+    dirty: BTreeSet<PoolId>,
+    revocations: Vec<PendingChange>,
+    ended: Vec<LeaseEnd>,
+}
+
+fn not_found_pool(pool: &PoolId) -> IpcError {
+    IpcError::new(
+        ErrorCode::NotFound,
+        format!("unknown pool {:?}", pool.as_str()),
+    )
+}
+
+impl RegistryState {
+    /// `lease_id_base` makes lease ids of this daemon incarnation distinct from the previous
+    /// one's, whose leases clients may re-assert.
+    pub fn new(pools: &[PoolConfig], lease_id_base: u64) -> RegistryState {
+        let pools = pools
+            .iter()
+            .map(|config| {
+                let entry = PoolEntry {
+                    model: config.model.clone(),
+                    engine: config.engine,
+                    endpoint: config.endpoint.clone(),
+                    probe: config.probe.clone(),
+                    state: PoolState::Starting,
+                    live: false,
+                    slots_total: config.slots,
+                    leases: BTreeSet::new(),
+                    engine_version: None,
+                    last_error: None,
+                    restarts: 0,
+                    last_probe_unix_ms: None,
+                    consecutive_failures: 0,
+                    consecutive_successes: 0,
+                };
+                (config.id.clone(), entry)
+            })
+            .collect();
+        RegistryState {
+            epoch: 0,
+            pools,
+            leases: HashMap::new(),
+            next_lease: lease_id_base,
+            dirty: BTreeSet::new(),
+            revocations: Vec::new(),
+            ended: Vec::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Check-and-reserve: grants a lease only where a slot is free right now.
+    pub fn acquire(
+        &mut self,
+        owner: ConnectionId,
+        target: &AcquireTarget,
+    ) -> Result<Lease, IpcError> {
+        let pool_id = match target {
+            AcquireTarget::Pool(pool) => {
+                let entry = self.pools.get(pool).ok_or_else(|| not_found_pool(pool))?;
+                match entry.state {
+                    PoolState::Ready if entry.slots_free() > 0 => pool.clone(),
+                    PoolState::Ready => {
+                        return Err(IpcError::new(
+                            ErrorCode::NoCapacity,
+                            format!(
+                                "all {} slots of pool {pool:?} are leased",
+                                entry.slots_total
+                            ),
+                        ));
+                    }
+                    PoolState::Draining => {
+                        return Err(IpcError::new(
+                            ErrorCode::Draining,
+                            format!("pool {pool:?} is draining"),
+                        ));
+                    }
+                    state => {
+                        return Err(IpcError::new(
+                            ErrorCode::NotReady,
+                            format!("pool {pool:?} is {state}"),
+                        ));
+                    }
+                }
+            }
+            AcquireTarget::Model(model) => self.least_loaded_pool_for(model)?,
+        };
+        let id = LeaseId(self.next_lease);
+        self.next_lease = self.next_lease.wrapping_add(1);
+        let Some(entry) = self.pools.get_mut(&pool_id) else {
+            return Err(not_found_pool(&pool_id));
+        };
+        entry.leases.insert(id);
+        let lease = Lease {
+            id,
+            pool: pool_id.clone(),
+            model: entry.model.clone(),
+            engine: entry.engine,
+            endpoint: entry.endpoint.clone(),
+        };
+        self.leases.insert(
+            id,
+            LeaseRecord {
+                pool: pool_id.clone(),
+                owner,
+            },
+        );
+        self.dirty.insert(pool_id);
+        Ok(lease)
+    }
+
+    fn least_loaded_pool_for(&self, model: &str) -> Result<PoolId, IpcError> {
+        let serving: Vec<(&PoolId, &PoolEntry)> = self
+            .pools
+            .iter()
+            .filter(|(_, entry)| entry.model == model)
+            .collect();
+        if serving.is_empty() {
+            return Err(IpcError::new(
+                ErrorCode::NotFound,
+                format!("no pool serves model {model:?}"),
+            ));
+        }
+        let ready: Vec<&(&PoolId, &PoolEntry)> = serving
+            .iter()
+            .filter(|(_, entry)| entry.state == PoolState::Ready)
+            .collect();
+        if ready.is_empty() {
+            return Err(IpcError::new(
+                ErrorCode::NotReady,
+                format!("no pool serving model {model:?} is ready"),
+            ));
+        }
+        ready
+            .iter()
+            .filter(|(_, entry)| entry.slots_free() > 0)
+            // Least loaded: the largest share of free slots; ties go to the first pool id.
+            .max_by(|(a_id, a), (b_id, b)| {
+                let a_share = u64::from(a.slots_free()) * u64::from(b.slots_total);
+                let b_share = u64::from(b.slots_free()) * u64::from(a.slots_total);
+                a_share.cmp(&b_share).then_with(|| b_id.cmp(a_id))
+            })
+            .map(|(id, _)| (*id).clone())
+            .ok_or_else(|| {
+                IpcError::new(
+                    ErrorCode::NoCapacity,
+                    format!("every slot of every ready pool serving {model:?} is leased"),
+                )
+            })
+    }
+
+    /// Releases a lease held by `owner`; another connection's lease is not found.
+    pub fn release(
+        &mut self,
+        owner: ConnectionId,
+        lease: LeaseId,
+        outcome: ReleaseOutcome,
+    ) -> Result<(), IpcError> {
+        match self.leases.get(&lease) {
+            Some(record) if record.owner == owner => {}
+            _ => {
+                return Err(IpcError::new(
+                    ErrorCode::NotFound,
+                    format!("lease {lease} is not held by this connection"),
+                ));
+            }
+        }
+        self.drop_lease(lease, LeaseEnd::Released(outcome));
+        Ok(())
+    }
+
+    fn drop_lease(&mut self, lease: LeaseId, end: LeaseEnd) {
+        if let Some(record) = self.leases.remove(&lease) {
+            if let Some(entry) = self.pools.get_mut(&record.pool) {
+                entry.leases.remove(&lease);
+            }
+            self.dirty.insert(record.pool);
+            self.ended.push(end);
+        }
+    }
+
+    /// Every lease of a closed connection comes back. Returns how many.
+    pub fn connection_closed(&mut self, owner: ConnectionId) -> usize {
+        let owned: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, record)| record.owner == owner)
+            .map(|(id, _)| *id)
+            .collect();
+        for lease in &owned {
+            self.drop_lease(*lease, LeaseEnd::ConnectionClosed);
+        }
+        owned.len()
+    }
+
+    /// Re-creates leases a reconnecting client still uses. A lease is accepted on a pool that
+    /// is Ready or Draining with a free slot, and only if no connection holds that id now.
+    pub fn reassert(
+        &mut self,
+        owner: ConnectionId,
+        held: &[HeldLease],
+    ) -> (Vec<LeaseId>, Vec<(LeaseId, IpcError)>) {
+        let mut accepted = Vec::new();
+        let mut rejected = Vec::new();
+        for HeldLease { lease, pool } in held {
+            match self.check_reassert(*lease, pool) {
+                Ok(()) => {
+                    if let Some(entry) = self.pools.get_mut(pool) {
+                        entry.leases.insert(*lease);
+                    }
+                    self.leases.insert(
+                        *lease,
+                        LeaseRecord {
+                            pool: pool.clone(),
+                            owner,
+                        },
+                    );
+                    self.dirty.insert(pool.clone());
+                    accepted.push(*lease);
+                }
+                Err(error) => rejected.push((*lease, error)),
+            }
+        }
+        (accepted, rejected)
+    }
+
+    fn check_reassert(&self, lease: LeaseId, pool: &PoolId) -> Result<(), IpcError> {
+        if self.leases.contains_key(&lease) {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!("lease {lease} is already held by a live connection"),
+            ));
+        }
+        let entry = self.pools.get(pool).ok_or_else(|| not_found_pool(pool))?;
+        if !matches!(entry.state, PoolState::Ready | PoolState::Draining) {
+            return Err(IpcError::new(
+                ErrorCode::NotReady,
+                format!("pool {pool:?} is {}", entry.state),
+            ));
+        }
+        if entry.slots_free() == 0 {
+            return Err(IpcError::new(
+                ErrorCode::NoCapacity,
+                format!("pool {pool:?} has no free slot for re-asserted lease {lease}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies a probe result to the pool's state (see the thresholds in [`ProbePolicy`]).
+    /// A pool that turns Unhealthy loses its leases: their holders are told.
+    pub fn record_probe(&mut self, pool: &PoolId, report: ProbeReport) {
+        let Some(entry) = self.pools.get_mut(pool) else {
+            return;
+        };
+        let before = (
+            entry.state,
+            entry.live,
+            entry.engine_version.clone(),
+            entry.last_error.clone(),
+        );
+        entry.last_probe_unix_ms = Some(report.at_unix_ms);
+        if report.engine_version.is_some() {
+            entry.engine_version = report.engine_version;
+        }
+        let mut revoke = false;
+        match report.result {
+            Ok(()) => {
+                entry.live = true;
+                entry.consecutive_failures = 0;
+                entry.consecutive_successes = entry.consecutive_successes.saturating_add(1);
+                let recovering = matches!(entry.state, PoolState::Starting | PoolState::Unhealthy);
+                if recovering && entry.consecutive_successes >= entry.probe.success_threshold {
+                    entry.state = PoolState::Ready;
+                    entry.last_error = None;
+                }
+            }
+            Err(error) => {
+                entry.live = false;
+                entry.consecutive_successes = 0;
+                entry.consecutive_failures = entry.consecutive_failures.saturating_add(1);
+                entry.last_error = Some(error);
+                let give_up = match entry.state {
+                    PoolState::Starting => true,
+                    PoolState::Ready => entry.consecutive_failures >= entry.probe.failure_threshold,
+                    _ => false,
+                };
+                if give_up {
+                    entry.state = PoolState::Unhealthy;
+                    revoke = true;
+                }
+            }
+        }
+        let after = (
+            entry.state,
+            entry.live,
+            entry.engine_version.clone(),
+            entry.last_error.clone(),
+        );
+        if before != after {
+            self.dirty.insert(pool.clone());
+        }
+        if revoke {
+            self.revoke_pool_leases(pool, "the pool's engine failed its health probes");
+        }
+    }
+
+    fn revoke_pool_leases(&mut self, pool: &PoolId, reason: &str) {
+        let Some(entry) = self.pools.get(pool) else {
+            return;
+        };
+        let leases: Vec<LeaseId> = entry.leases.iter().copied().collect();
+        if leases.is_empty() {
+            return;
+        }
+        let mut owners: Vec<ConnectionId> = leases
+            .iter()
+            .filter_map(|lease| self.leases.get(lease).map(|record| record.owner))
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for lease in &leases {
+            self.drop_lease(*lease, LeaseEnd::Revoked);
+        }
+        self.revocations.push(PendingChange {
+            change: Change::LeasesRevoked {
+                pool: pool.clone(),
+                leases,
+                reason: reason.to_owned(),
+            },
+            lease_owners: owners,
+        });
+    }
+
+    /// Whether any pool still waits for its first probe.
+    pub fn any_unprobed(&self) -> bool {
+        self.pools
+            .values()
+            .any(|entry| entry.last_probe_unix_ms.is_none())
+    }
+
+    pub fn snapshot(&self) -> RegistrySnapshot {
+        RegistrySnapshot {
+            epoch: self.epoch,
+            pools: self
+                .pools
+                .iter()
+                .map(|(id, entry)| pool_snapshot(id, entry))
+                .collect(),
+        }
+    }
+
+    /// Everything that changed since the last call, coalesced: one update per changed pool
+    /// (its latest state), after the revocations. Bumps the epoch when anything changed.
+    pub fn take_changes(&mut self) -> Vec<PendingChange> {
+        if self.dirty.is_empty() && self.revocations.is_empty() {
+            return Vec::new();
+        }
+        self.epoch += 1;
+        let mut changes = std::mem::take(&mut self.revocations);
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(entry) = self.pools.get(&id) {
+                changes.push(PendingChange {
+                    change: Change::PoolUpdated(pool_snapshot(&id, entry)),
+                    lease_owners: Vec::new(),
+                });
+            }
+        }
+        changes
+    }
+
+    /// How leases ended since the last call (for metrics).
+    pub fn take_ended(&mut self) -> Vec<LeaseEnd> {
+        std::mem::take(&mut self.ended)
+    }
+
+    pub fn live_leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let mut counted = 0;
+        for (id, entry) in &self.pools {
+            assert!(
+                entry.leases.len() <= entry.slots_total as usize,
+                "{id} oversubscribed"
+            );
+            for lease in &entry.leases {
+                assert_eq!(self.leases.get(lease).map(|r| &r.pool), Some(id));
+            }
+            counted += entry.leases.len();
+        }
+        assert_eq!(counted, self.leases.len());
+    }
+}
+
+fn pool_snapshot(id: &PoolId, entry: &PoolEntry) -> PoolSnapshot {
+    PoolSnapshot {
+        pool_id: id.clone(),
+        model: entry.model.clone(),
+        engine: entry.engine,
+        endpoint: entry.endpoint.clone(),
+        state: entry.state,
+        live: entry.live,
+        slots_total: entry.slots_total,
+        slots_free: entry.slots_free(),
+        engine_version: entry.engine_version.clone(),
+        last_error: entry.last_error.clone(),
+        restarts: entry.restarts,
+        last_probe_unix_ms: entry.last_probe_unix_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(id: &str, model: &str, slots: u32) -> PoolConfig {
+        PoolConfig {
+            id: PoolId(id.into()),
+            model: model.into(),
+            engine: EngineKind::Llamacpp,
+            endpoint: Endpoint::Http {
+                authority: "127.0.0.1:1".into(),
+            },
+            slots,
+            health_path: "/health".into(),
+            probe: ProbePolicy::default(),
+        }
+    }
+
+    fn ok() -> ProbeReport {
+        ProbeReport {
+            at_unix_ms: 1,
+            result: Ok(()),
+            engine_version: Some("b1".into()),
+        }
+    }
+
+    fn failed() -> ProbeReport {
+        ProbeReport {
+            at_unix_ms: 2,
+            result: Err("connection refused".into()),
+            engine_version: None,
+        }
+    }
+
+    fn ready_registry(pools: &[PoolConfig]) -> RegistryState {
+        let mut state = RegistryState::new(pools, 100);
+        for config in pools {
+            state.record_probe(&config.id, ok());
+        }
+        state.take_changes();
+        state
+    }
+
+    fn target(id: &str) -> AcquireTarget {
+        AcquireTarget::Pool(PoolId(id.into()))
+    }
+
+    #[test]
+    fn acquire_never_oversubscribes_a_pool() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        assert!(state.acquire(1, &target("a")).is_ok());
+        assert!(state.acquire(2, &target("a")).is_ok());
+        let error = state.acquire(3, &target("a")).unwrap_err();
+        assert_eq!(error.code, ErrorCode::NoCapacity);
+        state.check_invariants();
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+    }
+
+    #[test]
+    fn acquire_on_a_pool_that_is_not_ready_is_refused() {
+        let mut state = RegistryState::new(&[pool("a", "m", 2)], 0);
+        assert_eq!(
+            state.acquire(1, &target("a")).unwrap_err().code,
+            ErrorCode::NotReady
+        );
+        assert_eq!(
+            state.acquire(1, &target("zzz")).unwrap_err().code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_gives_back_its_leases_only() {
+        let mut state = ready_registry(&[pool("a", "m", 4)]);
+        state.acquire(1, &target("a")).unwrap();
+        state.acquire(1, &target("a")).unwrap();
+        let kept = state.acquire(2, &target("a")).unwrap();
+        assert_eq!(state.connection_closed(1), 2);
+        assert_eq!(state.snapshot().pools[0].slots_free, 3);
+        assert_eq!(
+            state
+                .release(1, kept.id, ReleaseOutcome::Completed)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotFound,
+            "another connection's lease is not releasable"
+        );
+        state
+            .release(2, kept.id, ReleaseOutcome::Completed)
+            .unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 4);
+        state.check_invariants();
+    }
+
+    #[test]
+    fn model_targets_go_to_the_least_loaded_ready_pool() {
+        let mut state = ready_registry(&[pool("a", "m", 2), pool("b", "m", 2), pool("c", "x", 9)]);
+        let first = state.acquire(1, &AcquireTarget::Model("m".into())).unwrap();
+        let second = state.acquire(1, &AcquireTarget::Model("m".into())).unwrap();
+        assert_ne!(first.pool, second.pool);
+        assert_eq!(
+            state
+                .acquire(1, &AcquireTarget::Model("nope".into()))
+                .unwrap_err()
+                .code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn a_ready_pool_turns_unhealthy_only_after_the_threshold_and_revokes_leases() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let lease = state.acquire(7, &target("a")).unwrap();
+        state.take_changes();
+        state.record_probe(&PoolId("a".into()), failed());
+        state.record_probe(&PoolId("a".into()), failed());
+        assert_eq!(state.snapshot().pools[0].state, PoolState::Ready);
+        state.record_probe(&PoolId("a".into()), failed());
+        let snapshot = state.snapshot();
+        assert_eq!(snapshot.pools[0].state, PoolState::Unhealthy);
+        assert_eq!(snapshot.pools[0].slots_free, 2);
+        let changes = state.take_changes();
+        assert_eq!(
+            changes[0],
+            PendingChange {
+                change: Change::LeasesRevoked {
+                    pool: PoolId("a".into()),
+                    leases: vec![lease.id],
+                    reason: "the pool's engine failed its health probes".into(),
+                },
+                lease_owners: vec![7],
+            }
+        );
+        state.record_probe(&PoolId("a".into()), ok());
+        assert_eq!(state.snapshot().pools[0].state, PoolState::Ready);
+        assert_eq!(state.snapshot().pools[0].last_error, None);
+    }
+
+    #[test]
+    fn reasserted_leases_are_recreated_once() {
+        let mut state = ready_registry(&[pool("a", "m", 1)]);
+        let held = [HeldLease {
+            lease: LeaseId(5),
+            pool: PoolId("a".into()),
+        }];
+        let (accepted, rejected) = state.reassert(1, &held);
+        assert_eq!(accepted, vec![LeaseId(5)]);
+        assert!(rejected.is_empty());
+        let (accepted, rejected) = state.reassert(2, &held);
+        assert!(accepted.is_empty());
+        assert_eq!(rejected[0].1.code, ErrorCode::BadRequest);
+        state.check_invariants();
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+    }
+
+    #[test]
+    fn changes_are_coalesced_per_pool_and_bump_the_epoch_once() {
+        let mut state = ready_registry(&[pool("a", "m", 4)]);
+        let epoch = state.epoch();
+        for _ in 0..3 {
+            state.acquire(1, &target("a")).unwrap();
+        }
+        let changes = state.take_changes();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(state.epoch(), epoch + 1);
+        assert!(matches!(&changes[0].change, Change::PoolUpdated(p) if p.slots_free == 1));
+        assert!(state.take_changes().is_empty());
+        assert_eq!(state.epoch(), epoch + 1);
+    }
+}

@@ -1,0 +1,157 @@
+//! How a pool looks to operators: the JSON served by the debug shim and printed by
+//! `pool-managerd status --json`, and the table printed by `pool-managerd status`. One view for
+//! both, so the two never disagree.
+
+use pool_ipc::registry::{PoolSnapshot, PoolState, RegistrySnapshot};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolStatusView {
+    pub pool_id: String,
+    pub model: String,
+    pub engine: &'static str,
+    pub endpoint: String,
+    pub state: &'static str,
+    pub live: bool,
+    pub ready: bool,
+    pub draining: bool,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    pub active_leases: u32,
+    pub engine_version: Option<String>,
+    pub last_error: Option<String>,
+    pub restarts: u32,
+    /// When a backing-off pool tries again (Unix epoch, milliseconds).
+    pub next_attempt_unix_ms: Option<u64>,
+    pub last_probe_unix_ms: Option<u64>,
+}
+
+impl From<&PoolSnapshot> for PoolStatusView {
+    fn from(pool: &PoolSnapshot) -> PoolStatusView {
+        PoolStatusView {
+            pool_id: pool.pool_id.to_string(),
+            model: pool.model.clone(),
+            engine: pool.engine.name(),
+            endpoint: pool.endpoint.to_string(),
+            state: pool.state.name(),
+            live: pool.live,
+            ready: pool.state == PoolState::Ready,
+            draining: pool.state == PoolState::Draining,
+            slots_total: pool.slots_total,
+            slots_free: pool.slots_free,
+            active_leases: pool.active_leases(),
+            engine_version: pool.engine_version.clone(),
+            last_error: pool.last_error.clone(),
+            restarts: pool.restarts,
+            next_attempt_unix_ms: match pool.state {
+                PoolState::BackingOff { until_unix_ms } => Some(until_unix_ms),
+                _ => None,
+            },
+            last_probe_unix_ms: pool.last_probe_unix_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryView {
+    pub epoch: u64,
+    pub pools: Vec<PoolStatusView>,
+}
+
+impl From<&RegistrySnapshot> for RegistryView {
+    fn from(snapshot: &RegistrySnapshot) -> RegistryView {
+        RegistryView {
+            epoch: snapshot.epoch,
+            pools: snapshot.pools.iter().map(PoolStatusView::from).collect(),
+        }
+    }
+}
+
+/// A fixed-width table, one pool per line.
+pub fn render_table(pools: &[PoolStatusView]) -> String {
+    let header = [
+        "POOL",
+        "MODEL",
+        "ENGINE",
+        "STATE",
+        "LIVE",
+        "FREE/SLOTS",
+        "LEASES",
+        "VERSION",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 9]> = pools
+        .iter()
+        .map(|pool| {
+            [
+                pool.pool_id.clone(),
+                pool.model.clone(),
+                pool.engine.to_owned(),
+                pool.state.to_owned(),
+                if pool.live { "yes" } else { "no" }.to_owned(),
+                format!("{}/{}", pool.slots_free, pool.slots_total),
+                pool.active_leases.to_string(),
+                pool.engine_version.clone().unwrap_or_else(|| "-".into()),
+                pool.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let mut line = |cells: &[&str]| {
+        let last = cells.len() - 1;
+        for (index, cell) in cells.iter().enumerate() {
+            if index == last {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[index]));
+            }
+        }
+        text.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool_ipc::registry::{Endpoint, EngineKind, PoolId};
+
+    #[test]
+    fn the_table_lines_up_and_shows_leases() {
+        let pool = PoolSnapshot {
+            pool_id: PoolId("tiny".into()),
+            model: "tiny-llama".into(),
+            engine: EngineKind::Llamacpp,
+            endpoint: Endpoint::Unix {
+                path: "/run/e.sock".into(),
+            },
+            state: PoolState::Ready,
+            live: true,
+            slots_total: 4,
+            slots_free: 3,
+            engine_version: Some("b1".into()),
+            last_error: None,
+            restarts: 0,
+            last_probe_unix_ms: Some(5),
+        };
+        let view = PoolStatusView::from(&pool);
+        assert_eq!(view.active_leases, 1);
+        assert!(view.ready && !view.draining);
+        let table = render_table(&[view]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].find("STATE"), lines[1].find("ready"));
+        assert!(lines[1].contains("3/4"));
+    }
+}

@@ -1,0 +1,784 @@
+//! The async client of pool-managerd's socket.
+//!
+//! One [`PoolClient`] owns one connection, shared by any number of concurrent callers: each call
+//! gets an id, its frame goes to a single writer task (which batches whatever is queued into one
+//! write), and a supervisor task reads frames and hands each reply to its caller. When the
+//! connection drops, calls in flight fail with [`ClientError::Disconnected`], and the supervisor
+//! reconnects with jittered exponential backoff, re-asserting in its `Hello` every lease this
+//! client still holds and re-subscribing, so the server's slot accounting and the local mirror
+//! survive a sidecar restart.
+//!
+//! Leases never leak through this client: a granted lease reaches its caller as a [`LeaseGuard`]
+//! whose `Drop` releases it, and a grant whose caller gave up (timed out or went away) is released
+//! at once by the supervisor.
+
+use crate::codec::{CodecError, DEFAULT_MAX_FRAME_BYTES, decode_payload, frame_bytes};
+use crate::error_code::IpcError;
+use crate::framed::{FrameReader, ReadError};
+use crate::registry::{
+    AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, RegistrySnapshot,
+    ReleaseOutcome,
+};
+use crate::wire::{
+    Call, Change, ClientFrame, HeldLease, Hello, MAGIC, PROTOCOL_VERSION, Request, Response,
+    ServerFrame, Welcome,
+};
+use backon::BackoffBuilder;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How to reach pool-managerd and how patient to be.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub socket_path: PathBuf,
+    /// Shown in the server's logs.
+    pub client_name: String,
+    /// How long one call may wait for its reply.
+    pub call_timeout: Duration,
+    /// How long connecting plus the handshake may take.
+    pub handshake_timeout: Duration,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub max_frame_bytes: u32,
+}
+
+impl ClientConfig {
+    pub fn new(socket_path: impl Into<PathBuf>, client_name: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            socket_path: socket_path.into(),
+            client_name: client_name.into(),
+            call_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(2),
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(5),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to pool-managerd at {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pool-managerd is not connected right now")]
+    Unavailable,
+    #[error("the connection to pool-managerd was lost before the reply arrived")]
+    Disconnected,
+    #[error("pool-managerd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("pool-managerd refused the connection: {0}")]
+    Refused(IpcError),
+    #[error(
+        "protocol version mismatch: this client speaks version {client}, pool-managerd speaks version {server}"
+    )]
+    VersionMismatch { client: u32, server: u32 },
+    #[error(transparent)]
+    Remote(#[from] IpcError),
+    #[error("frame error: {0}")]
+    Frame(#[from] CodecError),
+    #[error("connection error: {0}")]
+    Read(#[from] ReadError),
+    #[error("write to pool-managerd failed: {0}")]
+    Write(std::io::Error),
+    #[error("pool-managerd sent {0} where it should not")]
+    UnexpectedFrame(&'static str),
+    #[error("pool-managerd answered {request} with an unexpected response")]
+    UnexpectedResponse { request: &'static str },
+    #[error("use PoolClient::acquire for Acquire: it returns a guard that releases the lease")]
+    AcquireNeedsGuard,
+}
+
+/// Where the client's connection stands; watch it with [`PoolClient::connection_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    Connecting,
+    Connected { server_version: String },
+    Disconnected { reason: String },
+    Closed,
+}
+
+/// The local copy of the registry kept current by pushed events once subscribed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryMirror {
+    /// False while disconnected: the pools shown may be stale.
+    pub connected: bool,
+    pub snapshot: RegistrySnapshot,
+}
+
+/// A lease the server took back (engine failed, pool removed, reconnect could not re-create it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRevoked {
+    pub lease: LeaseId,
+    pub pool: PoolId,
+    pub reason: String,
+}
+
+/// What the supervisor hands a waiting caller.
+enum Delivery {
+    Reply(Result<Response, IpcError>),
+    /// A granted lease, already wrapped so that dropping it anywhere releases it.
+    Lease(LeaseGuard),
+}
+
+enum Pending {
+    Caller(oneshot::Sender<Delivery>),
+    /// Sent by the client itself (re-subscribe, releases from `Drop`); nobody waits.
+    Internal(&'static str),
+}
+
+struct Shared {
+    config: ClientConfig,
+    /// The current connection's writer queue; `None` while disconnected.
+    outbox: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    max_frame_bytes: AtomicU32,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    held: Mutex<HashMap<LeaseId, PoolId>>,
+    subscribed: AtomicBool,
+    mirror: watch::Sender<RegistryMirror>,
+    state: watch::Sender<ConnectionState>,
+    revoked: broadcast::Sender<LeaseRevoked>,
+}
+
+/// Locks a std mutex; the maps behind these locks are left consistent at every step, so a
+/// poisoned lock (a panic elsewhere while holding it) is still safe to use.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Cancels the supervisor when the last `PoolClient` clone goes away.
+struct Lifetime(CancellationToken);
+
+impl Drop for Lifetime {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A cloneable handle on one shared connection to pool-managerd.
+#[derive(Clone)]
+pub struct PoolClient {
+    shared: Arc<Shared>,
+    lifetime: Arc<Lifetime>,
+}
+
+/// An established, handshaken connection.
+struct Link {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    welcome: Welcome,
+}
+
+impl PoolClient {
+    /// Connects now and fails with a clear error if that is impossible (daemon down, refused,
+    /// version mismatch); afterwards reconnects by itself.
+    pub async fn connect(config: ClientConfig) -> Result<PoolClient, ClientError> {
+        let client = PoolClient::new(config);
+        let link = establish(&client.shared).await?;
+        client.spawn_supervisor(Some(link));
+        Ok(client)
+    }
+
+    /// Returns at once and connects in the background, retrying with backoff until it succeeds.
+    pub fn start(config: ClientConfig) -> PoolClient {
+        let client = PoolClient::new(config);
+        client.spawn_supervisor(None);
+        client
+    }
+
+    fn new(config: ClientConfig) -> PoolClient {
+        let max_frame_bytes = config.max_frame_bytes;
+        let shared = Arc::new(Shared {
+            config,
+            outbox: Mutex::new(None),
+            max_frame_bytes: AtomicU32::new(max_frame_bytes),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            held: Mutex::new(HashMap::new()),
+            subscribed: AtomicBool::new(false),
+            mirror: watch::Sender::new(RegistryMirror::default()),
+            state: watch::Sender::new(ConnectionState::Connecting),
+            revoked: broadcast::Sender::new(256),
+        });
+        PoolClient {
+            shared,
+            lifetime: Arc::new(Lifetime(CancellationToken::new())),
+        }
+    }
+
+    fn spawn_supervisor(&self, link: Option<Link>) {
+        let shared = Arc::clone(&self.shared);
+        let token = self.lifetime.0.clone();
+        tokio::spawn(supervise(shared, token, link));
+    }
+
+    /// Stops the supervisor and closes the connection; the server releases this client's leases.
+    pub fn close(&self) {
+        self.lifetime.0.cancel();
+    }
+
+    pub fn connection_state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Leases the server revoked; subscribe before acquiring to see every one.
+    pub fn revocations(&self) -> broadcast::Receiver<LeaseRevoked> {
+        self.shared.revoked.subscribe()
+    }
+
+    /// The leases this client holds and would re-assert after a reconnect.
+    pub fn held_leases(&self) -> Vec<LeaseId> {
+        lock(&self.shared.held).keys().copied().collect()
+    }
+
+    /// Sends one request and waits for its reply. `Acquire` must go through [`Self::acquire`].
+    pub async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        if matches!(request, Request::Acquire { .. }) {
+            return Err(ClientError::AcquireNeedsGuard);
+        }
+        match self.round_trip(request).await? {
+            Delivery::Reply(result) => Ok(result?),
+            Delivery::Lease(_) => Err(ClientError::UnexpectedResponse { request: "call" }),
+        }
+    }
+
+    async fn round_trip(&self, request: Request) -> Result<Delivery, ClientError> {
+        let (sender, receiver) = oneshot::channel();
+        let id = send_call(&self.shared, request, Pending::Caller(sender))?;
+        let timeout = self.shared.config.call_timeout;
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Err(_) => {
+                // A reply arriving later finds no caller; a lease in it is released then.
+                lock(&self.shared.pending).remove(&id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        match self.call(Request::Ping).await? {
+            Response::Pong => Ok(()),
+            _ => Err(ClientError::UnexpectedResponse { request: "ping" }),
+        }
+    }
+
+    pub async fn snapshot(&self) -> Result<RegistrySnapshot, ClientError> {
+        match self.call(Request::Snapshot).await? {
+            Response::Snapshot(snapshot) => Ok(snapshot),
+            _ => Err(ClientError::UnexpectedResponse {
+                request: "snapshot",
+            }),
+        }
+    }
+
+    pub async fn pool_status(&self, pool: &PoolId) -> Result<PoolSnapshot, ClientError> {
+        match self
+            .call(Request::PoolStatus { pool: pool.clone() })
+            .await?
+        {
+            Response::PoolStatus(status) => Ok(status),
+            _ => Err(ClientError::UnexpectedResponse {
+                request: "pool_status",
+            }),
+        }
+    }
+
+    pub async fn can_dispatch(&self, pool: &PoolId) -> Result<DispatchCheck, ClientError> {
+        match self
+            .call(Request::CanDispatch { pool: pool.clone() })
+            .await?
+        {
+            Response::CanDispatch(check) => Ok(check),
+            _ => Err(ClientError::UnexpectedResponse {
+                request: "can_dispatch",
+            }),
+        }
+    }
+
+    /// Reserves one slot. The lease is released when the guard is released or dropped.
+    pub async fn acquire(
+        &self,
+        target: AcquireTarget,
+        task_id: impl Into<String>,
+        session: Option<String>,
+    ) -> Result<LeaseGuard, ClientError> {
+        let request = Request::Acquire {
+            target,
+            task_id: task_id.into(),
+            session,
+        };
+        match self.round_trip(request).await? {
+            Delivery::Lease(guard) => Ok(guard),
+            Delivery::Reply(Err(error)) => Err(ClientError::Remote(error)),
+            Delivery::Reply(Ok(_)) => Err(ClientError::UnexpectedResponse { request: "acquire" }),
+        }
+    }
+
+    /// Subscribes to registry changes; the returned mirror is kept current from then on,
+    /// across reconnects.
+    pub async fn subscribe(&self) -> Result<watch::Receiver<RegistryMirror>, ClientError> {
+        self.shared.subscribed.store(true, Ordering::SeqCst);
+        match self.call(Request::Subscribe).await? {
+            Response::Subscribed(_) => Ok(self.shared.mirror.subscribe()),
+            _ => Err(ClientError::UnexpectedResponse {
+                request: "subscribe",
+            }),
+        }
+    }
+
+    pub async fn drain(&self, pool: &PoolId, deadline: Duration) -> Result<(), ClientError> {
+        let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
+        self.admin(Request::Drain {
+            pool: pool.clone(),
+            deadline_ms,
+        })
+        .await
+    }
+
+    pub async fn reload(&self, pool: &PoolId, model: &str) -> Result<(), ClientError> {
+        self.admin(Request::Reload {
+            pool: pool.clone(),
+            model: model.to_owned(),
+        })
+        .await
+    }
+
+    pub async fn restart(&self, pool: &PoolId) -> Result<(), ClientError> {
+        self.admin(Request::Restart { pool: pool.clone() }).await
+    }
+
+    async fn admin(&self, request: Request) -> Result<(), ClientError> {
+        let name = request.name();
+        match self.call(request).await? {
+            Response::Accepted => Ok(()),
+            _ => Err(ClientError::UnexpectedResponse { request: name }),
+        }
+    }
+}
+
+/// One slot of one pool, held until released or dropped.
+pub struct LeaseGuard {
+    lease: Lease,
+    shared: Arc<Shared>,
+    released: bool,
+}
+
+impl LeaseGuard {
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Releases the lease and waits for the server to confirm. A lease the server already took
+    /// back (revoked, or dropped with a lost connection) counts as released.
+    pub async fn release(mut self, outcome: ReleaseOutcome) -> Result<(), ClientError> {
+        self.released = true;
+        if lock(&self.shared.held).remove(&self.lease.id).is_none() {
+            return Ok(());
+        }
+        let (sender, receiver) = oneshot::channel();
+        let request = Request::Release {
+            lease: self.lease.id,
+            outcome,
+        };
+        match send_call(&self.shared, request, Pending::Caller(sender)) {
+            Err(ClientError::Unavailable) => return Ok(()),
+            Err(error) => return Err(error),
+            Ok(_) => {}
+        }
+        let timeout = self.shared.config.call_timeout;
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(Delivery::Reply(Ok(Response::Released)))) => Ok(()),
+            Ok(Ok(Delivery::Reply(Err(error)))) => Err(ClientError::Remote(error)),
+            Ok(Ok(_)) => Err(ClientError::UnexpectedResponse { request: "release" }),
+            // The connection closed: the server released every lease it carried.
+            Ok(Err(_)) => Ok(()),
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            release_in_background(&self.shared, self.lease.id, ReleaseOutcome::Cancelled);
+        }
+    }
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGuard")
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+/// Releases a lease nobody will wait for; without a connection there is nothing to release,
+/// because the server dropped the lease with the connection and it is no longer re-asserted.
+fn release_in_background(shared: &Shared, lease: LeaseId, outcome: ReleaseOutcome) {
+    if lock(&shared.held).remove(&lease).is_none() {
+        return;
+    }
+    let request = Request::Release { lease, outcome };
+    if let Err(error) = send_call(shared, request, Pending::Internal("release")) {
+        tracing::debug!(%lease, %error, "lease not released explicitly; the server drops it with the connection");
+    }
+}
+
+/// Queues one call on the current connection and registers who gets its reply.
+fn send_call(shared: &Shared, request: Request, pending: Pending) -> Result<u64, ClientError> {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let max = shared.max_frame_bytes.load(Ordering::Relaxed);
+    let frame = frame_bytes(&ClientFrame::Call(Call { id, request }), max)?;
+    // Registered before it is sent, so the reply always finds it.
+    lock(&shared.pending).insert(id, pending);
+    let sent = lock(&shared.outbox)
+        .as_ref()
+        .is_some_and(|outbox| outbox.send(frame).is_ok());
+    if sent {
+        Ok(id)
+    } else {
+        lock(&shared.pending).remove(&id);
+        Err(ClientError::Unavailable)
+    }
+}
+
+async fn establish(shared: &Shared) -> Result<Link, ClientError> {
+    let config = &shared.config;
+    let held_leases: Vec<HeldLease> = lock(&shared.held)
+        .iter()
+        .map(|(lease, pool)| HeldLease {
+            lease: *lease,
+            pool: pool.clone(),
+        })
+        .collect();
+    let handshake = async {
+        let stream = UnixStream::connect(&config.socket_path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: config.socket_path.clone(),
+                source,
+            })?;
+        let (read, mut writer) = stream.into_split();
+        let hello = ClientFrame::Hello(Hello {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            client_name: config.client_name.clone(),
+            held_leases,
+        });
+        writer
+            .write_all(&frame_bytes(&hello, config.max_frame_bytes)?)
+            .await
+            .map_err(ClientError::Write)?;
+        let mut reader = FrameReader::new(read, config.max_frame_bytes);
+        let payload = reader
+            .read_frame()
+            .await?
+            .ok_or(ClientError::Disconnected)?;
+        match decode_payload::<ServerFrame>(&payload)? {
+            ServerFrame::Welcome(welcome) if welcome.protocol_version != PROTOCOL_VERSION => {
+                Err(ClientError::VersionMismatch {
+                    client: PROTOCOL_VERSION,
+                    server: welcome.protocol_version,
+                })
+            }
+            ServerFrame::Welcome(welcome) => Ok(Link {
+                reader,
+                writer,
+                welcome,
+            }),
+            ServerFrame::Refused(error) => Err(ClientError::Refused(error)),
+            ServerFrame::Reply(_) => Err(ClientError::UnexpectedFrame("a reply before Welcome")),
+            ServerFrame::Event(_) => Err(ClientError::UnexpectedFrame("an event before Welcome")),
+        }
+    };
+    match tokio::time::timeout(config.handshake_timeout, handshake).await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Timeout(config.handshake_timeout)),
+    }
+}
+
+async fn supervise(shared: Arc<Shared>, token: CancellationToken, mut link: Option<Link>) {
+    let mut backoff = reconnect_backoff(&shared.config);
+    loop {
+        let current = match link.take() {
+            Some(current) => current,
+            None => {
+                shared.state.send_replace(ConnectionState::Connecting);
+                let attempt = tokio::select! {
+                    () = token.cancelled() => break,
+                    attempt = establish(&shared) => attempt,
+                };
+                match attempt {
+                    Ok(current) => current,
+                    Err(error) => {
+                        let delay = backoff.next().unwrap_or(shared.config.reconnect_max);
+                        tracing::warn!(socket = %shared.config.socket_path.display(), %error, retry_in_ms = delay.as_millis() as u64, "pool-managerd unreachable");
+                        shared.state.send_replace(ConnectionState::Disconnected {
+                            reason: error.to_string(),
+                        });
+                        tokio::select! {
+                            () = token.cancelled() => break,
+                            () = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                }
+            }
+        };
+        backoff = reconnect_backoff(&shared.config);
+        let reason = serve_link(&shared, current, &token).await;
+        teardown(&shared);
+        if token.is_cancelled() {
+            break;
+        }
+        tracing::warn!(%reason, "connection to pool-managerd lost; reconnecting");
+        shared
+            .state
+            .send_replace(ConnectionState::Disconnected { reason });
+    }
+    teardown(&shared);
+    shared.state.send_replace(ConnectionState::Closed);
+}
+
+fn reconnect_backoff(config: &ClientConfig) -> impl Iterator<Item = Duration> + use<> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(config.reconnect_initial)
+        .with_max_delay(config.reconnect_max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Forgets the connection: queued calls fail, and the mirror is marked stale.
+fn teardown(shared: &Shared) {
+    *lock(&shared.outbox) = None;
+    // Dropping the senders wakes every waiting caller with `Disconnected`.
+    lock(&shared.pending).clear();
+    shared.mirror.send_if_modified(|mirror| {
+        let was_connected = mirror.connected;
+        mirror.connected = false;
+        was_connected
+    });
+}
+
+/// Runs one connection until it ends; returns why it ended.
+async fn serve_link(shared: &Arc<Shared>, link: Link, token: &CancellationToken) -> String {
+    let Link {
+        mut reader,
+        writer,
+        welcome,
+    } = link;
+    let max_frame = shared.config.max_frame_bytes.min(welcome.max_frame_bytes);
+    shared.max_frame_bytes.store(max_frame, Ordering::Relaxed);
+    let (outbox, queue) = mpsc::unbounded_channel();
+    let write_failed = CancellationToken::new();
+    let writer_task = tokio::spawn(write_frames(writer, queue, write_failed.clone()));
+    *lock(&shared.outbox) = Some(outbox);
+    settle_reasserted_leases(shared, &welcome);
+    shared.state.send_replace(ConnectionState::Connected {
+        server_version: welcome.server_version.clone(),
+    });
+    tracing::info!(server_version = %welcome.server_version, epoch = welcome.registry_epoch, reasserted = welcome.reasserted.len(), "connected to pool-managerd");
+    if shared.subscribed.load(Ordering::SeqCst)
+        && let Err(error) = send_call(shared, Request::Subscribe, Pending::Internal("subscribe"))
+    {
+        tracing::warn!(%error, "could not re-subscribe");
+    }
+    let reason = loop {
+        let frame = tokio::select! {
+            () = token.cancelled() => break "client closed".to_owned(),
+            () = write_failed.cancelled() => break "write to pool-managerd failed".to_owned(),
+            frame = reader.read_frame() => frame,
+        };
+        match frame {
+            Ok(Some(payload)) => match decode_payload::<ServerFrame>(&payload) {
+                Ok(frame) => {
+                    if let Err(reason) = handle_frame(shared, frame) {
+                        break reason;
+                    }
+                }
+                Err(error) => break format!("undecodable frame from pool-managerd: {error}"),
+            },
+            Ok(None) => break "pool-managerd closed the connection".to_owned(),
+            Err(error) => break error.to_string(),
+        }
+    };
+    writer_task.abort();
+    reason
+}
+
+/// Leases re-asserted in `Hello` that were released while the handshake was in flight are
+/// released now; leases the server could not re-create are revoked locally.
+fn settle_reasserted_leases(shared: &Shared, welcome: &Welcome) {
+    for lease in &welcome.reasserted {
+        let still_held = lock(&shared.held).contains_key(lease);
+        if !still_held {
+            let request = Request::Release {
+                lease: *lease,
+                outcome: ReleaseOutcome::Cancelled,
+            };
+            if let Err(error) = send_call(shared, request, Pending::Internal("release")) {
+                tracing::debug!(%lease, %error, "could not release a lease dropped during reconnect");
+            }
+        }
+    }
+    for (lease, error) in &welcome.rejected {
+        if let Some(pool) = lock(&shared.held).remove(lease) {
+            tracing::warn!(%lease, %pool, %error, "pool-managerd did not re-create a held lease");
+            let _ = shared.revoked.send(LeaseRevoked {
+                lease: *lease,
+                pool,
+                reason: error.to_string(),
+            });
+        }
+    }
+}
+
+async fn write_frames(
+    mut writer: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Bytes>,
+    failed: CancellationToken,
+) {
+    let mut batch = BytesMut::with_capacity(4096);
+    while let Some(frame) = queue.recv().await {
+        batch.extend_from_slice(&frame);
+        while batch.len() < 64 * 1024 {
+            match queue.try_recv() {
+                Ok(frame) => batch.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = writer.write_all(&batch).await {
+            tracing::debug!(%error, "write to pool-managerd failed");
+            failed.cancel();
+            return;
+        }
+        batch.clear();
+    }
+}
+
+fn handle_frame(shared: &Arc<Shared>, frame: ServerFrame) -> Result<(), String> {
+    match frame {
+        ServerFrame::Reply(reply) => {
+            deliver_reply(shared, reply.id, reply.result);
+            Ok(())
+        }
+        ServerFrame::Event(event) => {
+            apply_change(shared, event.epoch, event.change);
+            Ok(())
+        }
+        ServerFrame::Refused(error) => Err(format!("pool-managerd closed the connection: {error}")),
+        ServerFrame::Welcome(_) => Err("pool-managerd sent a second Welcome".to_owned()),
+    }
+}
+
+fn deliver_reply(shared: &Arc<Shared>, id: u64, result: Result<Response, IpcError>) {
+    let pending = lock(&shared.pending).remove(&id);
+    match result {
+        Ok(Response::Acquired(lease)) => {
+            let lease_id = lease.id;
+            lock(&shared.held).insert(lease_id, lease.pool.clone());
+            let guard = LeaseGuard {
+                lease,
+                shared: Arc::clone(shared),
+                released: false,
+            };
+            // If the caller is gone, the guard comes back and dropping it releases the lease.
+            match pending {
+                Some(Pending::Caller(sender)) => {
+                    if let Err(Delivery::Lease(orphan)) = sender.send(Delivery::Lease(guard)) {
+                        tracing::debug!(lease = %lease_id, "caller left before its lease arrived; releasing");
+                        drop(orphan);
+                    }
+                }
+                _ => {
+                    tracing::debug!(lease = %lease_id, "lease granted after its caller gave up; releasing");
+                    drop(guard);
+                }
+            }
+        }
+        result => {
+            if let Ok(Response::Subscribed(snapshot)) = &result {
+                let snapshot = snapshot.clone();
+                shared.mirror.send_replace(RegistryMirror {
+                    connected: true,
+                    snapshot,
+                });
+            }
+            match pending {
+                Some(Pending::Caller(sender)) => {
+                    let _ = sender.send(Delivery::Reply(result));
+                }
+                Some(Pending::Internal(what)) => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, request = what, "internal request failed");
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn apply_change(shared: &Shared, epoch: u64, change: Change) {
+    if let Change::LeasesRevoked {
+        pool,
+        leases,
+        reason,
+    } = &change
+    {
+        for lease in leases {
+            if lock(&shared.held).remove(lease).is_some() {
+                tracing::warn!(%lease, %pool, %reason, "lease revoked by pool-managerd");
+                let _ = shared.revoked.send(LeaseRevoked {
+                    lease: *lease,
+                    pool: pool.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        return;
+    }
+    if !shared.subscribed.load(Ordering::SeqCst) {
+        return;
+    }
+    shared.mirror.send_if_modified(|mirror| {
+        if epoch < mirror.snapshot.epoch {
+            return false;
+        }
+        mirror.snapshot.epoch = epoch;
+        match change {
+            Change::PoolUpdated(pool) => {
+                match mirror
+                    .snapshot
+                    .pools
+                    .iter_mut()
+                    .find(|known| known.pool_id == pool.pool_id)
+                {
+                    Some(known) => *known = pool,
+                    None => mirror.snapshot.pools.push(pool),
+                }
+            }
+            Change::PoolRemoved(id) => mirror.snapshot.pools.retain(|pool| pool.pool_id != id),
+            Change::Resync(snapshot) => mirror.snapshot = snapshot,
+            Change::LeasesRevoked { .. } => return false,
+        }
+        true
+    });
+}

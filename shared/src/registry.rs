@@ -1,0 +1,304 @@
+//! Value types of the pool registry, shared by pool-managerd (the only writer) and its clients.
+//!
+//! These are plain data: no behaviour that mutates a registry lives here. Invariant every
+//! [`PoolSnapshot`] a server publishes must keep: `slots_free <= slots_total`, and
+//! `slots_total - slots_free` is the number of live leases on the pool.
+
+use bincode::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A pool's identifier from the sidecar's config (`[A-Za-z0-9._-]`, 1–64 characters).
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Encode, Decode, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct PoolId(pub String);
+
+impl PoolId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PoolId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for PoolId {
+    fn from(id: &str) -> PoolId {
+        PoolId(id.to_owned())
+    }
+}
+
+/// A lease's identifier, unique across sidecar restarts with overwhelming probability.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Encode, Decode, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct LeaseId(pub u64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Which API the engine behind a pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// llama.cpp's `llama-server`: /health, /props, /slots, native /completion and OpenAI routes.
+    Llamacpp,
+    /// Any OpenAI-compatible server (vLLM, llama-cpp-python, ...).
+    Openai,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Llamacpp => "llamacpp",
+            EngineKind::Openai => "openai",
+        }
+    }
+}
+
+/// Where an engine listens: plain HTTP over TCP, or HTTP over a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    /// `host:port` of an `http://` URL.
+    Http { authority: String },
+    /// Absolute path of a Unix socket.
+    Unix { path: String },
+}
+
+/// Why an endpoint string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("endpoint {0:?} is neither an http:// URL nor an absolute Unix socket path")]
+    Unrecognised(String),
+    #[error(
+        "endpoint {0:?}: https is not supported for local engines; use http:// or a socket path"
+    )]
+    Https(String),
+    #[error("endpoint {0:?} has no host:port")]
+    MissingAuthority(String),
+    #[error("endpoint {0:?}: a base path is not supported; give only scheme, host and port")]
+    HasPath(String),
+}
+
+impl Endpoint {
+    /// Parses `http://host:port` or an absolute socket path such as `/run/engines/a.sock`.
+    pub fn parse(text: &str) -> Result<Endpoint, EndpointError> {
+        if text.starts_with('/') {
+            return Ok(Endpoint::Unix {
+                path: text.to_owned(),
+            });
+        }
+        if text.starts_with("https://") {
+            return Err(EndpointError::Https(text.to_owned()));
+        }
+        let Some(rest) = text.strip_prefix("http://") else {
+            return Err(EndpointError::Unrecognised(text.to_owned()));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('/') {
+            return Err(EndpointError::HasPath(text.to_owned()));
+        }
+        if authority.is_empty() || !authority.contains(':') {
+            return Err(EndpointError::MissingAuthority(text.to_owned()));
+        }
+        Ok(Endpoint::Http {
+            authority: authority.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Http { authority } => write!(f, "http://{authority}"),
+            Endpoint::Unix { path } => f.write_str(path),
+        }
+    }
+}
+
+/// The lifecycle state of a pool (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolState {
+    /// Configured, not yet known to be healthy.
+    Starting,
+    /// Healthy and taking new leases.
+    Ready,
+    /// Failing its probes: no new leases, existing leases revoked.
+    Unhealthy,
+    /// Taking no new leases; waiting for the live ones to end.
+    Draining,
+    /// Deliberately stopped.
+    Stopped,
+    /// Waiting to restart the engine at the given time (Unix epoch, milliseconds).
+    BackingOff { until_unix_ms: u64 },
+    /// Restarted too often; needs an operator.
+    Failed,
+}
+
+impl PoolState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolState::Starting => "starting",
+            PoolState::Ready => "ready",
+            PoolState::Unhealthy => "unhealthy",
+            PoolState::Draining => "draining",
+            PoolState::Stopped => "stopped",
+            PoolState::BackingOff { .. } => "backing_off",
+            PoolState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for PoolState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One pool as the registry last published it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct PoolSnapshot {
+    pub pool_id: PoolId,
+    pub model: String,
+    pub engine: EngineKind,
+    pub endpoint: Endpoint,
+    pub state: PoolState,
+    /// The engine answered its last liveness probe.
+    pub live: bool,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    pub engine_version: Option<String>,
+    pub last_error: Option<String>,
+    pub restarts: u32,
+    /// When the engine was last probed (Unix epoch, milliseconds).
+    pub last_probe_unix_ms: Option<u64>,
+}
+
+impl PoolSnapshot {
+    pub fn active_leases(&self) -> u32 {
+        self.slots_total.saturating_sub(self.slots_free)
+    }
+
+    /// Whether a new lease could be granted right now (advisory: `Acquire` decides).
+    pub fn is_dispatchable(&self) -> bool {
+        self.state == PoolState::Ready && self.slots_free > 0
+    }
+}
+
+/// The whole registry at one epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct RegistrySnapshot {
+    pub epoch: u64,
+    pub pools: Vec<PoolSnapshot>,
+}
+
+impl RegistrySnapshot {
+    pub fn pool(&self, id: &PoolId) -> Option<&PoolSnapshot> {
+        self.pools.iter().find(|pool| &pool.pool_id == id)
+    }
+}
+
+/// The answer to `CanDispatch`: advisory, from the sidecar's last published state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct DispatchCheck {
+    pub dispatchable: bool,
+    pub state: PoolState,
+    pub slots_free: u32,
+}
+
+/// What `Acquire` reserves a slot on.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AcquireTarget {
+    /// Exactly this pool.
+    Pool(PoolId),
+    /// The least loaded ready pool serving this model.
+    Model(String),
+}
+
+/// A granted lease: one slot of one pool, held by the connection that took it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub pool: PoolId,
+    pub model: String,
+    pub engine: EngineKind,
+    pub endpoint: Endpoint,
+}
+
+/// How the work done under a lease ended (for metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseOutcome {
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl ReleaseOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReleaseOutcome::Completed => "completed",
+            ReleaseOutcome::Cancelled => "cancelled",
+            ReleaseOutcome::Failed => "failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_accepts_http_and_socket_paths() {
+        assert_eq!(
+            Endpoint::parse("http://127.0.0.1:8081"),
+            Ok(Endpoint::Http {
+                authority: "127.0.0.1:8081".into()
+            })
+        );
+        assert_eq!(
+            Endpoint::parse("http://[::1]:8081/"),
+            Ok(Endpoint::Http {
+                authority: "[::1]:8081".into()
+            })
+        );
+        assert_eq!(
+            Endpoint::parse("/run/engines/a.sock"),
+            Ok(Endpoint::Unix {
+                path: "/run/engines/a.sock".into()
+            })
+        );
+    }
+
+    #[test]
+    fn endpoint_refuses_what_it_cannot_reach() {
+        assert!(matches!(
+            Endpoint::parse("https://x:1"),
+            Err(EndpointError::Https(_))
+        ));
+        assert!(matches!(
+            Endpoint::parse("http://x:1/v1"),
+            Err(EndpointError::HasPath(_))
+        ));
+        assert!(matches!(
+            Endpoint::parse("http://x"),
+            Err(EndpointError::MissingAuthority(_))
+        ));
+        assert!(matches!(
+            Endpoint::parse("engine.sock"),
+            Err(EndpointError::Unrecognised(_))
+        ));
+    }
+}

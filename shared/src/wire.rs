@@ -1,0 +1,194 @@
+//! The messages of the pool-managerd protocol (DESIGN.md §3).
+//!
+//! A connection opens with exactly one [`ClientFrame::Hello`], answered by
+//! [`ServerFrame::Welcome`] or [`ServerFrame::Refused`] (after which the server closes). Then the
+//! client sends [`ClientFrame::Call`]s, many in flight at once, each answered by one
+//! [`ServerFrame::Reply`] with the same id; replies may interleave with pushed
+//! [`ServerFrame::Event`]s. Append-only: never reorder or remove a variant or a field. The first
+//! two fields of [`Hello`] and the `Refused` variant must stay where they are in every future
+//! version, so that a mismatched peer can still be told why it was refused.
+
+use crate::error_code::IpcError;
+use crate::registry::{
+    AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, RegistrySnapshot,
+    ReleaseOutcome,
+};
+use bincode::{Decode, Encode};
+
+/// The first four bytes of every `Hello`: tells a pool-managerd socket from anything else.
+pub const MAGIC: [u8; 4] = *b"PMGR";
+
+/// Bumped whenever the append-only rule cannot be kept.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum ClientFrame {
+    Hello(Hello),
+    Call(Call),
+}
+
+/// The handshake. `magic` and `protocol_version` come first, in every version.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Hello {
+    pub magic: [u8; 4],
+    pub protocol_version: u32,
+    /// Shown in the server's logs (e.g. `orchestratord`, `pool-managerd status`).
+    pub client_name: String,
+    /// Leases this client still uses from before a reconnect; the server re-creates them.
+    pub held_leases: Vec<HeldLease>,
+}
+
+/// The part of a `Hello` every protocol version shares: the frame's variant index, the magic and
+/// the version. A server decodes this when a first frame does not decode as its own `Hello`, to
+/// tell "a client of another version" from "not our protocol at all".
+#[derive(Debug, Clone, PartialEq, Eq, Decode)]
+pub struct HelloPreamble {
+    pub frame_variant: u32,
+    pub magic: [u8; 4],
+    pub protocol_version: u32,
+}
+
+/// A lease the client re-asserts after reconnecting.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct HeldLease {
+    pub lease: LeaseId,
+    pub pool: PoolId,
+}
+
+/// One request; `id` is chosen by the client and echoed in the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Call {
+    pub id: u64,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Request {
+    Ping,
+    /// The whole registry.
+    Snapshot,
+    PoolStatus {
+        pool: PoolId,
+    },
+    /// Advisory: could a lease on this pool be granted right now?
+    CanDispatch {
+        pool: PoolId,
+    },
+    /// Check-and-reserve one slot in one step.
+    Acquire {
+        target: AcquireTarget,
+        task_id: String,
+        session: Option<String>,
+    },
+    Release {
+        lease: LeaseId,
+        outcome: ReleaseOutcome,
+    },
+    /// Answered with the whole registry; then every change is pushed as an [`Event`].
+    Subscribe,
+    /// Admin: no new leases; stop the engine when the leases end or at the deadline.
+    Drain {
+        pool: PoolId,
+        deadline_ms: u64,
+    },
+    /// Admin: bring `model` up on the pool and swap to it.
+    Reload {
+        pool: PoolId,
+        model: String,
+    },
+    /// Admin: restart the pool's engine (also clears `Failed`).
+    Restart {
+        pool: PoolId,
+    },
+}
+
+impl Request {
+    /// A short, stable name for logs and metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Snapshot => "snapshot",
+            Request::PoolStatus { .. } => "pool_status",
+            Request::CanDispatch { .. } => "can_dispatch",
+            Request::Acquire { .. } => "acquire",
+            Request::Release { .. } => "release",
+            Request::Subscribe => "subscribe",
+            Request::Drain { .. } => "drain",
+            Request::Reload { .. } => "reload",
+            Request::Restart { .. } => "restart",
+        }
+    }
+
+    /// Admin requests may be restricted to an admin group.
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. }
+        )
+    }
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum ServerFrame {
+    Welcome(Welcome),
+    Reply(Reply),
+    Event(Event),
+    /// The connection is refused or broken beyond repair; the server closes it after this frame.
+    Refused(IpcError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Welcome {
+    pub protocol_version: u32,
+    pub server_version: String,
+    pub registry_epoch: u64,
+    /// The largest frame the server accepts.
+    pub max_frame_bytes: u32,
+    /// Re-asserted leases the server re-created for this connection.
+    pub reasserted: Vec<LeaseId>,
+    /// Re-asserted leases it could not re-create, and why; they are gone.
+    pub rejected: Vec<(LeaseId, IpcError)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Reply {
+    pub id: u64,
+    pub result: Result<Response, IpcError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    Pong,
+    Snapshot(RegistrySnapshot),
+    PoolStatus(PoolSnapshot),
+    CanDispatch(DispatchCheck),
+    Acquired(Lease),
+    Released,
+    Subscribed(RegistrySnapshot),
+    /// An admin request was accepted and is being carried out.
+    Accepted,
+}
+
+/// A pushed registry change. Changes coalesced into one flush share an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Event {
+    pub epoch: u64,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Change {
+    /// The pool's new state (added or changed).
+    PoolUpdated(PoolSnapshot),
+    PoolRemoved(PoolId),
+    /// These leases are gone (engine failed, pool removed); their holders must stop using them.
+    LeasesRevoked {
+        pool: PoolId,
+        leases: Vec<LeaseId>,
+        reason: String,
+    },
+    /// The subscriber fell behind; this replaces its whole mirror.
+    Resync(RegistrySnapshot),
+}
