@@ -44,7 +44,6 @@ fn serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     match start(args, runtime) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            tracing::error!("{message}");
             eprintln!("pool-managerd: {message}");
             ExitCode::from(2)
         }

@@ -189,7 +189,8 @@ impl PoolClient {
     pub async fn connect(config: ClientConfig) -> Result<PoolClient, ClientError> {
         let client = PoolClient::new(config);
         let link = establish(&client.shared).await?;
-        client.spawn_supervisor(Some(link));
+        let active = activate(&client.shared, link);
+        client.spawn_supervisor(Some(active));
         Ok(client)
     }
 
@@ -220,7 +221,7 @@ impl PoolClient {
         }
     }
 
-    fn spawn_supervisor(&self, link: Option<Link>) {
+    fn spawn_supervisor(&self, link: Option<ActiveLink>) {
         let shared = Arc::clone(&self.shared);
         let token = self.lifetime.0.clone();
         tokio::spawn(supervise(shared, token, link));
@@ -514,7 +515,7 @@ async fn establish(shared: &Shared) -> Result<Link, ClientError> {
     }
 }
 
-async fn supervise(shared: Arc<Shared>, token: CancellationToken, mut link: Option<Link>) {
+async fn supervise(shared: Arc<Shared>, token: CancellationToken, mut link: Option<ActiveLink>) {
     let mut backoff = reconnect_backoff(&shared.config);
     loop {
         let current = match link.take() {
@@ -526,7 +527,7 @@ async fn supervise(shared: Arc<Shared>, token: CancellationToken, mut link: Opti
                     attempt = establish(&shared) => attempt,
                 };
                 match attempt {
-                    Ok(current) => current,
+                    Ok(current) => activate(&shared, current),
                     Err(error) => {
                         let delay = backoff.next().unwrap_or(shared.config.reconnect_max);
                         tracing::warn!(socket = %shared.config.socket_path.display(), %error, retry_in_ms = delay.as_millis() as u64, "pool-managerd unreachable");
@@ -577,10 +578,18 @@ fn teardown(shared: &Shared) {
     });
 }
 
-/// Runs one connection until it ends; returns why it ended.
-async fn serve_link(shared: &Arc<Shared>, link: Link, token: &CancellationToken) -> String {
+/// A connection whose writer runs and whose outbox is installed: calls can be sent.
+struct ActiveLink {
+    reader: FrameReader<OwnedReadHalf>,
+    writer_task: tokio::task::JoinHandle<()>,
+    write_failed: CancellationToken,
+}
+
+/// Makes a handshaken connection the current one. Synchronous, so that `connect` returns a
+/// client that can send at once.
+fn activate(shared: &Arc<Shared>, link: Link) -> ActiveLink {
     let Link {
-        mut reader,
+        reader,
         writer,
         welcome,
     } = link;
@@ -600,6 +609,20 @@ async fn serve_link(shared: &Arc<Shared>, link: Link, token: &CancellationToken)
     {
         tracing::warn!(%error, "could not re-subscribe");
     }
+    ActiveLink {
+        reader,
+        writer_task,
+        write_failed,
+    }
+}
+
+/// Reads from the current connection until it ends; returns why it ended.
+async fn serve_link(shared: &Arc<Shared>, link: ActiveLink, token: &CancellationToken) -> String {
+    let ActiveLink {
+        mut reader,
+        writer_task,
+        write_failed,
+    } = link;
     let reason = loop {
         let frame = tokio::select! {
             () = token.cancelled() => break "client closed".to_owned(),
