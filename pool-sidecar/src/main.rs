@@ -7,7 +7,7 @@ use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
 use pool_sidecar::ipc::socket::bind_socket;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

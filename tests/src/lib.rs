@@ -16,6 +16,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod sidecar;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;

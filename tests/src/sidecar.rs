@@ -1,0 +1,91 @@
+//! Starting a real `pool-managerd` for a test: a config file written from [`PoolSpec`]s, the
+//! socket in a short temp dir, the debug shim on an ephemeral loopback port.
+
+use crate::{Daemon, DaemonBuilder, binary};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One `[[pool]]` of the generated config.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub id: String,
+    pub model: String,
+    pub engine: &'static str,
+    pub endpoint: String,
+    pub slots: u32,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub failure_threshold: u32,
+}
+
+impl PoolSpec {
+    /// A llama.cpp pool probed every 50 ms, Unhealthy after 2 failed probes.
+    pub fn new(id: &str, endpoint: &str, slots: u32) -> PoolSpec {
+        PoolSpec {
+            id: id.to_owned(),
+            model: format!("{id}-model"),
+            engine: "llamacpp",
+            endpoint: endpoint_of(endpoint),
+            slots,
+            probe_interval_ms: 50,
+            probe_timeout_ms: 500,
+            failure_threshold: 2,
+        }
+    }
+}
+
+/// `127.0.0.1:PORT` (as printed by the engine double) becomes `http://127.0.0.1:PORT`.
+fn endpoint_of(listen: &str) -> String {
+    if listen.starts_with('/') || listen.starts_with("http://") {
+        listen.to_owned()
+    } else {
+        format!("http://{listen}")
+    }
+}
+
+/// Writes `dir/config.toml` with `server_extra` lines in `[server]` and the pools.
+pub fn write_config(dir: &Path, server_extra: &str, pools: &[PoolSpec]) -> PathBuf {
+    let mut text = format!("[server]\n{server_extra}\n");
+    for pool in pools {
+        let _ = write!(
+            text,
+            "\n[[pool]]\nid = {:?}\nmodel = {:?}\nengine = {:?}\nendpoint = {:?}\nslots = {}\n\
+             [pool.probe]\ninterval_ms = {}\ntimeout_ms = {}\nfailure_threshold = {}\n",
+            pool.id,
+            pool.model,
+            pool.engine,
+            pool.endpoint,
+            pool.slots,
+            pool.probe_interval_ms,
+            pool.probe_timeout_ms,
+            pool.failure_threshold
+        );
+    }
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
+
+/// The socket path the tests use under `dir`.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("run").join("pool.sock")
+}
+
+/// The daemon command for `config`, socket under `dir`, shim on an ephemeral port.
+pub fn sidecar_command(dir: &Path, config: &Path) -> DaemonBuilder {
+    DaemonBuilder::new(binary("pool-managerd"))
+        .name("pool-managerd")
+        .arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(socket_path(dir))
+        .arg("--debug-listen")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "info,pool_sidecar=debug")
+        .env_remove("POOL_MANAGERD_SOCKET")
+}
+
+/// Starts pool-managerd and waits for `READY socket=… debug_http=…`.
+pub fn start_sidecar(dir: &Path, config: &Path) -> Daemon {
+    sidecar_command(dir, config).start()
+}

@@ -1,0 +1,387 @@
+//! Slots and leases against the real pool-managerd and the test engine double (a fake engine:
+//! no GPU or model is needed to exercise slot accounting).
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::sidecar::{PoolSpec, socket_path, start_sidecar, write_config};
+use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
+use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
+use pool_ipc::error_code::ErrorCode;
+use pool_ipc::registry::{AcquireTarget, PoolId, PoolSnapshot, PoolState, ReleaseOutcome};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::sync::watch;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Stack {
+    dir: TempDir,
+    engine: Daemon,
+    sidecar: Daemon,
+}
+
+impl Stack {
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn shim(&self) -> String {
+        self.sidecar.ready("debug_http").to_owned()
+    }
+}
+
+/// One pool `p` with `slots` slots, served by an engine double on a Unix socket.
+fn stack(slots: u32) -> Stack {
+    let dir = temp_dir();
+    let engine_socket = dir.path().join("engine.sock");
+    let engine = start_engine_double(&["--listen", engine_socket.to_str().unwrap()]);
+    let config = write_config(
+        dir.path(),
+        "",
+        &[PoolSpec::new("p", engine.ready("listen"), slots)],
+    );
+    let sidecar = start_sidecar(dir.path(), &config);
+    Stack {
+        dir,
+        engine,
+        sidecar,
+    }
+}
+
+async fn client(dir: &Path, name: &str) -> PoolClient {
+    PoolClient::connect(ClientConfig::new(socket_path(dir), name))
+        .await
+        .unwrap()
+}
+
+fn pool() -> PoolId {
+    PoolId("p".into())
+}
+
+async fn wait_for_pool(
+    mirror: &mut watch::Receiver<RegistryMirror>,
+    what: &str,
+    check: impl Fn(&PoolSnapshot) -> bool,
+) -> PoolSnapshot {
+    let reached = {
+        let wait = mirror.wait_for(|m| m.snapshot.pool(&pool()).is_some_and(&check));
+        tokio::time::timeout(WAIT, wait).await.is_ok()
+    };
+    let mirror = mirror.borrow();
+    assert!(
+        reached,
+        "timed out waiting for: {what}; mirror: {:?}",
+        *mirror
+    );
+    mirror.snapshot.pool(&pool()).cloned().unwrap()
+}
+
+fn shim_status(stack: &Stack) -> serde_json::Value {
+    let reply = http::get(&stack.shim(), "/pools/p/status", WAIT).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
+    let stack = stack(4);
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    let max_leased_seen = Arc::new(AtomicU32::new(0));
+    let watcher = {
+        let mut mirror = mirror.clone();
+        let max_leased_seen = Arc::clone(&max_leased_seen);
+        tokio::spawn(async move {
+            while mirror.changed().await.is_ok() {
+                let mirror = mirror.borrow_and_update();
+                if let Some(pool) = mirror.snapshot.pool(&pool()) {
+                    assert!(pool.slots_free <= pool.slots_total, "{pool:?}");
+                    max_leased_seen.fetch_max(pool.active_leases(), Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    let holding = Arc::new(AtomicI32::new(0));
+    let max_holding = Arc::new(AtomicI32::new(0));
+    let mut racers = tokio::task::JoinSet::new();
+    for racer in 0..64 {
+        let dir = stack.path().to_owned();
+        let holding = Arc::clone(&holding);
+        let max_holding = Arc::clone(&max_holding);
+        racers.spawn(async move {
+            let client = client(&dir, &format!("racer-{racer}")).await;
+            let mut granted = 0;
+            let mut attempts = 0;
+            while granted < 4 {
+                attempts += 1;
+                assert!(attempts < 20_000, "racer {racer} starved");
+                match client
+                    .acquire(
+                        AcquireTarget::Pool(pool()),
+                        format!("t{racer}-{attempts}"),
+                        None,
+                    )
+                    .await
+                {
+                    Ok(guard) => {
+                        let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                        max_holding.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_micros(300)).await;
+                        holding.fetch_sub(1, Ordering::SeqCst);
+                        granted += 1;
+                        if racer % 8 == 0 && granted == 2 {
+                            // This client dies holding its lease: it never releases it, and its
+                            // connection closes.
+                            std::mem::forget(guard);
+                            client.close();
+                            return granted;
+                        }
+                        guard.release(ReleaseOutcome::Completed).await.unwrap();
+                    }
+                    Err(ClientError::Remote(error)) if error.code == ErrorCode::NoCapacity => {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                    Err(error) => panic!("racer {racer}: unexpected error {error}"),
+                }
+            }
+            granted
+        });
+    }
+    let mut granted_total = 0;
+    while let Some(granted) = racers.join_next().await {
+        granted_total += granted.unwrap();
+    }
+    let settled = wait_for_pool(&mut mirror, "all slots free again", |p| p.slots_free == 4).await;
+    assert_eq!(settled.slots_total, 4);
+    watcher.abort();
+    assert!(
+        granted_total > 64,
+        "only {granted_total} leases were granted"
+    );
+    assert!(max_holding.load(Ordering::SeqCst) <= 4);
+    assert!(
+        (1..=4).contains(&max_leased_seen.load(Ordering::SeqCst)),
+        "the registry showed {} leases at once",
+        max_leased_seen.load(Ordering::SeqCst)
+    );
+    let status = shim_status(&stack);
+    assert_eq!(status["slots_free"], 4);
+    assert_eq!(status["active_leases"], 0);
+}
+
+fn lease_holder(dir: &Path) -> Daemon {
+    DaemonBuilder::new(binary("lease-holder"))
+        .name("lease-holder")
+        .arg("--socket")
+        .arg(socket_path(dir))
+        .arg("--pool")
+        .arg("p")
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_killed_mid_lease_give_their_slots_back() {
+    let stack = stack(4);
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    let holders: Vec<Daemon> = (0..4).map(|_| lease_holder(stack.path())).collect();
+    wait_for_pool(&mut mirror, "four leases held", |p| p.slots_free == 0).await;
+    let refused = monitor
+        .acquire(AcquireTarget::Pool(pool()), "fifth", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Remote(e) if e.code == ErrorCode::NoCapacity),
+        "{refused}"
+    );
+
+    let mut holders = holders.into_iter();
+    for holder in holders.by_ref().take(2) {
+        holder.kill_with(Signal::SIGKILL);
+    }
+    wait_for_pool(&mut mirror, "two slots back", |p| p.slots_free == 2).await;
+    assert_eq!(shim_status(&stack)["active_leases"], 2);
+    for holder in holders {
+        holder.kill_with(Signal::SIGKILL);
+    }
+    wait_for_pool(&mut mirror, "all slots back", |p| p.slots_free == 4).await;
+    let metrics = http::get(&stack.shim(), "/metrics", WAIT).unwrap().text();
+    assert!(
+        metrics.contains("pool_managerd_leases_ended_total{reason=\"connection_closed\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_told() {
+    let mut stack = stack(2);
+    let engine_socket = stack.engine.ready("listen").to_owned();
+    let holder = client(stack.path(), "holder").await;
+    let mut revocations = holder.revocations();
+    let mut mirror = holder.subscribe().await.unwrap();
+    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    let guard = holder
+        .acquire(AcquireTarget::Pool(pool()), "doomed", None)
+        .await
+        .unwrap();
+    let lease = guard.lease().id;
+
+    stack.engine.kill_with(Signal::SIGKILL);
+    let unhealthy = wait_for_pool(&mut mirror, "unhealthy", |p| {
+        p.state == PoolState::Unhealthy
+    })
+    .await;
+    assert_eq!(
+        unhealthy.slots_free, 2,
+        "the dead engine's lease was revoked"
+    );
+    assert!(unhealthy.last_error.is_some());
+    let revoked = tokio::time::timeout(WAIT, revocations.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.lease, lease);
+    assert!(holder.held_leases().is_empty());
+    let refused = holder
+        .acquire(AcquireTarget::Pool(pool()), "too-early", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::Remote(e) if e.code == ErrorCode::NotReady),
+        "{refused}"
+    );
+    // Releasing a revoked lease is not an error: it is already gone.
+    guard.release(ReleaseOutcome::Failed).await.unwrap();
+
+    stack.engine = start_engine_double(&["--listen", &engine_socket]);
+    wait_for_pool(&mut mirror, "ready again", |p| p.state == PoolState::Ready).await;
+    let guard = holder
+        .acquire(AcquireTarget::Pool(pool()), "after", None)
+        .await
+        .unwrap();
+    guard.release(ReleaseOutcome::Completed).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
+    let mut stack = stack(4);
+    let config = stack.path().join("config.toml");
+    let holder = client(stack.path(), "holder").await;
+    let mut state = holder.connection_state();
+    let kept: Vec<_> = {
+        let mut guards = Vec::new();
+        for task in 0..3 {
+            guards.push(
+                holder
+                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None)
+                    .await
+                    .unwrap(),
+            );
+        }
+        guards
+    };
+    let mut kept = kept.into_iter();
+    let dropped_while_down = kept.next().unwrap();
+    let kept: Vec<_> = kept.collect();
+
+    stack.sidecar.kill_with(Signal::SIGKILL);
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|s| !matches!(s, ConnectionState::Connected { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Released while no sidecar runs: it must not come back with the others.
+    drop(dropped_while_down);
+    stack.sidecar = start_sidecar(stack.path(), &config);
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|s| matches!(s, ConnectionState::Connected { .. })),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let status = holder.pool_status(&pool()).await.unwrap();
+    assert_eq!(status.slots_free, 2, "two re-asserted leases: {status:?}");
+    assert_eq!(holder.held_leases().len(), 2);
+    for guard in kept {
+        guard.release(ReleaseOutcome::Completed).await.unwrap();
+    }
+    assert_eq!(holder.pool_status(&pool()).await.unwrap().slots_free, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_pools_and_models_are_typed_errors_everywhere() {
+    let stack = stack(1);
+    let client = client(stack.path(), "asker").await;
+    let unknown = PoolId("nope".into());
+    for error in [
+        client.can_dispatch(&unknown).await.unwrap_err(),
+        client.pool_status(&unknown).await.unwrap_err(),
+        client
+            .acquire(AcquireTarget::Pool(unknown.clone()), "t", None)
+            .await
+            .unwrap_err(),
+        client
+            .acquire(AcquireTarget::Model("no-such-model".into()), "t", None)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&error, ClientError::Remote(e) if e.code == ErrorCode::NotFound),
+            "{error}"
+        );
+    }
+    let check = client.can_dispatch(&pool()).await.unwrap();
+    assert!(check.dispatchable);
+    assert_eq!(check.slots_free, 1);
+
+    let reply = http::get(&stack.shim(), "/pools/nope/status", WAIT).unwrap();
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "not_found");
+
+    let cli = DaemonBuilder::new(binary("pool-managerd"))
+        .args(["status", "nope", "--socket"])
+        .arg(socket_path(stack.path()))
+        .run_to_exit(WAIT);
+    assert_eq!(cli.status.code(), Some(1), "{}", cli.stderr);
+    assert!(
+        cli.stderr.contains("unknown pool \"nope\""),
+        "{}",
+        cli.stderr
+    );
+
+    let table = DaemonBuilder::new(binary("pool-managerd"))
+        .args(["status", "--socket"])
+        .arg(socket_path(stack.path()))
+        .run_to_exit(WAIT);
+    assert_eq!(table.status.code(), Some(0), "{}", table.stderr);
+    assert!(
+        table
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("p ") && l.contains("ready")),
+        "{}",
+        table.stdout
+    );
+    let json = DaemonBuilder::new(binary("pool-managerd"))
+        .args(["status", "--json", "--socket"])
+        .arg(socket_path(stack.path()))
+        .run_to_exit(WAIT);
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(parsed["pools"][0]["pool_id"], "p");
+    assert_eq!(
+        parsed["pools"][0]["engine_version"],
+        shim_status(&stack)["engine_version"]
+    );
+}
