@@ -1,0 +1,386 @@
+//! proptest strategies for every wire type, shared by the codec test binaries.
+//!
+//! Each enum strategy is a `prop_oneof!` over every variant, and each enum also has a
+//! `*_variant` function: an exhaustive `match` (no `_ =>`) naming the variant. Appending a variant
+//! to the protocol therefore stops these tests compiling until the strategy learns it too, and
+//! `codec_roundtrip::strategies_generate_every_variant` checks the strategy really produces it.
+
+#![allow(
+    dead_code,
+    reason = "each test binary that includes this module uses a different subset of it"
+)]
+
+use pool_ipc::registry::{EngineKind, Endpoint};
+use pool_ipc::{
+    AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
+    IpcError, Lease, LeaseId, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState,
+    RegistrySnapshot, ReleaseOutcome, Reply, Request, Response, ServerFrame, Welcome,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+/// Any characters at all (control characters and multi-byte UTF-8 included), kept short.
+pub fn text() -> impl Strategy<Value = String> {
+    vec(any::<char>(), 0..8).prop_map(|chars| chars.into_iter().collect())
+}
+
+pub fn pool_id() -> impl Strategy<Value = PoolId> {
+    text().prop_map(PoolId)
+}
+
+pub fn lease_id() -> impl Strategy<Value = LeaseId> {
+    any::<u64>().prop_map(LeaseId)
+}
+
+pub fn engine_kind() -> impl Strategy<Value = EngineKind> {
+    prop_oneof![Just(EngineKind::Llamacpp), Just(EngineKind::Openai)]
+}
+
+pub fn endpoint() -> impl Strategy<Value = Endpoint> {
+    prop_oneof![
+        text().prop_map(|authority| Endpoint::Http { authority }),
+        text().prop_map(|path| Endpoint::Unix { path }),
+    ]
+}
+
+pub fn pool_state() -> impl Strategy<Value = PoolState> {
+    prop_oneof![
+        Just(PoolState::Starting),
+        Just(PoolState::Ready),
+        Just(PoolState::Unhealthy),
+        Just(PoolState::Draining),
+        Just(PoolState::Stopped),
+        any::<u64>().prop_map(|until_unix_ms| PoolState::BackingOff { until_unix_ms }),
+        Just(PoolState::Failed),
+    ]
+}
+
+pub fn pool_snapshot() -> impl Strategy<Value = PoolSnapshot> {
+    (
+        (pool_id(), text(), engine_kind(), endpoint(), pool_state()),
+        (any::<bool>(), any::<u32>(), any::<u32>()),
+        (
+            proptest::option::of(text()),
+            proptest::option::of(text()),
+            any::<u32>(),
+            proptest::option::of(any::<u64>()),
+        ),
+    )
+        .prop_map(
+            |(
+                (pool_id, model, engine, endpoint, state),
+                (live, slots_total, slots_free),
+                (engine_version, last_error, restarts, last_probe_unix_ms),
+            )| PoolSnapshot {
+                pool_id,
+                model,
+                engine,
+                endpoint,
+                state,
+                live,
+                slots_total,
+                slots_free,
+                engine_version,
+                last_error,
+                restarts,
+                last_probe_unix_ms,
+            },
+        )
+}
+
+pub fn registry_snapshot() -> impl Strategy<Value = RegistrySnapshot> {
+    (any::<u64>(), vec(pool_snapshot(), 0..3))
+        .prop_map(|(epoch, pools)| RegistrySnapshot { epoch, pools })
+}
+
+pub fn dispatch_check() -> impl Strategy<Value = DispatchCheck> {
+    (any::<bool>(), pool_state(), any::<u32>()).prop_map(|(dispatchable, state, slots_free)| {
+        DispatchCheck {
+            dispatchable,
+            state,
+            slots_free,
+        }
+    })
+}
+
+pub fn lease() -> impl Strategy<Value = Lease> {
+    (lease_id(), pool_id(), text(), engine_kind(), endpoint()).prop_map(
+        |(id, pool, model, engine, endpoint)| Lease {
+            id,
+            pool,
+            model,
+            engine,
+            endpoint,
+        },
+    )
+}
+
+pub fn acquire_target() -> impl Strategy<Value = AcquireTarget> {
+    prop_oneof![
+        pool_id().prop_map(AcquireTarget::Pool),
+        text().prop_map(AcquireTarget::Model),
+    ]
+}
+
+pub fn release_outcome() -> impl Strategy<Value = ReleaseOutcome> {
+    prop_oneof![
+        Just(ReleaseOutcome::Completed),
+        Just(ReleaseOutcome::Cancelled),
+        Just(ReleaseOutcome::Failed),
+    ]
+}
+
+pub fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::NotFound),
+        Just(ErrorCode::NotReady),
+        Just(ErrorCode::Draining),
+        Just(ErrorCode::NoCapacity),
+        Just(ErrorCode::Unauthorized),
+        Just(ErrorCode::BadRequest),
+        Just(ErrorCode::VersionMismatch),
+        Just(ErrorCode::Internal),
+        Just(ErrorCode::Unsupported),
+        Just(ErrorCode::ShuttingDown),
+    ]
+}
+
+pub fn ipc_error() -> impl Strategy<Value = IpcError> {
+    (error_code(), text()).prop_map(|(code, message)| IpcError { code, message })
+}
+
+pub fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        Just(Request::Ping),
+        Just(Request::Snapshot),
+        pool_id().prop_map(|pool| Request::PoolStatus { pool }),
+        pool_id().prop_map(|pool| Request::CanDispatch { pool }),
+        (acquire_target(), text(), proptest::option::of(text())).prop_map(
+            |(target, task_id, session)| Request::Acquire {
+                target,
+                task_id,
+                session,
+            }
+        ),
+        (lease_id(), release_outcome())
+            .prop_map(|(lease, outcome)| Request::Release { lease, outcome }),
+        Just(Request::Subscribe),
+        (pool_id(), any::<u64>()).prop_map(|(pool, deadline_ms)| Request::Drain {
+            pool,
+            deadline_ms
+        }),
+        (pool_id(), text()).prop_map(|(pool, model)| Request::Reload { pool, model }),
+        pool_id().prop_map(|pool| Request::Restart { pool }),
+    ]
+}
+
+pub fn hello() -> impl Strategy<Value = Hello> {
+    // Mostly well-formed handshakes, but the codec must carry any magic and version.
+    let magic = prop_oneof![Just(MAGIC), any::<[u8; 4]>()];
+    let version = prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()];
+    let held = vec(
+        (lease_id(), pool_id()).prop_map(|(lease, pool)| HeldLease { lease, pool }),
+        0..3,
+    );
+    (magic, version, text(), held).prop_map(|(magic, protocol_version, client_name, held_leases)| {
+        Hello {
+            magic,
+            protocol_version,
+            client_name,
+            held_leases,
+        }
+    })
+}
+
+pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        hello().prop_map(ClientFrame::Hello),
+        (any::<u64>(), request()).prop_map(|(id, request)| ClientFrame::Call(Call { id, request })),
+    ]
+}
+
+pub fn response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        Just(Response::Pong),
+        registry_snapshot().prop_map(Response::Snapshot),
+        pool_snapshot().prop_map(Response::PoolStatus),
+        dispatch_check().prop_map(Response::CanDispatch),
+        lease().prop_map(Response::Acquired),
+        Just(Response::Released),
+        registry_snapshot().prop_map(Response::Subscribed),
+        Just(Response::Accepted),
+    ]
+}
+
+pub fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        pool_snapshot().prop_map(Change::PoolUpdated),
+        pool_id().prop_map(Change::PoolRemoved),
+        (pool_id(), vec(lease_id(), 0..4), text()).prop_map(|(pool, leases, reason)| {
+            Change::LeasesRevoked {
+                pool,
+                leases,
+                reason,
+            }
+        }),
+        registry_snapshot().prop_map(Change::Resync),
+    ]
+}
+
+pub fn welcome() -> impl Strategy<Value = Welcome> {
+    (
+        any::<u32>(),
+        text(),
+        any::<u64>(),
+        any::<u32>(),
+        vec(lease_id(), 0..3),
+        vec((lease_id(), ipc_error()), 0..3),
+    )
+        .prop_map(
+            |(
+                protocol_version,
+                server_version,
+                registry_epoch,
+                max_frame_bytes,
+                reasserted,
+                rejected,
+            )| Welcome {
+                protocol_version,
+                server_version,
+                registry_epoch,
+                max_frame_bytes,
+                reasserted,
+                rejected,
+            },
+        )
+}
+
+pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        welcome().prop_map(ServerFrame::Welcome),
+        (any::<u64>(), response())
+            .prop_map(|(id, response)| ServerFrame::Reply(Reply {
+                id,
+                result: Ok(response)
+            })),
+        (any::<u64>(), ipc_error()).prop_map(|(id, error)| ServerFrame::Reply(Reply {
+            id,
+            result: Err(error)
+        })),
+        (any::<u64>(), change()).prop_map(|(epoch, change)| ServerFrame::Event(Event {
+            epoch,
+            change
+        })),
+        ipc_error().prop_map(ServerFrame::Refused),
+    ]
+}
+
+pub fn client_frame_variant(frame: &ClientFrame) -> &'static str {
+    match frame {
+        ClientFrame::Hello(_) => "hello",
+        ClientFrame::Call(_) => "call",
+    }
+}
+
+pub fn server_frame_variant(frame: &ServerFrame) -> &'static str {
+    match frame {
+        ServerFrame::Welcome(_) => "welcome",
+        ServerFrame::Reply(Reply { result: Ok(_), .. }) => "reply_ok",
+        ServerFrame::Reply(Reply { result: Err(_), .. }) => "reply_err",
+        ServerFrame::Event(_) => "event",
+        ServerFrame::Refused(_) => "refused",
+    }
+}
+
+pub fn response_variant(response: &Response) -> &'static str {
+    match response {
+        Response::Pong => "pong",
+        Response::Snapshot(_) => "snapshot",
+        Response::PoolStatus(_) => "pool_status",
+        Response::CanDispatch(_) => "can_dispatch",
+        Response::Acquired(_) => "acquired",
+        Response::Released => "released",
+        Response::Subscribed(_) => "subscribed",
+        Response::Accepted => "accepted",
+    }
+}
+
+pub fn change_variant(change: &Change) -> &'static str {
+    match change {
+        Change::PoolUpdated(_) => "pool_updated",
+        Change::PoolRemoved(_) => "pool_removed",
+        Change::LeasesRevoked { .. } => "leases_revoked",
+        Change::Resync(_) => "resync",
+    }
+}
+
+pub fn engine_kind_variant(kind: &EngineKind) -> &'static str {
+    match kind {
+        EngineKind::Llamacpp => "llamacpp",
+        EngineKind::Openai => "openai",
+    }
+}
+
+pub fn endpoint_variant(endpoint: &Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Http { .. } => "http",
+        Endpoint::Unix { .. } => "unix",
+    }
+}
+
+pub fn acquire_target_variant(target: &AcquireTarget) -> &'static str {
+    match target {
+        AcquireTarget::Pool(_) => "pool",
+        AcquireTarget::Model(_) => "model",
+    }
+}
+
+pub fn release_outcome_variant(outcome: &ReleaseOutcome) -> &'static str {
+    match outcome {
+        ReleaseOutcome::Completed => "completed",
+        ReleaseOutcome::Cancelled => "cancelled",
+        ReleaseOutcome::Failed => "failed",
+    }
+}
+
+pub fn error_code_variant(code: &ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::NotFound => "not_found",
+        ErrorCode::NotReady => "not_ready",
+        ErrorCode::Draining => "draining",
+        ErrorCode::NoCapacity => "no_capacity",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::VersionMismatch => "version_mismatch",
+        ErrorCode::Internal => "internal",
+        ErrorCode::Unsupported => "unsupported",
+        ErrorCode::ShuttingDown => "shutting_down",
+    }
+}
+
+pub fn pool_state_variant(state: &PoolState) -> &'static str {
+    match state {
+        PoolState::Starting => "starting",
+        PoolState::Ready => "ready",
+        PoolState::Unhealthy => "unhealthy",
+        PoolState::Draining => "draining",
+        PoolState::Stopped => "stopped",
+        PoolState::BackingOff { .. } => "backing_off",
+        PoolState::Failed => "failed",
+    }
+}
+
+pub fn request_variant(request: &Request) -> &'static str {
+    match request {
+        Request::Ping => "ping",
+        Request::Snapshot => "snapshot",
+        Request::PoolStatus { .. } => "pool_status",
+        Request::CanDispatch { .. } => "can_dispatch",
+        Request::Acquire { .. } => "acquire",
+        Request::Release { .. } => "release",
+        Request::Subscribe => "subscribe",
+        Request::Drain { .. } => "drain",
+        Request::Reload { .. } => "reload",
+        Request::Restart { .. } => "restart",
+    }
+}
