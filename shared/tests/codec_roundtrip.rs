@@ -80,7 +80,13 @@ where
             decoded.push(decode_payload::<T>(&payload).unwrap());
         }
         let complete = ends.iter().filter(|&&end| end <= fed).count();
-        prop_assert_eq!(decoded.len(), complete, "after {} of {} bytes", fed, wire.len());
+        prop_assert_eq!(
+            decoded.len(),
+            complete,
+            "after {} of {} bytes",
+            fed,
+            wire.len()
+        );
         let start_of_partial = if complete == 0 { 0 } else { ends[complete - 1] };
         prop_assert_eq!(buf.len(), fed - start_of_partial);
     }
@@ -288,7 +294,13 @@ fn a_frame_fed_byte_by_byte_is_none_until_its_last_byte() {
         buf.extend_from_slice(&[*byte]);
         let taken = take_frame(&mut buf, MAX).unwrap();
         if i + 1 < wire.len() {
-            assert_eq!(taken, None, "complete after only {} of {} bytes", i + 1, wire.len());
+            assert_eq!(
+                taken,
+                None,
+                "complete after only {} of {} bytes",
+                i + 1,
+                wire.len()
+            );
         } else {
             let payload = taken.expect("complete at the last byte");
             assert_eq!(decode_payload::<ClientFrame>(&payload).unwrap(), frame);

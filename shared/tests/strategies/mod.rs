@@ -10,7 +10,7 @@
     reason = "each test binary that includes this module uses a different subset of it"
 )]
 
-use pool_ipc::registry::{EngineKind, Endpoint};
+use pool_ipc::registry::{Endpoint, EngineKind};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
     IpcError, Lease, LeaseId, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState,
@@ -165,10 +165,8 @@ pub fn request() -> impl Strategy<Value = Request> {
         (lease_id(), release_outcome())
             .prop_map(|(lease, outcome)| Request::Release { lease, outcome }),
         Just(Request::Subscribe),
-        (pool_id(), any::<u64>()).prop_map(|(pool, deadline_ms)| Request::Drain {
-            pool,
-            deadline_ms
-        }),
+        (pool_id(), any::<u64>())
+            .prop_map(|(pool, deadline_ms)| Request::Drain { pool, deadline_ms }),
         (pool_id(), text()).prop_map(|(pool, model)| Request::Reload { pool, model }),
         pool_id().prop_map(|pool| Request::Restart { pool }),
     ]
@@ -182,14 +180,14 @@ pub fn hello() -> impl Strategy<Value = Hello> {
         (lease_id(), pool_id()).prop_map(|(lease, pool)| HeldLease { lease, pool }),
         0..3,
     );
-    (magic, version, text(), held).prop_map(|(magic, protocol_version, client_name, held_leases)| {
-        Hello {
+    (magic, version, text(), held).prop_map(
+        |(magic, protocol_version, client_name, held_leases)| Hello {
             magic,
             protocol_version,
             client_name,
             held_leases,
-        }
-    })
+        },
+    )
 }
 
 pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
@@ -258,19 +256,16 @@ pub fn welcome() -> impl Strategy<Value = Welcome> {
 pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
     prop_oneof![
         welcome().prop_map(ServerFrame::Welcome),
-        (any::<u64>(), response())
-            .prop_map(|(id, response)| ServerFrame::Reply(Reply {
-                id,
-                result: Ok(response)
-            })),
+        (any::<u64>(), response()).prop_map(|(id, response)| ServerFrame::Reply(Reply {
+            id,
+            result: Ok(response)
+        })),
         (any::<u64>(), ipc_error()).prop_map(|(id, error)| ServerFrame::Reply(Reply {
             id,
             result: Err(error)
         })),
-        (any::<u64>(), change()).prop_map(|(epoch, change)| ServerFrame::Event(Event {
-            epoch,
-            change
-        })),
+        (any::<u64>(), change())
+            .prop_map(|(epoch, change)| ServerFrame::Event(Event { epoch, change })),
         ipc_error().prop_map(ServerFrame::Refused),
     ]
 }
