@@ -1,8 +1,8 @@
 //! The async client of pool-managerd's socket.
 //!
 //! One [`PoolClient`] owns one connection, shared by any number of concurrent callers: each call
-//! gets an id, its frame goes to a single writer task (which batches whatever is queued into one
-//! write), and a supervisor task reads frames and hands each reply to its caller. When the
+//! gets an id, its frame is written straight into the socket (see [`crate::outbox`]), and a
+//! supervisor task reads frames and hands each reply to its caller. When the
 //! connection drops, calls in flight fail with [`ClientError::Disconnected`], and the supervisor
 //! reconnects with jittered exponential backoff, re-asserting in its `Hello` every lease this
 //! client still holds and re-subscribing, so the server's slot accounting and the local mirror
@@ -15,6 +15,7 @@
 use crate::codec::{CodecError, DEFAULT_MAX_FRAME_BYTES, decode_payload, frame_bytes};
 use crate::error_code::IpcError;
 use crate::framed::{FrameReader, ReadError};
+use crate::outbox::Outbox;
 use crate::registry::{
     AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, RegistrySnapshot,
     ReleaseOutcome,
@@ -24,7 +25,6 @@ use crate::wire::{
     ServerFrame, Welcome,
 };
 use backon::BackoffBuilder;
-use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// How to reach pool-managerd and how patient to be.
@@ -140,8 +140,8 @@ enum Pending {
 
 struct Shared {
     config: ClientConfig,
-    /// The current connection's writer queue; `None` while disconnected.
-    outbox: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// The current connection's write side; `None` while disconnected.
+    outbox: Mutex<Option<Arc<Outbox>>>,
     max_frame_bytes: AtomicU32,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
@@ -449,9 +449,8 @@ fn send_call(shared: &Shared, request: Request, pending: Pending) -> Result<u64,
     let frame = frame_bytes(&ClientFrame::Call(Call { id, request }), max)?;
     // Registered before it is sent, so the reply always finds it.
     lock(&shared.pending).insert(id, pending);
-    let sent = lock(&shared.outbox)
-        .as_ref()
-        .is_some_and(|outbox| outbox.send(frame).is_ok());
+    let outbox = lock(&shared.outbox).clone();
+    let sent = outbox.is_some_and(|outbox| outbox.send(&frame).is_ok());
     if sent {
         Ok(id)
     } else {
@@ -568,7 +567,9 @@ fn reconnect_backoff(config: &ClientConfig) -> impl Iterator<Item = Duration> + 
 
 /// Forgets the connection: queued calls fail, and the mirror is marked stale.
 fn teardown(shared: &Shared) {
-    *lock(&shared.outbox) = None;
+    if let Some(outbox) = lock(&shared.outbox).take() {
+        outbox.close();
+    }
     // Dropping the senders wakes every waiting caller with `Disconnected`.
     lock(&shared.pending).clear();
     shared.mirror.send_if_modified(|mirror| {
@@ -595,9 +596,9 @@ fn activate(shared: &Arc<Shared>, link: Link) -> ActiveLink {
     } = link;
     let max_frame = shared.config.max_frame_bytes.min(welcome.max_frame_bytes);
     shared.max_frame_bytes.store(max_frame, Ordering::Relaxed);
-    let (outbox, queue) = mpsc::unbounded_channel();
     let write_failed = CancellationToken::new();
-    let writer_task = tokio::spawn(write_frames(writer, queue, write_failed.clone()));
+    let (outbox, drain) = Outbox::new(writer, write_failed.clone());
+    let writer_task = tokio::spawn(drain);
     *lock(&shared.outbox) = Some(outbox);
     settle_reasserted_leases(shared, &welcome);
     shared.state.send_replace(ConnectionState::Connected {
@@ -670,29 +671,6 @@ fn settle_reasserted_leases(shared: &Shared, welcome: &Welcome) {
                 reason: error.to_string(),
             });
         }
-    }
-}
-
-async fn write_frames(
-    mut writer: OwnedWriteHalf,
-    mut queue: mpsc::UnboundedReceiver<Bytes>,
-    failed: CancellationToken,
-) {
-    let mut batch = BytesMut::with_capacity(4096);
-    while let Some(frame) = queue.recv().await {
-        batch.extend_from_slice(&frame);
-        while batch.len() < 64 * 1024 {
-            match queue.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&frame),
-                Err(_) => break,
-            }
-        }
-        if let Err(error) = writer.write_all(&batch).await {
-            tracing::debug!(%error, "write to pool-managerd failed");
-            failed.cancel();
-            return;
-        }
-        batch.clear();
     }
 }
 

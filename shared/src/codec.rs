@@ -100,11 +100,22 @@ pub fn take_frame(buf: &mut BytesMut, max_frame_bytes: u32) -> Result<Option<Byt
     }
     let total = HEADER_BYTES + len as usize;
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        reserve_exactly(buf, total);
         return Ok(None);
     }
     buf.advance(HEADER_BYTES);
     Ok(Some(buf.split_to(len as usize).freeze()))
+}
+
+/// Makes room for `total` bytes in `buf` without `BytesMut::reserve`'s growth policy, which
+/// may double an already large buffer past the frame maximum.
+pub fn reserve_exactly(buf: &mut BytesMut, total: usize) {
+    if buf.capacity() >= total {
+        return;
+    }
+    let mut exact = BytesMut::with_capacity(total);
+    exact.extend_from_slice(buf);
+    *buf = exact;
 }
 
 /// Decodes a whole payload; every byte must belong to the message.

@@ -4,7 +4,10 @@
 //! [`FrameReader::read_frame`] is cancel-safe: its only await is `read_buf`, and partial frames
 //! stay in the reader's buffer, so it can sit in a `select!` beside other work.
 
-use crate::codec::{CodecError, take_frame};
+use crate::codec::{CodecError, reserve_exactly, take_frame};
+
+/// Room made for a read when the buffer is full (only while a frame header is incomplete).
+const READ_CHUNK: usize = 8 * 1024;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -28,7 +31,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(stream: R, max_frame_bytes: u32) -> FrameReader<R> {
         FrameReader {
             stream,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf: BytesMut::with_capacity(READ_CHUNK),
             max_frame_bytes,
         }
     }
@@ -40,7 +43,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(payload));
             }
             if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(8 * 1024);
+                let wanted = self.buf.len() + READ_CHUNK;
+                reserve_exactly(&mut self.buf, wanted);
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() {

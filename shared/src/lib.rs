@@ -14,6 +14,7 @@ pub mod client;
 pub mod codec;
 pub mod error_code;
 pub mod framed;
+mod outbox;
 pub mod registry;
 pub mod socket_path;
 pub mod wire;

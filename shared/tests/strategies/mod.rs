@@ -20,30 +20,33 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 /// Any characters at all (control characters and multi-byte UTF-8 included), kept short.
-pub fn text() -> impl Strategy<Value = String> {
-    vec(any::<char>(), 0..8).prop_map(|chars| chars.into_iter().collect())
+pub fn text() -> BoxedStrategy<String> {
+    vec(any::<char>(), 0..8)
+        .prop_map(|chars| chars.into_iter().collect())
+        .boxed()
 }
 
-pub fn pool_id() -> impl Strategy<Value = PoolId> {
-    text().prop_map(PoolId)
+pub fn pool_id() -> BoxedStrategy<PoolId> {
+    text().prop_map(PoolId).boxed()
 }
 
-pub fn lease_id() -> impl Strategy<Value = LeaseId> {
-    any::<u64>().prop_map(LeaseId)
+pub fn lease_id() -> BoxedStrategy<LeaseId> {
+    any::<u64>().prop_map(LeaseId).boxed()
 }
 
-pub fn engine_kind() -> impl Strategy<Value = EngineKind> {
-    prop_oneof![Just(EngineKind::Llamacpp), Just(EngineKind::Openai)]
+pub fn engine_kind() -> BoxedStrategy<EngineKind> {
+    prop_oneof![Just(EngineKind::Llamacpp), Just(EngineKind::Openai)].boxed()
 }
 
-pub fn endpoint() -> impl Strategy<Value = Endpoint> {
+pub fn endpoint() -> BoxedStrategy<Endpoint> {
     prop_oneof![
         text().prop_map(|authority| Endpoint::Http { authority }),
         text().prop_map(|path| Endpoint::Unix { path }),
     ]
+    .boxed()
 }
 
-pub fn pool_state() -> impl Strategy<Value = PoolState> {
+pub fn pool_state() -> BoxedStrategy<PoolState> {
     prop_oneof![
         Just(PoolState::Starting),
         Just(PoolState::Ready),
@@ -53,9 +56,10 @@ pub fn pool_state() -> impl Strategy<Value = PoolState> {
         any::<u64>().prop_map(|until_unix_ms| PoolState::BackingOff { until_unix_ms }),
         Just(PoolState::Failed),
     ]
+    .boxed()
 }
 
-pub fn pool_snapshot() -> impl Strategy<Value = PoolSnapshot> {
+pub fn pool_snapshot() -> BoxedStrategy<PoolSnapshot> {
     (
         (pool_id(), text(), engine_kind(), endpoint(), pool_state()),
         (any::<bool>(), any::<u32>(), any::<u32>()),
@@ -86,51 +90,55 @@ pub fn pool_snapshot() -> impl Strategy<Value = PoolSnapshot> {
                 last_probe_unix_ms,
             },
         )
+        .boxed()
 }
 
-pub fn registry_snapshot() -> impl Strategy<Value = RegistrySnapshot> {
+pub fn registry_snapshot() -> BoxedStrategy<RegistrySnapshot> {
     (any::<u64>(), vec(pool_snapshot(), 0..3))
         .prop_map(|(epoch, pools)| RegistrySnapshot { epoch, pools })
+        .boxed()
 }
 
-pub fn dispatch_check() -> impl Strategy<Value = DispatchCheck> {
-    (any::<bool>(), pool_state(), any::<u32>()).prop_map(|(dispatchable, state, slots_free)| {
-        DispatchCheck {
+pub fn dispatch_check() -> BoxedStrategy<DispatchCheck> {
+    (any::<bool>(), pool_state(), any::<u32>())
+        .prop_map(|(dispatchable, state, slots_free)| DispatchCheck {
             dispatchable,
             state,
             slots_free,
-        }
-    })
+        })
+        .boxed()
 }
 
-pub fn lease() -> impl Strategy<Value = Lease> {
-    (lease_id(), pool_id(), text(), engine_kind(), endpoint()).prop_map(
-        |(id, pool, model, engine, endpoint)| Lease {
+pub fn lease() -> BoxedStrategy<Lease> {
+    (lease_id(), pool_id(), text(), engine_kind(), endpoint())
+        .prop_map(|(id, pool, model, engine, endpoint)| Lease {
             id,
             pool,
             model,
             engine,
             endpoint,
-        },
-    )
+        })
+        .boxed()
 }
 
-pub fn acquire_target() -> impl Strategy<Value = AcquireTarget> {
+pub fn acquire_target() -> BoxedStrategy<AcquireTarget> {
     prop_oneof![
         pool_id().prop_map(AcquireTarget::Pool),
         text().prop_map(AcquireTarget::Model),
     ]
+    .boxed()
 }
 
-pub fn release_outcome() -> impl Strategy<Value = ReleaseOutcome> {
+pub fn release_outcome() -> BoxedStrategy<ReleaseOutcome> {
     prop_oneof![
         Just(ReleaseOutcome::Completed),
         Just(ReleaseOutcome::Cancelled),
         Just(ReleaseOutcome::Failed),
     ]
+    .boxed()
 }
 
-pub fn error_code() -> impl Strategy<Value = ErrorCode> {
+pub fn error_code() -> BoxedStrategy<ErrorCode> {
     prop_oneof![
         Just(ErrorCode::NotFound),
         Just(ErrorCode::NotReady),
@@ -143,13 +151,16 @@ pub fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Unsupported),
         Just(ErrorCode::ShuttingDown),
     ]
+    .boxed()
 }
 
-pub fn ipc_error() -> impl Strategy<Value = IpcError> {
-    (error_code(), text()).prop_map(|(code, message)| IpcError { code, message })
+pub fn ipc_error() -> BoxedStrategy<IpcError> {
+    (error_code(), text())
+        .prop_map(|(code, message)| IpcError { code, message })
+        .boxed()
 }
 
-pub fn request() -> impl Strategy<Value = Request> {
+pub fn request() -> BoxedStrategy<Request> {
     prop_oneof![
         Just(Request::Ping),
         Just(Request::Snapshot),
@@ -170,9 +181,10 @@ pub fn request() -> impl Strategy<Value = Request> {
         (pool_id(), text()).prop_map(|(pool, model)| Request::Reload { pool, model }),
         pool_id().prop_map(|pool| Request::Restart { pool }),
     ]
+    .boxed()
 }
 
-pub fn hello() -> impl Strategy<Value = Hello> {
+pub fn hello() -> BoxedStrategy<Hello> {
     // Mostly well-formed handshakes, but the codec must carry any magic and version.
     let magic = prop_oneof![Just(MAGIC), any::<[u8; 4]>()];
     let version = prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()];
@@ -180,24 +192,27 @@ pub fn hello() -> impl Strategy<Value = Hello> {
         (lease_id(), pool_id()).prop_map(|(lease, pool)| HeldLease { lease, pool }),
         0..3,
     );
-    (magic, version, text(), held).prop_map(
-        |(magic, protocol_version, client_name, held_leases)| Hello {
-            magic,
-            protocol_version,
-            client_name,
-            held_leases,
-        },
-    )
+    (magic, version, text(), held)
+        .prop_map(
+            |(magic, protocol_version, client_name, held_leases)| Hello {
+                magic,
+                protocol_version,
+                client_name,
+                held_leases,
+            },
+        )
+        .boxed()
 }
 
-pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
+pub fn client_frame() -> BoxedStrategy<ClientFrame> {
     prop_oneof![
         hello().prop_map(ClientFrame::Hello),
         (any::<u64>(), request()).prop_map(|(id, request)| ClientFrame::Call(Call { id, request })),
     ]
+    .boxed()
 }
 
-pub fn response() -> impl Strategy<Value = Response> {
+pub fn response() -> BoxedStrategy<Response> {
     prop_oneof![
         Just(Response::Pong),
         registry_snapshot().prop_map(Response::Snapshot),
@@ -208,9 +223,10 @@ pub fn response() -> impl Strategy<Value = Response> {
         registry_snapshot().prop_map(Response::Subscribed),
         Just(Response::Accepted),
     ]
+    .boxed()
 }
 
-pub fn change() -> impl Strategy<Value = Change> {
+pub fn change() -> BoxedStrategy<Change> {
     prop_oneof![
         pool_snapshot().prop_map(Change::PoolUpdated),
         pool_id().prop_map(Change::PoolRemoved),
@@ -223,9 +239,10 @@ pub fn change() -> impl Strategy<Value = Change> {
         }),
         registry_snapshot().prop_map(Change::Resync),
     ]
+    .boxed()
 }
 
-pub fn welcome() -> impl Strategy<Value = Welcome> {
+pub fn welcome() -> BoxedStrategy<Welcome> {
     (
         any::<u32>(),
         text(),
@@ -251,9 +268,10 @@ pub fn welcome() -> impl Strategy<Value = Welcome> {
                 rejected,
             },
         )
+        .boxed()
 }
 
-pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
+pub fn server_frame() -> BoxedStrategy<ServerFrame> {
     prop_oneof![
         welcome().prop_map(ServerFrame::Welcome),
         (any::<u64>(), response()).prop_map(|(id, response)| ServerFrame::Reply(Reply {
@@ -268,6 +286,7 @@ pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(epoch, change)| ServerFrame::Event(Event { epoch, change })),
         ipc_error().prop_map(ServerFrame::Refused),
     ]
+    .boxed()
 }
 
 pub fn client_frame_variant(frame: &ClientFrame) -> &'static str {
