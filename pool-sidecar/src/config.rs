@@ -429,6 +429,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = include_str!("../../systemd/pool-managerd.example.toml");
+        let config = parse(example).unwrap();
+        assert_eq!(config.pools.len(), 2);
+    }
+
+    #[test]
     fn the_shim_can_be_turned_off() {
         let text = format!("[debug_http]\nlisten = \"off\"\n{ONE_POOL}");
         assert_eq!(parse(&text).unwrap().debug_http.listen, None);

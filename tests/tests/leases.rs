@@ -1,7 +1,7 @@
 //! Slots and leases against the real pool-managerd and the test engine double (a fake engine:
 //! no GPU or model is needed to exercise slot accounting).
 
-#![expect(
+#![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "test code; a panic is the failure report"

@@ -2,7 +2,7 @@
 //! peers, version mismatches in both directions, pipelining. A raw Unix socket plays the peer
 //! where the real client would refuse to misbehave.
 
-#![expect(
+#![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "test code; a panic is the failure report"

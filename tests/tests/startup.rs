@@ -1,7 +1,7 @@
 //! Starting, refusing to start, and stopping the real pool-managerd: config errors, socket
 //! ownership, peer credentials, SIGTERM.
 
-#![expect(
+#![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "test code; a panic is the failure report"

@@ -3,7 +3,8 @@
 //!   1. `CanDispatch` over the Unix socket (pool-ipc client, one call in flight),
 //!   2. `Acquire` + `Release` over the socket (two round trips: a real reservation),
 //!   3. `GET /pools/{id}/status` on the HTTP debug shim (keep-alive, JSON decoded),
-//! then the calls per second of 8 concurrent callers pipelining on one socket connection.
+//!
+//! beside a floor (a raw blocking Unix-socket ping-pong), then the calls per second of 8 concurrent callers pipelining on one socket connection.
 //!
 //! Without `--socket` it starts its own pool-managerd and a test engine double (a fake engine:
 //! only the sidecar is measured) from the same target directory.
