@@ -62,7 +62,9 @@ async fn main() -> ExitCode {
                     }
                 }
             }
-            Err(error) => tracing::warn!(%error, "subscribe failed; retrying on the next connection"),
+            Err(error) => {
+                tracing::warn!(%error, "subscribe failed; retrying on the next connection")
+            }
         }
     }
 }

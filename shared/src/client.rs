@@ -482,15 +482,18 @@ async fn establish(shared: &Shared) -> Result<Link, ClientError> {
             client_name: config.client_name.clone(),
             held_leases,
         });
-        writer
+        let sent = writer
             .write_all(&frame_bytes(&hello, config.max_frame_bytes)?)
-            .await
-            .map_err(ClientError::Write)?;
+            .await;
         let mut reader = FrameReader::new(read, config.max_frame_bytes);
-        let payload = reader
-            .read_frame()
-            .await?
-            .ok_or(ClientError::Disconnected)?;
+        // A server that refuses a peer says why and closes at once, possibly before our Hello
+        // is written: its answer is still worth reading.
+        let payload = match (sent, reader.read_frame().await) {
+            (_, Ok(Some(payload))) => payload,
+            (Err(error), _) => return Err(ClientError::Write(error)),
+            (Ok(()), Ok(None)) => return Err(ClientError::Disconnected),
+            (Ok(()), Err(error)) => return Err(error.into()),
+        };
         match decode_payload::<ServerFrame>(&payload)? {
             ServerFrame::Welcome(welcome) if welcome.protocol_version != PROTOCOL_VERSION => {
                 Err(ClientError::VersionMismatch {
