@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Address of the HTTP debug shim (ip:port, port 0 for any, or "off"); overrides the config.
     #[arg(long)]
     pub debug_listen: Option<String>,
+    /// Where engine records (for adoption) and engine logs live; overrides server.state_dir
+    /// (default /var/lib/pool-managerd for root, $XDG_STATE_HOME/pool-managerd otherwise).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 }

@@ -29,8 +29,8 @@
 
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
 use pool_ipc::registry::{Endpoint, EngineKind, PoolId};
-use serde::Deserialize;
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -74,6 +74,7 @@ struct RawServer {
     admin_gids: Vec<u32>,
     socket_group: Option<GroupSpec>,
     max_frame_bytes: Option<u32>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,15 +97,100 @@ struct RawPool {
     id: String,
     model: String,
     engine: EngineKind,
-    endpoint: String,
-    slots: u32,
+    /// An engine somebody else runs.
+    endpoint: Option<String>,
+    /// An engine pool-managerd runs: argv with `{model}`, `{host}`, `{port}`, `{socket}`, `{slots}`.
+    command: Option<Vec<String>>,
+    /// What `{model}` expands to (a model file); required with `command`.
+    model_path: Option<String>,
+    #[serde(default)]
+    listen: ListenKind,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+    /// Exported to the engine as CUDA_VISIBLE_DEVICES, e.g. "0" or "0,1".
+    gpus: Option<String>,
+    slots: Option<u32>,
+    startup_timeout_ms: Option<u64>,
+    stop_grace_ms: Option<u64>,
     health_path: Option<String>,
     #[serde(default)]
     probe: ProbePolicy,
+    #[serde(default)]
+    restart: RestartPolicy,
+    #[serde(default)]
+    reload: ReloadPolicy,
+}
+
+/// How a managed engine listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenKind {
+    /// A free port on 127.0.0.1, chosen at every start.
+    #[default]
+    Tcp,
+    /// A socket `<runtime dir>/engines/<pool>.sock` (llama-server: `--host` ending in `.sock`).
+    Unix,
+}
+
+/// When and how often a managed engine is restarted (CrashLoopBackOff shape).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    pub multiplier: f64,
+    /// Each delay is spread by up to this fraction either way.
+    pub jitter: f64,
+    /// A run this long resets the delay to `initial_ms`.
+    pub reset_after_ms: u64,
+    /// More restarts than this within `window_ms` put the pool in Failed.
+    pub max_restarts: u32,
+    pub window_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> RestartPolicy {
+        RestartPolicy {
+            initial_ms: 1_000,
+            max_ms: 300_000,
+            multiplier: 2.0,
+            jitter: 0.1,
+            reset_after_ms: 600_000,
+            max_restarts: 5,
+            window_ms: 600_000,
+        }
+    }
+}
+
+/// How a reload swaps models.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadStrategy {
+    /// Start the new engine beside the old one and swap when it is ready (needs room for both).
+    #[default]
+    Overlap,
+    /// Drain and stop the old engine first, then start the new one.
+    DrainFirst,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadPolicy {
+    pub strategy: ReloadStrategy,
+    /// How long the old engine may keep serving its leases after a swap (or before a
+    /// drain-first stop), in milliseconds; default 60 s.
+    pub drain_deadline_ms: Option<u64>,
+}
+
+impl ReloadPolicy {
+    pub fn drain_deadline(&self) -> Duration {
+        Duration::from_millis(self.drain_deadline_ms.unwrap_or(60_000))
+    }
 }
 
 /// How a pool's engine is probed, and how many answers in a row change its state.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbePolicy {
     pub interval_ms: u64,
@@ -113,6 +199,9 @@ pub struct ProbePolicy {
     pub failure_threshold: u32,
     /// Consecutive successes that turn an Unhealthy pool Ready again.
     pub success_threshold: u32,
+    /// Consecutive probes without any answer (timeout, refused) after which a managed engine
+    /// is restarted. An answer of any status, even 503, proves it alive.
+    pub liveness_failure_threshold: u32,
 }
 
 impl Default for ProbePolicy {
@@ -122,6 +211,7 @@ impl Default for ProbePolicy {
             timeout_ms: 1000,
             failure_threshold: 3,
             success_threshold: 1,
+            liveness_failure_threshold: 3,
         }
     }
 }
@@ -150,6 +240,8 @@ pub struct ServerConfig {
     pub access: AccessPolicy,
     pub socket_group: Option<u32>,
     pub max_frame_bytes: u32,
+    /// Engine records (for adoption), engine logs and engine sockets live here.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The SO_PEERCRED allowlist.
@@ -178,15 +270,69 @@ pub struct DebugHttpConfig {
     pub token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub id: PoolId,
+    /// The model id clients ask for.
     pub model: String,
     pub engine: EngineKind,
-    pub endpoint: Endpoint,
-    pub slots: u32,
+    pub source: EngineSource,
+    /// From the config; a managed llama.cpp engine may leave it to the engine (`/props`).
+    pub slots: Option<u32>,
     pub health_path: String,
     pub probe: ProbePolicy,
+}
+
+/// Who runs the pool's engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineSource {
+    External { endpoint: Endpoint },
+    Managed(ManagedEngine),
+}
+
+/// An engine pool-managerd starts and supervises.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ManagedEngine {
+    pub model_path: String,
+    pub command: Vec<String>,
+    pub listen: ListenKind,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+    pub gpus: Option<String>,
+    pub startup_timeout_ms: u64,
+    pub stop_grace_ms: u64,
+    pub restart: RestartPolicy,
+    pub reload: ReloadPolicy,
+}
+
+impl ManagedEngine {
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.startup_timeout_ms)
+    }
+
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_millis(self.stop_grace_ms)
+    }
+}
+
+impl PoolConfig {
+    /// Where the registry first shows the engine: the configured endpoint, or for a managed
+    /// engine a placeholder until it is started.
+    pub fn initial_endpoint(&self) -> Endpoint {
+        match &self.source {
+            EngineSource::External { endpoint } => endpoint.clone(),
+            EngineSource::Managed(_) => Endpoint::Http {
+                authority: "127.0.0.1:0".to_owned(),
+            },
+        }
+    }
+
+    pub fn managed(&self) -> Option<&ManagedEngine> {
+        match &self.source {
+            EngineSource::Managed(engine) => Some(engine),
+            EngineSource::External { .. } => None,
+        }
+    }
 }
 
 impl Config {
@@ -264,6 +410,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
         },
         socket_group,
         max_frame_bytes,
+        state_dir: raw.state_dir,
     })
 }
 
@@ -330,13 +477,69 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
     if raw.model.trim().is_empty() {
         return Err(context("model must not be empty".into()));
     }
-    if !(1..=MAX_SLOTS).contains(&raw.slots) {
+    if let Some(slots) = raw.slots
+        && !(1..=MAX_SLOTS).contains(&slots)
+    {
         return Err(context(format!(
-            "slots must be between 1 and {MAX_SLOTS}, got {}",
-            raw.slots
+            "slots must be between 1 and {MAX_SLOTS}, got {slots}"
         )));
     }
-    let endpoint = Endpoint::parse(&raw.endpoint).map_err(|error| context(error.to_string()))?;
+    let source = match (raw.endpoint, raw.command) {
+        (Some(_), Some(_)) => {
+            return Err(context(
+                "give either endpoint (an engine running elsewhere) or command (an engine pool-managerd runs), not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(context(
+                "needs endpoint (an engine running elsewhere) or command (an engine pool-managerd runs)".into(),
+            ));
+        }
+        (Some(endpoint), None) => {
+            if raw.slots.is_none() {
+                return Err(context("slots is required for an external endpoint".into()));
+            }
+            let endpoint = Endpoint::parse(&endpoint).map_err(|error| context(error.to_string()))?;
+            EngineSource::External { endpoint }
+        }
+        (None, Some(command)) => {
+            if command.first().is_none_or(|program| program.trim().is_empty()) {
+                return Err(context("command must name a program".into()));
+            }
+            let Some(model_path) = raw.model_path else {
+                return Err(context("model_path is required with command".into()));
+            };
+            if raw.slots.is_none() && raw.engine == EngineKind::Openai {
+                return Err(context(
+                    "slots is required for an openai engine (only llama.cpp reports its slots)".into(),
+                ));
+            }
+            check_placeholders(&command).map_err(context)?;
+            let restart = raw.restart;
+            if restart.initial_ms == 0
+                || restart.max_ms < restart.initial_ms
+                || restart.multiplier < 1.0
+                || !(0.0..1.0).contains(&restart.jitter)
+                || restart.window_ms == 0
+            {
+                return Err(context(
+                    "restart needs 0 < initial_ms <= max_ms, multiplier >= 1, 0 <= jitter < 1, window_ms > 0".into(),
+                ));
+            }
+            EngineSource::Managed(ManagedEngine {
+                model_path,
+                command,
+                listen: raw.listen,
+                env: raw.env,
+                working_dir: raw.working_dir,
+                gpus: raw.gpus,
+                startup_timeout_ms: raw.startup_timeout_ms.unwrap_or(120_000),
+                stop_grace_ms: raw.stop_grace_ms.unwrap_or(10_000),
+                restart,
+                reload: raw.reload,
+            })
+        }
+    };
     let health_path = raw.health_path.unwrap_or_else(|| match raw.engine {
         EngineKind::Llamacpp => "/health".to_owned(),
         EngineKind::Openai => "/v1/models".to_owned(),
@@ -352,20 +555,46 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             "probe.interval_ms and probe.timeout_ms must be at least 10".into(),
         ));
     }
-    if probe.failure_threshold == 0 || probe.success_threshold == 0 {
+    if probe.failure_threshold == 0
+        || probe.success_threshold == 0
+        || probe.liveness_failure_threshold == 0
+    {
         return Err(context(
-            "probe.failure_threshold and probe.success_threshold must be at least 1".into(),
+            "probe thresholds must be at least 1".into(),
         ));
     }
     Ok(PoolConfig {
         id: PoolId(raw.id),
         model: raw.model,
         engine: raw.engine,
-        endpoint,
+        source,
         slots: raw.slots,
         health_path,
         probe,
     })
+}
+
+const PLACEHOLDERS: [&str; 5] = ["{model}", "{host}", "{port}", "{socket}", "{slots}"];
+
+/// Every `{…}` in the command must be a known placeholder, so a typo fails at start-up.
+fn check_placeholders(command: &[String]) -> Result<(), String> {
+    for argument in command {
+        let mut rest = argument.as_str();
+        while let Some(start) = rest.find('{') {
+            let Some(end) = rest[start..].find('}') else {
+                return Err(format!("command argument {argument:?} has an unclosed '{{'"));
+            };
+            let placeholder = &rest[start..start + end + 1];
+            if !PLACEHOLDERS.contains(&placeholder) {
+                return Err(format!(
+                    "command argument {argument:?}: unknown placeholder {placeholder} (known: {})",
+                    PLACEHOLDERS.join(" ")
+                ));
+            }
+            rest = &rest[start + end + 1..];
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,9 +1,14 @@
 //! Running the daemon: [`run`] takes already-bound listeners (so tests and socket activation can
-//! pass their own), starts the registry, the probes, the socket server and the debug shim, and
-//! shuts them down in order when `shutdown` fires: stop accepting, close connections (their
-//! leases come back), stop probes, wait for every task within the grace period.
+//! pass their own), starts the registry, the probes of external engines, the supervisors of
+//! managed ones (adopting engines a previous run left behind), the socket server and the debug
+//! shim, and shuts them down in order when `shutdown` fires: stop accepting, close connections
+//! (their leases come back), stop engines, wait for every task within the grace period.
 
-use crate::config::Config;
+use crate::config::{Config, EngineSource};
+use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
+use crate::supervisor::{EnginePaths, EngineSupervisor};
+use std::collections::HashMap;
+use tokio::sync::mpsc;
 use crate::debug_http::{self, DebugState};
 use crate::ipc::server::{self, IpcContext};
 use crate::metrics::Metrics;
@@ -27,6 +32,7 @@ pub struct Listeners {
 pub async fn run(
     config: Config,
     listeners: Listeners,
+    paths: EnginePaths,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) {
@@ -36,16 +42,47 @@ pub async fn run(
     let (registry, registry_task) =
         spawn_registry(&config.pools, lease_id_base, Arc::clone(&metrics));
     let tracker = TaskTracker::new();
-    let probes = shutdown.child_token();
+    let mut engines = HashMap::new();
+    let mut external = Vec::new();
     for pool in &config.pools {
-        tracker.spawn(probe::probe_pool(
-            pool.clone(),
-            registry.clone(),
-            probes.clone(),
-        ));
+        match &pool.source {
+            EngineSource::External { endpoint } => {
+                external.push(pool.id.clone());
+                tracker.spawn(probe::probe_pool(
+                    pool.clone(),
+                    endpoint.clone(),
+                    registry.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            EngineSource::Managed(engine) => {
+                let (commands, inbox) = mpsc::channel(8);
+                engines.insert(pool.id.clone(), commands);
+                let mut supervisor = EngineSupervisor::new(
+                    pool.clone(),
+                    engine.clone(),
+                    registry.clone(),
+                    paths.clone(),
+                    inbox,
+                    shutdown.clone(),
+                );
+                // Adoption is decided before the socket is served, so re-asserted leases find
+                // adopted engines Ready.
+                let adopted = supervisor.adopt().await;
+                tracker.spawn(supervisor.run(adopted));
+                tracker.spawn(follow_log(
+                    paths.log(pool.id.as_str()),
+                    pool.id.to_string(),
+                    DEFAULT_LOG_CAP_BYTES,
+                    shutdown.clone(),
+                ));
+            }
+        }
     }
 
-    // Answer the first client with known states rather than "starting" everywhere.
+    let engines = Arc::new(engines);
+
+    // Answer the first client with known states of external engines rather than "starting".
     let first_probe_window = config
         .pools
         .iter()
@@ -58,6 +95,7 @@ pub async fn run(
         snapshot
             .pools
             .iter()
+            .filter(|pool| external.contains(&pool.pool_id))
             .all(|pool| pool.last_probe_unix_ms.is_some())
     });
     if tokio::time::timeout(first_probe_window, first_probes)
@@ -69,6 +107,7 @@ pub async fn run(
 
     if let Some(listener) = listeners.debug_http {
         let state = DebugState {
+            engines: Arc::clone(&engines),
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
             token: config.debug_http.token.as_deref().map(Arc::from),
@@ -81,6 +120,7 @@ pub async fn run(
         });
     }
     let context = Arc::new(IpcContext {
+        engines: Arc::clone(&engines),
         registry: registry.clone(),
         access: config.server.access.clone(),
         max_frame_bytes: config.server.max_frame_bytes,
@@ -112,7 +152,15 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    // Supervisors stop their engines: give them each engine's grace period and then some.
+    let grace = config
+        .pools
+        .iter()
+        .filter_map(|pool| pool.managed().map(|engine| engine.stop_grace()))
+        .max()
+        .unwrap_or_default()
+        + SHUTDOWN_GRACE;
+    if tokio::time::timeout(grace, tracker.wait())
         .await
         .is_err()
     {

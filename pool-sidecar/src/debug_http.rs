@@ -1,18 +1,25 @@
-//! The HTTP debug shim (default 127.0.0.1:9200): read-only JSON views of the registry and
-//! Prometheus metrics, for operators and remote debugging. It reads the published snapshot only,
-//! so it can never slow the registry down, and it changes nothing. With a token configured every
-//! route demands `Authorization: Bearer <token>` (compared in constant time).
+//! The HTTP debug shim (default 127.0.0.1:9200): JSON views of the registry and Prometheus
+//! metrics for operators, from the published snapshot only, so it can never slow the registry
+//! down. With a token configured every route demands `Authorization: Bearer <token>` (compared
+//! in constant time), and the admin routes (drain, reload, restart) exist; without one they
+//! answer 403.
 
 use crate::metrics::Metrics;
 use crate::registry::RegistryHandle;
 use crate::status_view::{PoolStatusView, RegistryView};
-use axum::extract::{Path, Request, State};
+use crate::ipc::connection::forward_admin;
+use crate::ipc::server::EngineControls;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{PoolId, PoolState};
+use pool_ipc::wire::Request as WireRequest;
+use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -22,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct DebugState {
     pub registry: RegistryHandle,
+    pub engines: Arc<EngineControls>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,
 }
@@ -32,6 +40,9 @@ pub fn router(state: DebugState) -> Router {
         .route("/pools", get(pools))
         .route("/pools/{id}/status", get(pool_status))
         .route("/metrics", get(metrics))
+        .route("/pools/{id}/drain", post(drain))
+        .route("/pools/{id}/reload", post(reload))
+        .route("/pools/{id}/restart", post(restart))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -125,6 +136,90 @@ async fn metrics(State(state): State<DebugState>) -> Response {
         text,
     )
         .into_response()
+}
+
+#[derive(Deserialize)]
+struct DrainQuery {
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ReloadBody {
+    model: String,
+}
+
+async fn drain(
+    State(state): State<DebugState>,
+    Path(id): Path<String>,
+    Query(query): Query<DrainQuery>,
+) -> Response {
+    let request = WireRequest::Drain {
+        pool: PoolId(id),
+        deadline_ms: query.deadline_ms.unwrap_or(60_000),
+    };
+    admin(state, request).await
+}
+
+async fn reload(
+    State(state): State<DebugState>,
+    Path(id): Path<String>,
+    body: Result<Json<ReloadBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"model\": \"<path>\"}}: {rejection}"),
+            );
+        }
+    };
+    let request = WireRequest::Reload {
+        pool: PoolId(id),
+        model: body.model,
+    };
+    admin(state, request).await
+}
+
+async fn restart(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
+    admin(state, WireRequest::Restart { pool: PoolId(id) }).await
+}
+
+/// Admin routes change things, so they exist only behind a token.
+async fn admin(state: DebugState, request: WireRequest) -> Response {
+    if state.token.is_none() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "admin routes need debug_http.token_file to be set".into(),
+        );
+    }
+    let op = request.name();
+    tracing::info!(op, "admin request on the debug shim");
+    match forward_admin(&state.engines, &state.registry.snapshot(), request).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"accepted": op})),
+        )
+            .into_response(),
+        Err(failure) => {
+            let status = match failure.code {
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                ErrorCode::Unsupported => StatusCode::CONFLICT,
+                ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
+                ErrorCode::NotReady
+                | ErrorCode::Draining
+                | ErrorCode::NoCapacity
+                | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::VersionMismatch | ErrorCode::Internal => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            };
+            error(status, failure.code.name(), failure.message)
+        }
+    }
 }
 
 async fn not_found(request: Request) -> Response {

@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod probe;
 pub mod registry;
 pub mod status_view;
+pub mod supervisor;

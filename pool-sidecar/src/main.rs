@@ -7,7 +7,9 @@ use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
 use pool_sidecar::ipc::socket::bind_socket;
+use pool_sidecar::supervisor::EnginePaths;
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
@@ -96,12 +98,24 @@ fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), Strin
         None => "off".into(),
     };
 
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| config.server.state_dir.clone())
+        .or_else(default_state_dir)
+        .ok_or("no state directory: pass --state-dir or set server.state_dir")?;
+    let mut paths = EnginePaths::under(&state_dir);
+    if let Some(dir) = socket_path.parent() {
+        paths.socket_dir = dir.join("engines");
+    }
+
     let shutdown = CancellationToken::new();
     runtime.spawn(stop_on_signal(shutdown.clone()));
     let socket_shown = socket_file.path().display().to_string();
     runtime.block_on(run(
         config,
         Listeners { ipc, debug_http },
+        paths,
         shutdown,
         move || {
             let mut stdout = std::io::stdout();
@@ -114,6 +128,17 @@ fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), Strin
     ));
     drop(socket_file);
     Ok(())
+}
+
+fn default_state_dir() -> Option<PathBuf> {
+    if nix::unistd::geteuid().is_root() {
+        return Some(PathBuf::from("/var/lib/pool-managerd"));
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))?;
+    Some(base.join("pool-managerd"))
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

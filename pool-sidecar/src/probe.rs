@@ -1,12 +1,12 @@
-//! Health probing of engines the sidecar does not start (DESIGN.md §5, issue 2's scope): one
-//! task per pool GETs the engine's health endpoint every interval and reports what it found to
-//! the registry, which decides the state (thresholds live there, not here). Probes never send a
-//! generation. For llama.cpp engines the version comes from `/props` (`build_info`).
+//! Health probes: one GET of the engine's health endpoint, judged twice — any answer means
+//! alive, a 2xx means ready — and reported to the registry, which applies the thresholds. Probes
+//! never send a generation. External engines get a probing task here; managed engines are probed
+//! by their supervisor with the same [`check`]. llama.cpp's `/props` gives slots and version.
 
 use crate::config::PoolConfig;
 use crate::engine_http::EngineHttp;
 use crate::registry::{ProbeReport, RegistryHandle};
-use pool_ipc::registry::EngineKind;
+use pool_ipc::registry::{Endpoint, EngineKind};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
@@ -17,14 +17,19 @@ pub fn unix_ms_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Probes one pool until `shutdown`.
-pub async fn probe_pool(pool: PoolConfig, registry: RegistryHandle, shutdown: CancellationToken) {
-    let engine = EngineHttp::new(&pool.endpoint);
+/// Probes one externally run engine until `shutdown`.
+pub async fn probe_pool(
+    pool: PoolConfig,
+    endpoint: Endpoint,
+    registry: RegistryHandle,
+    shutdown: CancellationToken,
+) {
+    let engine = EngineHttp::new(&endpoint);
     let mut version_known = false;
     loop {
-        let mut report = probe_once(&engine, &pool).await;
-        if report.result.is_ok() && !version_known && pool.engine == EngineKind::Llamacpp {
-            report.engine_version = engine_version(&engine, &pool).await;
+        let mut report = check(&engine, &pool).await;
+        if report.result.is_ok() && !version_known {
+            report.engine_version = engine_props(&engine, &pool).await.version;
             version_known = report.engine_version.is_some();
         }
         if let Err(error) = &report.result {
@@ -38,28 +43,50 @@ pub async fn probe_pool(pool: PoolConfig, registry: RegistryHandle, shutdown: Ca
     }
 }
 
-async fn probe_once(engine: &EngineHttp, pool: &PoolConfig) -> ProbeReport {
-    let result = match engine.get(&pool.health_path, pool.probe.timeout()).await {
-        Ok((status, _)) if status.is_success() => Ok(()),
-        Ok((status, _)) => Err(format!("{} answered HTTP {status}", pool.health_path)),
-        Err(error) => Err(format!("{}: {error}", pool.health_path)),
+/// One probe of the health endpoint: any answer proves the engine alive; a 2xx, ready.
+pub async fn check(engine: &EngineHttp, pool: &PoolConfig) -> ProbeReport {
+    let (alive, result) = match engine.get(&pool.health_path, pool.probe.timeout()).await {
+        Ok((status, _)) if status.is_success() => (true, Ok(())),
+        Ok((status, _)) => (true, Err(format!("{} answered HTTP {status}", pool.health_path))),
+        Err(error) => (false, Err(format!("{}: {error}", pool.health_path))),
     };
     ProbeReport {
         at_unix_ms: unix_ms_now(),
         result,
+        alive,
         engine_version: None,
     }
 }
 
-/// llama-server's `/props` carries `build_info` (e.g. "b6423-0c1e570").
-async fn engine_version(engine: &EngineHttp, pool: &PoolConfig) -> Option<String> {
-    let (status, body) = engine.get("/props", pool.probe.timeout()).await.ok()?;
-    if !status.is_success() {
-        return None;
+/// What a llama.cpp engine says about itself in `/props`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EngineProps {
+    pub total_slots: Option<u32>,
+    /// `build_info`, e.g. "b6423-0c1e570".
+    pub version: Option<String>,
+}
+
+pub async fn engine_props(engine: &EngineHttp, pool: &PoolConfig) -> EngineProps {
+    if pool.engine != EngineKind::Llamacpp {
+        return EngineProps::default();
     }
-    let props: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    props
-        .get("build_info")
-        .and_then(|value| value.as_str())
-        .map(str::to_owned)
+    let Ok((status, body)) = engine.get("/props", pool.probe.timeout()).await else {
+        return EngineProps::default();
+    };
+    if !status.is_success() {
+        return EngineProps::default();
+    }
+    let Ok(props) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return EngineProps::default();
+    };
+    EngineProps {
+        total_slots: props
+            .get("total_slots")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok()),
+        version: props
+            .get("build_info")
+            .and_then(|value| value.as_str())
+            .map(str::to_owned),
+    }
 }

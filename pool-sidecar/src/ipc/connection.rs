@@ -9,6 +9,8 @@
 
 use super::server::IpcContext;
 use crate::registry::{ConnectionId, RegistryEvent};
+use crate::supervisor::AdminCommand;
+use crate::supervisor::engine::supervisor_gone;
 use bytes::BytesMut;
 use pool_ipc::codec::{decode_payload, decode_payload_prefix, encode_frame};
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -333,13 +335,10 @@ impl Session {
                 Ok(Response::Subscribed((*registry.snapshot()).clone()))
             }
             Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => {
-                Err(IpcError::new(
-                    ErrorCode::Unsupported,
-                    format!(
-                        "{} is not supported yet: this pool-managerd probes engines it does not manage",
-                        request.name()
-                    ),
-                ))
+                let op = request.name();
+                tracing::info!(connection = self.id, uid = self.peer.uid(), op, "admin request");
+                forward_admin(&self.context.engines, &registry.snapshot(), request).await?;
+                Ok(Response::Accepted)
             }
         }
     }
@@ -422,6 +421,61 @@ impl Session {
         }
         let _ = self.writer.shutdown().await;
     }
+}
+
+/// Hands an admin request to the pool's supervisor and waits until it has taken it on.
+pub async fn forward_admin(
+    engines: &crate::ipc::server::EngineControls,
+    snapshot: &pool_ipc::registry::RegistrySnapshot,
+    request: Request,
+) -> Result<(), IpcError> {
+    let (pool, make): (PoolId, Box<dyn FnOnce(_) -> AdminCommand + Send>) = match request {
+        Request::Drain { pool, deadline_ms } => (
+            pool,
+            Box::new(move |reply| AdminCommand::Drain {
+                deadline: Duration::from_millis(deadline_ms),
+                reply,
+            }),
+        ),
+        Request::Reload { pool, model } => {
+            if model.trim().is_empty() {
+                return Err(IpcError::new(ErrorCode::BadRequest, "reload needs a model path"));
+            }
+            (
+                pool,
+                Box::new(move |reply| AdminCommand::Reload {
+                    model_path: model,
+                    reply,
+                }),
+            )
+        }
+        Request::Restart { pool } => (pool, Box::new(|reply| AdminCommand::Restart { reply })),
+        other => {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!("{} is not an admin request", other.name()),
+            ));
+        }
+    };
+    let Some(commands) = engines.get(&pool) else {
+        return Err(if snapshot.pool(&pool).is_some() {
+            IpcError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "pool {:?} runs an external engine; pool-managerd can only drain, reload or restart engines it runs",
+                    pool.as_str()
+                ),
+            )
+        } else {
+            IpcError::new(ErrorCode::NotFound, format!("unknown pool {:?}", pool.as_str()))
+        });
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    commands
+        .send(make(reply))
+        .await
+        .map_err(|_| supervisor_gone(pool.as_str()))?;
+    answer.await.map_err(|_| supervisor_gone(pool.as_str()))?
 }
 
 fn bad_frame(error: pool_ipc::codec::CodecError) -> Refusal {

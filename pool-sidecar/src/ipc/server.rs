@@ -5,6 +5,11 @@ use super::connection;
 use crate::config::AccessPolicy;
 use crate::metrics::Metrics;
 use crate::registry::{ConnectionId, RegistryHandle};
+use crate::supervisor::AdminCommand;
+use pool_ipc::registry::PoolId;
+use std::collections::HashMap;
+
+pub type EngineControls = HashMap<PoolId, tokio::sync::mpsc::Sender<AdminCommand>>;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
@@ -14,6 +19,8 @@ use tokio_util::task::TaskTracker;
 /// What every connection needs to serve its peer.
 pub struct IpcContext {
     pub registry: RegistryHandle,
+    /// Admin command queues of the managed engines' supervisors.
+    pub engines: Arc<EngineControls>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
     pub metrics: Arc<Metrics>,

@@ -10,7 +10,7 @@
 //! awaiting, and its depth is bounded in practice because every connection waits for each reply
 //! before reading its next call.
 
-use super::state::{ConnectionId, ProbeReport, RegistryState};
+use super::state::{ConnectionId, EngineReport, ProbeReport, RegistryState};
 use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -49,6 +49,10 @@ enum Command {
     Probe {
         pool: PoolId,
         report: ProbeReport,
+    },
+    Engine {
+        pool: PoolId,
+        report: EngineReport,
     },
 }
 
@@ -125,6 +129,10 @@ impl RegistryHandle {
 
     pub fn record_probe(&self, pool: PoolId, report: ProbeReport) {
         let _ = self.commands.send(Command::Probe { pool, report });
+    }
+
+    pub fn record_engine(&self, pool: PoolId, report: EngineReport) {
+        let _ = self.commands.send(Command::Engine { pool, report });
     }
 
     /// The last published registry (advisory: it may be a few microseconds behind).
@@ -246,6 +254,10 @@ impl RegistryActor {
                 }
                 self.state.record_probe(&pool, report);
             }
+            Command::Engine { pool, report } => {
+                tracing::info!(%pool, ?report, "engine");
+                self.state.record_engine(&pool, report);
+            }
         }
     }
 
@@ -300,10 +312,12 @@ mod tests {
             id: PoolId("a".into()),
             model: "m".into(),
             engine: EngineKind::Llamacpp,
-            endpoint: Endpoint::Unix {
-                path: "/tmp/x.sock".into(),
+            source: crate::config::EngineSource::External {
+                endpoint: Endpoint::Unix {
+                    path: "/tmp/x.sock".into(),
+                },
             },
-            slots: 1,
+            slots: Some(1),
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
         }]
@@ -317,6 +331,7 @@ mod tests {
             ProbeReport {
                 at_unix_ms: 1,
                 result: Ok(()),
+                alive: true,
                 engine_version: None,
             },
         );

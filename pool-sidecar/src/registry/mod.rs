@@ -5,4 +5,4 @@ pub mod actor;
 pub mod state;
 
 pub use actor::{RegistryEvent, RegistryHandle, spawn_registry};
-pub use state::{ConnectionId, ProbeReport};
+pub use state::{ConnectionId, EngineReport, ProbeReport};

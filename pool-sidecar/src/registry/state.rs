@@ -23,9 +23,37 @@ pub type ConnectionId = u64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeReport {
     pub at_unix_ms: u64,
+    /// Ok when the engine says it is ready.
     pub result: Result<(), String>,
+    /// The engine answered at all (a 503 while loading counts): the liveness half.
+    pub alive: bool,
     /// The engine's version, where the engine reports one.
     pub engine_version: Option<String>,
+}
+
+/// What an engine's supervisor saw happen (probe results travel as [`ProbeReport`]s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineReport {
+    /// A new engine process is starting at `endpoint`; whatever served before is gone.
+    Spawned { endpoint: Endpoint, restarts: u32 },
+    /// The engine passed its readiness check; `slots` where the engine reported them.
+    Ready {
+        slots: Option<u32>,
+        engine_version: Option<String>,
+        at_unix_ms: u64,
+    },
+    /// No new leases; live leases run on.
+    Draining,
+    /// The engine is gone (exited, killed, stopped); the pool is now `state`.
+    Down { reason: String, state: PoolState },
+    /// A reload brought a new engine up at `endpoint`; new leases go there.
+    Swapped {
+        endpoint: Endpoint,
+        slots: Option<u32>,
+        engine_version: Option<String>,
+    },
+    /// Something went wrong that leaves the pool as it is (e.g. a reload rolled back).
+    Note { error: String },
 }
 
 /// Why leases ended, for metrics.
@@ -113,11 +141,11 @@ impl RegistryState {
                 let entry = PoolEntry {
                     model: config.model.clone(),
                     engine: config.engine,
-                    endpoint: config.endpoint.clone(),
+                    endpoint: config.initial_endpoint(),
                     probe: config.probe.clone(),
                     state: PoolState::Starting,
                     live: false,
-                    slots_total: config.slots,
+                    slots_total: config.slots.unwrap_or(0),
                     leases: BTreeSet::new(),
                     engine_version: None,
                     last_error: None,
@@ -359,9 +387,9 @@ impl RegistryState {
             entry.engine_version = report.engine_version;
         }
         let mut revoke = false;
+        entry.live = report.alive;
         match report.result {
             Ok(()) => {
-                entry.live = true;
                 entry.consecutive_failures = 0;
                 entry.consecutive_successes = entry.consecutive_successes.saturating_add(1);
                 let recovering = matches!(entry.state, PoolState::Starting | PoolState::Unhealthy);
@@ -371,7 +399,6 @@ impl RegistryState {
                 }
             }
             Err(error) => {
-                entry.live = false;
                 entry.consecutive_successes = 0;
                 entry.consecutive_failures = entry.consecutive_failures.saturating_add(1);
                 entry.last_error = Some(error);
@@ -397,6 +424,66 @@ impl RegistryState {
         }
         if revoke {
             self.revoke_pool_leases(pool, "the pool's engine failed its health probes");
+        }
+    }
+
+    /// Applies what a supervisor reports about its engine.
+    pub fn record_engine(&mut self, pool: &PoolId, report: EngineReport) {
+        let Some(entry) = self.pools.get_mut(pool) else {
+            return;
+        };
+        let mut revoke = None;
+        match report {
+            EngineReport::Spawned { endpoint, restarts } => {
+                entry.endpoint = endpoint;
+                entry.restarts = restarts;
+                entry.state = PoolState::Starting;
+                entry.live = false;
+                entry.consecutive_failures = 0;
+                entry.consecutive_successes = 0;
+                revoke = Some("the engine was replaced".to_owned());
+            }
+            EngineReport::Ready {
+                slots,
+                engine_version,
+                at_unix_ms,
+            } => {
+                if let Some(slots) = slots {
+                    entry.slots_total = slots;
+                }
+                if engine_version.is_some() {
+                    entry.engine_version = engine_version;
+                }
+                entry.state = PoolState::Ready;
+                entry.live = true;
+                entry.last_error = None;
+                entry.last_probe_unix_ms = Some(at_unix_ms);
+            }
+            EngineReport::Draining => entry.state = PoolState::Draining,
+            EngineReport::Down { reason, state } => {
+                entry.live = false;
+                entry.state = state;
+                revoke = Some(format!("the engine is down: {reason}"));
+                entry.last_error = Some(reason);
+            }
+            EngineReport::Swapped {
+                endpoint,
+                slots,
+                engine_version,
+            } => {
+                entry.endpoint = endpoint;
+                if let Some(slots) = slots {
+                    entry.slots_total = slots;
+                }
+                entry.engine_version = engine_version;
+                entry.state = PoolState::Ready;
+                entry.last_error = None;
+            }
+            EngineReport::Note { error } => entry.last_error = Some(error),
+        }
+        self.dirty.insert(pool.clone());
+        if let Some(reason) = revoke {
+            self.revoke_pool_leases(pool, &reason);
         }
     }
 
@@ -516,10 +603,12 @@ mod tests {
             id: PoolId(id.into()),
             model: model.into(),
             engine: EngineKind::Llamacpp,
-            endpoint: Endpoint::Http {
-                authority: "127.0.0.1:1".into(),
+            source: crate::config::EngineSource::External {
+                endpoint: Endpoint::Http {
+                    authority: "127.0.0.1:1".into(),
+                },
             },
-            slots,
+            slots: Some(slots),
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
         }
@@ -529,6 +618,7 @@ mod tests {
         ProbeReport {
             at_unix_ms: 1,
             result: Ok(()),
+            alive: true,
             engine_version: Some("b1".into()),
         }
     }
@@ -537,6 +627,7 @@ mod tests {
         ProbeReport {
             at_unix_ms: 2,
             result: Err("connection refused".into()),
+            alive: false,
             engine_version: None,
         }
     }
@@ -660,6 +751,58 @@ mod tests {
         assert_eq!(rejected[0].1.code, ErrorCode::BadRequest);
         state.check_invariants();
         assert_eq!(state.snapshot().pools[0].slots_free, 0);
+    }
+
+    #[test]
+    fn an_engine_going_down_revokes_its_leases_and_a_new_one_starts_empty() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let lease = state.acquire(3, &target("a")).unwrap();
+        state.take_changes();
+        let until = PoolState::BackingOff { until_unix_ms: 99 };
+        state.record_engine(
+            &PoolId("a".into()),
+            EngineReport::Down {
+                reason: "exited with status 1".into(),
+                state: until,
+            },
+        );
+        let snapshot = state.snapshot();
+        assert_eq!(snapshot.pools[0].state, until);
+        assert_eq!(snapshot.pools[0].slots_free, 2);
+        let changes = state.take_changes();
+        assert!(matches!(&changes[0].change, Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id]));
+        assert_eq!(
+            state.acquire(3, &target("a")).unwrap_err().code,
+            ErrorCode::NotReady
+        );
+        let endpoint = Endpoint::Unix {
+            path: "/run/e/a.sock".into(),
+        };
+        state.record_engine(
+            &PoolId("a".into()),
+            EngineReport::Spawned {
+                endpoint: endpoint.clone(),
+                restarts: 1,
+            },
+        );
+        state.record_engine(
+            &PoolId("a".into()),
+            EngineReport::Ready {
+                slots: Some(3),
+                engine_version: None,
+                at_unix_ms: 5,
+            },
+        );
+        let lease = state.acquire(4, &target("a")).unwrap();
+        assert_eq!(lease.endpoint, endpoint);
+        let snapshot = state.snapshot();
+        assert_eq!((snapshot.pools[0].slots_total, snapshot.pools[0].restarts), (3, 1));
+        state.record_engine(&PoolId("a".into()), EngineReport::Draining);
+        assert_eq!(
+            state.acquire(4, &target("a")).unwrap_err().code,
+            ErrorCode::Draining
+        );
+        state.check_invariants();
     }
 
     #[test]

@@ -1,0 +1,98 @@
+//! Engine records in the state directory, so a restarted pool-managerd can adopt engines that
+//! outlived it. A record names the process (pid and its start time in clock ticks since boot, so
+//! a recycled pid never matches), where it listens, and the exact configuration it was started
+//! with (a canonical JSON fingerprint: a changed config means the engine is stopped, not adopted).
+
+use pool_ipc::registry::Endpoint;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineRecord {
+    pub pid: u32,
+    pub start_ticks: u64,
+    pub endpoint: Endpoint,
+    pub fingerprint: String,
+    /// Which model file it serves (changes with a reload).
+    pub model_path: String,
+    pub restarts: u32,
+}
+
+pub fn record_path(state_dir: &Path, pool: &str) -> PathBuf {
+    state_dir.join("engines").join(format!("{pool}.json"))
+}
+
+/// Writes the record atomically (temp file + rename).
+pub fn write_record(path: &Path, record: &EngineRecord) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(record).map_err(std::io::Error::other)?;
+    let temp = path.with_extension("json.tmp");
+    std::fs::write(&temp, text)?;
+    std::fs::rename(&temp, path)
+}
+
+pub fn read_record(path: &Path) -> Option<EngineRecord> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(record) => Some(record),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "ignoring an unreadable engine record");
+            None
+        }
+    }
+}
+
+pub fn remove_record(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), %error, "cannot remove engine record");
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), if the
+/// process exists and is not a zombie.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state); field 22 is at index 19.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_a_start_time_and_a_missing_one_has_none() {
+        assert!(process_start_ticks(std::process::id()).is_some());
+        assert_eq!(process_start_ticks(u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn records_round_trip_through_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = record_path(dir.path(), "a");
+        let record = EngineRecord {
+            pid: 42,
+            start_ticks: 7,
+            endpoint: Endpoint::Unix {
+                path: "/run/e.sock".into(),
+            },
+            fingerprint: "{}".into(),
+            model_path: "/m".into(),
+            restarts: 2,
+        };
+        write_record(&path, &record).unwrap();
+        assert_eq!(read_record(&path), Some(record));
+        remove_record(&path);
+        assert_eq!(read_record(&path), None);
+    }
+}
