@@ -499,11 +499,15 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             if raw.slots.is_none() {
                 return Err(context("slots is required for an external endpoint".into()));
             }
-            let endpoint = Endpoint::parse(&endpoint).map_err(|error| context(error.to_string()))?;
+            let endpoint =
+                Endpoint::parse(&endpoint).map_err(|error| context(error.to_string()))?;
             EngineSource::External { endpoint }
         }
         (None, Some(command)) => {
-            if command.first().is_none_or(|program| program.trim().is_empty()) {
+            if command
+                .first()
+                .is_none_or(|program| program.trim().is_empty())
+            {
                 return Err(context("command must name a program".into()));
             }
             let Some(model_path) = raw.model_path else {
@@ -511,10 +515,16 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             };
             if raw.slots.is_none() && raw.engine == EngineKind::Openai {
                 return Err(context(
-                    "slots is required for an openai engine (only llama.cpp reports its slots)".into(),
+                    "slots is required for an openai engine (only llama.cpp reports its slots)"
+                        .into(),
                 ));
             }
             check_placeholders(&command).map_err(context)?;
+            if raw.slots.is_none() && command.iter().any(|argument| argument.contains("{slots}")) {
+                return Err(context(
+                    "the command uses {slots} but slots is not set".into(),
+                ));
+            }
             let restart = raw.restart;
             if restart.initial_ms == 0
                 || restart.max_ms < restart.initial_ms
@@ -559,9 +569,7 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
         || probe.success_threshold == 0
         || probe.liveness_failure_threshold == 0
     {
-        return Err(context(
-            "probe thresholds must be at least 1".into(),
-        ));
+        return Err(context("probe thresholds must be at least 1".into()));
     }
     Ok(PoolConfig {
         id: PoolId(raw.id),
@@ -582,7 +590,9 @@ fn check_placeholders(command: &[String]) -> Result<(), String> {
         let mut rest = argument.as_str();
         while let Some(start) = rest.find('{') {
             let Some(end) = rest[start..].find('}') else {
-                return Err(format!("command argument {argument:?} has an unclosed '{{'"));
+                return Err(format!(
+                    "command argument {argument:?} has an unclosed '{{'"
+                ));
             };
             let placeholder = &rest[start..start + end + 1];
             if !PLACEHOLDERS.contains(&placeholder) {

@@ -5,18 +5,18 @@
 //! (their leases come back), stop engines, wait for every task within the grace period.
 
 use crate::config::{Config, EngineSource};
-use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
-use crate::supervisor::{EnginePaths, EngineSupervisor};
-use std::collections::HashMap;
-use tokio::sync::mpsc;
 use crate::debug_http::{self, DebugState};
 use crate::ipc::server::{self, IpcContext};
 use crate::metrics::Metrics;
 use crate::probe;
 use crate::registry::spawn_registry;
+use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
+use crate::supervisor::{EnginePaths, EngineSupervisor};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -160,10 +160,7 @@ pub async fn run(
         .max()
         .unwrap_or_default()
         + SHUTDOWN_GRACE;
-    if tokio::time::timeout(grace, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within the shutdown grace period");
     }
     drop(registry);

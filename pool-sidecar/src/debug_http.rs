@@ -4,11 +4,11 @@
 //! in constant time), and the admin routes (drain, reload, restart) exist; without one they
 //! answer 403.
 
+use crate::ipc::connection::forward_admin;
+use crate::ipc::server::EngineControls;
 use crate::metrics::Metrics;
 use crate::registry::RegistryHandle;
 use crate::status_view::{PoolStatusView, RegistryView};
-use crate::ipc::connection::forward_admin;
-use crate::ipc::server::EngineControls;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -198,11 +198,7 @@ async fn admin(state: DebugState, request: WireRequest) -> Response {
     let op = request.name();
     tracing::info!(op, "admin request on the debug shim");
     match forward_admin(&state.engines, &state.registry.snapshot(), request).await {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"accepted": op})),
-        )
-            .into_response(),
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
         Err(failure) => {
             let status = match failure.code {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,

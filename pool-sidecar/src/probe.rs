@@ -47,7 +47,10 @@ pub async fn probe_pool(
 pub async fn check(engine: &EngineHttp, pool: &PoolConfig) -> ProbeReport {
     let (alive, result) = match engine.get(&pool.health_path, pool.probe.timeout()).await {
         Ok((status, _)) if status.is_success() => (true, Ok(())),
-        Ok((status, _)) => (true, Err(format!("{} answered HTTP {status}", pool.health_path))),
+        Ok((status, _)) => (
+            true,
+            Err(format!("{} answered HTTP {status}", pool.health_path)),
+        ),
         Err(error) => (false, Err(format!("{}: {error}", pool.health_path))),
     };
     ProbeReport {

@@ -71,6 +71,11 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("run").join("pool.sock")
 }
 
+/// Where the daemon under `dir` keeps engine records and logs.
+pub fn state_dir(dir: &Path) -> PathBuf {
+    dir.join("state")
+}
+
 /// The daemon command for `config`, socket under `dir`, shim on an ephemeral port.
 pub fn sidecar_command(dir: &Path, config: &Path) -> DaemonBuilder {
     DaemonBuilder::new(binary("pool-managerd"))
@@ -81,6 +86,8 @@ pub fn sidecar_command(dir: &Path, config: &Path) -> DaemonBuilder {
         .arg(socket_path(dir))
         .arg("--debug-listen")
         .arg("127.0.0.1:0")
+        .arg("--state-dir")
+        .arg(state_dir(dir))
         .env("RUST_LOG", "info,pool_sidecar=debug")
         .env_remove("POOL_MANAGERD_SOCKET")
 }

@@ -471,11 +471,11 @@ fn write_model(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
 fn a_streamed_completion_arrives_token_by_token_and_ends_without_done() {
     let engine = start_engine_double(&["--token-delay-ms", "50"]);
     let addr = engine.ready("listen");
-    let body = json!({"prompt": "one two  three", "n_predict": 5, "stream": true});
+    let body = json!({"prompt": "one two  three", "n_predict": 8, "stream": true});
     let mut events = EventStream::open(addr, "/completion", &body);
 
     let mut arrivals = Vec::new();
-    for (i, word) in WORDS.iter().enumerate().take(5) {
+    for (i, word) in WORDS.iter().enumerate().take(8) {
         let event = events.next_json();
         arrivals.push(Instant::now());
         assert_eq!(
@@ -483,24 +483,20 @@ fn a_streamed_completion_arrives_token_by_token_and_ends_without_done() {
             json!({"content": format!(" {word}"), "tokens": [i], "stop": false, "index": 0})
         );
     }
-    // 4 gaps of 50 ms: had the reply been buffered, every event would arrive at once.
-    let spread = arrivals[4] - arrivals[0];
-    assert!(spread >= Duration::from_millis(150), "{spread:?}");
-    for pair in arrivals.windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(30),
-            "{arrivals:?}"
-        );
-    }
+    // The server spreads 8 tokens over 7 gaps of 50 ms = 350 ms; a buffered reply would deliver
+    // them all at once. The margin absorbs this test thread being descheduled on a busy machine
+    // (two events then share one read), so no per-gap bound is asserted.
+    let spread = arrivals[7] - arrivals[0];
+    assert!(spread >= Duration::from_millis(200), "{spread:?}");
 
     let last = events.next_json();
     assert_eq!(last["content"], "");
     assert_eq!(last["stop"], true);
     assert_eq!(last["stop_type"], "limit");
-    assert_eq!(last["tokens_predicted"], 5);
+    assert_eq!(last["tokens_predicted"], 8);
     assert_eq!(last["tokens_evaluated"], 3);
     assert!(
-        last["timings"]["predicted_ms"].as_f64().unwrap() >= 150.0,
+        last["timings"]["predicted_ms"].as_f64().unwrap() >= 350.0,
         "{last}"
     );
     assert!(last["timings"]["prompt_ms"].is_number(), "{last}");
@@ -513,7 +509,7 @@ fn a_streamed_completion_arrives_token_by_token_and_ends_without_done() {
 
     assert_eq!(
         stats(addr),
-        json!({"active": 0, "completed": 1, "cancelled": 0, "tokens": 5})
+        json!({"active": 0, "completed": 1, "cancelled": 0, "tokens": 8})
     );
 }
 

@@ -336,7 +336,12 @@ impl Session {
             }
             Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => {
                 let op = request.name();
-                tracing::info!(connection = self.id, uid = self.peer.uid(), op, "admin request");
+                tracing::info!(
+                    connection = self.id,
+                    uid = self.peer.uid(),
+                    op,
+                    "admin request"
+                );
                 forward_admin(&self.context.engines, &registry.snapshot(), request).await?;
                 Ok(Response::Accepted)
             }
@@ -439,7 +444,10 @@ pub async fn forward_admin(
         ),
         Request::Reload { pool, model } => {
             if model.trim().is_empty() {
-                return Err(IpcError::new(ErrorCode::BadRequest, "reload needs a model path"));
+                return Err(IpcError::new(
+                    ErrorCode::BadRequest,
+                    "reload needs a model path",
+                ));
             }
             (
                 pool,
@@ -467,7 +475,10 @@ pub async fn forward_admin(
                 ),
             )
         } else {
-            IpcError::new(ErrorCode::NotFound, format!("unknown pool {:?}", pool.as_str()))
+            IpcError::new(
+                ErrorCode::NotFound,
+                format!("unknown pool {:?}", pool.as_str()),
+            )
         });
     };
     let (reply, answer) = tokio::sync::oneshot::channel();

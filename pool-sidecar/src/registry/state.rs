@@ -770,7 +770,9 @@ mod tests {
         assert_eq!(snapshot.pools[0].state, until);
         assert_eq!(snapshot.pools[0].slots_free, 2);
         let changes = state.take_changes();
-        assert!(matches!(&changes[0].change, Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id]));
+        assert!(
+            matches!(&changes[0].change, Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id])
+        );
         assert_eq!(
             state.acquire(3, &target("a")).unwrap_err().code,
             ErrorCode::NotReady
@@ -796,7 +798,10 @@ mod tests {
         let lease = state.acquire(4, &target("a")).unwrap();
         assert_eq!(lease.endpoint, endpoint);
         let snapshot = state.snapshot();
-        assert_eq!((snapshot.pools[0].slots_total, snapshot.pools[0].restarts), (3, 1));
+        assert_eq!(
+            (snapshot.pools[0].slots_total, snapshot.pools[0].restarts),
+            (3, 1)
+        );
         state.record_engine(&PoolId("a".into()), EngineReport::Draining);
         assert_eq!(
             state.acquire(4, &target("a")).unwrap_err().code,

@@ -69,7 +69,10 @@ pub struct Running {
 enum Step {
     Start,
     Serve(Running),
-    Failed { reason: String, ran_for: Duration },
+    Failed {
+        reason: String,
+        ran_for: Duration,
+    },
     /// Stopped or Failed: nothing runs until an operator says so.
     Parked,
     Exit,
@@ -229,7 +232,11 @@ impl EngineSupervisor {
             let _ = std::fs::remove_file(path);
         }
         tracing::info!(pool = %self.pool.id, argv = ?launch.argv, "starting engine");
-        let process = spawn(&launch, &self.engine, &self.paths.log(self.pool.id.as_str()))?;
+        let process = spawn(
+            &launch,
+            &self.engine,
+            &self.paths.log(self.pool.id.as_str()),
+        )?;
         Ok(Running {
             process,
             endpoint: launch.endpoint,
@@ -289,7 +296,10 @@ impl EngineSupervisor {
         if let Some(previous) = self.rollback_to.take() {
             let failed = std::mem::replace(&mut self.model_path, previous);
             self.report(EngineReport::Note {
-                error: format!("reload to {failed} failed ({reason}); rolling back to {}", self.model_path),
+                error: format!(
+                    "reload to {failed} failed ({reason}); rolling back to {}",
+                    self.model_path
+                ),
             });
             return Step::Start;
         }
@@ -320,7 +330,10 @@ impl EngineSupervisor {
             if probe.result.is_ok() {
                 let props = engine_props(&http, &self.pool).await;
                 let Some(slots) = self.pool.slots.or(props.total_slots) else {
-                    return Err("the engine does not report total_slots; set slots in the pool's config".into());
+                    return Err(
+                        "the engine does not report total_slots; set slots in the pool's config"
+                            .into(),
+                    );
                 };
                 tracing::info!(pool = %self.pool.id, pid = running.process.pid, slots, "engine ready");
                 self.report(EngineReport::Ready {
@@ -573,7 +586,8 @@ impl EngineSupervisor {
             .on_failure(Instant::now(), ran_for, rand::random::<f64>());
         match decision {
             RestartDecision::After(delay) => {
-                let until_unix_ms = unix_ms_now() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                let until_unix_ms =
+                    unix_ms_now() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                 tracing::warn!(pool = %self.pool.id, %reason, retry_in_ms = delay.as_millis() as u64, "engine failed; backing off");
                 self.report(EngineReport::Down {
                     reason,

@@ -50,7 +50,9 @@ pub async fn follow_log(path: PathBuf, pool: String, cap_bytes: u64, stop: Cance
                     .and_then(|file| file.set_len(0))
             }) {
                 Ok(()) => offset = 0,
-                Err(error) => tracing::warn!(path = %path.display(), %error, "cannot rotate engine log"),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot rotate engine log")
+                }
             }
         }
     }

@@ -52,7 +52,12 @@ pub fn plan_launch(
             let endpoint = Endpoint::Http {
                 authority: format!("127.0.0.1:{port}"),
             };
-            ("127.0.0.1".to_owned(), port.to_string(), String::new(), endpoint)
+            (
+                "127.0.0.1".to_owned(),
+                port.to_string(),
+                String::new(),
+                endpoint,
+            )
         }
         ListenKind::Unix => {
             let name = if generation == 0 {
@@ -99,7 +104,11 @@ pub struct EngineProcess {
     child: Option<tokio::process::Child>,
 }
 
-pub fn spawn(launch: &Launch, engine: &ManagedEngine, log_path: &Path) -> Result<EngineProcess, String> {
+pub fn spawn(
+    launch: &Launch,
+    engine: &ManagedEngine,
+    log_path: &Path,
+) -> Result<EngineProcess, String> {
     let Some((program, arguments)) = launch.argv.split_first() else {
         return Err("empty command".to_owned());
     };
@@ -189,7 +198,11 @@ impl EngineProcess {
         let reason = match tokio::time::timeout(grace, self.wait_exit()).await {
             Ok(reason) => reason,
             Err(_) => {
-                tracing::warn!(pid = self.pid, grace_ms = grace.as_millis() as u64, "engine ignored SIGTERM; killing it");
+                tracing::warn!(
+                    pid = self.pid,
+                    grace_ms = grace.as_millis() as u64,
+                    "engine ignored SIGTERM; killing it"
+                );
                 self.signal_group(Signal::SIGKILL);
                 self.wait_exit().await
             }
@@ -296,7 +309,15 @@ mod tests {
 
     #[test]
     fn a_tcp_engine_gets_a_port_of_its_own() {
-        let launch = plan_launch("a", &engine(ListenKind::Tcp), "/m", None, Path::new("/x"), 3).unwrap();
+        let launch = plan_launch(
+            "a",
+            &engine(ListenKind::Tcp),
+            "/m",
+            None,
+            Path::new("/x"),
+            3,
+        )
+        .unwrap();
         let Endpoint::Http { authority } = &launch.endpoint else {
             panic!("{:?}", launch.endpoint)
         };

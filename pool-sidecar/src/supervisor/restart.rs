@@ -50,7 +50,8 @@ impl RestartTracker {
             };
         }
         self.recent.push_back(now);
-        let base = self.policy.initial_ms as f64 * self.policy.multiplier.powi(self.consecutive as i32);
+        let base =
+            self.policy.initial_ms as f64 * self.policy.multiplier.powi(self.consecutive as i32);
         let capped = base.min(self.policy.max_ms as f64);
         let spread = 1.0 + self.policy.jitter * (2.0 * random - 1.0);
         self.consecutive = self.consecutive.saturating_add(1);
@@ -95,7 +96,12 @@ mod tests {
             delays[..5].iter().map(ms).collect::<Vec<_>>(),
             vec![1000, 2000, 4000, 8000, 8000]
         );
-        assert_eq!(delays[5], RestartDecision::GiveUp { restarts_in_window: 5 });
+        assert_eq!(
+            delays[5],
+            RestartDecision::GiveUp {
+                restarts_in_window: 5
+            }
+        );
         tracker.reset();
         assert_eq!(
             tracker.on_failure(start + Duration::from_secs(7), Duration::ZERO, 0.5),
