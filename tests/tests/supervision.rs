@@ -131,6 +131,22 @@ impl Managed {
     }
 }
 
+/// Engines outlive a killed sidecar by design (adoption), so a test that ends any other way
+/// than a clean stop must stop them: a clean sidecar stop stops its engines; whatever is still
+/// recorded after that is killed by process group.
+impl Drop for Managed {
+    fn drop(&mut self) {
+        if self.sidecar.try_wait().is_none() {
+            self.sidecar.kill_with(Signal::SIGTERM);
+            self.sidecar.wait_exit(WAIT);
+        }
+        if let Some(pid) = self.engine_pid() {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 fn pool() -> PoolId {
     PoolId("m".into())
 }
