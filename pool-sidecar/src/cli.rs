@@ -4,7 +4,7 @@
 //! Exit codes: 0 success; 1 the daemon answered with an error (e.g. unknown pool); 2 the daemon
 //! could not be reached or the command line / config is wrong.
 
-use crate::status_view::{PoolStatusView, RegistryView, render_table};
+use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_table};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
 use pool_ipc::registry::PoolId;
@@ -165,14 +165,20 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
         }
         None => {
             let view = RegistryView::from(&client.snapshot().await?);
+            let gpus = client.gpus().await?;
             if json {
-                to_json(&view)
+                to_json(&serde_json::json!({
+                    "epoch": view.epoch,
+                    "pools": view.pools,
+                    "gpus": gpus,
+                }))
             } else {
                 format!(
-                    "registry epoch {}, {} pools\n{}",
+                    "registry epoch {}, {} pools\n{}\n{}",
                     view.epoch,
                     view.pools.len(),
-                    render_table(&view.pools)
+                    render_table(&view.pools),
+                    render_gpus(&gpus)
                 )
             }
         }

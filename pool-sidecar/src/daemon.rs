@@ -6,6 +6,7 @@
 
 use crate::config::{Config, EngineSource};
 use crate::debug_http::{self, DebugState};
+use crate::gpu::GpuProbe;
 use crate::ipc::server::{self, IpcContext};
 use crate::metrics::Metrics;
 use crate::probe;
@@ -81,6 +82,7 @@ pub async fn run(
     }
 
     let engines = Arc::new(engines);
+    let gpus = Arc::new(GpuProbe::default());
 
     // Answer the first client with known states of external engines rather than "starting".
     let first_probe_window = config
@@ -107,6 +109,7 @@ pub async fn run(
 
     if let Some(listener) = listeners.debug_http {
         let state = DebugState {
+            gpus: Arc::clone(&gpus),
             engines: Arc::clone(&engines),
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
@@ -120,6 +123,7 @@ pub async fn run(
         });
     }
     let context = Arc::new(IpcContext {
+        gpus,
         engines: Arc::clone(&engines),
         registry: registry.clone(),
         access: config.server.access.clone(),

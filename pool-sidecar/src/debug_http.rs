@@ -4,6 +4,7 @@
 //! in constant time), and the admin routes (drain, reload, restart) exist; without one they
 //! answer 403.
 
+use crate::gpu::GpuProbe;
 use crate::ipc::connection::forward_admin;
 use crate::ipc::server::EngineControls;
 use crate::metrics::Metrics;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub struct DebugState {
     pub registry: RegistryHandle,
     pub engines: Arc<EngineControls>,
+    pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,
 }
@@ -40,6 +42,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/pools", get(pools))
         .route("/pools/{id}/status", get(pool_status))
         .route("/metrics", get(metrics))
+        .route("/gpus", get(gpus))
         .route("/pools/{id}/drain", post(drain))
         .route("/pools/{id}/reload", post(reload))
         .route("/pools/{id}/restart", post(restart))
@@ -136,6 +139,18 @@ async fn metrics(State(state): State<DebugState>) -> Response {
         text,
     )
         .into_response()
+}
+
+async fn gpus(State(state): State<DebugState>) -> Response {
+    let probe = Arc::clone(&state.gpus);
+    match tokio::task::spawn_blocking(move || probe.inventory()).await {
+        Ok(inventory) => Json(inventory).into_response(),
+        Err(failure) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("GPU inventory failed: {failure}"),
+        ),
+    }
 }
 
 #[derive(Deserialize)]

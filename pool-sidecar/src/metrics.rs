@@ -6,7 +6,7 @@
 //! fixed sets.
 
 use crate::registry::state::LeaseEnd;
-use pool_ipc::registry::{PoolId, RegistrySnapshot};
+use pool_ipc::registry::{PoolId, PoolState, RegistrySnapshot};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -52,6 +52,7 @@ pub struct Metrics {
     pool_slots_free: Family<PoolLabels, Gauge>,
     pool_live: Family<PoolLabels, Gauge>,
     pool_restarts: Family<PoolLabels, Gauge>,
+    pool_next_attempt: Family<PoolLabels, Gauge>,
     probe_failures: Family<PoolLabels, Counter>,
     pub leases_active: Gauge,
     pub leases_granted: Counter,
@@ -77,6 +78,7 @@ impl Metrics {
             pool_slots_free: Family::default(),
             pool_live: Family::default(),
             pool_restarts: Family::default(),
+            pool_next_attempt: Family::default(),
             probe_failures: Family::default(),
             leases_active: Gauge::default(),
             leases_granted: Counter::default(),
@@ -109,6 +111,11 @@ impl Metrics {
             "pool_engine_restarts",
             "Times each pool's engine was restarted",
             metrics.pool_restarts.clone(),
+        );
+        registry.register(
+            "pool_next_attempt_timestamp_seconds",
+            "When a backing-off pool restarts its engine (Unix time); 0 when not backing off",
+            metrics.pool_next_attempt.clone(),
         );
         registry.register(
             "probe_failures",
@@ -205,6 +212,15 @@ impl Metrics {
             self.pool_restarts
                 .get_or_create(&labels)
                 .set(i64::from(pool.restarts));
+            let next_attempt = match pool.state {
+                PoolState::BackingOff { until_unix_ms } => {
+                    i64::try_from(until_unix_ms / 1000).unwrap_or(i64::MAX)
+                }
+                _ => 0,
+            };
+            self.pool_next_attempt
+                .get_or_create(&labels)
+                .set(next_attempt);
         }
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -217,7 +233,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pool_ipc::registry::PoolState;
 
     #[test]
     fn every_pool_state_has_a_gauge_label() {

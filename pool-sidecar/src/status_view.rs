@@ -2,7 +2,7 @@
 //! `pool-managerd status --json`, and the table printed by `pool-managerd status`. One view for
 //! both, so the two never disagree.
 
-use pool_ipc::registry::{PoolSnapshot, PoolState, RegistrySnapshot};
+use pool_ipc::registry::{GpuInventory, PoolSnapshot, PoolState, RegistrySnapshot};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -77,10 +77,13 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
         "LIVE",
         "FREE/SLOTS",
         "LEASES",
+        "RESTARTS",
+        "NEXT TRY",
         "VERSION",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 9]> = pools
+    let now = crate::probe::unix_ms_now();
+    let rows: Vec<[String; 11]> = pools
         .iter()
         .map(|pool| {
             [
@@ -91,6 +94,11 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
                 if pool.live { "yes" } else { "no" }.to_owned(),
                 format!("{}/{}", pool.slots_free, pool.slots_total),
                 pool.active_leases.to_string(),
+                pool.restarts.to_string(),
+                pool.next_attempt_unix_ms.map_or_else(
+                    || "-".into(),
+                    |at| format!("in {:.1}s", at.saturating_sub(now) as f64 / 1000.0),
+                ),
                 pool.engine_version.clone().unwrap_or_else(|| "-".into()),
                 pool.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
@@ -118,6 +126,26 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
     for row in &rows {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         line(&cells);
+    }
+    text
+}
+
+/// The GPU section of `pool-managerd status`.
+pub fn render_gpus(inventory: &GpuInventory) -> String {
+    let Some(driver) = &inventory.driver else {
+        return "GPUs: none (no NVIDIA driver)\n".to_owned();
+    };
+    let mut text = format!("GPUs (driver {driver}):\n");
+    for gpu in &inventory.gpus {
+        const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+        text.push_str(&format!(
+            "  {}  {}  {:.1}/{:.1} GiB used  {}\n",
+            gpu.index,
+            gpu.name,
+            gpu.memory_used_bytes as f64 / GIB,
+            gpu.memory_total_bytes as f64 / GIB,
+            gpu.uuid
+        ));
     }
     text
 }

@@ -17,8 +17,8 @@ use crate::error_code::IpcError;
 use crate::framed::{FrameReader, ReadError};
 use crate::outbox::Outbox;
 use crate::registry::{
-    AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, RegistrySnapshot,
-    ReleaseOutcome,
+    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, PoolId, PoolSnapshot,
+    RegistrySnapshot, ReleaseOutcome,
 };
 use crate::wire::{
     Call, Change, ClientFrame, HeldLease, Hello, MAGIC, PROTOCOL_VERSION, Request, Response,
@@ -340,6 +340,13 @@ impl PoolClient {
             _ => Err(ClientError::UnexpectedResponse {
                 request: "subscribe",
             }),
+        }
+    }
+
+    pub async fn gpus(&self) -> Result<GpuInventory, ClientError> {
+        match self.call(Request::Gpus).await? {
+            Response::Gpus(inventory) => Ok(inventory),
+            _ => Err(ClientError::UnexpectedResponse { request: "gpus" }),
         }
     }
 

@@ -237,6 +237,23 @@ pub struct Lease {
     pub endpoint: Endpoint,
 }
 
+/// One GPU of the host, as NVML reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+}
+
+/// The host's GPUs; empty (with `driver` unset) on a host without an NVIDIA driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct GpuInventory {
+    pub driver: Option<String>,
+    pub gpus: Vec<GpuInfo>,
+}
+
 /// How the work done under a lease ended (for metrics and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -10,8 +10,8 @@
 
 use crate::error_code::IpcError;
 use crate::registry::{
-    AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, RegistrySnapshot,
-    ReleaseOutcome,
+    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, PoolId, PoolSnapshot,
+    RegistrySnapshot, ReleaseOutcome,
 };
 use bincode::{Decode, Encode};
 
@@ -101,6 +101,8 @@ pub enum Request {
     Restart {
         pool: PoolId,
     },
+    /// The host's GPUs (NVML).
+    Gpus,
 }
 
 impl Request {
@@ -117,6 +119,7 @@ impl Request {
             Request::Drain { .. } => "drain",
             Request::Reload { .. } => "reload",
             Request::Restart { .. } => "restart",
+            Request::Gpus => "gpus",
         }
     }
 
@@ -169,6 +172,7 @@ pub enum Response {
     Subscribed(RegistrySnapshot),
     /// An admin request was accepted and is being carried out.
     Accepted,
+    Gpus(GpuInventory),
 }
 
 /// A pushed registry change. Changes coalesced into one flush share an epoch.

@@ -182,6 +182,7 @@ fn strategies_generate_every_variant() {
             "drain",
             "reload",
             "restart",
+            "gpus",
         ])
     );
     assert_eq!(
@@ -207,6 +208,7 @@ fn strategies_generate_every_variant() {
             "released",
             "subscribed",
             "accepted",
+            "gpus",
         ])
     );
     assert_eq!(

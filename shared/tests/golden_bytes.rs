@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use pool_ipc::codec::{
     HEADER_BYTES, decode_payload, decode_payload_prefix, encode_frame, frame_bytes, take_frame,
 };
-use pool_ipc::registry::{Endpoint, EngineKind};
+use pool_ipc::registry::{Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, CodecError, DEFAULT_MAX_FRAME_BYTES, DispatchCheck,
     ErrorCode, Event, HeldLease, Hello, HelloPreamble, IpcError, Lease, LeaseId, MAGIC,
@@ -524,6 +524,38 @@ fn response_subscribed_is_pinned() {
 #[test]
 fn response_accepted_is_pinned() {
     assert_golden(&Response::Accepted, "07");
+}
+
+#[test]
+fn request_gpus_is_pinned() {
+    assert_golden(&Request::Gpus, "0a");
+}
+
+#[test]
+fn response_gpus_is_pinned() {
+    let inventory = GpuInventory {
+        driver: Some("5".into()),
+        gpus: vec![GpuInfo {
+            index: 0,
+            name: "H".into(),
+            uuid: "U".into(),
+            memory_total_bytes: 300,
+            memory_used_bytes: 2,
+        }],
+    };
+    assert_golden(
+        &Response::Gpus(inventory),
+        &hex("
+            08 # Response::Gpus
+            01 01 35 # driver Some(\"5\")
+            01 # one GPU
+            00 # index 0
+            01 48 # name \"H\"
+            01 55 # uuid \"U\"
+            fb 2c 01 # memory_total_bytes 300 (u16 varint, little-endian)
+            02 # memory_used_bytes 2
+        "),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

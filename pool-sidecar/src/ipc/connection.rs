@@ -334,6 +334,18 @@ impl Session {
                 self.subscribed = true;
                 Ok(Response::Subscribed((*registry.snapshot()).clone()))
             }
+            Request::Gpus => {
+                let gpus = Arc::clone(&self.context.gpus);
+                tokio::task::spawn_blocking(move || gpus.inventory())
+                    .await
+                    .map(Response::Gpus)
+                    .map_err(|error| {
+                        IpcError::new(
+                            ErrorCode::Internal,
+                            format!("GPU inventory failed: {error}"),
+                        )
+                    })
+            }
             Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => {
                 let op = request.name();
                 tracing::info!(

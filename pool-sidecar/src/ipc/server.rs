@@ -3,6 +3,7 @@
 
 use super::connection;
 use crate::config::AccessPolicy;
+use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
 use crate::registry::{ConnectionId, RegistryHandle};
 use crate::supervisor::AdminCommand;
@@ -21,6 +22,7 @@ pub struct IpcContext {
     pub registry: RegistryHandle,
     /// Admin command queues of the managed engines' supervisors.
     pub engines: Arc<EngineControls>,
+    pub gpus: Arc<GpuProbe>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
     pub metrics: Arc<Metrics>,

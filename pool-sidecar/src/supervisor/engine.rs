@@ -68,7 +68,7 @@ pub struct Running {
 /// What happens next, as decided by the step that just ended.
 enum Step {
     Start,
-    Serve(Running),
+    Serve(Box<Running>),
     Failed {
         reason: String,
         ran_for: Duration,
@@ -198,13 +198,13 @@ impl EngineSupervisor {
 
     pub async fn run(mut self, adopted: Option<Running>) {
         let mut step = match adopted {
-            Some(running) => Step::Serve(running),
+            Some(running) => Step::Serve(Box::new(running)),
             None => Step::Start,
         };
         loop {
             step = match step {
                 Step::Start => self.start().await,
-                Step::Serve(running) => self.serve(running).await,
+                Step::Serve(running) => self.serve(*running).await,
                 Step::Failed { reason, ran_for } => self.back_off(reason, ran_for).await,
                 Step::Parked => self.parked().await,
                 Step::Exit => break,
@@ -275,7 +275,7 @@ impl EngineSupervisor {
         match self.wait_ready(&mut running).await {
             Ok(()) => {
                 self.rollback_to = None;
-                Step::Serve(running)
+                Step::Serve(Box::new(running))
             }
             Err(reason) => {
                 running.process.stop(self.engine.stop_grace()).await;
@@ -485,7 +485,7 @@ impl EngineSupervisor {
             Ok(candidate) => candidate,
             Err(reason) => {
                 self.reload_failed(&model_path, &reason);
-                return Step::Serve(old);
+                return Step::Serve(Box::new(old));
             }
         };
         let http = EngineHttp::new(&candidate.endpoint);
@@ -519,7 +519,7 @@ impl EngineSupervisor {
         if let Err(reason) = ready {
             candidate.process.stop(self.engine.stop_grace()).await;
             self.reload_failed(&model_path, &reason);
-            return Step::Serve(old);
+            return Step::Serve(Box::new(old));
         }
         let props = engine_props(&http, &self.pool).await;
         tracing::info!(pool = %self.pool.id, model = %model_path, pid = candidate.process.pid, "reloaded engine ready; swapping");
@@ -531,7 +531,7 @@ impl EngineSupervisor {
         });
         self.write_record(&candidate);
         self.retire(old);
-        Step::Serve(candidate)
+        Step::Serve(Box::new(candidate))
     }
 
     fn reload_failed(&self, model_path: &str, reason: &str) {

@@ -10,7 +10,7 @@
     reason = "each test binary that includes this module uses a different subset of it"
 )]
 
-use pool_ipc::registry::{Endpoint, EngineKind};
+use pool_ipc::registry::{Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
     IpcError, Lease, LeaseId, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState,
@@ -180,8 +180,24 @@ pub fn request() -> BoxedStrategy<Request> {
             .prop_map(|(pool, deadline_ms)| Request::Drain { pool, deadline_ms }),
         (pool_id(), text()).prop_map(|(pool, model)| Request::Reload { pool, model }),
         pool_id().prop_map(|pool| Request::Restart { pool }),
+        Just(Request::Gpus),
     ]
     .boxed()
+}
+
+pub fn gpu_inventory() -> BoxedStrategy<GpuInventory> {
+    let gpu = (any::<u32>(), text(), text(), any::<u64>(), any::<u64>()).prop_map(
+        |(index, name, uuid, memory_total_bytes, memory_used_bytes)| GpuInfo {
+            index,
+            name,
+            uuid,
+            memory_total_bytes,
+            memory_used_bytes,
+        },
+    );
+    (proptest::option::of(text()), vec(gpu, 0..3))
+        .prop_map(|(driver, gpus)| GpuInventory { driver, gpus })
+        .boxed()
 }
 
 pub fn hello() -> BoxedStrategy<Hello> {
@@ -222,6 +238,7 @@ pub fn response() -> BoxedStrategy<Response> {
         Just(Response::Released),
         registry_snapshot().prop_map(Response::Subscribed),
         Just(Response::Accepted),
+        gpu_inventory().prop_map(Response::Gpus),
     ]
     .boxed()
 }
@@ -316,6 +333,7 @@ pub fn response_variant(response: &Response) -> &'static str {
         Response::Released => "released",
         Response::Subscribed(_) => "subscribed",
         Response::Accepted => "accepted",
+        Response::Gpus(_) => "gpus",
     }
 }
 
@@ -396,5 +414,6 @@ pub fn request_variant(request: &Request) -> &'static str {
         Request::Drain { .. } => "drain",
         Request::Reload { .. } => "reload",
         Request::Restart { .. } => "restart",
+        Request::Gpus => "gpus",
     }
 }
