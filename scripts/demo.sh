@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Builds the workspace and starts pool-managerd in ./.run against the test engine double (a fake
-# llama-server: no model or GPU needed), then shows the registry over the socket and the debug
-# shim. Leaves both running; `scripts/demo.sh stop` stops them.
+# Builds the workspace and starts pool-managerd in ./.run; pool-managerd starts and supervises its
+# engine itself, the test engine double (a fake llama-server: no model or GPU needed). Shows the
+# registry over the socket and the debug shim, and leaves it running; `scripts/demo.sh stop`
+# stops pool-managerd, which stops its engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run="$PWD/.run"
 shim="127.0.0.1:${DEMO_SHIM_PORT:-9200}"
 
 stop() {
-    for name in pool-managerd engine; do
-        if [ -f "$run/$name.pid" ]; then
-            kill "$(cat "$run/$name.pid")" 2>/dev/null || true
-            rm -f "$run/$name.pid"
-        fi
-    done
+    if [ -f "$run/pool-managerd.pid" ]; then
+        pid=$(cat "$run/pool-managerd.pid")
+        kill "$pid" 2>/dev/null || true
+        # A clean stop stops the engines too; wait for it.
+        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        rm -f "$run/pool-managerd.pid"
+    fi
 }
 
 if [ "${1:-}" = "stop" ]; then
@@ -28,9 +30,7 @@ bin="$PWD/target/release"
 stop
 mkdir -p "$run"
 
-"$bin/test-engine-double" --listen "$run/engine.sock" --slots 4 >"$run/engine.out" 2>"$run/engine.log" &
-echo $! >"$run/engine.pid"
-
+echo '{}' >"$run/demo-model.json"
 cat >"$run/config.toml" <<TOML
 [debug_http]
 listen = "$shim"
@@ -39,11 +39,13 @@ listen = "$shim"
 id = "demo"
 model = "demo-model"
 engine = "llamacpp"
-endpoint = "$run/engine.sock"
-slots = 4
+command = ["$bin/test-engine-double", "--listen", "{socket}", "--slots", "4", "--model", "{model}"]
+model_path = "$run/demo-model.json"
+listen = "unix"
 TOML
 
-"$bin/pool-managerd" --config "$run/config.toml" --socket "$run/pool.sock" >"$run/pool-managerd.out" 2>"$run/pool-managerd.log" &
+"$bin/pool-managerd" --config "$run/config.toml" --socket "$run/pool.sock" --state-dir "$run/state" \
+    >"$run/pool-managerd.out" 2>"$run/pool-managerd.log" &
 echo $! >"$run/pool-managerd.pid"
 for _ in $(seq 100); do
     grep -q '^READY' "$run/pool-managerd.out" 2>/dev/null && break
@@ -54,6 +56,10 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 grep '^READY' "$run/pool-managerd.out"
+for _ in $(seq 100); do
+    "$bin/pool-managerd" status demo --json --socket "$run/pool.sock" 2>/dev/null | grep -q '"ready": true' && break
+    sleep 0.1
+done
 
 echo
 echo "== pool-managerd status (over the Unix socket)"
@@ -65,4 +71,5 @@ echo
 echo
 echo "Running. Try:  $bin/pool-managerd status --socket $run/pool.sock --json"
 echo "               curl -s http://$shim/metrics"
+echo "Engine log:    $run/state/logs/demo.log"
 echo "Stop with:     scripts/demo.sh stop"

@@ -671,7 +671,64 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let example = include_str!("../../systemd/pool-managerd.example.toml");
         let config = parse(example).unwrap();
-        assert_eq!(config.pools.len(), 2);
+        assert_eq!(config.pools.len(), 3);
+        assert!(config.pools[0].managed().is_some());
+    }
+
+    const MANAGED: &str = r#"
+        [[pool]]
+        id = "llm"
+        model = "tiny"
+        engine = "llamacpp"
+        command = ["llama-server", "-m", "{model}", "--host", "{host}", "--port", "{port}"]
+        model_path = "/models/tiny.gguf"
+    "#;
+
+    #[test]
+    fn a_managed_pool_gets_supervision_defaults() {
+        let config = parse(MANAGED).unwrap();
+        let engine = config.pools[0].managed().unwrap();
+        assert_eq!(engine.listen, ListenKind::Tcp);
+        assert_eq!(engine.restart, RestartPolicy::default());
+        assert_eq!(engine.startup_timeout_ms, 120_000);
+        assert_eq!(
+            config.pools[0].slots, None,
+            "llama.cpp reports its own slots"
+        );
+    }
+
+    #[test]
+    fn managed_pool_mistakes_are_named() {
+        let cases = [
+            (
+                MANAGED.replace("{port}", "{prot}"),
+                "unknown placeholder {prot}",
+            ),
+            (
+                MANAGED.replace("model_path = \"/models/tiny.gguf\"", ""),
+                "model_path is required",
+            ),
+            (
+                MANAGED.replace("\"{port}\"]", "\"{port}\", \"-np\", \"{slots}\"]"),
+                "uses {slots} but slots is not set",
+            ),
+            (
+                MANAGED.replace("llamacpp", "openai"),
+                "slots is required for an openai engine",
+            ),
+            (
+                format!("{MANAGED}endpoint = \"http://127.0.0.1:1\"\n"),
+                "not both",
+            ),
+            (
+                format!("{MANAGED}[pool.restart]\nmultiplier = 0.5\n"),
+                "multiplier >= 1",
+            ),
+        ];
+        for (text, needle) in cases {
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{needle:?} not in {error}");
+        }
     }
 
     #[test]
