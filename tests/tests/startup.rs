@@ -143,13 +143,23 @@ fn status_as_nobody(dir: &Path, socket: &Path) -> std::process::Output {
     let copy = dir.join("pool-managerd");
     std::fs::copy(binary("pool-managerd"), &copy).unwrap();
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::process::Command::new(&copy)
-        .args(["status", "--socket"])
-        .arg(socket)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap()
+    // Another test's fork can briefly hold the copy's write descriptor (until its exec), which
+    // makes exec fail with ETXTBSY: try again.
+    for _ in 0..100 {
+        match std::process::Command::new(&copy)
+            .args(["status", "--socket"])
+            .arg(socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+        {
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    panic!("{} stayed busy", copy.display());
 }
 
 #[test]
