@@ -140,6 +140,10 @@ fn sigterm_stops_the_daemon_cleanly_and_removes_its_socket() {
 /// Runs `pool-managerd status` as uid/gid 65534 (nobody/nogroup) from a copy of the binary
 /// that user can execute.
 fn status_as_nobody(dir: &Path, socket: &Path) -> std::process::Output {
+    cli_as_nobody(dir, socket, &["status"])
+}
+
+fn cli_as_nobody(dir: &Path, socket: &Path, args: &[&str]) -> std::process::Output {
     let copy = dir.join("pool-managerd");
     std::fs::copy(binary("pool-managerd"), &copy).unwrap();
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -147,7 +151,8 @@ fn status_as_nobody(dir: &Path, socket: &Path) -> std::process::Output {
     // makes exec fail with ETXTBSY: try again.
     for _ in 0..100 {
         match std::process::Command::new(&copy)
-            .args(["status", "--socket"])
+            .args(args)
+            .arg("--socket")
             .arg(socket)
             .uid(65534)
             .gid(65534)
@@ -195,5 +200,13 @@ fn a_peer_whose_uid_is_not_allowed_is_refused_and_an_allowed_group_is_admitted()
         Some(0),
         "{}",
         String::from_utf8_lossy(&admitted.stderr)
+    );
+    // Admitted is not admin: admin operations stay with admin_uids/admin_gids.
+    let drain = cli_as_nobody(dir.path(), &socket_path(dir.path()), &["drain", "any"]);
+    let stderr = String::from_utf8_lossy(&drain.stderr);
+    assert_eq!(drain.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unauthorized (5): drain is an admin operation; uid 65534 is not an admin"),
+        "{stderr}"
     );
 }
