@@ -526,6 +526,25 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
                 ));
             }
             let restart = raw.restart;
+            let day_ms = 24 * 60 * 60 * 1000;
+            let too_long = [
+                ("startup_timeout_ms", raw.startup_timeout_ms.unwrap_or(0)),
+                ("stop_grace_ms", raw.stop_grace_ms.unwrap_or(0)),
+                ("restart.max_ms", restart.max_ms),
+                ("restart.reset_after_ms", restart.reset_after_ms),
+                ("restart.window_ms", restart.window_ms),
+                (
+                    "reload.drain_deadline_ms",
+                    raw.reload.drain_deadline_ms.unwrap_or(0),
+                ),
+            ]
+            .into_iter()
+            .find(|(_, value)| *value > day_ms);
+            if let Some((name, value)) = too_long {
+                return Err(context(format!(
+                    "{name} must be at most {day_ms} (24 h), got {value}"
+                )));
+            }
             if restart.initial_ms == 0
                 || restart.max_ms < restart.initial_ms
                 || restart.multiplier < 1.0
@@ -560,9 +579,10 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
         )));
     }
     let probe = raw.probe;
-    if probe.interval_ms < 10 || probe.timeout_ms < 10 {
+    let probe_range = 10..=3_600_000;
+    if !probe_range.contains(&probe.interval_ms) || !probe_range.contains(&probe.timeout_ms) {
         return Err(context(
-            "probe.interval_ms and probe.timeout_ms must be at least 10".into(),
+            "probe.interval_ms and probe.timeout_ms must be between 10 and 3600000".into(),
         ));
     }
     if probe.failure_threshold == 0

@@ -168,6 +168,12 @@ pub async fn run(
         tracing::warn!("some tasks did not finish within the shutdown grace period");
     }
     drop(registry);
-    let _ = registry_task.await;
+    // A task stuck past the grace period may still hold a handle: do not wait for it forever.
+    if tokio::time::timeout(SHUTDOWN_GRACE, registry_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the registry did not stop in time");
+    }
     tracing::info!("stopped");
 }

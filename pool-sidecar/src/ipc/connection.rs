@@ -25,10 +25,14 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf, UCred};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an admin request may wait for its supervisor to take it on.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest drain deadline accepted (24 h).
+const MAX_DRAIN_DEADLINE_MS: u64 = 24 * 60 * 60 * 1000;
 const MAX_ID_LEN: usize = 256;
 
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -70,7 +74,10 @@ pub async fn serve(
         }
     };
     let (read, write) = stream.into_split();
+    let (admin_replies, admin_done) = mpsc::channel(8);
     let mut session = Session {
+        admin_replies,
+        admin_done,
         id,
         peer,
         reader: FrameReader::new(read, context.max_frame_bytes),
@@ -112,6 +119,11 @@ struct Session {
     subscribed: bool,
     events: broadcast::Receiver<Arc<Vec<RegistryEvent>>>,
     context: Arc<IpcContext>,
+    /// Admin requests are carried out beside the connection, so that a slow supervisor never
+    /// holds up the calls behind them; their replies come back here, out of order (calls are
+    /// matched by id).
+    admin_replies: mpsc::Sender<Reply>,
+    admin_done: mpsc::Receiver<Reply>,
 }
 
 impl Session {
@@ -142,6 +154,11 @@ impl Session {
                         return Ok(());
                     }
                 },
+                Some(reply) = self.admin_done.recv() => {
+                    self.context.metrics.record_request("admin", reply.result.is_ok());
+                    self.queue(&ServerFrame::Reply(reply))?;
+                    self.flush().await?;
+                }
                 batch = self.events.recv() => {
                     match batch {
                         Ok(batch) => self.forward_events(&batch)?,
@@ -262,6 +279,15 @@ impl Session {
         };
         let Call { id, request } = call;
         let op = request.name();
+        if request.is_admin()
+            && self
+                .context
+                .access
+                .admits_admin(self.peer.uid(), self.peer.gid())
+        {
+            self.start_admin(id, request);
+            return Ok(());
+        }
         let result = self.answer(request).await;
         self.context.metrics.record_request(op, result.is_ok());
         let reply = ServerFrame::Reply(Reply { id, result });
@@ -277,6 +303,37 @@ impl Session {
             self.queue(&reply)?;
         }
         Ok(())
+    }
+
+    /// Hands an admin request to its supervisor in a task of its own; the reply comes back
+    /// through `admin_done`. Bounded by `ADMIN_TIMEOUT`; if the connection is gone by then the
+    /// reply is dropped, and the supervisor carries out the request all the same.
+    fn start_admin(&self, id: u64, request: Request) {
+        tracing::info!(
+            connection = self.id,
+            uid = self.peer.uid(),
+            op = request.name(),
+            "admin request"
+        );
+        let engines = Arc::clone(&self.context.engines);
+        let snapshot = self.context.registry.snapshot();
+        let replies = self.admin_replies.clone();
+        tokio::spawn(async move {
+            let forwarded =
+                tokio::time::timeout(ADMIN_TIMEOUT, forward_admin(&engines, &snapshot, request))
+                    .await;
+            let result = match forwarded {
+                Ok(result) => result.map(|()| Response::Accepted),
+                Err(_) => Err(IpcError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "the pool's supervisor did not take the request within {} s",
+                        ADMIN_TIMEOUT.as_secs()
+                    ),
+                )),
+            };
+            let _ = replies.send(Reply { id, result }).await;
+        });
     }
 
     async fn answer(&mut self, request: Request) -> Result<Response, IpcError> {
@@ -447,6 +504,12 @@ pub async fn forward_admin(
     request: Request,
 ) -> Result<(), IpcError> {
     let (pool, make): (PoolId, Box<dyn FnOnce(_) -> AdminCommand + Send>) = match request {
+        Request::Drain { deadline_ms, .. } if deadline_ms > MAX_DRAIN_DEADLINE_MS => {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!("drain deadline_ms must be at most {MAX_DRAIN_DEADLINE_MS}"),
+            ));
+        }
         Request::Drain { pool, deadline_ms } => (
             pool,
             Box::new(move |reply| AdminCommand::Drain {

@@ -471,12 +471,20 @@ impl RegistryState {
                 slots,
                 engine_version,
             } => {
+                // Leases on the old engine still count against the new one's slots until they
+                // end: conservative, never oversubscribing the new engine (if it has fewer slots
+                // than live leases, it shows none free until enough of them end).
                 entry.endpoint = endpoint;
                 if let Some(slots) = slots {
                     entry.slots_total = slots;
                 }
-                entry.engine_version = engine_version;
+                if engine_version.is_some() {
+                    entry.engine_version = engine_version;
+                }
                 entry.state = PoolState::Ready;
+                entry.live = true;
+                entry.consecutive_failures = 0;
+                entry.consecutive_successes = 0;
                 entry.last_error = None;
             }
             EngineReport::Note { error } => entry.last_error = Some(error),

@@ -78,6 +78,26 @@ enum Step {
     Exit,
 }
 
+/// Why a start did not end in a ready engine.
+enum NotStarted {
+    Failed(String),
+    Interrupted(AdminCommand),
+}
+
+/// Answers a command that cannot be carried out while the pool is busy with another one.
+fn refuse_busy(command: AdminCommand, pool: &str, busy_with: &str) {
+    let error = IpcError::new(
+        ErrorCode::NotReady,
+        format!("pool {pool:?} is {busy_with}; try again when that is done"),
+    );
+    let reply = match command {
+        AdminCommand::Drain { reply, .. }
+        | AdminCommand::Reload { reply, .. }
+        | AdminCommand::Restart { reply } => reply,
+    };
+    let _ = reply.send(Err(error));
+}
+
 /// The canonical form of everything that shapes a running engine; a recorded engine started
 /// under another fingerprint is not adopted.
 pub fn fingerprint(pool: &PoolConfig, engine: &ManagedEngine) -> String {
@@ -259,6 +279,9 @@ impl EngineSupervisor {
     }
 
     async fn start(&mut self) -> Step {
+        if self.shutdown.is_cancelled() {
+            return Step::Exit;
+        }
         if self.started_once {
             self.restarts = self.restarts.saturating_add(1);
         }
@@ -277,7 +300,12 @@ impl EngineSupervisor {
                 self.rollback_to = None;
                 Step::Serve(Box::new(running))
             }
-            Err(reason) => {
+            Err(NotStarted::Interrupted(command)) => {
+                self.stop_engine(&mut running, "interrupted by an operator while starting")
+                    .await;
+                self.while_stopped(Some(command)).unwrap_or(Step::Parked)
+            }
+            Err(NotStarted::Failed(reason)) => {
                 running.process.stop(self.engine.stop_grace()).await;
                 remove_record(&self.record_file());
                 if self.shutdown.is_cancelled() {
@@ -310,30 +338,37 @@ impl EngineSupervisor {
     }
 
     /// Probes a starting engine until it is ready, exits, or runs out of time; reports Ready.
-    async fn wait_ready(&self, running: &mut Running) -> Result<(), String> {
+    /// An operator's command interrupts the start.
+    async fn wait_ready(&mut self, running: &mut Running) -> Result<(), NotStarted> {
         let http = EngineHttp::new(&running.endpoint);
         let timeout = self.engine.startup_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
         let log = self.paths.log(self.pool.id.as_str());
         loop {
             let probe = tokio::select! {
-                () = self.shutdown.cancelled() => return Err("pool-managerd is stopping".into()),
+                () = self.shutdown.cancelled() => {
+                    return Err(NotStarted::Failed("pool-managerd is stopping".into()));
+                }
                 reason = running.process.wait_exit() => {
                     running.process.kill_leftovers();
-                    return Err(format!("{reason} while starting; last output: {}", log_tail(&log, 3)));
+                    return Err(NotStarted::Failed(format!(
+                        "{reason} while starting; last output: {}",
+                        log_tail(&log, 3)
+                    )));
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(format!("not ready within {} ms", timeout.as_millis()));
+                    return Err(NotStarted::Failed(format!("not ready within {} ms", timeout.as_millis())));
                 }
+                Some(command) = self.commands.recv() => return Err(NotStarted::Interrupted(command)),
                 probe = check(&http, &self.pool) => probe,
             };
             if probe.result.is_ok() {
                 let props = engine_props(&http, &self.pool).await;
                 let Some(slots) = self.pool.slots.or(props.total_slots) else {
-                    return Err(
+                    return Err(NotStarted::Failed(
                         "the engine does not report total_slots; set slots in the pool's config"
                             .into(),
-                    );
+                    ));
                 };
                 tracing::info!(pool = %self.pool.id, pid = running.process.pid, slots, "engine ready");
                 self.report(EngineReport::Ready {
@@ -344,7 +379,10 @@ impl EngineSupervisor {
                 return Ok(());
             }
             tokio::select! {
-                () = self.shutdown.cancelled() => return Err("pool-managerd is stopping".into()),
+                () = self.shutdown.cancelled() => {
+                    return Err(NotStarted::Failed("pool-managerd is stopping".into()));
+                }
+                Some(command) = self.commands.recv() => return Err(NotStarted::Interrupted(command)),
                 () = tokio::time::sleep(self.pool.probe.interval()) => {}
             }
         }
@@ -397,6 +435,11 @@ impl EngineSupervisor {
                         AdminCommand::Restart { reply } => {
                             let _ = reply.send(Ok(()));
                             self.tracker.reset();
+                            // No lease may go to an engine that is being stopped.
+                            self.report(EngineReport::Down {
+                                reason: "restarted by an operator".into(),
+                                state: PoolState::Starting,
+                            });
                             self.stop_engine(&mut running, "restarted by an operator").await;
                             return Step::Start;
                         }
@@ -432,26 +475,34 @@ impl EngineSupervisor {
         Step::Exit
     }
 
-    /// Waits until the pool holds no lease (or the deadline passes) while the engine runs.
-    async fn wait_for_leases_to_end(&self, running: &mut Running, deadline: Duration) -> bool {
+    /// Waits until the pool, already reported Draining, holds no lease (or the deadline
+    /// passes) while the engine runs. The snapshot must show the pool Draining before its lease
+    /// count is trusted: leases granted just before the drain are published with that state.
+    async fn wait_for_leases_to_end(&mut self, running: &mut Running, deadline: Duration) -> bool {
         let mut snapshots = self.registry.watch_snapshot();
         let pool = self.pool.id.clone();
         let drained = snapshots.wait_for(|snapshot| {
-            snapshot
-                .pool(&pool)
-                .is_none_or(|status| status.active_leases() == 0)
+            snapshot.pool(&pool).is_none_or(|status| {
+                status.state == PoolState::Draining && status.active_leases() == 0
+            })
         });
-        tokio::select! {
-            _ = drained => true,
-            () = tokio::time::sleep(deadline) => {
-                tracing::warn!(pool = %self.pool.id, deadline_ms = deadline.as_millis() as u64, "drain deadline passed with leases still live");
-                false
+        tokio::pin!(drained);
+        let timer = tokio::time::sleep(deadline);
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                _ = &mut drained => return true,
+                () = &mut timer => {
+                    tracing::warn!(pool = %self.pool.id, deadline_ms = deadline.as_millis() as u64, "drain deadline passed with leases still live");
+                    return false;
+                }
+                reason = running.process.wait_exit() => {
+                    tracing::warn!(pool = %self.pool.id, %reason, "engine died while draining");
+                    return true;
+                }
+                () = self.shutdown.cancelled() => return false,
+                Some(command) = self.commands.recv() => refuse_busy(command, self.pool.id.as_str(), "draining"),
             }
-            reason = running.process.wait_exit() => {
-                tracing::warn!(pool = %self.pool.id, %reason, "engine died while draining");
-                true
-            }
-            () = self.shutdown.cancelled() => false,
         }
     }
 
@@ -480,7 +531,8 @@ impl EngineSupervisor {
     /// at the reload's drain deadline). If the new one never becomes ready it is stopped and
     /// the old one serves on.
     async fn reload_beside(&mut self, mut old: Running, model_path: String) -> Step {
-        self.generation += 1;
+        // Unique per reload, also across sidecar restarts: never the path a live engine uses.
+        self.generation = u64::from(rand::random::<u32>()) + 1;
         let mut candidate = match self.launch(&model_path, self.generation).await {
             Ok(candidate) => candidate,
             Err(reason) => {
@@ -498,14 +550,17 @@ impl EngineSupervisor {
                     break Err(reason);
                 }
                 reason = old.process.wait_exit() => {
-                    // The old engine died meanwhile: finish the reload as a restart.
+                    // The old engine died meanwhile: no new leases, then a restart on the new
+                    // model, which rolls back to the old one if it never becomes ready.
+                    self.report(EngineReport::Draining);
                     old.process.kill_leftovers();
                     tracing::warn!(pool = %self.pool.id, %reason, "old engine died during a reload");
                     candidate.process.stop(self.engine.stop_grace()).await;
                     remove_record(&self.record_file());
-                    self.model_path = model_path;
+                    self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
                     return Step::Failed { reason, ran_for: old.since.elapsed() };
                 }
+                Some(command) = self.commands.recv() => refuse_busy(command, self.pool.id.as_str(), "reloading"),
                 () = tokio::time::sleep_until(deadline) => break Err(format!("not ready within {} ms", timeout.as_millis())),
                 () = self.shutdown.cancelled() => break Err("pool-managerd is stopping".into()),
                 probe = check(&http, &self.pool) => {
@@ -530,7 +585,7 @@ impl EngineSupervisor {
             engine_version: props.version,
         });
         self.write_record(&candidate);
-        self.retire(old);
+        self.retire(old, candidate.endpoint.clone());
         Step::Serve(Box::new(candidate))
     }
 
@@ -545,7 +600,7 @@ impl EngineSupervisor {
     }
 
     /// Stops a swapped-out engine once the pool's leases end, or at the reload deadline.
-    fn retire(&mut self, mut old: Running) {
+    fn retire(&mut self, mut old: Running, new_endpoint: Endpoint) {
         let registry = self.registry.clone();
         let pool = self.pool.id.clone();
         let deadline = self.engine.reload.drain_deadline();
@@ -553,10 +608,12 @@ impl EngineSupervisor {
         let shutdown = self.shutdown.clone();
         self.retiring.spawn(async move {
             let mut snapshots = registry.watch_snapshot();
+            // Counted only once the swap is published; the count includes the new engine's
+            // leases, so under steady load the old engine runs until the deadline.
             let drained = snapshots.wait_for(|snapshot| {
-                snapshot
-                    .pool(&pool)
-                    .is_none_or(|status| status.active_leases() == 0)
+                snapshot.pool(&pool).is_none_or(|status| {
+                    status.endpoint == new_endpoint && status.active_leases() == 0
+                })
             });
             tokio::select! {
                 _ = drained => {}
@@ -573,8 +630,8 @@ impl EngineSupervisor {
     /// model; if it never becomes ready, start the old model again.
     async fn reload_after_drain(&mut self, mut old: Running, model_path: String) -> Step {
         self.report(EngineReport::Draining);
-        self.wait_for_leases_to_end(&mut old, self.engine.reload.drain_deadline())
-            .await;
+        let deadline = self.engine.reload.drain_deadline();
+        self.wait_for_leases_to_end(&mut old, deadline).await;
         self.stop_engine(&mut old, "reloading").await;
         self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
         Step::Start

@@ -26,6 +26,9 @@ const SYSTEMD_VARIABLES: [&str; 6] = [
     "WATCHDOG_USEC",
 ];
 
+/// How long a SIGKILLed engine may take to go.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 /// How often an adopted engine (not our child: no wait status) is checked for having exited.
 const ADOPTED_POLL: Duration = Duration::from_millis(100);
 
@@ -204,7 +207,18 @@ impl EngineProcess {
                     "engine ignored SIGTERM; killing it"
                 );
                 self.signal_group(Signal::SIGKILL);
-                self.wait_exit().await
+                // A process stuck in the kernel (a wedged GPU driver) may not die even now:
+                // report it rather than wait forever.
+                match tokio::time::timeout(KILL_WAIT, self.wait_exit()).await {
+                    Ok(reason) => reason,
+                    Err(_) => {
+                        tracing::error!(
+                            pid = self.pid,
+                            "engine did not exit after SIGKILL; leaving it"
+                        );
+                        format!("did not exit {} s after SIGKILL", KILL_WAIT.as_secs())
+                    }
+                }
             }
         };
         // Anything the engine started and left behind goes with it.
@@ -238,8 +252,10 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    // The 4 KiB window may start inside a UTF-8 character.
+    let text = String::from_utf8_lossy(&bytes);
     let tail: Vec<&str> = text.lines().rev().take(lines).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
