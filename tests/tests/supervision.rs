@@ -733,3 +733,44 @@ async fn operators_drive_a_pool_from_the_cli_and_the_token_guarded_shim() {
     let (status, body) = shim_request(&shim, "GET", "/gpus", Some(token), "");
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
+    let mut stack = managed(Options::default());
+    let client = stack.client().await;
+    let mut mirror = client.subscribe().await.unwrap();
+    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    let main = stack.engine_pid().unwrap();
+    let slow = model_file(stack.path(), "slow", &serde_json::json!({"load_ms": 60000}));
+    client
+        .reload(&pool(), slow.to_str().unwrap())
+        .await
+        .unwrap();
+    let engines = state_dir(stack.path()).join("engines");
+    let side_pid = || -> Option<u32> {
+        let entry = std::fs::read_dir(&engines)
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().ends_with(".side.json"))?;
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
+        record["pid"].as_u64().map(|pid| pid as u32)
+    };
+    wait_until("the reload's engine is recorded", || side_pid().is_some()).await;
+    let candidate = side_pid().unwrap();
+    assert!(alive(candidate));
+
+    stack.sidecar.kill_with(Signal::SIGKILL);
+    stack.restart_sidecar();
+    wait_until("the interrupted reload's engine is stopped", || {
+        !alive(candidate)
+    })
+    .await;
+    assert!(side_pid().is_none(), "its record is gone too");
+    assert_eq!(
+        stack.engine_pid(),
+        Some(main),
+        "the main engine was adopted"
+    );
+    assert!(alive(main));
+}

@@ -5,7 +5,10 @@
 //! published snapshot (to see a draining pool's leases reach zero).
 
 use super::process::{EngineProcess, log_tail, plan_launch, spawn};
-use super::record::{EngineRecord, read_record, record_path, remove_record, write_record};
+use super::record::{
+    EngineRecord, read_record, record_path, remove_record, side_record_path, side_records,
+    write_record,
+};
 use super::restart::{RestartDecision, RestartTracker};
 use crate::config::{ManagedEngine, PoolConfig, ReloadStrategy};
 use crate::engine_http::EngineHttp;
@@ -166,6 +169,7 @@ impl EngineSupervisor {
     /// the same process, started with the same configuration and ready is adopted; one that
     /// does not match is stopped.
     pub async fn adopt(&mut self) -> Option<Running> {
+        self.stop_side_engines().await;
         let path = self.record_file();
         let record = read_record(&path)?;
         let same_process =
@@ -265,16 +269,35 @@ impl EngineSupervisor {
     }
 
     fn write_record(&self, running: &Running) {
+        self.write_record_at(&self.record_file(), running, &self.model_path);
+    }
+
+    fn write_record_at(&self, path: &Path, running: &Running, model_path: &str) {
         let record = EngineRecord {
             pid: running.process.pid,
             start_ticks: running.process.start_ticks,
             endpoint: running.endpoint.clone(),
             fingerprint: fingerprint(&self.pool, &self.engine),
-            model_path: self.model_path.clone(),
+            model_path: model_path.to_owned(),
             restarts: self.restarts,
         };
-        if let Err(error) = write_record(&self.record_file(), &record) {
+        if let Err(error) = write_record(path, &record) {
             tracing::warn!(pool = %self.pool.id, %error, "cannot write the engine record; this engine cannot be adopted");
+        }
+    }
+
+    /// Stops engines a crashed sidecar left running beside the main one (mid-reload).
+    async fn stop_side_engines(&self) {
+        for path in side_records(&self.paths.state_dir, self.pool.id.as_str()) {
+            if let Some(record) = read_record(&path)
+                && super::record::process_start_ticks(record.pid) == Some(record.start_ticks)
+            {
+                tracing::info!(pool = %self.pool.id, pid = record.pid, "stopping an engine left over from an interrupted reload");
+                EngineProcess::adopted(record.pid, record.start_ticks)
+                    .stop(self.engine.stop_grace())
+                    .await;
+            }
+            remove_record(&path);
         }
     }
 
@@ -533,8 +556,16 @@ impl EngineSupervisor {
     async fn reload_beside(&mut self, mut old: Running, model_path: String) -> Step {
         // Unique per reload, also across sidecar restarts: never the path a live engine uses.
         self.generation = u64::from(rand::random::<u32>()) + 1;
+        let side_record = side_record_path(
+            &self.paths.state_dir,
+            self.pool.id.as_str(),
+            self.generation,
+        );
         let mut candidate = match self.launch(&model_path, self.generation).await {
-            Ok(candidate) => candidate,
+            Ok(candidate) => {
+                self.write_record_at(&side_record, &candidate, &model_path);
+                candidate
+            }
             Err(reason) => {
                 self.reload_failed(&model_path, &reason);
                 return Step::Serve(Box::new(old));
@@ -556,6 +587,7 @@ impl EngineSupervisor {
                     old.process.kill_leftovers();
                     tracing::warn!(pool = %self.pool.id, %reason, "old engine died during a reload");
                     candidate.process.stop(self.engine.stop_grace()).await;
+                    remove_record(&side_record);
                     remove_record(&self.record_file());
                     self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
                     return Step::Failed { reason, ran_for: old.since.elapsed() };
@@ -573,19 +605,24 @@ impl EngineSupervisor {
         };
         if let Err(reason) = ready {
             candidate.process.stop(self.engine.stop_grace()).await;
+            remove_record(&side_record);
             self.reload_failed(&model_path, &reason);
             return Step::Serve(Box::new(old));
         }
         let props = engine_props(&http, &self.pool).await;
         tracing::info!(pool = %self.pool.id, model = %model_path, pid = candidate.process.pid, "reloaded engine ready; swapping");
-        self.model_path = model_path;
         self.report(EngineReport::Swapped {
             endpoint: candidate.endpoint.clone(),
             slots: self.pool.slots.or(props.total_slots),
             engine_version: props.version,
         });
+        // The new engine becomes the main record; the old one's side record lives until it
+        // is retired.
+        let old_model = self.model_path.clone();
+        self.model_path = model_path;
         self.write_record(&candidate);
-        self.retire(old, candidate.endpoint.clone());
+        self.write_record_at(&side_record, &old, &old_model);
+        self.retire(old, candidate.endpoint.clone(), side_record);
         Step::Serve(Box::new(candidate))
     }
 
@@ -600,7 +637,7 @@ impl EngineSupervisor {
     }
 
     /// Stops a swapped-out engine once the pool's leases end, or at the reload deadline.
-    fn retire(&mut self, mut old: Running, new_endpoint: Endpoint) {
+    fn retire(&mut self, mut old: Running, new_endpoint: Endpoint, side_record: PathBuf) {
         let registry = self.registry.clone();
         let pool = self.pool.id.clone();
         let deadline = self.engine.reload.drain_deadline();
@@ -623,6 +660,7 @@ impl EngineSupervisor {
             }
             tracing::info!(%pool, pid = old.process.pid, "retiring the engine a reload replaced");
             old.process.stop(grace).await;
+            remove_record(&side_record);
         });
     }
 

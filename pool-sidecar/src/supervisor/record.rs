@@ -22,6 +22,32 @@ pub fn record_path(state_dir: &Path, pool: &str) -> PathBuf {
     state_dir.join("engines").join(format!("{pool}.json"))
 }
 
+/// The record of an engine that runs beside the pool's main one during a reload (the new one
+/// while it starts, the old one while it retires), so that a sidecar crash in between leaves
+/// nothing behind that nobody knows about.
+pub fn side_record_path(state_dir: &Path, pool: &str, generation: u64) -> PathBuf {
+    state_dir
+        .join("engines")
+        .join(format!("{pool}.{generation}.side.json"))
+}
+
+/// Every side record of `pool`.
+pub fn side_records(state_dir: &Path, pool: &str) -> Vec<PathBuf> {
+    let prefix = format!("{pool}.");
+    let Ok(entries) = std::fs::read_dir(state_dir.join("engines")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&prefix) && name.ends_with(".side.json"))
+        })
+        .collect()
+}
+
 /// Writes the record atomically (temp file + rename).
 pub fn write_record(path: &Path, record: &EngineRecord) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
