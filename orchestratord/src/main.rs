@@ -1,70 +1,132 @@
-//! `orchestratord` (skeleton): connects to pool-managerd, keeps a live mirror of its registry
-//! and logs every change. The HTTP front door (admission, placement, streaming) is built on this
-//! mirror in a later step; until then this binary serves no requests.
+//! `orchestratord`: parses flags, loads and validates its config (refusing a public listener
+//! without API keys), binds, connects to pool-managerd in the background (it may start later),
+//! and serves until SIGTERM/SIGINT.
 
 use clap::Parser;
-use pool_ipc::client::{ClientConfig, ConnectionState, PoolClient};
+use orchestratord::adapters::EngineClients;
+use orchestratord::app::{AppState, router};
+use orchestratord::config::RawConfig;
+use orchestratord::scheduler::Scheduler;
+use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
     name = "orchestratord",
     version,
-    about = "LLM request orchestrator (skeleton: follows pool-managerd's registry, serves no HTTP yet)"
+    about = "LLM request orchestrator in front of pool-managerd"
 )]
 struct Args {
-    /// pool-managerd's socket (default: $POOL_MANAGERD_SOCKET, /run/pool-managerd/pool.sock for
-    /// root, $XDG_RUNTIME_DIR/pool-managerd/pool.sock otherwise).
+    /// TOML config file (optional: every setting has a default).
+    #[arg(long, env = "ORCHESTRATORD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (ip:port; port 0 for any); overrides the config.
+    #[arg(long, env = "ORCHESTRATORD_LISTEN")]
+    listen: Option<String>,
+    /// pool-managerd's socket; overrides the config (default: $POOL_MANAGERD_SOCKET, then the
+    /// system or per-user default).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// API keys, one per line; overrides the config.
+    #[arg(long, env = "ORCHESTRATORD_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let socket = match resolve_socket_path(args.socket) {
-        Ok(socket) => socket,
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("orchestratord: {error}");
+            eprintln!("orchestratord: cannot start the async runtime: {error}");
             return ExitCode::from(2);
         }
     };
-    let client = PoolClient::start(ClientConfig::new(socket, "orchestratord"));
-    let mut state = client.connection_state();
-    loop {
-        let connected = state
-            .wait_for(|state| matches!(state, ConnectionState::Connected { .. }))
-            .await
-            .is_ok();
-        if !connected {
-            return ExitCode::from(1);
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("orchestratord: {message}");
+            ExitCode::from(2)
         }
-        match client.subscribe().await {
-            Ok(mut mirror) => {
-                tracing::info!("following pool-managerd's registry");
-                loop {
-                    tokio::select! {
-                        changed = mirror.changed() => if changed.is_err() { break },
-                        _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-                    }
-                    let mirror = mirror.borrow_and_update();
-                    for pool in &mirror.snapshot.pools {
-                        tracing::info!(epoch = mirror.snapshot.epoch, connected = mirror.connected, pool = %pool.pool_id, state = %pool.state, slots_free = pool.slots_free, slots_total = pool.slots_total, "pool");
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "subscribe failed; retrying on the next connection")
-            }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut raw = match &args.config {
+        Some(path) => RawConfig::load(path).map_err(|error| error.to_string())?,
+        None => RawConfig::default(),
+    };
+    if args.listen.is_some() {
+        raw.listen = args.listen;
+    }
+    if args.socket.is_some() {
+        raw.socket = args.socket;
+    }
+    if args.api_keys_file.is_some() {
+        raw.api_keys_file = args.api_keys_file;
+    }
+    let config = raw.validate().map_err(|error| error.to_string())?;
+    let socket = resolve_socket_path(config.socket.clone()).map_err(|error| error.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|error| format!("cannot listen on {}: {error}", config.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|error| format!("cannot read the bound address: {error}"))?;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
+    let mirror = pools.follow();
+    let scheduler = Scheduler::start(pools.clone(), mirror.clone(), config.admission.clone());
+    let state = AppState {
+        config: Arc::new(config),
+        pools,
+        mirror,
+        scheduler,
+        engines: Arc::new(EngineClients::new(shutdown.clone())),
+    };
+    tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "READY listen={local}");
+    let _ = stdout.flush();
+
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        })
+        .await
+        .map_err(|error| format!("server failed: {error}"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
     }
 }

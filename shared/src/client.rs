@@ -350,6 +350,21 @@ impl PoolClient {
         }
     }
 
+    /// The registry mirror, kept current from now on: subscribes at once when connected, and
+    /// on every (re)connect otherwise. Unlike [`Self::subscribe`] it never waits or fails, so a
+    /// daemon can start before pool-managerd does.
+    pub fn follow(&self) -> watch::Receiver<RegistryMirror> {
+        if !self.shared.subscribed.swap(true, Ordering::SeqCst) {
+            // Without a connection this fails, and the connect that follows subscribes.
+            let _ = send_call(
+                &self.shared,
+                Request::Subscribe,
+                Pending::Internal("subscribe"),
+            );
+        }
+        self.shared.mirror.subscribe()
+    }
+
     pub async fn drain(&self, pool: &PoolId, deadline: Duration) -> Result<(), ClientError> {
         let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
         self.admin(Request::Drain {

@@ -1,0 +1,458 @@
+//! [`EngineClients`]: one pooled HTTP/1.1 client per engine endpoint, and the one retry rule.
+//!
+//! Each endpoint gets, on first use, a hyper-util client over `HttpConnector` (TCP, `TCP_NODELAY` on:
+//! without it Nagle's algorithm against a delayed ACK adds ~40 ms per request on a keep-alive
+//! connection) or `hyperlocal::UnixConnector` (Unix socket). Connections are kept alive and reused.
+//! Idle ones are dropped after [`IDLE_TIMEOUT`], below cpp-httplib's 5 s keep-alive in llama-server,
+//! so we never pick a connection the engine is about to close.
+//!
+//! Retry rule (the only one): a request is sent again, once, on a brand-new connection, only when
+//! hyper's error proves the engine never received the whole request, so it cannot have started the
+//! generation:
+//! - establishing the connection failed (`hyper_util::client::legacy::Error::is_connect()`);
+//! - hyper handed the request back unsent: the pooled connection was found closed before its task
+//!   dequeued the request (hyper-util's `Canceled` kind, caused by a `hyper::Error` with
+//!   `is_canceled()`);
+//! - writing the request failed (hyper's `BodyWrite` kind, "error writing a body to connection",
+//!   e.g. EPIPE): a failed write means at least the request's last bytes never left, and an engine
+//!   acts only on a complete request (a JSON body of known length). This is how a stale pooled
+//!   Unix-socket connection shows up: the engine restarted, the idle connection's task has not yet
+//!   seen the EOF, and the write hits EPIPE.
+//!
+//! Neither kind has a public predicate, so each is recognised by its type in the error chain *and*
+//! its `Display` text: if an upgrade rewords one, we retry less, never more (the stale-connection
+//! test pins the behaviour). Never retried: anything after the request was completely written — a
+//! reset or EOF while waiting for the answer or mid-stream — since the engine may have started the
+//! generation. On TCP a write to a connection the engine already closed succeeds (the engine answers
+//! with a reset), so a stale TCP connection would surface as such a read error; [`IDLE_TIMEOUT`],
+//! below the engine's own keep-alive, is what keeps TCP connections from going stale under us.
+//!
+//! hyper-util's own retry of unsent requests is switched off, so this is the whole policy, and the
+//! retry goes to a client with pooling disabled: after an engine restart every pooled connection is
+//! stale, and "try another pooled one" could hit the next stale one. A generation never runs twice.
+//!
+//! Connection tasks (and hyper-util's pool tasks) run on a `TaskTracker` owned here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Method, Request, Response, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioTimer;
+use hyperlocal::UnixConnector;
+use pool_ipc::registry::Endpoint;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::stream::EngineStream;
+use super::{AdapterError, EngineRequest, MAX_ENGINE_TEXT, error_chain};
+
+/// How long an idle pooled connection may be reused. Below cpp-httplib's (llama-server's) 5 s
+/// keep-alive timeout, so the engine never closes a connection just as we reuse it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+
+type LegacyError = hyper_util::client::legacy::Error;
+
+/// Runs hyper's connection tasks on a tracker, so they have an owner ([`EngineClients::close`]).
+#[derive(Debug, Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        // The tracker owns the task; the handle is not needed.
+        drop(self.0.spawn(future));
+    }
+}
+
+/// The two clients of one endpoint: `shared` pools connections, `fresh` never reuses one (for the
+/// retry of a request that a stale pooled connection handed back).
+#[derive(Debug, Clone)]
+struct Clients<C> {
+    shared: Client<C, Full<Bytes>>,
+    fresh: Client<C, Full<Bytes>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    Shared,
+    Fresh,
+}
+
+impl<C> Clients<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    fn new(executor: &TrackedExecutor, connector: C) -> Self {
+        let mut builder = Client::builder(executor.clone());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            // This module decides retries (see the module header).
+            .retry_canceled_requests(false);
+        let shared = builder.build(connector.clone());
+        builder.pool_max_idle_per_host(0);
+        let fresh = builder.build(connector);
+        Self { shared, fresh }
+    }
+
+    async fn send(
+        &self,
+        pool: Pool,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, LegacyError> {
+        match pool {
+            Pool::Shared => self.shared.request(request).await,
+            Pool::Fresh => self.fresh.request(request).await,
+        }
+    }
+}
+
+/// How requests reach one endpoint.
+#[derive(Debug, Clone)]
+enum Transport {
+    Tcp {
+        clients: Clients<HttpConnector>,
+        authority: Authority,
+    },
+    Unix {
+        clients: Clients<UnixConnector>,
+        /// hyperlocal's addressing: the socket path, hex-encoded, as the URI host.
+        authority: Authority,
+    },
+}
+
+impl Transport {
+    fn new(executor: &TrackedExecutor, endpoint: &Endpoint) -> Result<Self, AdapterError> {
+        match endpoint {
+            Endpoint::Http { authority } => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.enforce_http(true);
+                Ok(Self::Tcp {
+                    clients: Clients::new(executor, connector),
+                    authority: parse_authority(authority)?,
+                })
+            }
+            Endpoint::Unix { path } => {
+                let authority = format!("{}:0", hex(path.as_bytes()));
+                Ok(Self::Unix {
+                    clients: Clients::new(executor, UnixConnector),
+                    authority: parse_authority(&authority)?,
+                })
+            }
+        }
+    }
+
+    fn uri(&self, path: &'static str) -> Result<Uri, AdapterError> {
+        let (scheme, authority) = match self {
+            Self::Tcp { authority, .. } => (Scheme::HTTP, authority),
+            Self::Unix { authority, .. } => (Scheme::try_from("unix").map_err(bad_uri)?, authority),
+        };
+        Uri::builder()
+            .scheme(scheme)
+            .authority(authority.clone())
+            .path_and_query(PathAndQuery::from_static(path))
+            .build()
+            .map_err(bad_uri)
+    }
+
+    async fn send(
+        &self,
+        pool: Pool,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, LegacyError> {
+        match self {
+            Self::Tcp { clients, .. } => clients.send(pool, request).await,
+            Self::Unix { clients, .. } => clients.send(pool, request).await,
+        }
+    }
+}
+
+fn parse_authority(text: &str) -> Result<Authority, AdapterError> {
+    Authority::try_from(text).map_err(bad_uri)
+}
+
+fn bad_uri(error: impl std::fmt::Display) -> AdapterError {
+    AdapterError::WorkerReset {
+        detail: format!("the engine endpoint cannot be addressed: {error}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+/// Whether hyper's error proves the engine never received the whole request (module header).
+fn never_delivered(error: &LegacyError) -> bool {
+    if error.is_connect() {
+        return true;
+    }
+    let Some(cause) = hyper_cause(error) else {
+        return false;
+    };
+    match error.to_string().as_str() {
+        // The request came back from the connection's queue without being written.
+        "client error (Canceled)" => cause.is_canceled(),
+        // A write of the request failed, so its end never left.
+        "client error (SendRequest)" => cause.to_string() == "error writing a body to connection",
+        _ => false,
+    }
+}
+
+/// The first `hyper::Error` in `error`'s source chain.
+fn hyper_cause(error: &LegacyError) -> Option<&hyper::Error> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            return Some(hyper_error);
+        }
+        source = cause.source();
+    }
+    None
+}
+
+fn connection_lost(error: &LegacyError) -> AdapterError {
+    AdapterError::WorkerReset {
+        detail: error_chain(error),
+    }
+}
+
+/// One pooled HTTP client per engine endpoint, created on first use. Shared by every request
+/// (`&self`); cheap to call concurrently.
+#[derive(Debug)]
+pub struct EngineClients {
+    /// Endpoint → its clients. A std mutex: held only to look up or insert, never across an await.
+    transports: Mutex<HashMap<Endpoint, Transport>>,
+    executor: TrackedExecutor,
+    shutdown: CancellationToken,
+    unsent_retries: AtomicU64,
+}
+
+impl Default for EngineClients {
+    /// Clients with a shutdown token nobody cancels.
+    fn default() -> Self {
+        Self::new(CancellationToken::new())
+    }
+}
+
+impl EngineClients {
+    /// Cancelling `shutdown` (or calling [`close`](Self::close)) ends every request in flight, and
+    /// every stream, with [`AdapterError::Cancelled`], closing its engine connection.
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            transports: Mutex::new(HashMap::new()),
+            executor: TrackedExecutor(TaskTracker::new()),
+            // A child, so that `close` cancels engine work without cancelling the caller's token.
+            shutdown: shutdown.child_token(),
+            unsent_retries: AtomicU64::new(0),
+        }
+    }
+
+    /// Sends `request` to its engine and returns the stream of its events once the engine has
+    /// answered 2xx. Waits at most `request.head_limit` (default `stall_limit`) for the answer, then
+    /// at most `stall_limit` for each later read. Sends `X-Correlation-Id: correlation_id` (omitted,
+    /// with a warning, if it is not a valid header value).
+    ///
+    /// Dropping the returned future before it completes closes the connection, as dropping the
+    /// stream does.
+    pub async fn stream(
+        &self,
+        request: EngineRequest,
+        stall_limit: Duration,
+        correlation_id: &str,
+    ) -> Result<EngineStream, AdapterError> {
+        if !request.route.is_served_by(request.kind) {
+            return Err(AdapterError::UnsupportedRoute {
+                kind: request.kind,
+                route: request.route,
+            });
+        }
+        let head_limit = request.head_limit.unwrap_or(stall_limit);
+        let transport = self.transport(&request.endpoint)?;
+        let exchange =
+            tokio::time::timeout(head_limit, self.send(&transport, &request, correlation_id));
+        let response = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Err(AdapterError::Cancelled),
+            answer = exchange => match answer {
+                Ok(response) => response?,
+                Err(_) => return Err(AdapterError::DecodeTimeout { after: head_limit }),
+            },
+        };
+        let status = response.status();
+        let body = response.into_body();
+        if !status.is_success() {
+            let body = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Err(AdapterError::Cancelled),
+                body = read_error_body(body, stall_limit) => body,
+            };
+            tracing::debug!(
+                correlation_id,
+                status = status.as_u16(),
+                route = %request.route,
+                engine = request.kind.name(),
+                "engine rejected the request"
+            );
+            return Err(AdapterError::EngineRejected {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        Ok(EngineStream::new(
+            body,
+            request.route,
+            stall_limit,
+            self.shutdown.clone().cancelled_owned(),
+            correlation_id,
+        ))
+    }
+
+    /// How many requests were sent a second time because hyper proved the engine never received
+    /// the first attempt (a stale pooled connection, or a failed connect). For metrics and tests.
+    pub fn unsent_retries(&self) -> u64 {
+        self.unsent_retries.load(Ordering::Relaxed)
+    }
+
+    /// Drops the clients of an endpoint that is gone (its engine was stopped or moved), closing its
+    /// idle connections. Streams already running keep their connections until they end.
+    pub fn forget(&self, endpoint: &Endpoint) {
+        let removed = self.transports().remove(endpoint);
+        drop(removed);
+    }
+
+    /// Shuts the clients down: every request and stream in flight ends with
+    /// [`AdapterError::Cancelled`] at its next poll, every endpoint is forgotten (idle connections
+    /// close at once), then this waits until every connection task has ended — those of running
+    /// streams end when their holders drop them. Requests made afterwards fail with `Cancelled`.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        let removed = std::mem::take(&mut *self.transports());
+        drop(removed);
+        self.executor.0.close();
+        self.executor.0.wait().await;
+    }
+
+    fn transports(&self) -> MutexGuard<'_, HashMap<Endpoint, Transport>> {
+        // The map is only inserted into or removed from; a panic elsewhere cannot leave it torn.
+        self.transports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn transport(&self, endpoint: &Endpoint) -> Result<Transport, AdapterError> {
+        let mut transports = self.transports();
+        if let Some(transport) = transports.get(endpoint) {
+            return Ok(transport.clone());
+        }
+        let transport = Transport::new(&self.executor, endpoint)?;
+        transports.insert(endpoint.clone(), transport.clone());
+        Ok(transport)
+    }
+
+    /// Sends once, and once more on a fresh connection if hyper proves the engine never received
+    /// the whole request.
+    async fn send(
+        &self,
+        transport: &Transport,
+        request: &EngineRequest,
+        correlation_id: &str,
+    ) -> Result<Response<Incoming>, AdapterError> {
+        let first = transport
+            .send(Pool::Shared, build(transport, request, correlation_id)?)
+            .await;
+        let error = match first {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        if !never_delivered(&error) {
+            return Err(connection_lost(&error));
+        }
+        self.unsent_retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            correlation_id,
+            error = %error_chain(&error),
+            "the engine never received the whole request; sending it once more on a fresh connection"
+        );
+        transport
+            .send(Pool::Fresh, build(transport, request, correlation_id)?)
+            .await
+            .map_err(|error| connection_lost(&error))
+    }
+}
+
+/// The HTTP request for `request`. Its body is shared, not copied, between attempts.
+fn build(
+    transport: &Transport,
+    request: &EngineRequest,
+    correlation_id: &str,
+) -> Result<Request<Full<Bytes>>, AdapterError> {
+    let mut http = Request::new(Full::new(request.body.clone()));
+    *http.method_mut() = Method::POST;
+    *http.uri_mut() = transport.uri(request.route.path())?;
+    let headers = http.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+    match HeaderValue::from_str(correlation_id) {
+        Ok(value) => {
+            headers.insert(CORRELATION_ID, value);
+        }
+        Err(_) => tracing::warn!(
+            correlation_id,
+            "correlation id is not a valid header value; not sent to the engine"
+        ),
+    }
+    Ok(http)
+}
+
+/// An error answer's body, up to [`MAX_ENGINE_TEXT`] bytes, read within `limit`.
+async fn read_error_body(mut body: Incoming, limit: Duration) -> String {
+    let mut collected = Vec::new();
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                let room = MAX_ENGINE_TEXT - collected.len();
+                collected.extend_from_slice(&data[..data.len().min(room)]);
+                if collected.len() >= MAX_ENGINE_TEXT {
+                    break;
+                }
+            }
+        }
+    };
+    // An engine that stalls mid-error keeps what it sent.
+    let _ = tokio::time::timeout(limit, read).await;
+    String::from_utf8_lossy(&collected).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hex;
+
+    #[test]
+    fn socket_paths_are_hex_encoded_as_hyperlocal_expects() {
+        assert_eq!(hex(b"/tmp/a.sock"), "2f746d702f612e736f636b");
+        let uri: hyper::Uri = hyperlocal::Uri::new("/tmp/a.sock", "/x").into();
+        assert_eq!(uri.host(), Some("2f746d702f612e736f636b"));
+    }
+}

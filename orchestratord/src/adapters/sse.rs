@@ -1,0 +1,253 @@
+//! Incremental Server-Sent Events decoding of an engine's response body. Pure and synchronous:
+//! bytes go in with [`SseDecoder::push`], whole events come out of [`SseDecoder::next_event`], and
+//! "not enough bytes yet" is `Ok(None)`, a normal condition.
+//!
+//! What it accepts: `field: value` lines ending in `\n` or `\r\n`; an event ends at a blank line.
+//! `data` lines are joined with `\n` (the SSE rule); llama-server's non-standard `error:` field makes
+//! the event an [`SseEvent::Error`]; comments (`:` keep-alives) and other fields (`event`, `id`,
+//! `retry`) are ignored. A lone `\r` line ending is not supported (no engine we target sends one).
+//!
+//! Invariant: an event's payload is a zero-copy slice of the bytes pushed whenever the event has one
+//! `data` line and did not straddle two pushes; nothing is ever re-encoded.
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+/// The largest event accepted. llama-server's native final event repeats the whole prompt, so this
+/// is generous; past it the stream is treated as malformed rather than buffered without bound.
+pub(super) const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum SseEvent {
+    /// The event's `data` (exact payload bytes).
+    Data(Bytes),
+    /// An `error:` event (llama-server reports a failure mid-stream this way): its value.
+    Error(Bytes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum SseError {
+    #[error("an SSE event exceeds {MAX_EVENT_BYTES} bytes")]
+    EventTooLarge,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct SseDecoder {
+    /// Bytes pushed and not yet consumed; starts at the first line of the current event.
+    buf: Bytes,
+    /// Offset in `buf` up to which lines are known complete and non-blank, so a partial event is not
+    /// rescanned from its start on every push.
+    scanned: usize,
+}
+
+impl SseDecoder {
+    /// Appends bytes read from the body. Copies only when an event straddles two reads.
+    pub(super) fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.buf.is_empty() {
+            self.buf = chunk;
+            self.scanned = 0;
+            return;
+        }
+        let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
+        joined.extend_from_slice(&self.buf);
+        joined.extend_from_slice(&chunk);
+        self.buf = joined.freeze();
+    }
+
+    /// Whether bytes of an unfinished event are buffered (a stream ending now was cut mid-event).
+    pub(super) fn has_partial_event(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The next complete event, or `Ok(None)` until more bytes are pushed.
+    pub(super) fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+        loop {
+            let Some(blank) = self.find_blank_line() else {
+                if self.buf.len() > MAX_EVENT_BYTES {
+                    return Err(SseError::EventTooLarge);
+                }
+                return Ok(None);
+            };
+            let (end_of_lines, after_blank) = blank;
+            let event = parse_event(&self.buf.slice(..end_of_lines));
+            self.buf.advance(after_blank);
+            self.scanned = 0;
+            if let Some(event) = event {
+                return Ok(Some(event));
+            }
+            // Comments or fields without data: nothing to hand out, look for the next event.
+        }
+    }
+
+    /// Finds the first blank line at or after `scanned`: `(start of the blank line, index after it)`.
+    /// Updates `scanned` past the complete non-blank lines seen.
+    fn find_blank_line(&mut self) -> Option<(usize, usize)> {
+        let bytes = &self.buf[..];
+        let mut line_start = self.scanned;
+        while let Some(offset) = bytes[line_start..].iter().position(|&b| b == b'\n') {
+            let newline = line_start + offset;
+            let line = &bytes[line_start..newline];
+            if line.is_empty() || line == b"\r" {
+                return Some((line_start, newline + 1));
+            }
+            line_start = newline + 1;
+            self.scanned = line_start;
+        }
+        None
+    }
+}
+
+/// Parses the lines of one event (everything before its blank line).
+fn parse_event(lines: &Bytes) -> Option<SseEvent> {
+    let mut data: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut error: Option<Bytes> = None;
+    let mut start = 0;
+    while start < lines.len() {
+        let end = lines[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(lines.len(), |offset| start + offset);
+        let mut line_end = end;
+        if line_end > start && lines[line_end - 1] == b'\r' {
+            line_end -= 1;
+        }
+        let line = lines.slice(start..line_end);
+        start = end + 1;
+        if line.first() == Some(&b':') {
+            continue;
+        }
+        let (name, value) = match line.iter().position(|&b| b == b':') {
+            Some(colon) => {
+                let mut value_start = colon + 1;
+                if line.get(value_start) == Some(&b' ') {
+                    value_start += 1;
+                }
+                (line.slice(..colon), line.slice(value_start..))
+            }
+            None => (line.clone(), Bytes::new()),
+        };
+        match &name[..] {
+            b"data" => match (&mut joined, &data) {
+                (Some(buffer), _) => {
+                    buffer.extend_from_slice(b"\n");
+                    buffer.extend_from_slice(&value);
+                }
+                (None, Some(first)) => {
+                    let mut buffer = BytesMut::with_capacity(first.len() + 1 + value.len());
+                    buffer.extend_from_slice(first);
+                    buffer.extend_from_slice(b"\n");
+                    buffer.extend_from_slice(&value);
+                    joined = Some(buffer);
+                }
+                (None, None) => data = Some(value),
+            },
+            b"error" => error = Some(value),
+            _ => {}
+        }
+    }
+    if let Some(error) = error {
+        return Some(SseEvent::Error(error));
+    }
+    joined.map(BytesMut::freeze).or(data).map(SseEvent::Data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(decoder: &mut SseDecoder) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(event) = decoder.next_event().unwrap() {
+            events.push(event);
+        }
+        events
+    }
+
+    fn data(text: &str) -> SseEvent {
+        SseEvent::Data(Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn events_in_one_read_come_out_in_order() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(b"data: {\"a\":1}\n\ndata: [DONE]\n\n"));
+        assert_eq!(
+            decode_all(&mut decoder),
+            vec![data("{\"a\":1}"), data("[DONE]")]
+        );
+        assert!(!decoder.has_partial_event());
+    }
+
+    #[test]
+    fn an_event_split_at_every_byte_is_reassembled() {
+        let wire = b"data: {\"content\":\" fox\"}\r\n\r\n: keep-alive\n\ndata:x\n\n";
+        let mut decoder = SseDecoder::default();
+        let mut events = Vec::new();
+        for byte in wire {
+            decoder.push(Bytes::copy_from_slice(&[*byte]));
+            events.extend(decode_all(&mut decoder));
+        }
+        assert_eq!(events, vec![data("{\"content\":\" fox\"}"), data("x")]);
+        assert!(!decoder.has_partial_event());
+    }
+
+    #[test]
+    fn a_single_line_payload_is_a_slice_of_the_pushed_bytes() {
+        let wire = Bytes::from_static(b"data: payload\n\n");
+        let mut decoder = SseDecoder::default();
+        decoder.push(wire.clone());
+        let Some(SseEvent::Data(payload)) = decoder.next_event().unwrap() else {
+            panic!("expected a data event");
+        };
+        assert_eq!(&payload[..], b"payload");
+        assert_eq!(payload.as_ptr(), wire[6..].as_ptr());
+    }
+
+    #[test]
+    fn comments_and_other_fields_are_ignored() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(
+            b": ping\n\nevent: message\nid: 7\nretry: 10\ndata: x\n\n",
+        ));
+        assert_eq!(decode_all(&mut decoder), vec![data("x")]);
+    }
+
+    #[test]
+    fn several_data_lines_are_joined_with_newlines() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(b"data: a\ndata: b\ndata:c\n\n"));
+        assert_eq!(decode_all(&mut decoder), vec![data("a\nb\nc")]);
+    }
+
+    #[test]
+    fn an_error_field_makes_an_error_event() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(b"error: {\"code\":500}\n\n"));
+        assert_eq!(
+            decode_all(&mut decoder),
+            vec![SseEvent::Error(Bytes::from_static(b"{\"code\":500}"))]
+        );
+    }
+
+    #[test]
+    fn an_unfinished_event_waits_for_more_bytes() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(b"data: {\"a\":"));
+        assert_eq!(decoder.next_event().unwrap(), None);
+        assert!(decoder.has_partial_event());
+        decoder.push(Bytes::from_static(b"1}\n"));
+        assert_eq!(decoder.next_event().unwrap(), None);
+        decoder.push(Bytes::from_static(b"\n"));
+        assert_eq!(decode_all(&mut decoder), vec![data("{\"a\":1}")]);
+    }
+
+    #[test]
+    fn an_event_past_the_size_limit_is_an_error() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from(vec![b'x'; MAX_EVENT_BYTES + 1]));
+        assert_eq!(decoder.next_event(), Err(SseError::EventTooLarge));
+    }
+}

@@ -1,0 +1,50 @@
+//! `/livez` (the process is up) and `/readyz` (pool-managerd connected and at least one pool
+//! ready), and the JSON 404 for unknown routes.
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use pool_ipc::registry::PoolState;
+use serde_json::json;
+
+pub async fn livez() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let mirror = state.mirror.borrow();
+    let ready = mirror
+        .snapshot
+        .pools
+        .iter()
+        .filter(|pool| pool.state == PoolState::Ready)
+        .count();
+    let body = json!({
+        "pool_manager_connected": mirror.connected,
+        "pools_ready": ready,
+    });
+    let status = if mirror.connected && ready > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub async fn not_found(request: Request) -> Response {
+    let error = ApiError::InvalidParams(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ));
+    let mut response = if request.uri().path().starts_with("/v1/") {
+        error.openai_response()
+    } else {
+        error.native_response()
+    };
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
+}

@@ -1,0 +1,5 @@
+//! HTTP handlers: `openai` (the OpenAI-compatible /v1 API), `health` (liveness, readiness,
+//! fallbacks).
+
+pub mod health;
+pub mod openai;

@@ -1,0 +1,190 @@
+//! orchestratord's configuration: a TOML file, overridden by flags and environment (see
+//! `main.rs`), validated before anything binds. A non-loopback listener without API keys is
+//! refused: an inference endpoint open to the network is an operator's mistake, not a default.
+
+use crate::admission::{AdmissionConfig, FullPolicy};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    /// pool-managerd's socket.
+    pub socket: Option<PathBuf>,
+    /// One API key per line; blank lines and `#` comments ignored.
+    pub api_keys_file: Option<PathBuf>,
+    /// Paths reachable without a key (default: /livez, /readyz, /metrics).
+    pub open_paths: Option<Vec<String>>,
+    pub max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub admission: RawAdmission,
+    #[serde(default)]
+    pub streaming: RawStreaming,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    pub capacity: Option<usize>,
+    pub full_policy: Option<FullPolicy>,
+    pub batch_max_wait_ms: Option<u64>,
+    /// How long a request may wait in the queue unless it says otherwise.
+    pub queue_deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStreaming {
+    /// An engine silent this long mid-stream is a DECODE_TIMEOUT.
+    pub decode_stall_ms: Option<u64>,
+    /// A `: keep-alive` comment is sent on streams idle this long (queued, prefilling).
+    pub keepalive_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub socket: Option<PathBuf>,
+    pub api_keys: Vec<String>,
+    pub open_paths: Vec<String>,
+    pub max_body_bytes: usize,
+    pub admission: AdmissionConfig,
+    pub queue_deadline: Duration,
+    pub decode_stall: Duration,
+    pub keepalive: Duration,
+}
+
+impl RawConfig {
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            what: "config",
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            ConfigError::Invalid(format!("listen {listen_text:?} is not an ip:port address"))
+        })?;
+        let api_keys = match &self.api_keys_file {
+            None => Vec::new(),
+            Some(path) => read_keys(path)?,
+        };
+        if !listen.ip().is_loopback() && api_keys.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {listen} (not a loopback address) without API keys: set api_keys_file"
+            )));
+        }
+        let defaults = AdmissionConfig::default();
+        let admission = AdmissionConfig {
+            capacity: self.admission.capacity.unwrap_or(defaults.capacity),
+            full_policy: self.admission.full_policy.unwrap_or(defaults.full_policy),
+            batch_max_wait: self
+                .admission
+                .batch_max_wait_ms
+                .map_or(defaults.batch_max_wait, Duration::from_millis),
+        };
+        let day = 24 * 60 * 60 * 1000;
+        let millis = |name: &str, value: Option<u64>, default: u64| match value {
+            Some(value) if value == 0 || value > day => Err(ConfigError::Invalid(format!(
+                "{name} must be between 1 and {day}, got {value}"
+            ))),
+            value => Ok(Duration::from_millis(value.unwrap_or(default))),
+        };
+        Ok(Config {
+            listen,
+            socket: self.socket,
+            api_keys,
+            open_paths: self
+                .open_paths
+                .unwrap_or_else(|| ["/livez", "/readyz", "/metrics"].map(String::from).to_vec()),
+            max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
+            admission,
+            queue_deadline: millis(
+                "admission.queue_deadline_ms",
+                self.admission.queue_deadline_ms,
+                60_000,
+            )?,
+            decode_stall: millis(
+                "streaming.decode_stall_ms",
+                self.streaming.decode_stall_ms,
+                30_000,
+            )?,
+            keepalive: millis(
+                "streaming.keepalive_ms",
+                self.streaming.keepalive_ms,
+                10_000,
+            )?,
+        })
+    }
+}
+
+fn read_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what: "API key file",
+        path: path.to_owned(),
+        source,
+    })?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    if let Some(short) = keys.iter().find(|key| key.len() < 16) {
+        return Err(ConfigError::Invalid(format!(
+            "API key file {}: keys must be at least 16 characters (one is {})",
+            path.display(),
+            short.len()
+        )));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_public_listener_without_keys_is_refused() {
+        let raw = RawConfig {
+            listen: Some("0.0.0.0:8080".into()),
+            ..RawConfig::default()
+        };
+        let error = raw.validate().unwrap_err().to_string();
+        assert!(error.contains("without API keys"), "{error}");
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_open_health_paths() {
+        let config = RawConfig::default().validate().unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(config.open_paths.contains(&"/livez".to_owned()));
+        assert!(config.api_keys.is_empty());
+    }
+}

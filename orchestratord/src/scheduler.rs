@@ -1,0 +1,367 @@
+//! The scheduler: one task that owns the admission queue and turns queued requests into leases.
+//!
+//! A request is admitted (or refused at once: queue full, model unknown, pool manager down),
+//! then waits until the local mirror of the registry shows a pool for its model with a free
+//! slot; the scheduler Acquires that slot over the socket (the one round trip) and hands the
+//! lease to the waiting handler. It wakes on mirror changes (a freed slot is a published
+//! change), on new requests and on the next queue deadline; nothing polls. A lost race (the
+//! slot went elsewhere between mirror and Acquire) puts the request back in line.
+//!
+//! Every waiter ends in exactly one outcome: placed, refused, expired or cancelled; a lease
+//! whose waiter vanished is dropped, which releases it.
+
+use crate::admission::{AdmissionConfig, AdmissionQueue, Priority, RejectReason, TaskId};
+use crate::error::ApiError;
+use crate::placement::{self, NoPlacement, PlacementHints, SessionAffinity};
+use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
+use pool_ipc::error_code::ErrorCode;
+use pool_ipc::registry::AcquireTarget;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const SIDECAR_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// What a handler asks for.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub model: String,
+    pub priority: Priority,
+    pub session: Option<String>,
+    pub hints: PlacementHints,
+    pub deadline: Instant,
+    /// For logs and the lease's task id.
+    pub correlation_id: String,
+}
+
+/// A granted slot.
+#[derive(Debug)]
+pub struct Placed {
+    pub lease: LeaseGuard,
+    pub queued_for: Duration,
+}
+
+/// An admitted request, waiting for its slot.
+#[derive(Debug)]
+pub struct Ticket {
+    pub id: TaskId,
+    pub position: usize,
+    pub predicted_start: Duration,
+    pub placed: oneshot::Receiver<Result<Placed, ApiError>>,
+    cancel: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for Ticket {
+    /// A handler that goes away (client disconnected) takes its request out of the queue.
+    fn drop(&mut self) {
+        let _ = self.cancel.send(Command::Cancel { id: self.id });
+    }
+}
+
+struct Waiting {
+    demand: Demand,
+    enqueued: Instant,
+    placed: oneshot::Sender<Result<Placed, ApiError>>,
+}
+
+enum Command {
+    Submit {
+        demand: Demand,
+        reply: oneshot::Sender<Result<Ticket, ApiError>>,
+    },
+    Cancel {
+        id: TaskId,
+    },
+    Served {
+        session: Option<(String, pool_ipc::registry::PoolId)>,
+        held_for: Duration,
+    },
+}
+
+/// The handle handlers use.
+#[derive(Clone)]
+pub struct Scheduler {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Scheduler {
+    pub fn start(
+        client: PoolClient,
+        mirror: watch::Receiver<RegistryMirror>,
+        config: AdmissionConfig,
+    ) -> Scheduler {
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let actor = SchedulerActor {
+            queue: AdmissionQueue::new(config),
+            client,
+            mirror,
+            inbox,
+            handle: commands.clone(),
+            affinity: SessionAffinity::default(),
+            next_id: 1,
+        };
+        tokio::spawn(actor.run());
+        Scheduler { commands }
+    }
+
+    /// Admits a request or says why not.
+    pub async fn submit(&self, demand: Demand) -> Result<Ticket, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Submit { demand, reply })
+            .map_err(|_| ApiError::ShuttingDown)?;
+        answer.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// Reports how long a lease was held (feeds the start-time prediction) and the pool a
+    /// session's KV cache now lives on.
+    pub fn served(
+        &self,
+        session: Option<(String, pool_ipc::registry::PoolId)>,
+        held_for: Duration,
+    ) {
+        let _ = self.commands.send(Command::Served { session, held_for });
+    }
+}
+
+struct SchedulerActor {
+    queue: AdmissionQueue<Waiting>,
+    client: PoolClient,
+    mirror: watch::Receiver<RegistryMirror>,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    handle: mpsc::UnboundedSender<Command>,
+    affinity: SessionAffinity,
+    next_id: u64,
+}
+
+impl SchedulerActor {
+    async fn run(mut self) {
+        loop {
+            let deadline = self
+                .queue
+                .next_deadline()
+                .map(tokio::time::Instant::from_std);
+            let expiry = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = self.inbox.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => return,
+                },
+                changed = self.mirror.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.update_capacity_hint();
+                }
+                () = expiry => {}
+            }
+            self.expire();
+            self.dispatch().await;
+        }
+    }
+
+    fn update_capacity_hint(&mut self) {
+        let slots: u32 = self
+            .mirror
+            .borrow()
+            .snapshot
+            .pools
+            .iter()
+            .map(|pool| pool.slots_total)
+            .sum();
+        self.queue.set_capacity_hint(slots.max(1) as usize);
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Submit { demand, reply } => {
+                let outcome = self.admit(demand);
+                if let Err(Ok(ticket)) = reply.send(outcome) {
+                    // The handler left before hearing back: its Drop cancels the ticket.
+                    drop(ticket);
+                }
+            }
+            Command::Cancel { id } => {
+                if self.queue.remove(id).is_some() {
+                    tracing::debug!(task = %id, "cancelled while queued");
+                }
+            }
+            Command::Served { session, held_for } => {
+                self.queue.record_service(held_for);
+                if let Some((session, pool)) = session {
+                    self.affinity.remember(&session, &pool);
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, demand: Demand) -> Result<Ticket, ApiError> {
+        let mirror = self.mirror.borrow();
+        if !mirror.connected {
+            return Err(ApiError::PoolUnavailable {
+                retry_after: SIDECAR_RETRY_AFTER,
+            });
+        }
+        let session_pool = demand
+            .session
+            .as_deref()
+            .and_then(|session| self.affinity.pool_of(session));
+        if let Err(NoPlacement::UnknownModel) =
+            placement::choose(&mirror.snapshot, &demand.model, session_pool, &demand.hints)
+        {
+            return Err(ApiError::ModelNotFound(demand.model));
+        }
+        drop(mirror);
+        let id = TaskId(self.next_id);
+        self.next_id += 1;
+        let (placed, receiver) = oneshot::channel();
+        let now = Instant::now();
+        let deadline = demand.deadline;
+        let priority = demand.priority;
+        let waiting = Waiting {
+            demand,
+            enqueued: now,
+            placed,
+        };
+        match self.queue.push(id, priority, deadline, waiting, now) {
+            Ok(admitted) => {
+                if let Some((dropped_id, dropped)) = admitted.dropped {
+                    tracing::info!(task = %dropped_id, "dropped from the full queue (drop-lru)");
+                    let _ = dropped.placed.send(Err(ApiError::DroppedFromQueue));
+                }
+                Ok(Ticket {
+                    id,
+                    position: admitted.position,
+                    predicted_start: admitted.predicted_start,
+                    placed: receiver,
+                    cancel: self.handle.clone(),
+                })
+            }
+            Err(rejected) => Err(match rejected.reason {
+                RejectReason::QueueFull => ApiError::QueueFull {
+                    retry_after: rejected.retry_after,
+                },
+                RejectReason::DeadlinePassed => ApiError::DeadlineUnmet,
+                RejectReason::DuplicateTask => {
+                    ApiError::Internal(format!("task {id} queued twice"))
+                }
+            }),
+        }
+    }
+
+    fn expire(&mut self) {
+        for (id, waiting) in self.queue.expire(Instant::now()) {
+            tracing::info!(task = %id, "queue deadline passed");
+            let _ = waiting.placed.send(Err(ApiError::DeadlineUnmet));
+        }
+    }
+
+    /// Places every queued request that can be placed now.
+    async fn dispatch(&mut self) {
+        loop {
+            let choice = {
+                let mirror = self.mirror.borrow();
+                if !mirror.connected {
+                    return;
+                }
+                let snapshot = &mirror.snapshot;
+                let affinity = &self.affinity;
+                let next = self.queue.next_eligible(Instant::now(), |waiting| {
+                    let session_pool = waiting
+                        .demand
+                        .session
+                        .as_deref()
+                        .and_then(|session| affinity.pool_of(session));
+                    placement::choose(
+                        snapshot,
+                        &waiting.demand.model,
+                        session_pool,
+                        &waiting.demand.hints,
+                    )
+                    .is_ok()
+                });
+                let Some((id, waiting)) = next else {
+                    return;
+                };
+                let session_pool = waiting
+                    .demand
+                    .session
+                    .as_deref()
+                    .and_then(|session| affinity.pool_of(session));
+                match placement::choose(
+                    snapshot,
+                    &waiting.demand.model,
+                    session_pool,
+                    &waiting.demand.hints,
+                ) {
+                    Ok(pool) => (id, waiting, pool),
+                    Err(_) => {
+                        let _ = waiting
+                            .placed
+                            .send(Err(ApiError::Internal("placement changed its mind".into())));
+                        continue;
+                    }
+                }
+            };
+            let (id, waiting, pool) = choice;
+            if waiting.placed.is_closed() {
+                continue;
+            }
+            let acquired = self
+                .client
+                .acquire(
+                    AcquireTarget::Pool(pool.clone()),
+                    waiting.demand.correlation_id.clone(),
+                    waiting.demand.session.clone(),
+                )
+                .await;
+            match acquired {
+                Ok(lease) => {
+                    let queued_for = waiting.enqueued.elapsed();
+                    if let Err(Ok(orphan)) = waiting.placed.send(Ok(Placed { lease, queued_for })) {
+                        // Dropping the guard releases the lease.
+                        drop(orphan);
+                    }
+                }
+                Err(ClientError::Remote(error))
+                    if matches!(
+                        error.code,
+                        ErrorCode::NoCapacity | ErrorCode::NotReady | ErrorCode::Draining
+                    ) =>
+                {
+                    // Lost a race against the mirror: back in line; the next change retries.
+                    tracing::debug!(task = %id, %pool, %error, "lost the race for a slot");
+                    let deadline = waiting.demand.deadline;
+                    let priority = waiting.demand.priority;
+                    match self
+                        .queue
+                        .push(id, priority, deadline, waiting, Instant::now())
+                    {
+                        Ok(admitted) => {
+                            if let Some((dropped_id, dropped)) = admitted.dropped {
+                                tracing::info!(task = %dropped_id, "dropped from the full queue (drop-lru)");
+                                let _ = dropped.placed.send(Err(ApiError::DroppedFromQueue));
+                            }
+                        }
+                        Err(rejected) => {
+                            // The queue filled up (or the deadline passed) meanwhile: the
+                            // payload is gone, and its handler sees its channel close.
+                            tracing::warn!(task = %id, %rejected, "could not requeue after a lost race");
+                        }
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(task = %id, %pool, %error, "acquire failed");
+                    let _ = waiting.placed.send(Err(ApiError::PoolUnavailable {
+                        retry_after: SIDECAR_RETRY_AFTER,
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! orchestratord end to end: pool-managerd supervising test engine doubles (fake llama-servers,
+//! no model or GPU needed), orchestratord in front, clients speaking OpenAI's HTTP API.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::sidecar::{socket_path, start_sidecar};
+use e2e::{Daemon, DaemonBuilder, binary, http, temp_dir};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Stack {
+    dir: TempDir,
+    sidecar: Daemon,
+    orchestrator: Daemon,
+}
+
+/// One managed pool `p` serving model `double` with `slots` slots; `engine_flags` go to the
+/// engine double; `orchestrator_toml` is orchestratord's config.
+fn stack(slots: u32, engine_flags: &[&str], orchestrator_toml: &str) -> Stack {
+    let dir = temp_dir();
+    let model = dir.path().join("model.json");
+    std::fs::write(&model, "{}").unwrap();
+    let flags: String = engine_flags.iter().map(|f| format!(", {f:?}")).collect();
+    let config = format!(
+        r#"
+[[pool]]
+id = "p"
+model = "double"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "{slots}", "--model", "{{model}}"{flags}]
+model_path = {model:?}
+listen = "unix"
+startup_timeout_ms = 5000
+stop_grace_ms = 500
+[pool.probe]
+interval_ms = 100
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+        model = model.display().to_string(),
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let sidecar = start_sidecar(dir.path(), &config_path);
+    let orchestrator_config = dir.path().join("orchestratord.toml");
+    std::fs::write(&orchestrator_config, orchestrator_toml).unwrap();
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--config")
+        .arg(&orchestrator_config)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(socket_path(dir.path()))
+        .start();
+    let stack = Stack {
+        dir,
+        sidecar,
+        orchestrator,
+    };
+    stack.wait_ready();
+    stack
+}
+
+impl Stack {
+    fn addr(&self) -> String {
+        self.orchestrator.ready("listen").to_owned()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let reply = http::get(&self.addr(), "/readyz", WAIT).unwrap();
+            if reply.status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never ready: {}", reply.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sidecar_status(&self) -> Value {
+        let reply = http::get(self.sidecar.ready("debug_http"), "/pools/p/status", WAIT).unwrap();
+        reply.json()
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A raw HTTP/1.1 POST; returns the stream positioned after the response head, and the head.
+fn post(
+    addr: &str,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (BufReader<TcpStream>, u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let body = body.to_string();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let status = head[9..12].parse().unwrap();
+    (reader, status, head)
+}
+
+/// Reads SSE `data:` payloads (de-chunking on the fly is done by reading lines and skipping the
+/// chunk-size lines, which never start with "data:").
+fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if let Some(data) = line.strip_prefix("data: ") {
+            return Some(data.trim_end().to_owned());
+        }
+    }
+}
+
+fn chat(max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "double",
+        "messages": [{"role": "user", "content": "say something nice"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+#[test]
+fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
+    let stack = stack(2, &["--token-delay-ms", "30"], "");
+    let (mut reader, status, head) =
+        post(&stack.addr(), "/v1/chat/completions", &chat(8, true), &[]);
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("x-correlation-id:"),
+        "{head}"
+    );
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    let mut usage = None;
+    let mut finish = None;
+    while let Some(data) = next_data(&mut reader) {
+        if data == "[DONE]" {
+            arrivals.push(Instant::now());
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+            continue;
+        }
+        arrivals.push(Instant::now());
+        if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(content);
+        }
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("length"));
+    let usage = usage.expect("a usage chunk before [DONE]");
+    assert_eq!(usage["completion_tokens"], 8);
+    assert_eq!(usage["prompt_tokens"], 3);
+    assert_eq!(text.split_whitespace().count(), 8, "{text}");
+    // Not buffered: 8 tokens 30 ms apart are spread over well over 100 ms.
+    let spread = arrivals.last().unwrap().duration_since(arrivals[0]);
+    assert!(spread >= Duration::from_millis(120), "{spread:?}");
+    let status = stack.sidecar_status();
+    assert_eq!(status["active_leases"], 0, "{status}");
+}
+
+#[test]
+fn non_streaming_chat_and_completions_carry_usage_and_finish_reason() {
+    let stack = stack(2, &[], "");
+    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(5, false), &[]);
+    assert_eq!(status, 200);
+    let mut body = String::new();
+    reader.read_to_string(&mut body).unwrap();
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    assert_eq!(reply["usage"]["completion_tokens"], 5);
+    assert_eq!(reply["usage"]["total_tokens"], 8);
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.split_whitespace().count(), 5, "{content}");
+
+    let request = json!({"model": "double", "prompt": "one two", "max_tokens": 4});
+    let (mut reader, status, _) = post(&stack.addr(), "/v1/completions", &request, &[]);
+    assert_eq!(status, 200);
+    let mut body = String::new();
+    reader.read_to_string(&mut body).unwrap();
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["object"], "text_completion");
+    assert_eq!(reply["usage"]["prompt_tokens"], 2);
+    assert_eq!(reply["usage"]["completion_tokens"], 4);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
+    let stack = stack(1, &[], "max_body_bytes = 4096\n");
+    let addr = stack.addr();
+    let models = http::get(&addr, "/v1/models", WAIT).unwrap().json();
+    assert_eq!(models["data"][0]["id"], "double");
+
+    let cases = [
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "model_not_found",
+        ),
+        (
+            json!({"model": "double", "messages": []}),
+            400,
+            "invalid_params",
+        ),
+        (
+            json!({"model": "double", "messages": [{"role":"user","content":"x"}], "max_tokens": "ten"}),
+            400,
+            "invalid_params",
+        ),
+        (
+            json!({"model": "double", "messages": [{"role":"user","content": "x".repeat(5000)}]}),
+            413,
+            "",
+        ),
+    ];
+    for (body, expected, code) in cases {
+        let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &body, &[]);
+        let mut text = String::new();
+        let _ = reader.read_to_string(&mut text);
+        assert_eq!(status, expected, "{head}{text}");
+        if !code.is_empty() {
+            let reply: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(reply["error"]["code"], code, "{text}");
+            assert!(reply["error"]["message"].is_string());
+        }
+    }
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{bad}}").unwrap();
+    let mut text = String::new();
+    raw.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("invalid JSON"), "{text}");
+    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+}
+
+#[test]
+fn api_keys_guard_everything_but_the_open_paths() {
+    let keys = temp_dir();
+    let key_file = keys.path().join("keys");
+    std::fs::write(&key_file, "# operators\nsecret-key-number-one\n").unwrap();
+    let stack = stack(
+        1,
+        &[],
+        &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
+    );
+    let addr = stack.addr();
+    assert_eq!(http::get(&addr, "/livez", WAIT).unwrap().status, 200);
+    assert_eq!(http::get(&addr, "/v1/models", WAIT).unwrap().status, 401);
+    let (_, status, _) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat(2, false),
+        &[("Authorization", "Bearer wrong-key-wrong-key")],
+    );
+    assert_eq!(status, 401);
+    let (_, status, _) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat(2, false),
+        &[("Authorization", "Bearer secret-key-number-one")],
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "200"],
+        "[admission]\ncapacity = 1\nfull_policy = \"reject\"\n",
+    );
+    let addr = stack.addr();
+    // One request holds the only slot, one waits in the queue; the third finds it full.
+    let holder = std::thread::spawn({
+        let addr = addr.clone();
+        move || post(&addr, "/v1/chat/completions", &chat(10, true), &[])
+    });
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let queued = std::thread::spawn({
+        let addr = addr.clone();
+        move || post(&addr, "/v1/chat/completions", &chat(1, false), &[])
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(1, false), &[]);
+    let mut body = String::new();
+    let _ = reader.read_to_string(&mut body);
+    assert_eq!(status, 429, "{head}{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: "),
+        "{head}"
+    );
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["error"]["type"], "rate_limit_error");
+    drop(holder.join().unwrap());
+    let (_, status, _) = queued.join().unwrap();
+    assert_eq!(
+        status, 200,
+        "the queued request was served once the slot came back"
+    );
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
+    let stack = stack(1, &["--token-delay-ms", "50"], "");
+    let (mut reader, status, _) =
+        post(&stack.addr(), "/v1/chat/completions", &chat(200, true), &[]);
+    assert_eq!(status, 200);
+    assert!(next_data(&mut reader).is_some());
+    assert_eq!(stack.sidecar_status()["active_leases"], 1);
+    drop(reader);
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 0 {
+        assert!(Instant::now() < deadline, "the lease was never released");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let engine = stack.sidecar_status()["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
+        if stats["cancelled"] == 1 && stats["active"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine never saw the cancel: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = stack.path();
+}
