@@ -26,6 +26,7 @@ pub struct AppState {
     pub mirror: watch::Receiver<RegistryMirror>,
     pub scheduler: Scheduler,
     pub engines: Arc<crate::adapters::EngineClients>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The request's correlation id, set by [`correlate`] for handlers to read.
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))

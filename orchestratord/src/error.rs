@@ -30,7 +30,8 @@ pub enum ApiError {
     PoolUnready(String),
     #[error("the pool manager is unavailable; retry later")]
     PoolUnavailable { retry_after: Duration },
-    #[error("the engine connection failed: {0}")]
+    /// The detail (an engine-side io error) is for logs only.
+    #[error("the engine connection failed")]
     WorkerReset(String),
     #[error("the engine stopped producing tokens for {0:?}")]
     DecodeTimeout(Duration),

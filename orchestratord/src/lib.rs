@@ -9,5 +9,6 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod placement;
 pub mod scheduler;

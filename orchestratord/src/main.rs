@@ -6,6 +6,7 @@ use clap::Parser;
 use orchestratord::adapters::EngineClients;
 use orchestratord::app::{AppState, router};
 use orchestratord::config::RawConfig;
+use orchestratord::metrics::Metrics;
 use orchestratord::scheduler::Scheduler;
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
@@ -88,13 +89,20 @@ async fn run(args: Args) -> Result<(), String> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
-    let scheduler = Scheduler::start(pools.clone(), mirror.clone(), config.admission.clone());
+    let metrics = Arc::new(Metrics::new());
+    let scheduler = Scheduler::start(
+        pools.clone(),
+        mirror.clone(),
+        config.admission.clone(),
+        Arc::clone(&metrics),
+    );
     let state = AppState {
         config: Arc::new(config),
         pools,
         mirror,
         scheduler,
         engines: Arc::new(EngineClients::new(shutdown.clone())),
+        metrics,
     };
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
     let mut stdout = std::io::stdout();

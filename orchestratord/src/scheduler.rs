@@ -12,10 +12,12 @@
 
 use crate::admission::{AdmissionConfig, AdmissionQueue, Priority, RejectReason, TaskId};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::placement::{self, NoPlacement, PlacementHints, SessionAffinity};
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::AcquireTarget;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -88,6 +90,7 @@ impl Scheduler {
         client: PoolClient,
         mirror: watch::Receiver<RegistryMirror>,
         config: AdmissionConfig,
+        metrics: Arc<Metrics>,
     ) -> Scheduler {
         let (commands, inbox) = mpsc::unbounded_channel();
         let actor = SchedulerActor {
@@ -98,6 +101,7 @@ impl Scheduler {
             handle: commands.clone(),
             affinity: SessionAffinity::default(),
             next_id: 1,
+            metrics,
         };
         tokio::spawn(actor.run());
         Scheduler { commands }
@@ -131,6 +135,7 @@ struct SchedulerActor {
     handle: mpsc::UnboundedSender<Command>,
     affinity: SessionAffinity,
     next_id: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl SchedulerActor {
@@ -161,6 +166,8 @@ impl SchedulerActor {
             }
             self.expire();
             self.dispatch().await;
+            let (interactive, batch) = self.queue.depth();
+            self.metrics.set_queue_depth(interactive, batch);
         }
     }
 
@@ -311,6 +318,7 @@ impl SchedulerActor {
             if waiting.placed.is_closed() {
                 continue;
             }
+            let asked = Instant::now();
             let acquired = self
                 .client
                 .acquire(
@@ -319,9 +327,11 @@ impl SchedulerActor {
                     waiting.demand.session.clone(),
                 )
                 .await;
+            Metrics::observe(&self.metrics.dispatch, asked.elapsed());
             match acquired {
                 Ok(lease) => {
                     let queued_for = waiting.enqueued.elapsed();
+                    Metrics::observe(&self.metrics.queue_wait, queued_for);
                     if let Err(Ok(orphan)) = waiting.placed.send(Ok(Placed { lease, queued_for })) {
                         // Dropping the guard releases the lease.
                         drop(orphan);

@@ -203,6 +203,16 @@ fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
     assert!(spread >= Duration::from_millis(120), "{spread:?}");
     let status = stack.sidecar_status();
     assert_eq!(status["active_leases"], 0, "{status}");
+    let metrics = http::get(&stack.addr(), "/metrics", WAIT).unwrap().text();
+    for line in [
+        "orchestratord_tokens_out_total 8",
+        "orchestratord_tokens_in_total 3",
+        "orchestratord_in_flight 0",
+        "orchestratord_sidecar_connected 1",
+        "orchestratord_time_to_first_token_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
 }
 
 #[test]

@@ -34,6 +34,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let connected = state.mirror.borrow().connected;
+    state.metrics.sidecar_connected.set(i64::from(connected));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
 pub async fn not_found(request: Request) -> Response {
     let error = ApiError::InvalidParams(format!(
         "no route for {} {}",

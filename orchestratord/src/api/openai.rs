@@ -12,6 +12,7 @@ use crate::adapters::{AdapterError, EngineEvent, EngineRequest, EngineRoute, Eng
 use crate::admission::Priority;
 use crate::app::{AppState, CorrelationId};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::placement::{self, PlacementHints};
 use crate::scheduler::{Demand, Placed, Ticket};
 use axum::Extension;
@@ -149,6 +150,7 @@ pub async fn completions(
 }
 
 async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Api) -> Response {
+    let received = Instant::now();
     let request = match validate(body, api) {
         Ok(request) => request,
         Err(error) => return error.openai_response(),
@@ -163,7 +165,10 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
     };
     let mut ticket = match state.scheduler.submit(demand).await {
         Ok(ticket) => ticket,
-        Err(error) => return error.openai_response(),
+        Err(error) => {
+            state.metrics.reject(error.code());
+            return error.openai_response();
+        }
     };
     // Quick outcomes keep their HTTP status; a long wait turns into a stream with keep-alives.
     let early = tokio::time::timeout(state.config.keepalive, &mut ticket.placed).await;
@@ -196,6 +201,8 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
         state,
         correlation: correlation.0,
         request,
+        received,
+        last_token: None,
         phase: match placed {
             Some(placed) => Phase::Placed(placed),
             None => Phase::Queued(ticket),
@@ -228,7 +235,10 @@ fn unix_now() -> u64 {
 
 fn adapter_error(error: AdapterError) -> ApiError {
     match error.clone() {
-        AdapterError::WorkerReset { detail } => ApiError::WorkerReset(detail),
+        AdapterError::WorkerReset { detail } => {
+            tracing::warn!(%detail, "engine stream failed");
+            ApiError::WorkerReset(detail)
+        }
         AdapterError::DecodeTimeout { after } => ApiError::DecodeTimeout(after),
         AdapterError::EngineRejected { status, body } => ApiError::EngineRejected {
             status,
@@ -367,7 +377,21 @@ struct Relay {
     state: AppState,
     correlation: String,
     request: ValidRequest,
+    received: Instant,
+    last_token: Option<Instant>,
     phase: Phase,
+}
+
+impl Drop for Relay {
+    /// The client went away before the end: the engine stream and the lease go with `phase`.
+    fn drop(&mut self) {
+        if !matches!(self.phase, Phase::Finished) {
+            self.state.metrics.cancellations.inc();
+            if matches!(self.phase, Phase::Streaming { .. }) {
+                self.state.metrics.in_flight.dec();
+            }
+        }
+    }
 }
 
 fn event(payload: &[u8]) -> Bytes {
@@ -383,37 +407,41 @@ fn error_event(error: &ApiError) -> Bytes {
 }
 
 impl Relay {
+    /// The next bytes for the client, or `None` at the end. The phase stays in `self` across
+    /// every await, so a client that leaves mid-await is seen by `Drop`.
     async fn next_frame(&mut self) -> Option<Bytes> {
         loop {
-            match std::mem::replace(&mut self.phase, Phase::Finished) {
+            match &mut self.phase {
                 Phase::Finished => return None,
-                Phase::Queued(mut ticket) => {
-                    match tokio::time::timeout(self.state.config.keepalive, &mut ticket.placed)
-                        .await
-                    {
-                        Err(_) => {
-                            self.phase = Phase::Queued(ticket);
-                            return Some(Bytes::from_static(b": keep-alive\n\n"));
-                        }
+                Phase::Queued(ticket) => {
+                    let keepalive = self.state.config.keepalive;
+                    match tokio::time::timeout(keepalive, &mut ticket.placed).await {
+                        Err(_) => return Some(Bytes::from_static(b": keep-alive\n\n")),
                         Ok(Ok(Ok(placed))) => self.phase = Phase::Placed(placed),
-                        Ok(Ok(Err(error))) => return Some(error_event(&error)),
+                        Ok(Ok(Err(error))) => return Some(self.fail(&error)),
                         Ok(Err(_)) => {
-                            return Some(error_event(&ApiError::Internal(
-                                "the scheduler dropped a request".into(),
-                            )));
+                            let error =
+                                ApiError::Internal("the scheduler dropped a request".into());
+                            return Some(self.fail(&error));
                         }
                     }
                 }
                 Phase::Placed(placed) => {
                     let started = Instant::now();
-                    match open_stream(&self.state, &self.correlation, &self.request, &placed).await
-                    {
+                    let opened =
+                        open_stream(&self.state, &self.correlation, &self.request, placed).await;
+                    let Phase::Placed(placed) = std::mem::replace(&mut self.phase, Phase::Finished)
+                    else {
+                        return None;
+                    };
+                    match opened {
                         Ok(stream) => {
+                            self.state.metrics.in_flight.inc();
                             self.phase = Phase::Streaming {
                                 stream,
                                 placed,
                                 started,
-                            }
+                            };
                         }
                         Err(error) => {
                             finish(&self.state, placed, started, false).await;
@@ -421,46 +449,83 @@ impl Relay {
                         }
                     }
                 }
-                Phase::Streaming {
-                    mut stream,
-                    placed,
-                    started,
-                } => match stream.next().await {
-                    Some(Ok(EngineEvent::Chunk { raw, .. })) => {
-                        self.phase = Phase::Streaming {
-                            stream,
-                            placed,
-                            started,
-                        };
-                        return Some(event(&raw));
-                    }
-                    Some(Ok(EngineEvent::Done { raw_usage, .. })) => {
-                        drop(stream);
-                        finish(&self.state, placed, started, true).await;
-                        let mut tail = Vec::new();
-                        if self.request.include_usage
-                            && let Some(usage) = raw_usage
-                        {
-                            tail.extend_from_slice(&event(&usage));
+                Phase::Streaming { stream, .. } => {
+                    let next = stream.next().await;
+                    match next {
+                        Some(Ok(EngineEvent::Chunk { raw, tokens, .. })) => {
+                            if tokens > 0 {
+                                self.token_seen();
+                            }
+                            return Some(event(&raw));
                         }
-                        tail.extend_from_slice(b"data: [DONE]\n\n");
-                        return Some(Bytes::from(tail));
+                        Some(Ok(EngineEvent::Done {
+                            raw_usage,
+                            prompt_tokens,
+                            completion_tokens,
+                            ..
+                        })) => {
+                            let metrics = &self.state.metrics;
+                            metrics
+                                .tokens_in
+                                .inc_by(u64::from(prompt_tokens.unwrap_or(0)));
+                            metrics
+                                .tokens_out
+                                .inc_by(u64::from(completion_tokens.unwrap_or(0)));
+                            Metrics::observe(&metrics.request_duration, self.received.elapsed());
+                            self.end_stream(true).await;
+                            let mut tail = Vec::new();
+                            if self.request.include_usage
+                                && let Some(usage) = raw_usage
+                            {
+                                tail.extend_from_slice(&event(&usage));
+                            }
+                            tail.extend_from_slice(b"data: [DONE]\n\n");
+                            return Some(Bytes::from(tail));
+                        }
+                        Some(Err(error)) => {
+                            self.end_stream(false).await;
+                            return Some(error_event(&adapter_error(error)));
+                        }
+                        None => {
+                            self.end_stream(false).await;
+                            let error =
+                                ApiError::WorkerReset("the engine stream ended early".into());
+                            return Some(error_event(&error));
+                        }
                     }
-                    Some(Err(error)) => {
-                        drop(stream);
-                        finish(&self.state, placed, started, false).await;
-                        return Some(error_event(&adapter_error(error)));
-                    }
-                    None => {
-                        drop(stream);
-                        finish(&self.state, placed, started, false).await;
-                        return Some(error_event(&ApiError::WorkerReset(
-                            "the engine stream ended early".into(),
-                        )));
-                    }
-                },
+                }
             }
         }
+    }
+
+    fn token_seen(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => Metrics::observe(&self.state.metrics.time_to_first_token, now - self.received),
+            Some(last) => Metrics::observe(&self.state.metrics.inter_token, now - last),
+        }
+        self.last_token = Some(now);
+    }
+
+    /// Closes the engine stream and gives the slot back.
+    async fn end_stream(&mut self, completed: bool) {
+        if let Phase::Streaming {
+            stream,
+            placed,
+            started,
+        } = std::mem::replace(&mut self.phase, Phase::Finished)
+        {
+            drop(stream);
+            self.state.metrics.in_flight.dec();
+            finish(&self.state, placed, started, completed).await;
+        }
+    }
+
+    /// A failure before the stream began: one error event, then the end.
+    fn fail(&mut self, error: &ApiError) -> Bytes {
+        self.state.metrics.reject(error.code());
+        self.phase = Phase::Finished;
+        error_event(error)
     }
 }
 
