@@ -1,7 +1,7 @@
 //! The HTTP application: shared state, the router, and the cross-cutting layers every request
 //! passes (correlation id, API keys, body limit). Handlers live in `api/`.
 
-use crate::api::{health, openai};
+use crate::api::{control, health, openai, tasks};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::scheduler::Scheduler;
@@ -27,6 +27,7 @@ pub struct AppState {
     pub scheduler: Scheduler,
     pub engines: Arc<crate::adapters::EngineClients>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub tasks: Arc<crate::tasks::TaskStore>,
 }
 
 /// The request's correlation id, set by [`correlate`] for handlers to read.
@@ -42,6 +43,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v2/tasks", post(tasks::create))
+        .route("/v2/tasks/{id}", get(tasks::status))
+        .route("/v2/tasks/{id}/events", get(tasks::events))
+        .route("/v2/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v2/meta/capabilities", get(tasks::capabilities))
+        .route("/v2/pools", get(control::pools))
+        .route("/v2/pools/{id}/health", get(control::health))
+        .route("/v2/pools/{id}/drain", post(control::drain))
+        .route("/v2/pools/{id}/reload", post(control::reload))
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), require_key))

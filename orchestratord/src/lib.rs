@@ -12,3 +12,4 @@ pub mod error;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
+pub mod tasks;

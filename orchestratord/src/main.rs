@@ -103,6 +103,7 @@ async fn run(args: Args) -> Result<(), String> {
         scheduler,
         engines: Arc::new(EngineClients::new(shutdown.clone())),
         metrics,
+        tasks: Arc::default(),
     };
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
     let mut stdout = std::io::stdout();

@@ -392,3 +392,268 @@ fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
     }
     let _ = stack.path();
 }
+
+/// The native task API's events for `task`, in order, until the stream ends.
+fn task_events(addr: &str, task: &str) -> Vec<(String, Value)> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET /v2/tasks/{task}/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut events = Vec::new();
+    let mut name = None;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            return events;
+        }
+        if let Some(event) = line.strip_prefix("event: ") {
+            name = Some(event.trim_end().to_owned());
+        } else if let Some(data) = line.strip_prefix("data: ")
+            && let Some(name) = name.take()
+        {
+            events.push((name, serde_json::from_str(data.trim_end()).unwrap()));
+        }
+    }
+}
+
+fn submit(addr: &str, body: &Value) -> (u16, Value) {
+    let (mut reader, status, _) = post(addr, "/v2/tasks", body, &[]);
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn a_native_task_streams_started_tokens_metrics_then_end() {
+    let stack = stack(2, &[], "");
+    let addr = stack.addr();
+    let (status, accepted) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "hello there", "max_tokens": 6}),
+    );
+    assert_eq!(status, 202, "{accepted}");
+    let task = accepted["task_id"].as_str().unwrap().to_owned();
+    assert!(accepted["queue_position"].is_u64());
+    assert!(accepted["predicted_start_ms"].is_u64());
+    assert_eq!(
+        accepted["streams"]["events"],
+        format!("/v2/tasks/{task}/events")
+    );
+    let events = task_events(&addr, &task);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "started", "token", "token", "token", "token", "token", "token", "metrics", "end"
+        ]
+    );
+    for (index, (_, token)) in events[1..7].iter().enumerate() {
+        assert_eq!(token["i"], index);
+        assert!(token["t"].is_string());
+    }
+    assert_eq!(events[8].1["tokens_out"], 6);
+    assert!(events[8].1["decode_ms"].is_u64());
+    assert_eq!(events[7].1["prompt_tokens"], 2);
+    assert!(
+        !events[0].1.to_string().contains(".sock"),
+        "no engine address reaches clients"
+    );
+    let status = http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(status["state"], "done");
+    // A second reader sees the same, complete history.
+    assert_eq!(task_events(&addr, &task).len(), 9);
+    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+}
+
+#[test]
+fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
+    let stack = stack(1, &["--token-delay-ms", "50"], "");
+    let addr = stack.addr();
+    let (_, accepted) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "go", "max_tokens": 500}),
+    );
+    let task = accepted["task_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + WAIT;
+    while http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
+        .unwrap()
+        .json()["tokens_out"]
+        == 0
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, status, _) = post(&addr, &format!("/v2/tasks/{task}/cancel"), &json!({}), &[]);
+    assert_eq!(status, 202);
+    let events = task_events(&addr, &task);
+    let (last, error) = events.last().unwrap();
+    assert_eq!(last, "error");
+    assert_eq!(error["code"], "CANCELLED");
+    assert_eq!(events.iter().filter(|(n, _)| n == "error").count(), 1);
+    let deadline = Instant::now() + Duration::from_millis(2000);
+    while stack.sidecar_status()["active_leases"] != 0 {
+        assert!(Instant::now() < deadline, "the slot did not come back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
+            .unwrap()
+            .json()["state"],
+        "cancelled"
+    );
+    let missing = http::get(&addr, "/v2/tasks/t-nope/events", WAIT).unwrap();
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["code"], "TASK_NOT_FOUND");
+    let (status, invalid) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "", "max_tokens": 3}),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(invalid["code"], "INVALID_PARAMS");
+}
+
+#[test]
+fn interactive_tasks_overtake_batch_ones_and_batch_ones_still_finish() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "20"],
+        "[admission]\ncapacity = 8\nbatch_max_wait_ms = 60000\n",
+    );
+    let addr = stack.addr();
+    let task = |priority: &str, tokens: u32| {
+        let (status, accepted) = submit(
+            &addr,
+            &json!({"model": "double", "prompt": "x", "max_tokens": tokens, "priority": priority}),
+        );
+        assert_eq!(status, 202, "{accepted}");
+        accepted["task_id"].as_str().unwrap().to_owned()
+    };
+    let first = task("interactive", 20);
+    let batch = [task("batch", 2), task("batch", 2)];
+    let interactive = task("interactive", 2);
+    let started_at = |id: &str| {
+        let events = task_events(&addr, id);
+        assert_eq!(events.last().unwrap().0, "end", "{events:?}");
+        events
+    };
+    let _ = started_at(&first);
+    let done_order: Vec<String> = {
+        // Completion order follows start order on a single slot.
+        let mut finished = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        while finished.len() < 3 {
+            for id in batch.iter().chain(std::iter::once(&interactive)) {
+                if !finished.contains(id)
+                    && http::get(&addr, &format!("/v2/tasks/{id}"), WAIT)
+                        .unwrap()
+                        .json()["state"]
+                        == "done"
+                {
+                    finished.push(id.clone());
+                }
+            }
+            assert!(Instant::now() < deadline, "not all tasks finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        finished
+    };
+    assert_eq!(
+        done_order[0], interactive,
+        "the interactive task went first: {done_order:?}"
+    );
+    for id in &batch {
+        assert_eq!(started_at(id).last().unwrap().0, "end");
+    }
+}
+
+#[test]
+fn drop_lru_sheds_the_oldest_batch_task_with_its_own_error() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "20"],
+        "[admission]\ncapacity = 1\nfull_policy = \"drop-lru\"\n",
+    );
+    let addr = stack.addr();
+    let (_, holder) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "x", "max_tokens": 30}),
+    );
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (_, victim) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "x", "max_tokens": 2, "priority": "batch"}),
+    );
+    let (status, newcomer) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(status, 202);
+    let victim_events = task_events(&addr, victim["task_id"].as_str().unwrap());
+    assert_eq!(victim_events.len(), 1, "{victim_events:?}");
+    assert_eq!(victim_events[0].0, "error");
+    assert_eq!(victim_events[0].1["code"], "QUEUE_FULL_DROP_LRU");
+    assert_eq!(
+        task_events(&addr, newcomer["task_id"].as_str().unwrap())
+            .last()
+            .unwrap()
+            .0,
+        "end"
+    );
+    assert_eq!(
+        task_events(&addr, holder["task_id"].as_str().unwrap())
+            .last()
+            .unwrap()
+            .0,
+        "end"
+    );
+}
+
+#[test]
+fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
+    let stack = stack(1, &[], "");
+    let addr = stack.addr();
+    let pools = http::get(&addr, "/v2/pools", WAIT).unwrap();
+    assert_eq!(pools.status, 200);
+    let text = pools.text();
+    assert!(
+        !text.contains(".sock") && !text.contains("endpoint"),
+        "{text}"
+    );
+    let health = http::get(&addr, "/v2/pools/p/health", WAIT).unwrap().json();
+    assert_eq!(health["ready"], true);
+    assert_eq!(
+        http::get(&addr, "/v2/pools/zz/health", WAIT)
+            .unwrap()
+            .status,
+        404
+    );
+    let caps = http::get(&addr, "/v2/meta/capabilities", WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(caps["api_version"], "2");
+    let (_, status, _) = post(&addr, "/v2/pools/zz/drain", &json!({}), &[]);
+    assert_eq!(status, 404);
+    let (_, status, _) = post(
+        &addr,
+        "/v2/pools/p/drain",
+        &json!({"deadline_ms": 1000}),
+        &[],
+    );
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["state"] != "stopped" {
+        assert!(Instant::now() < deadline, "{}", stack.sidecar_status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 503);
+}

@@ -233,7 +233,7 @@ fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-fn adapter_error(error: AdapterError) -> ApiError {
+pub fn adapter_error(error: AdapterError) -> ApiError {
     match error.clone() {
         AdapterError::WorkerReset { detail } => {
             tracing::warn!(%detail, "engine stream failed");

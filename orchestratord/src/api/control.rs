@@ -1,0 +1,136 @@
+//! Pools and control on the native API: `GET /v2/pools`, `GET /v2/pools/{id}/health` (from the
+//! registry mirror; engine addresses are never shown to clients) and `POST
+//! /v2/pools/{id}/drain|reload`, forwarded to pool-managerd over its socket.
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use pool_ipc::client::ClientError;
+use pool_ipc::error_code::ErrorCode;
+use pool_ipc::registry::{PoolId, PoolSnapshot, PoolState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn view(pool: &PoolSnapshot) -> Value {
+    json!({
+        "pool_id": pool.pool_id,
+        "model": pool.model,
+        "engine": pool.engine.name(),
+        "state": pool.state.name(),
+        "live": pool.live,
+        "ready": pool.state == PoolState::Ready,
+        "draining": pool.state == PoolState::Draining,
+        "slots_total": pool.slots_total,
+        "slots_free": pool.slots_free,
+        "active_leases": pool.active_leases(),
+        "engine_version": pool.engine_version,
+    })
+}
+
+pub async fn pools(State(state): State<AppState>) -> Json<Value> {
+    let mirror = state.mirror.borrow();
+    let pools: Vec<Value> = mirror.snapshot.pools.iter().map(view).collect();
+    Json(json!({"pool_manager_connected": mirror.connected, "pools": pools}))
+}
+
+pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let mirror = state.mirror.borrow();
+    match mirror.snapshot.pool(&PoolId(id.clone())) {
+        Some(pool) => Json(view(pool)).into_response(),
+        None => ApiError::InvalidParams(format!("unknown pool {id:?}"))
+            .native_response()
+            .into_response()
+            .map_status(StatusCode::NOT_FOUND),
+    }
+}
+
+trait MapStatus {
+    fn map_status(self, status: StatusCode) -> Response;
+}
+
+impl MapStatus for Response {
+    fn map_status(mut self, status: StatusCode) -> Response {
+        *self.status_mut() = status;
+        self
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadBody {
+    model: String,
+}
+
+fn forwarded(result: Result<(), ClientError>, op: &str) -> Response {
+    match result {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
+        Err(ClientError::Remote(error)) => {
+            let status = match error.code {
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
+                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                ErrorCode::Unsupported => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (
+                status,
+                Json(json!({
+                    "code": error.code.name().to_ascii_uppercase(),
+                    "message": error.message,
+                    "retriable": status == StatusCode::SERVICE_UNAVAILABLE,
+                    "retry_after_ms": null,
+                })),
+            )
+                .into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, op, "pool-managerd did not take the request");
+            ApiError::PoolUnavailable {
+                retry_after: Duration::from_secs(2),
+            }
+            .native_response()
+        }
+    }
+}
+
+pub async fn drain(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+    let body: DrainBody = if body.is_empty() {
+        DrainBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(error) => {
+                return ApiError::InvalidParams(format!("invalid drain request: {error}"))
+                    .native_response();
+            }
+        }
+    };
+    let deadline = Duration::from_millis(body.deadline_ms.unwrap_or(60_000));
+    forwarded(state.pools.drain(&PoolId(id), deadline).await, "drain")
+}
+
+pub async fn reload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body: ReloadBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            return ApiError::InvalidParams(format!("invalid reload request: {error}"))
+                .native_response();
+        }
+    };
+    forwarded(state.pools.reload(&PoolId(id), &body.model).await, "reload")
+}

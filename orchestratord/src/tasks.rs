@@ -1,0 +1,202 @@
+//! Native tasks (`/v2/tasks`): a task runs on its own once admitted, whether or not anyone
+//! reads its events; its events are kept (bounded by the tokens it may generate) so a client
+//! that connects to the event stream late, or twice, sees all of them in order. The store
+//! forgets finished tasks after a while.
+//!
+//! Event order is fixed: `queued`? → `started` → `token`* → `metrics`? → (`end` | `error`), and
+//! nothing after `end` or `error`.
+
+use crate::error::ApiError;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How long a finished task stays visible.
+pub const FINISHED_TASK_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// One server-sent event of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEvent {
+    pub name: &'static str,
+    pub data: Value,
+}
+
+#[derive(Debug)]
+struct TaskRecord {
+    state: TaskState,
+    events: Vec<TaskEvent>,
+    finished_at: Option<Instant>,
+    model: String,
+    tokens_out: u32,
+}
+
+/// A task as the store keeps it; the runner appends, readers follow.
+#[derive(Debug)]
+pub struct TaskHandle {
+    record: Mutex<TaskRecord>,
+    changed: Notify,
+    pub cancel: CancellationToken,
+}
+
+fn lock(handle: &TaskHandle) -> MutexGuard<'_, TaskRecord> {
+    // Every update leaves the record consistent, so a poisoned lock is still usable.
+    handle
+        .record
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl TaskHandle {
+    /// Appends an event unless the task already ended; `end` and `error` end it.
+    pub fn push(&self, name: &'static str, data: Value) {
+        {
+            let mut record = lock(self);
+            if record.finished_at.is_some() {
+                return;
+            }
+            match name {
+                "started" => record.state = TaskState::Running,
+                "token" => record.tokens_out += 1,
+                "end" => {
+                    record.state = TaskState::Done;
+                    record.finished_at = Some(Instant::now());
+                }
+                "error" => {
+                    record.state = if data["code"] == "CANCELLED" {
+                        TaskState::Cancelled
+                    } else {
+                        TaskState::Failed
+                    };
+                    record.finished_at = Some(Instant::now());
+                }
+                _ => {}
+            }
+            record.events.push(TaskEvent { name, data });
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn fail(&self, error: &ApiError) {
+        self.push("error", error.envelope());
+    }
+
+    /// The events from `from` on, and whether the task has ended; waits for news when there
+    /// is none yet.
+    pub async fn events_from(&self, from: usize) -> (Vec<TaskEvent>, bool) {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let record = lock(self);
+                if record.events.len() > from || record.finished_at.is_some() {
+                    let events = record.events.get(from..).unwrap_or_default().to_vec();
+                    return (events, record.finished_at.is_some());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub fn status(&self, id: &str) -> Value {
+        let record = lock(self);
+        json!({
+            "task_id": id,
+            "state": record.state,
+            "model": record.model,
+            "tokens_out": record.tokens_out,
+        })
+    }
+}
+
+/// Every live or recently finished task, by id.
+#[derive(Debug, Default)]
+pub struct TaskStore {
+    tasks: Mutex<HashMap<String, Arc<TaskHandle>>>,
+}
+
+impl TaskStore {
+    fn tasks(&self) -> MutexGuard<'_, HashMap<String, Arc<TaskHandle>>> {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn create(&self, id: &str, model: &str) -> Arc<TaskHandle> {
+        let handle = Arc::new(TaskHandle {
+            record: Mutex::new(TaskRecord {
+                state: TaskState::Queued,
+                events: Vec::new(),
+                finished_at: None,
+                model: model.to_owned(),
+                tokens_out: 0,
+            }),
+            changed: Notify::new(),
+            cancel: CancellationToken::new(),
+        });
+        self.tasks().insert(id.to_owned(), Arc::clone(&handle));
+        handle
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<TaskHandle>> {
+        self.tasks().get(id).cloned()
+    }
+
+    /// Forgets tasks that finished more than [`FINISHED_TASK_TTL`] ago.
+    pub fn sweep(&self) {
+        self.tasks().retain(|_, handle| {
+            lock(handle)
+                .finished_at
+                .is_none_or(|at| at.elapsed() < FINISHED_TASK_TTL)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nothing_follows_end_or_error_and_late_readers_see_everything() {
+        let store = TaskStore::default();
+        let task = store.create("t1", "m");
+        task.push("started", json!({}));
+        task.push("token", json!({"t": "a", "i": 0}));
+        task.push("end", json!({"tokens_out": 1}));
+        task.push("token", json!({"t": "late", "i": 1}));
+        task.fail(&ApiError::Cancelled);
+        let (events, ended) = task.events_from(0).await;
+        assert!(ended);
+        let names: Vec<&str> = events.iter().map(|e| e.name).collect();
+        assert_eq!(names, ["started", "token", "end"]);
+        assert_eq!(task.status("t1")["state"], "done");
+        assert_eq!(task.status("t1")["tokens_out"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_reader_waits_for_the_next_event() {
+        let store = TaskStore::default();
+        let task = store.create("t2", "m");
+        let reader = {
+            let task = Arc::clone(&task);
+            tokio::spawn(async move { task.events_from(0).await })
+        };
+        tokio::task::yield_now().await;
+        task.push("started", json!({}));
+        let (events, ended) = reader.await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(!ended);
+    }
+}
