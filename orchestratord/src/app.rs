@@ -28,6 +28,7 @@ pub struct AppState {
     pub engines: Arc<crate::adapters::EngineClients>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tasks: Arc<crate::tasks::TaskStore>,
+    pub sessions: Arc<crate::sessions::SessionStore>,
 }
 
 /// The request's correlation id, set by [`correlate`] for handlers to read.
@@ -48,6 +49,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/tasks/{id}/events", get(tasks::events))
         .route("/v2/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v2/meta/capabilities", get(tasks::capabilities))
+        .route(
+            "/v2/sessions/{id}",
+            get(tasks::session).delete(tasks::delete_session),
+        )
         .route("/v2/pools", get(control::pools))
         .route("/v2/pools/{id}/health", get(control::health))
         .route("/v2/pools/{id}/drain", post(control::drain))

@@ -3,6 +3,7 @@
 //! refused: an inference endpoint open to the network is an operator's mistake, not a default.
 
 use crate::admission::{AdmissionConfig, FullPolicy};
+use crate::sessions::SessionPolicy;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,19 @@ pub struct RawConfig {
     pub admission: RawAdmission,
     #[serde(default)]
     pub streaming: RawStreaming,
+    #[serde(default)]
+    pub sessions: RawSessions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    /// A session idle this long is forgotten (default 30 min).
+    pub ttl_ms: Option<u64>,
+    /// Turns per session; 0 or absent: unlimited.
+    pub max_turns: Option<u32>,
+    /// Prompt plus generated tokens per session; 0 or absent: unlimited.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +85,7 @@ pub struct Config {
     pub queue_deadline: Duration,
     pub decode_stall: Duration,
     pub keepalive: Duration,
+    pub sessions: SessionPolicy,
 }
 
 impl RawConfig {
@@ -140,6 +155,11 @@ impl RawConfig {
                 self.streaming.keepalive_ms,
                 10_000,
             )?,
+            sessions: SessionPolicy {
+                ttl: millis("sessions.ttl_ms", self.sessions.ttl_ms, 1_800_000)?,
+                max_turns: self.sessions.max_turns.unwrap_or(0),
+                max_tokens: self.sessions.max_tokens.unwrap_or(0),
+            },
         })
     }
 }

@@ -39,6 +39,8 @@ pub enum ApiError {
     EngineRejected { status: u16, message: String },
     #[error("the task was cancelled")]
     Cancelled,
+    #[error("{0}")]
+    SessionBudget(String),
     #[error("orchestratord is shutting down")]
     ShuttingDown,
     #[error("internal error")]
@@ -52,9 +54,9 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_) | ApiError::TaskNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::QueueFull { .. } | ApiError::DroppedFromQueue => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ApiError::QueueFull { .. }
+            | ApiError::DroppedFromQueue
+            | ApiError::SessionBudget(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DeadlineUnmet | ApiError::DecodeTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
@@ -85,6 +87,7 @@ impl ApiError {
             ApiError::DecodeTimeout(_) => "DECODE_TIMEOUT",
             ApiError::EngineRejected { .. } => "INVALID_PARAMS",
             ApiError::Cancelled => "CANCELLED",
+            ApiError::SessionBudget(_) => "SESSION_BUDGET_EXCEEDED",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -107,6 +110,7 @@ impl ApiError {
             | ApiError::DecodeTimeout(_)
             | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
+            | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => None,
         }
     }
@@ -129,6 +133,7 @@ impl ApiError {
             | ApiError::DeadlineUnmet
             | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
+            | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => false,
         }
     }
@@ -142,7 +147,9 @@ impl ApiError {
             | ApiError::TaskNotFound(_)
             | ApiError::EngineRejected { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
-            ApiError::QueueFull { .. } | ApiError::DroppedFromQueue => "rate_limit_error",
+            ApiError::QueueFull { .. }
+            | ApiError::DroppedFromQueue
+            | ApiError::SessionBudget(_) => "rate_limit_error",
             ApiError::DeadlineUnmet
             | ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
@@ -247,6 +254,7 @@ mod tests {
                 message: "too long".into(),
             },
             ApiError::Cancelled,
+            ApiError::SessionBudget("s".into()),
             ApiError::ShuttingDown,
             ApiError::Internal("x".into()),
         ];

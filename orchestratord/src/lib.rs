@@ -12,4 +12,5 @@ pub mod error;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
+pub mod sessions;
 pub mod tasks;

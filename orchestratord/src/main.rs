@@ -8,6 +8,7 @@ use orchestratord::app::{AppState, router};
 use orchestratord::config::RawConfig;
 use orchestratord::metrics::Metrics;
 use orchestratord::scheduler::Scheduler;
+use orchestratord::sessions::SessionStore;
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
 use std::io::{IsTerminal, Write};
@@ -90,6 +91,7 @@ async fn run(args: Args) -> Result<(), String> {
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
     let metrics = Arc::new(Metrics::new());
+    let sessions = config.sessions.clone();
     let scheduler = Scheduler::start(
         pools.clone(),
         mirror.clone(),
@@ -104,6 +106,7 @@ async fn run(args: Args) -> Result<(), String> {
         engines: Arc::new(EngineClients::new(shutdown.clone())),
         metrics,
         tasks: Arc::default(),
+        sessions: Arc::new(SessionStore::new(sessions)),
     };
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
     let mut stdout = std::io::stdout();

@@ -657,3 +657,37 @@ fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
     }
     assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 503);
 }
+
+#[test]
+fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
+    let stack = stack(1, &[], "[sessions]\nmax_turns = 2\n");
+    let addr = stack.addr();
+    let turn = || {
+        submit(
+            &addr,
+            &json!({"model": "double", "prompt": "a b", "max_tokens": 3, "session_id": "s1"}),
+        )
+    };
+    for _ in 0..2 {
+        let (status, accepted) = turn();
+        assert_eq!(status, 202, "{accepted}");
+        let events = task_events(&addr, accepted["task_id"].as_str().unwrap());
+        assert_eq!(events.last().unwrap().0, "end");
+    }
+    let (status, refused) = turn();
+    assert_eq!(status, 429, "{refused}");
+    assert_eq!(refused["code"], "SESSION_BUDGET_EXCEEDED");
+    let session = http::get(&addr, "/v2/sessions/s1", WAIT).unwrap().json();
+    assert_eq!(session["turns"], 2);
+    assert_eq!(
+        session["tokens_used"], 10,
+        "2 turns × (2 prompt + 3 generated)"
+    );
+    let deleted = http::request(&addr, "DELETE", "/v2/sessions/s1", None, WAIT).unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_eq!(
+        http::get(&addr, "/v2/sessions/s1", WAIT).unwrap().status,
+        404
+    );
+    assert_eq!(turn().0, 202);
+}

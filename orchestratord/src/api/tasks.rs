@@ -123,6 +123,12 @@ pub async fn create(
         Ok(task) => task,
         Err(error) => return error.native_response(),
     };
+    if let Some(session) = &task.session
+        && let Err(error) = state.sessions.begin_turn(session, Instant::now())
+    {
+        state.metrics.reject(error.code());
+        return error.native_response();
+    }
     let demand = Demand {
         model: task.model.clone(),
         priority: task.priority,
@@ -182,6 +188,11 @@ async fn run(
         () = handle.cancel.cancelled() => Err(ApiError::Cancelled),
         outcome = generate(&state, &correlation, &task, &placed, &handle, received) => outcome,
     };
+    if let Some(session) = &task.session {
+        let tokens = outcome.as_ref().map_or(0, |used| *used);
+        state.sessions.end_turn(session, tokens, Instant::now());
+    }
+    let outcome = outcome.map(|_| ());
     state.metrics.in_flight.dec();
     let release = match &outcome {
         Ok(()) => ReleaseOutcome::Completed,
@@ -214,7 +225,7 @@ async fn generate(
     placed: &Placed,
     handle: &TaskHandle,
     received: Instant,
-) -> Result<(), ApiError> {
+) -> Result<u64, ApiError> {
     let lease = placed.lease.lease();
     let (route, body) = match lease.engine {
         EngineKind::Llamacpp => (
@@ -283,7 +294,9 @@ async fn generate(
                     }),
                 );
                 handle.push("end", json!({"tokens_out": index, "decode_ms": decode_ms}));
-                return Ok(());
+                let used = u64::from(prompt_tokens.unwrap_or(0))
+                    + u64::from(completion_tokens.unwrap_or(index));
+                return Ok(used);
             }
             Some(Err(error)) => return Err(map_adapter(error)),
             None => {
@@ -353,6 +366,30 @@ pub async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Re
         Some(handle) => Json(handle.status(&id)).into_response(),
         None => ApiError::TaskNotFound(id).native_response(),
     }
+}
+
+/// `GET /v2/sessions/{id}`: turns and tokens used, limits, time left.
+pub async fn session(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.sessions.view(&id, Instant::now()) {
+        Some(view) => Json(view).into_response(),
+        None => session_not_found(&id),
+    }
+}
+
+/// `DELETE /v2/sessions/{id}`: forgets the session (its budget starts afresh).
+pub async fn delete_session(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    if state.sessions.delete(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        session_not_found(&id)
+    }
+}
+
+fn session_not_found(id: &str) -> Response {
+    let mut response =
+        ApiError::InvalidParams(format!("session {id:?} not found")).native_response();
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
 }
 
 /// `GET /v2/meta/capabilities`.
