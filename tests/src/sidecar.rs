@@ -93,6 +93,84 @@ pub fn sidecar_command(dir: &Path, config: &Path) -> DaemonBuilder {
 }
 
 /// Starts pool-managerd and waits for `READY socket=… debug_http=…`.
-pub fn start_sidecar(dir: &Path, config: &Path) -> Daemon {
-    sidecar_command(dir, config).start()
+pub fn start_sidecar(dir: &Path, config: &Path) -> Sidecar {
+    Sidecar {
+        daemon: sidecar_command(dir, config).start(),
+        state_dir: state_dir(dir),
+    }
+}
+
+/// A running pool-managerd. Engines it runs outlive a SIGKILLed pool-managerd by design (it
+/// adopts them when it comes back), so dropping this stops it cleanly (SIGTERM: it stops its
+/// engines), and then kills, by process group, any engine its records still name — checking
+/// each pid's start time, so a recycled pid is never touched.
+pub struct Sidecar {
+    daemon: Daemon,
+    state_dir: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts pool-managerd again on the same socket and state (after the test killed it), so
+    /// it adopts the engines its predecessor left; nothing is cleaned up in between.
+    pub fn restart(&mut self, dir: &Path, config: &Path) {
+        self.daemon = sidecar_command(dir, config).start();
+    }
+}
+
+impl std::ops::Deref for Sidecar {
+    type Target = Daemon;
+
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
+}
+
+impl std::ops::DerefMut for Sidecar {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if self.daemon.try_wait().is_none() {
+            self.daemon.kill_with(nix::sys::signal::Signal::SIGTERM);
+            self.daemon.wait_exit(std::time::Duration::from_secs(15));
+        }
+        kill_recorded_engines(&self.state_dir);
+    }
+}
+
+/// Kills the process group of every engine recorded under `state_dir` that is still the
+/// recorded process.
+pub fn kill_recorded_engines(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("engines")) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let (Some(pid), Some(ticks)) = (record["pid"].as_u64(), record["start_ticks"].as_u64())
+        else {
+            continue;
+        };
+        if start_ticks(pid) == Some(ticks)
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn start_ticks(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }

@@ -7,7 +7,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{PoolSpec, socket_path, start_sidecar, write_config};
+use e2e::sidecar::{PoolSpec, Sidecar, socket_path, start_sidecar, write_config};
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
 use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
@@ -24,7 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Stack {
     dir: TempDir,
     engine: Daemon,
-    sidecar: Daemon,
+    sidecar: Sidecar,
 }
 
 impl Stack {
@@ -302,7 +302,7 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     .unwrap();
     // Released while no sidecar runs: it must not come back with the others.
     drop(dropped_while_down);
-    stack.sidecar = start_sidecar(stack.path(), &config);
+    stack.sidecar.restart(stack.dir.path(), &config);
     tokio::time::timeout(
         WAIT,
         state.wait_for(|s| matches!(s, ConnectionState::Connected { .. })),

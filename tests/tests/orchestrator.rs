@@ -7,7 +7,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{socket_path, start_sidecar};
+use e2e::sidecar::{Sidecar, socket_path, start_sidecar};
 use e2e::{Daemon, DaemonBuilder, binary, http, temp_dir};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 struct Stack {
     dir: TempDir,
-    sidecar: Daemon,
+    sidecar: Sidecar,
     orchestrator: Daemon,
 }
 

@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Sidecar {
     dir: TempDir,
     _engine: Daemon,
-    daemon: Daemon,
+    daemon: e2e::sidecar::Sidecar,
 }
 
 impl Sidecar {

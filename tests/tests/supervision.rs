@@ -9,8 +9,8 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{socket_path, start_sidecar, state_dir};
-use e2e::{Daemon, Signal, binary, temp_dir};
+use e2e::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
+use e2e::{Signal, binary, temp_dir};
 use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
 use pool_ipc::registry::{
     AcquireTarget, Endpoint, PoolId, PoolSnapshot, PoolState, ReleaseOutcome,
@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(15);
 /// One managed pool `m`: the engine double on a Unix socket with 3 slots.
 struct Managed {
     dir: TempDir,
-    sidecar: Daemon,
+    sidecar: Sidecar,
 }
 
 struct Options {
@@ -132,7 +132,7 @@ impl Managed {
 
     fn restart_sidecar(&mut self) {
         let config = self.path().join("config.toml");
-        self.sidecar = start_sidecar(self.dir.path(), &config);
+        self.sidecar.restart(self.dir.path(), &config);
     }
 }
 

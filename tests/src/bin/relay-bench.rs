@@ -711,7 +711,7 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
     let mut failures = Vec::new();
     let mut checked = 0u64;
     println!(
-        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>7} {:>7} {:>7} {:>7}",
+        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>26}",
         "round",
         "path",
         "TTFT p50",
@@ -719,14 +719,11 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         "TTFT max",
         "stream p50",
         "tokens/s",
-        "CPU ms:",
-        "engine",
-        "pool-m",
-        "client"
+        "CPU ms in the round"
     );
     println!(
         "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>7} {:>7} {:>7} {:>7}",
-        "", "", "ms", "ms", "ms", "ms", "", "orchd", "", "", ""
+        "", "", "ms", "ms", "ms", "ms", "", "orchd", "engine", "pool-m", "client"
     );
     for index in 0..=args.rounds {
         let order = if index % 2 == 0 {
