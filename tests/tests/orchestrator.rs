@@ -691,3 +691,84 @@ fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
     );
     assert_eq!(turn().0, 202);
 }
+
+/// Reads a whole OpenAI stream: (content chunks, ended with [DONE]).
+fn drain_stream(mut reader: BufReader<TcpStream>) -> (usize, bool) {
+    let mut chunks = 0;
+    while let Some(data) = next_data(&mut reader) {
+        if data == "[DONE]" {
+            return (chunks, true);
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if chunk["choices"][0]["delta"]["content"].is_string() {
+            chunks += 1;
+        }
+    }
+    (chunks, false)
+}
+
+#[test]
+fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
+    let mut stack = stack(2, &["--token-delay-ms", "20"], "");
+    let addr = stack.addr();
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(80, true), &[]);
+                assert_eq!(status, 200);
+                drain_stream(reader)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    stack.sidecar.kill_with(e2e::Signal::SIGKILL);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(1, false), &[]);
+        let mut body = String::new();
+        let _ = reader.read_to_string(&mut body);
+        if status == 503 {
+            assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+            assert!(body.contains("pool_unavailable"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused while the sidecar was down: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let config = stack.path().join("config.toml");
+    let dir = stack.path().to_owned();
+    stack.sidecar.restart(&dir, &config);
+    for stream in streams {
+        let (chunks, done) = stream.join().unwrap();
+        assert!(done, "a running stream broke off");
+        assert_eq!(chunks, 80);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, status, _) = post(&addr, "/v1/chat/completions", &chat(1, false), &[]);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never succeeded again ({status})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = stack.sidecar_status();
+    assert_eq!(status["active_leases"], 0, "a lease leaked: {status}");
+    assert_eq!(
+        status["restarts"], 0,
+        "the engine was adopted, not restarted"
+    );
+}
