@@ -772,3 +772,55 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
         "the engine was adopted, not restarted"
     );
 }
+
+#[test]
+fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
+    let stack = stack(1, &["--token-delay-ms", "20"], "");
+    let addr = stack.addr();
+    let holder = std::thread::spawn({
+        let addr = addr.clone();
+        move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+    });
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Queued behind the holder, then gone.
+    let mut queued = TcpStream::connect(&addr).unwrap();
+    let body = chat(5, false).to_string();
+    write!(
+        queued,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let metrics = |name: &str| -> String {
+        http::get(&addr, "/metrics", WAIT)
+            .unwrap()
+            .text()
+            .lines()
+            .find(|line| line.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let deadline = Instant::now() + WAIT;
+    while !metrics("orchestratord_queue_depth{class=\"interactive\"}").ends_with(" 1") {
+        assert!(Instant::now() < deadline, "the request never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(queued);
+    assert!(holder.join().unwrap().1);
+    let engine = stack.sidecar_status()["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
+    assert_eq!(
+        stats["completed"], 1,
+        "the departed client's request reached the engine: {stats}"
+    );
+    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert!(metrics("orchestratord_queue_depth{class=\"interactive\"}").ends_with(" 0"));
+}
