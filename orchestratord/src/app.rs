@@ -29,6 +29,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tasks: Arc<crate::tasks::TaskStore>,
     pub sessions: Arc<crate::sessions::SessionStore>,
+    /// Set on SIGTERM: /readyz answers 503 while running requests finish.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The request's correlation id, set by [`correlate`] for handlers to read.

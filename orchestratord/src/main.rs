@@ -15,6 +15,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How long running requests may take to finish after SIGTERM (keep below systemd's
+/// TimeoutStopSec).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +97,7 @@ async fn run(args: Args) -> Result<(), String> {
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
     let metrics = Arc::new(Metrics::new());
+    let draining = Arc::new(AtomicBool::new(false));
     let sessions = config.sessions.clone();
     let scheduler = Scheduler::start(
         pools.clone(),
@@ -107,6 +114,7 @@ async fn run(args: Args) -> Result<(), String> {
         metrics,
         tasks: Arc::default(),
         sessions: Arc::new(SessionStore::new(sessions)),
+        draining: Arc::clone(&draining),
     };
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
     let mut stdout = std::io::stdout();
@@ -122,7 +130,14 @@ async fn run(args: Args) -> Result<(), String> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
-            shutdown.cancel();
+            // Phased: not ready, no new connections, running requests finish; whatever still
+            // runs after the grace period is cut off (its engine streams end, leases return).
+            draining.store(true, Ordering::Relaxed);
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::warn!("shutdown grace period over; cutting off running requests");
+                shutdown.cancel();
+            });
         })
         .await
         .map_err(|error| format!("server failed: {error}"))

@@ -824,3 +824,33 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     assert_eq!(stack.sidecar_status()["active_leases"], 0);
     assert!(metrics("orchestratord_queue_depth{class=\"interactive\"}").ends_with(" 0"));
 }
+
+#[test]
+fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
+    let mut stack = stack(1, &["--token-delay-ms", "20"], "");
+    let addr = stack.addr();
+    let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(40, true), &[]);
+    assert_eq!(status, 200);
+    let stream = std::thread::spawn(move || drain_stream(reader));
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stack.orchestrator.kill_with(e2e::Signal::SIGTERM);
+    assert_eq!(
+        stream.join().unwrap(),
+        (40, true),
+        "the running stream was cut off"
+    );
+    let status = stack
+        .orchestrator
+        .wait_exit(WAIT)
+        .expect("orchestratord did not exit");
+    assert_eq!(status.code(), Some(0));
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 0 {
+        assert!(Instant::now() < deadline, "a lease outlived orchestratord");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

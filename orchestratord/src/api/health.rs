@@ -1,5 +1,5 @@
-//! `/livez` (the process is up) and `/readyz` (pool-managerd connected and at least one pool
-//! ready), and the JSON 404 for unknown routes.
+//! `/livez` (the process is up) and `/readyz` (pool-managerd connected, at least one pool
+//! ready, not shutting down), `/metrics`, and the JSON 404 for unknown routes.
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -22,11 +22,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .iter()
         .filter(|pool| pool.state == PoolState::Ready)
         .count();
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
     let body = json!({
         "pool_manager_connected": mirror.connected,
         "pools_ready": ready,
+        "draining": draining,
     });
-    let status = if mirror.connected && ready > 0 {
+    let status = if mirror.connected && ready > 0 && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
