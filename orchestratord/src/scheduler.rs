@@ -217,11 +217,13 @@ impl SchedulerActor {
             .session
             .as_deref()
             .and_then(|session| self.affinity.pool_of(session));
-        if let Err(NoPlacement::UnknownModel) =
-            placement::choose(&mirror.snapshot, &demand.model, session_pool, &demand.hints)
-        {
+        let choice =
+            placement::choose(&mirror.snapshot, &demand.model, session_pool, &demand.hints);
+        if let Err(NoPlacement::UnknownModel) = choice {
             return Err(ApiError::ModelNotFound(demand.model));
         }
+        // A slot is free right now: the wait is the dispatch itself, not a service time.
+        let free_now = choice.is_ok();
         drop(mirror);
         let id = TaskId(self.next_id);
         self.next_id += 1;
@@ -240,10 +242,15 @@ impl SchedulerActor {
                     tracing::info!(task = %dropped_id, "dropped from the full queue (drop-lru)");
                     let _ = dropped.placed.send(Err(ApiError::DroppedFromQueue));
                 }
+                let predicted_start = if free_now && admitted.position == 0 {
+                    Duration::ZERO
+                } else {
+                    admitted.predicted_start
+                };
                 Ok(Ticket {
                     id,
                     position: admitted.position,
-                    predicted_start: admitted.predicted_start,
+                    predicted_start,
                     placed: receiver,
                     cancel: self.handle.clone(),
                 })

@@ -854,3 +854,93 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn an_engine_dying_mid_stream_ends_the_stream_with_one_worker_reset_error() {
+    let stack = stack(1, &["--crash-after-tokens", "3", "--exit-code", "9"], "");
+    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(20, true), &[]);
+    assert_eq!(status, 200);
+    let mut payloads = Vec::new();
+    while let Some(data) = next_data(&mut reader) {
+        payloads.push(data);
+    }
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "worker_reset", "{payloads:?}");
+    assert!(
+        !payloads.iter().any(|p| p == "[DONE]"),
+        "no [DONE] after an error"
+    );
+    assert!(
+        !last.to_string().contains(".sock"),
+        "no engine detail reaches clients: {last}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 0 {
+        assert!(Instant::now() < deadline, "the lease was not returned");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "400"],
+        "[streaming]\ndecode_stall_ms = 150\nkeepalive_ms = 50\n",
+    );
+    // The second request queues behind the first for a while: keep-alive comments flow.
+    let first = std::thread::spawn({
+        let addr = stack.addr();
+        move || {
+            let (mut reader, _, _) = post(&addr, "/v1/chat/completions", &chat(3, true), &[]);
+            let mut payloads = Vec::new();
+            while let Some(data) = next_data(&mut reader) {
+                payloads.push(data);
+            }
+            payloads
+        }
+    });
+    let payloads = first.join().unwrap();
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "decode_timeout", "{payloads:?}");
+
+    let stack = stack_with_hold();
+    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(1, true), &[]);
+    assert_eq!(status, 200);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let mut seen = line.clone();
+    while !seen.contains(": keep-alive") {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+}
+
+/// A stack whose only slot is held by a long stream, with a 50 ms keep-alive interval.
+fn stack_with_hold() -> Stack {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "100"],
+        "[streaming]\nkeepalive_ms = 50\n",
+    );
+    let addr = stack.addr();
+    std::thread::spawn(move || {
+        drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+    });
+    let deadline = Instant::now() + WAIT;
+    while stack.sidecar_status()["active_leases"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stack
+}
+
+#[test]
+fn a_public_listener_without_api_keys_is_refused_at_start() {
+    let run = DaemonBuilder::new(binary("orchestratord"))
+        .args(["--listen", "0.0.0.0:0", "--socket", "/tmp/none.sock"])
+        .run_to_exit(WAIT);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("without API keys"), "{}", run.stderr);
+}
