@@ -516,11 +516,18 @@ fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
         .as_str()
         .unwrap()
         .to_owned();
-    let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
-    assert_eq!(
-        stats["cancelled"], 1,
-        "the engine saw its request closed: {stats}"
-    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
+        if stats["cancelled"] == 1 && stats["active"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine never saw its request closed: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(
         http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
             .unwrap()
