@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Builds the workspace and starts pool-managerd in ./.run; pool-managerd starts and supervises its
-# engine itself, the test engine double (a fake llama-server: no model or GPU needed). Shows the
-# registry over the socket and the debug shim, and leaves it running; `scripts/demo.sh stop`
-# stops pool-managerd, which stops its engine.
+# Builds the workspace and starts, in ./.run, pool-managerd (which starts and supervises its engine,
+# for now the test engine double: a fake llama-server, no model or GPU needed) and orchestratord in
+# front of it; shows the registry, then sends one streamed OpenAI chat request through
+# orchestratord and prints the answer. Leaves both running; `scripts/demo.sh stop` stops them
+# (pool-managerd stops its engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run="$PWD/.run"
 shim="127.0.0.1:${DEMO_SHIM_PORT:-9200}"
+api="127.0.0.1:${DEMO_API_PORT:-8080}"
 
 stop() {
-    if [ -f "$run/pool-managerd.pid" ]; then
-        pid=$(cat "$run/pool-managerd.pid")
-        kill "$pid" 2>/dev/null || true
-        # A clean stop stops the engines too; wait for it.
-        for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        rm -f "$run/pool-managerd.pid"
-    fi
+    for name in orchestratord pool-managerd; do
+        if [ -f "$run/$name.pid" ]; then
+            pid=$(cat "$run/$name.pid")
+            kill "$pid" 2>/dev/null || true
+            # A clean stop finishes streams and stops the engines; wait for it.
+            for _ in $(seq 350); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            rm -f "$run/$name.pid"
+        fi
+    done
 }
 
 if [ "${1:-}" = "stop" ]; then
@@ -61,6 +65,18 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
+"$bin/orchestratord" --listen "$api" --socket "$run/pool.sock" \
+    >"$run/orchestratord.out" 2>"$run/orchestratord.log" &
+echo $! >"$run/orchestratord.pid"
+for _ in $(seq 100); do
+    curl -sf "http://$api/readyz" >/dev/null 2>&1 && break
+    if ! kill -0 "$(cat "$run/orchestratord.pid")" 2>/dev/null; then
+        cat "$run/orchestratord.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
 echo
 echo "== pool-managerd status (over the Unix socket)"
 "$bin/pool-managerd" status --socket "$run/pool.sock"
@@ -69,7 +85,13 @@ echo "== GET http://$shim/pools/demo/status (debug shim)"
 curl -s "http://$shim/pools/demo/status"
 echo
 echo
-echo "Running. Try:  $bin/pool-managerd status --socket $run/pool.sock --json"
+echo "== a streamed chat completion through orchestratord (http://$api)"
+curl -sN "http://$api/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"model":"demo-model","messages":[{"role":"user","content":"Say hello"}],"max_tokens":12,"stream":true}'
+echo
+echo "Running. Try:  curl -sN http://$api/v1/chat/completions -H 'Content-Type: application/json' \\"
+echo "                 -d '{\"model\":\"demo-model\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"stream\":true}'"
+echo "               $bin/pool-managerd status --socket $run/pool.sock --json"
 echo "               curl -s http://$shim/metrics"
 echo "Engine log:    $run/state/logs/demo.log"
 echo "Stop with:     scripts/demo.sh stop"
