@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod placement;
 pub mod scheduler;
 pub mod sessions;
+pub mod sse;
 pub mod tasks;

@@ -15,11 +15,11 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::placement::{self, PlacementHints};
 use crate::scheduler::{Demand, Placed, Ticket};
+use crate::sse;
 use axum::Extension;
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use pool_ipc::registry::ReleaseOutcome;
 use serde_json::{Value, json};
@@ -208,7 +208,7 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
             None => Phase::Queued(ticket),
         },
     };
-    let mut response = Response::new(Body::from_stream(futures_util::stream::unfold(
+    sse::response(futures_util::stream::unfold(
         relay,
         |mut relay| async move {
             relay
@@ -216,15 +216,7 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
                 .await
                 .map(|frame| (Ok::<Bytes, Infallible>(frame), relay))
         },
-    )));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    *response.status_mut() = StatusCode::OK;
-    response
+    ))
 }
 
 fn unix_now() -> u64 {
@@ -394,16 +386,8 @@ impl Drop for Relay {
     }
 }
 
-fn event(payload: &[u8]) -> Bytes {
-    let mut frame = Vec::with_capacity(payload.len() + 8);
-    frame.extend_from_slice(b"data: ");
-    frame.extend_from_slice(payload);
-    frame.extend_from_slice(b"\n\n");
-    Bytes::from(frame)
-}
-
 fn error_event(error: &ApiError) -> Bytes {
-    event(error.openai_body().to_string().as_bytes())
+    sse::data(error.openai_body().to_string().as_bytes())
 }
 
 impl Relay {
@@ -416,7 +400,7 @@ impl Relay {
                 Phase::Queued(ticket) => {
                     let keepalive = self.state.config.keepalive;
                     match tokio::time::timeout(keepalive, &mut ticket.placed).await {
-                        Err(_) => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                        Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
                         Ok(Ok(Ok(placed))) => self.phase = Phase::Placed(placed),
                         Ok(Ok(Err(error))) => return Some(self.fail(&error)),
                         Ok(Err(_)) => {
@@ -456,7 +440,7 @@ impl Relay {
                             if tokens > 0 {
                                 self.token_seen();
                             }
-                            return Some(event(&raw));
+                            return Some(sse::data(&raw));
                         }
                         Some(Ok(EngineEvent::Done {
                             raw_usage,
@@ -477,7 +461,7 @@ impl Relay {
                             if self.request.include_usage
                                 && let Some(usage) = raw_usage
                             {
-                                tail.extend_from_slice(&event(&usage));
+                                tail.extend_from_slice(&sse::data(&usage));
                             }
                             tail.extend_from_slice(b"data: [DONE]\n\n");
                             return Some(Bytes::from(tail));

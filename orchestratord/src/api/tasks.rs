@@ -11,12 +11,13 @@ use crate::app::{AppState, CorrelationId};
 use crate::error::ApiError;
 use crate::placement::PlacementHints;
 use crate::scheduler::{Demand, Placed, Ticket};
+use crate::sse;
 use crate::tasks::TaskHandle;
 use axum::Extension;
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use pool_ipc::registry::{EngineKind, PoolId, ReleaseOutcome};
 use serde::Deserialize;
@@ -325,13 +326,13 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
             }
             match tokio::time::timeout(keepalive, handle.events_from(from)).await {
                 Err(_) => Some((
-                    Ok::<Bytes, Infallible>(Bytes::from_static(b": keep-alive\n\n")),
+                    Ok::<Bytes, Infallible>(Bytes::from_static(sse::KEEP_ALIVE)),
                     (handle, from, false),
                 )),
                 Ok((events, ended)) => {
                     let mut frame = String::new();
                     for event in &events {
-                        frame.push_str(&format!("event: {}\ndata: {}\n\n", event.name, event.data));
+                        sse::push_named(&mut frame, event.name, &event.data.to_string());
                     }
                     let next = from + events.len();
                     Some((Ok(Bytes::from(frame)), (handle, next, ended)))
@@ -339,14 +340,7 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
             }
         },
     );
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    sse::response(stream)
 }
 
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Response {
