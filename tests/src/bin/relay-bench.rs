@@ -11,11 +11,18 @@
 //! path reaches the very engine orchestratord relays from; then orchestratord in front. Daemons
 //! log at `warn` so that logging does not distort the figures.
 //!
+//! Per stream it measures TTFT (request sent to the first `data:` chunk with content), content
+//! chunks and total time; per round the wall time (first request sent to last stream ended), the
+//! on-CPU time of each process (`/proc/PID/task/*/schedstat`, taken once the stack is idle again,
+//! so end-of-stream work counts) and, through orchestratord, the deltas of its own `/metrics`
+//! histograms (queue wait, Acquire round trip, TTFT as it sees it), which split the added TTFT.
+//! Before each round it waits until no lease is held and the engine runs nothing.
+//!
 //! Every stream is checked: exactly T content chunks, a `finish_reason`, a usage chunk with
 //! `completion_tokens` = T, and `data: [DONE]` last. Any failure makes the exit status non-zero.
 
 use clap::Parser;
-use e2e::sidecar::{sidecar_command, socket_path, state_dir};
+use e2e::sidecar::{kill_recorded_engines, sidecar_command, socket_path, state_dir};
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, temp_dir};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -58,7 +65,7 @@ struct Args {
 }
 
 /// The processes under test. Dropping it stops them: orchestratord, then pool-managerd cleanly
-/// (which stops its engine), then whatever engine its record still names (engines outlive a
+/// (which stops its engine), then whatever engine its records still name (engines outlive a
 /// killed pool-managerd by design, so a SIGKILL alone would leave one behind).
 struct Stack {
     dir: tempfile::TempDir,
@@ -76,9 +83,7 @@ impl Drop for Stack {
             stop(&mut orchestrator);
         }
         stop(&mut self.sidecar);
-        if let Some(pid) = engine_pid(self.dir.path()).and_then(|pid| i32::try_from(pid).ok()) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        kill_recorded_engines(&state_dir(self.dir.path()));
     }
 }
 
@@ -511,6 +516,8 @@ struct Round {
     events: u64,
     wall: Duration,
     cpu: Cpu,
+    /// orchestratord's metrics over the round (orchestrated rounds only).
+    inside: Inside,
 }
 
 impl Round {
@@ -542,15 +549,109 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     sum / f64::from(count)
 }
 
+/// `(sum, count)` of a histogram: running totals from orchestratord's `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    sum: f64,
+    count: f64,
+}
+
+impl Totals {
+    fn since(self, before: Totals) -> Totals {
+        Totals {
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    fn add(self, other: Totals) -> Totals {
+        Totals {
+            sum: self.sum + other.sum,
+            count: self.count + other.count,
+        }
+    }
+
+    fn mean_ms(self) -> f64 {
+        self.sum / self.count * 1e3
+    }
+}
+
+/// The histograms of orchestratord's own metrics that split its added time to first token.
+#[derive(Debug, Default, Clone, Copy)]
+struct Inside {
+    /// Admission to a granted lease.
+    queue_wait: Totals,
+    /// One Acquire round trip to pool-managerd.
+    dispatch: Totals,
+    /// Request received to first token relayed.
+    ttft: Totals,
+}
+
+impl Inside {
+    fn since(self, before: Inside) -> Inside {
+        Inside {
+            queue_wait: self.queue_wait.since(before.queue_wait),
+            dispatch: self.dispatch.since(before.dispatch),
+            ttft: self.ttft.since(before.ttft),
+        }
+    }
+
+    fn add(self, other: Inside) -> Inside {
+        Inside {
+            queue_wait: self.queue_wait.add(other.queue_wait),
+            dispatch: self.dispatch.add(other.dispatch),
+            ttft: self.ttft.add(other.ttft),
+        }
+    }
+}
+
+/// The totals of histogram `name` over all its label sets in Prometheus/OpenMetrics text (zero
+/// when absent).
+fn histogram(text: &str, name: &str) -> Totals {
+    let mut totals = Totals::default();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let metric = key.split('{').next().unwrap_or(key);
+        match metric.strip_prefix(name) {
+            Some("_sum") => totals.sum += value,
+            Some("_count") => totals.count += value,
+            _ => {}
+        }
+    }
+    totals
+}
+
 /// Control-plane reads between rounds.
 struct Control {
     client: HttpClient,
     status: Uri,
     stats: Uri,
+    metrics: Uri,
 }
 
 impl Control {
     async fn get(&self, uri: &Uri) -> Result<Value, String> {
+        let body = self.get_bytes(uri).await?;
+        serde_json::from_slice(&body).map_err(|e| format!("GET {uri}: not JSON: {e}"))
+    }
+
+    /// orchestratord's own view of the requests so far, from its `/metrics`.
+    async fn inside(&self) -> Result<Inside, String> {
+        let body = self.get_bytes(&self.metrics).await?;
+        let text = String::from_utf8_lossy(&body);
+        Ok(Inside {
+            queue_wait: histogram(&text, "orchestratord_queue_wait_seconds"),
+            dispatch: histogram(&text, "orchestratord_dispatch_seconds"),
+            ttft: histogram(&text, "orchestratord_time_to_first_token_seconds"),
+        })
+    }
+
+    async fn get_bytes(&self, uri: &Uri) -> Result<Bytes, String> {
         let request = Request::builder()
             .uri(uri.clone())
             .body(Full::new(Bytes::new()))
@@ -566,7 +667,7 @@ impl Control {
             .await
             .map_err(|e| format!("GET {uri}: {e}"))?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("GET {uri}: not JSON: {e}"))
+        Ok(body)
     }
 
     /// Waits until no lease is held and the engine runs no generation, so that a round never
@@ -610,6 +711,7 @@ async fn run_round(target: &Target, args: &Args, body: &Bytes, pids: Pids) -> (R
         events: 0,
         wall: Duration::ZERO,
         cpu: Cpu::default(),
+        inside: Inside::default(),
     };
     let mut failures = Vec::new();
     while let Some(joined) = streams.join_next().await {
@@ -665,6 +767,7 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         client: client(),
         status: uri(&stack.shim, &format!("/pools/{POOL}/status"))?,
         stats: uri(&stack.engine, "/control/stats")?,
+        metrics: uri(orchestrator.ready("listen"), "/metrics")?,
     };
     let body = Bytes::from(
         json!({
@@ -733,10 +836,14 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         };
         for target in order {
             control.wait_idle(stack.slots).await?;
+            let inside_before = control.inside().await?;
             tokio::time::sleep(SETTLE).await;
             let (mut round, failed) = run_round(target, args, &body, pids).await;
             control.wait_idle(stack.slots).await?;
             round.cpu = Cpu::now(pids).since(round.cpu);
+            if target.route == Route::Orchestrated {
+                round.inside = control.inside().await?.since(inside_before);
+            }
             checked += u64::from(args.streams);
             failures.extend(failed);
             let label = if index == 0 {
@@ -824,6 +931,10 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
     let relay_cpu_us = relayed.iter().map(|r| r.cpu.orchestrator).sum::<u64>() as f64
         / 1e3
         / relayed_events as f64;
+    let inside = relayed
+        .iter()
+        .fold(Inside::default(), |total, round| total.add(round.inside));
+    let mean_ttft = |set: &[&Round]| mean(set.iter().flat_map(|r| r.ttft_ms.iter().copied()));
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     println!();
     println!(
@@ -844,6 +955,16 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         relayed_events,
         relayed_events / (u64::from(args.rounds) * u64::from(args.streams)).max(1),
         args.tokens
+    );
+    println!(
+        "where it goes (means per request over the orchestrated rounds): client TTFT direct \
+         {:.2} ms, orchestrated {:.2} ms; orchestratord's /metrics: TTFT as it sees it {:.2} ms, \
+         queue wait (admission to lease) {:.2} ms, one Acquire round trip {:.3} ms",
+        mean_ttft(&direct),
+        mean_ttft(&relayed),
+        inside.ttft.mean_ms(),
+        inside.queue_wait.mean_ms(),
+        inside.dispatch.mean_ms(),
     );
     if failures.is_empty() {
         println!(
