@@ -11,6 +11,7 @@ use orchestratord::scheduler::Scheduler;
 use orchestratord::sessions::SessionStore;
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
+use pool_ipc::systemd::{self, InheritedSockets, NotifyState};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Read before any thread starts: it edits the environment.
+    let inherited = InheritedSockets::from_env();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -61,7 +64,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("orchestratord: {message}");
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> {
     let mut raw = match &args.config {
         Some(path) => RawConfig::load(path).map_err(|error| error.to_string())?,
         None => RawConfig::default(),
@@ -86,9 +89,19 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let config = raw.validate().map_err(|error| error.to_string())?;
     let socket = resolve_socket_path(config.socket.clone()).map_err(|error| error.to_string())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| format!("cannot listen on {}: {error}", config.listen))?;
+    // A socket systemd holds (orchestratord.socket, FileDescriptorName=http) is used as it is.
+    let listener = match inherited
+        .take_tcp("http")
+        .map_err(|error| error.to_string())?
+    {
+        Some(listener) => listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .map_err(|error| format!("cannot register the inherited socket: {error}"))?,
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| format!("cannot listen on {}: {error}", config.listen))?,
+    };
     let local = listener
         .local_addr()
         .map_err(|error| format!("cannot read the bound address: {error}"))?;
@@ -120,6 +133,8 @@ async fn run(args: Args) -> Result<(), String> {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "READY listen={local}");
     let _ = stdout.flush();
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    tokio::spawn(systemd::keep_watchdog_fed(shutdown.clone()));
 
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|stream| {
@@ -130,6 +145,10 @@ async fn run(args: Args) -> Result<(), String> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
+            systemd::notify(&[
+                NotifyState::Stopping,
+                NotifyState::Status("stopping: letting running requests finish"),
+            ]);
             // Phased: not ready, no new connections, running requests finish; whatever still
             // runs after the grace period is cut off (its engine streams end, leases return).
             draining.store(true, Ordering::Relaxed);

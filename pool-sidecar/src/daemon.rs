@@ -13,6 +13,7 @@ use crate::probe;
 use crate::registry::spawn_registry;
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{EnginePaths, EngineSupervisor};
+use pool_ipc::systemd::{self, NotifyState};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,33 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Keeps systemd's STATUS= line saying how many pools are ready, as it changes.
+async fn report_status(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<pool_ipc::registry::RegistrySnapshot>>,
+    shutdown: CancellationToken,
+) {
+    let mut last = String::new();
+    loop {
+        let status = {
+            let snapshot = snapshots.borrow_and_update();
+            let ready = snapshot
+                .pools
+                .iter()
+                .filter(|pool| pool.state == pool_ipc::registry::PoolState::Ready)
+                .count();
+            format!("{ready}/{} pools ready", snapshot.pools.len())
+        };
+        if status != last {
+            systemd::notify(&[NotifyState::Status(&status)]);
+            last = status;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
+    }
+}
 
 pub struct Listeners {
     pub ipc: UnixListener,
@@ -152,9 +180,15 @@ pub async fn run(
         "pool-managerd is serving"
     );
     on_ready();
+    tracker.spawn(report_status(registry.watch_snapshot(), shutdown.clone()));
+    tracker.spawn(systemd::keep_watchdog_fed(shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    systemd::notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: draining connections and stopping engines"),
+    ]);
     tracker.close();
     // Supervisors stop their engines: give them each engine's grace period and then some.
     let grace = config

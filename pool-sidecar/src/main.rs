@@ -3,18 +3,21 @@
 //! operator command against a running one.
 
 use clap::Parser;
+use pool_ipc::systemd::{self, InheritedSockets, NotifyState};
 use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
 use pool_sidecar::ipc::socket::bind_socket;
 use pool_sidecar::supervisor::EnginePaths;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Read before any thread starts: it edits the environment.
+    let inherited = InheritedSockets::from_env();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -23,8 +26,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => serve(cli.serve, &runtime),
-        Some(Command::Serve(args)) => serve(args, &runtime),
+        None => serve(cli.serve, &runtime, inherited),
+        Some(Command::Serve(args)) => serve(args, &runtime, inherited),
         Some(command) => runtime.block_on(run_command(command)),
     }
 }
@@ -42,9 +45,13 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+fn serve(
+    args: ServeArgs,
+    runtime: &tokio::runtime::Runtime,
+    inherited: InheritedSockets,
+) -> ExitCode {
     init_tracing(args.log_format);
-    match start(args, runtime) {
+    match start(args, runtime, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("pool-managerd: {message}");
@@ -53,7 +60,11 @@ fn serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
     }
 }
 
-fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
+fn start(
+    args: ServeArgs,
+    runtime: &tokio::runtime::Runtime,
+    mut inherited: InheritedSockets,
+) -> Result<(), String> {
     let mut config = Config::load(&args.config).map_err(|error| error.to_string())?;
     if let Some(listen) = &args.debug_listen {
         config.debug_http.listen = match listen.as_str() {
@@ -73,13 +84,47 @@ fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), Strin
         pool_ipc::socket_path::resolve_socket_path(explicit).map_err(|error| error.to_string())?;
 
     let _guard = runtime.enter();
-    let (std_listener, socket_file) =
-        bind_socket(&socket_path, config.server.socket_group).map_err(|error| error.to_string())?;
+    // Sockets systemd holds (socket activation) are used as they are; otherwise bind our own.
+    let inherited_ipc = inherited
+        .take_unix("ipc")
+        .map_err(|error| error.to_string())?;
+    let inherited_debug = inherited
+        .take_tcp("debug-http")
+        .map_err(|error| error.to_string())?;
+    if let Some(unknown) = inherited
+        .names()
+        .iter()
+        .find(|name| !matches!(name.as_str(), "ipc" | "debug-http"))
+    {
+        tracing::warn!(name = %unknown, "ignoring an inherited socket with an unknown FileDescriptorName");
+    }
+    let (std_listener, socket_file) = match inherited_ipc {
+        Some(listener) => (listener, None),
+        None => {
+            let (listener, file) = bind_socket(&socket_path, config.server.socket_group)
+                .map_err(|error| error.to_string())?;
+            (listener, Some(file))
+        }
+    };
+    let socket_path = std_listener
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_pathname().map(Path::to_path_buf))
+        .unwrap_or(socket_path);
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|error| format!("cannot make the socket non-blocking: {error}"))?;
     let ipc = tokio::net::UnixListener::from_std(std_listener)
         .map_err(|error| format!("cannot register the socket: {error}"))?;
-    let debug_http = match config.debug_http.listen {
-        None => None,
-        Some(addr) => {
+    let debug_http = match (inherited_debug, config.debug_http.listen) {
+        (Some(listener), _) => Some(
+            listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                .map_err(|error| format!("cannot register the inherited shim socket: {error}"))?,
+        ),
+        (None, None) => None,
+        (None, Some(addr)) => {
             let listener = std::net::TcpListener::bind(addr)
                 .and_then(|listener| {
                     listener.set_nonblocking(true)?;
@@ -111,7 +156,7 @@ fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), Strin
 
     let shutdown = CancellationToken::new();
     runtime.spawn(stop_on_signal(shutdown.clone()));
-    let socket_shown = socket_file.path().display().to_string();
+    let socket_shown = socket_path.display().to_string();
     runtime.block_on(run(
         config,
         Listeners { ipc, debug_http },
@@ -124,6 +169,7 @@ fn start(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> Result<(), Strin
                 "READY socket={socket_shown} debug_http={debug_addr}"
             );
             let _ = stdout.flush();
+            systemd::notify(&[NotifyState::Ready]);
         },
     ));
     drop(socket_file);

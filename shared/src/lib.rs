@@ -17,6 +17,7 @@ pub mod framed;
 mod outbox;
 pub mod registry;
 pub mod socket_path;
+pub mod systemd;
 pub mod wire;
 
 pub use client::{ClientConfig, ClientError, ConnectionState, LeaseGuard, PoolClient};

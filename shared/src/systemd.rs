@@ -1,0 +1,103 @@
+//! What both daemons need from systemd, and nothing when they run without it: listening sockets
+//! passed in by socket activation (LISTEN_FDS / LISTEN_PID, matched by LISTEN_FDNAMES), and
+//! sd_notify state (READY=1, STATUS=, WATCHDOG=1, STOPPING=1). Without NOTIFY_SOCKET the
+//! notifications are no-ops; without LISTEN_FDS no socket is inherited and the daemon binds its
+//! own. The children a daemon starts never see these variables (its supervisor removes them).
+
+use listenfd::ListenFd;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use sd_notify::NotifyState;
+
+#[derive(Debug, thiserror::Error)]
+#[error("inherited socket {name:?} is not a {expected}: {source}")]
+pub struct InheritError {
+    name: String,
+    expected: &'static str,
+    source: std::io::Error,
+}
+
+/// The sockets systemd passed in, by name.
+pub struct InheritedSockets {
+    fds: ListenFd,
+    names: Vec<String>,
+}
+
+impl InheritedSockets {
+    /// Reads the environment; call it early, before the daemon starts threads.
+    pub fn from_env() -> InheritedSockets {
+        let names = std::env::var("LISTEN_FDNAMES")
+            .map(|names| names.split(':').map(str::to_owned).collect())
+            .unwrap_or_default();
+        InheritedSockets {
+            fds: ListenFd::from_env(),
+            names,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fds.len() == 0
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|known| known == name)
+    }
+
+    /// The Unix listening socket named `name`, if systemd passed one.
+    pub fn take_unix(&mut self, name: &str) -> Result<Option<UnixListener>, InheritError> {
+        let Some(index) = self.index(name) else {
+            return Ok(None);
+        };
+        self.fds
+            .take_unix_listener(index)
+            .map_err(|source| InheritError {
+                name: name.to_owned(),
+                expected: "Unix stream listener",
+                source,
+            })
+    }
+
+    /// The TCP listening socket named `name`, if systemd passed one.
+    pub fn take_tcp(&mut self, name: &str) -> Result<Option<TcpListener>, InheritError> {
+        let Some(index) = self.index(name) else {
+            return Ok(None);
+        };
+        self.fds
+            .take_tcp_listener(index)
+            .map_err(|source| InheritError {
+                name: name.to_owned(),
+                expected: "TCP listener",
+                source,
+            })
+    }
+
+    /// Names passed in that this daemon does not know (worth a warning: a unit typo).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+/// Sends `states` to the service manager, if there is one; failures are logged, not fatal.
+pub fn notify(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(false, states) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// With WatchdogSec= set, sends WATCHDOG=1 at half the interval until `stop`.
+pub async fn keep_watchdog_fed(stop: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => notify(&[NotifyState::Watchdog]),
+        }
+    }
+}
