@@ -11,7 +11,7 @@ use orchestratord::scheduler::Scheduler;
 use orchestratord::sessions::SessionStore;
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
-use pool_ipc::systemd::{self, InheritedSockets, NotifyState};
+use pool_ipc::systemd::{self, InheritedSockets, NotifyState, StopSignals};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +74,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> {
+    let signals = StopSignals::install()
+        .map_err(|error| format!("cannot install signal handlers: {error}"))?;
     let mut raw = match &args.config {
         Some(path) => RawConfig::load(path).map_err(|error| error.to_string())?,
         None => RawConfig::default(),
@@ -144,7 +146,7 @@ async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> 
     });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            signals.wait().await;
             systemd::notify(&[
                 NotifyState::Stopping,
                 NotifyState::Status("stopping: letting running requests finish"),
@@ -160,19 +162,4 @@ async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> 
         })
         .await
         .map_err(|error| format!("server failed: {error}"))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
-    }
 }

@@ -3,7 +3,7 @@
 //! operator command against a running one.
 
 use clap::Parser;
-use pool_ipc::systemd::{self, InheritedSockets, NotifyState};
+use pool_ipc::systemd::{self, InheritedSockets, NotifyState, StopSignals};
 use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
@@ -155,7 +155,9 @@ fn start(
     }
 
     let shutdown = CancellationToken::new();
-    runtime.spawn(stop_on_signal(shutdown.clone()));
+    let signals = StopSignals::install()
+        .map_err(|error| format!("cannot install signal handlers: {error}"))?;
+    runtime.spawn(stop_on_signal(signals, shutdown.clone()));
     let socket_shown = socket_path.display().to_string();
     runtime.block_on(run(
         config,
@@ -189,18 +191,7 @@ fn default_state_dir() -> Option<PathBuf> {
     Some(base.join("pool-managerd"))
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
-    }
+async fn stop_on_signal(signals: StopSignals, shutdown: CancellationToken) {
+    signals.wait().await;
     shutdown.cancel();
 }

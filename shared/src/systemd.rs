@@ -101,3 +101,37 @@ pub async fn keep_watchdog_fed(stop: CancellationToken) {
         }
     }
 }
+
+/// The signals a daemon acts on. Registered when constructed, so a signal that arrives while
+/// the daemon is still starting is not lost (the default action would kill it instead).
+pub struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Must run inside a tokio runtime.
+    pub fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns on SIGTERM or SIGINT. SIGHUP (a reload request) is answered in the log: reloading
+    /// the configuration in place is not supported yet, and the daemon goes on as it was.
+    pub async fn wait(mut self) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return tracing::info!("SIGTERM received"),
+                _ = self.interrupt.recv() => return tracing::info!("SIGINT received"),
+                _ = self.hangup.recv() => tracing::warn!(
+                    "SIGHUP received: reloading the configuration in place is not supported yet; restart the service to apply changes"
+                ),
+            }
+        }
+    }
+}
