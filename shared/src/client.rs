@@ -59,7 +59,8 @@ impl ClientConfig {
             call_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(2),
             reconnect_initial: Duration::from_millis(50),
-            reconnect_max: Duration::from_secs(5),
+            // A local socket: retrying often is cheap, and a restarted sidecar is found at once.
+            reconnect_max: Duration::from_secs(1),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
         }
     }

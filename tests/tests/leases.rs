@@ -22,9 +22,10 @@ use tokio::sync::watch;
 const WAIT: Duration = Duration::from_secs(10);
 
 struct Stack {
-    dir: TempDir,
-    engine: Daemon,
     sidecar: Sidecar,
+    engine: Daemon,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    dir: TempDir,
 }
 
 impl Stack {

@@ -19,9 +19,10 @@ use tempfile::TempDir;
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Stack {
-    dir: TempDir,
-    sidecar: Sidecar,
     orchestrator: Daemon,
+    sidecar: Sidecar,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    dir: TempDir,
 }
 
 /// One managed pool `p` serving model `double` with `slots` slots; `engine_flags` go to the
@@ -755,7 +756,16 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
     }
 
     stack.sidecar.kill_with(e2e::Signal::SIGKILL);
+    // Once orchestratord has noticed (readyz says so), new requests are refused at once; a request
+    // admitted in the instant before it noticed would wait in the queue instead, by design.
     let deadline = Instant::now() + WAIT;
+    while http::get(&addr, "/readyz", WAIT).unwrap().status != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "orchestratord never noticed the sidecar was gone"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     loop {
         let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(1, false), &[]);
         let mut body = String::new();

@@ -28,9 +28,10 @@ use tempfile::TempDir;
 const WAIT: Duration = Duration::from_secs(10);
 
 struct Sidecar {
-    dir: TempDir,
-    _engine: Daemon,
     daemon: e2e::sidecar::Sidecar,
+    _engine: Daemon,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    dir: TempDir,
 }
 
 impl Sidecar {

@@ -24,8 +24,9 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// One managed pool `m`: the engine double on a Unix socket with 3 slots.
 struct Managed {
-    dir: TempDir,
     sidecar: Sidecar,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    dir: TempDir,
 }
 
 struct Options {
