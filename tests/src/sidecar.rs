@@ -174,3 +174,30 @@ fn start_ticks(pid: u64) -> Option<u64> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
+
+/// Waits (at most 15 s) until `pool` in a registry mirror satisfies `check`; returns it then.
+/// Panics with the whole mirror when it never does.
+pub async fn wait_for_pool(
+    mirror: &mut tokio::sync::watch::Receiver<pool_ipc::client::RegistryMirror>,
+    pool: &pool_ipc::registry::PoolId,
+    what: &str,
+    check: impl Fn(&pool_ipc::registry::PoolSnapshot) -> bool,
+) -> pool_ipc::registry::PoolSnapshot {
+    let reached = {
+        let wait = mirror.wait_for(|m| m.snapshot.pool(pool).is_some_and(&check));
+        tokio::time::timeout(std::time::Duration::from_secs(15), wait)
+            .await
+            .is_ok()
+    };
+    let mirror = mirror.borrow();
+    assert!(
+        reached,
+        "timed out waiting for: {what}; mirror: {:?}",
+        *mirror
+    );
+    mirror
+        .snapshot
+        .pool(pool)
+        .cloned()
+        .unwrap_or_else(|| panic!("pool {pool} vanished"))
+}

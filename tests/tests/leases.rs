@@ -71,17 +71,7 @@ async fn wait_for_pool(
     what: &str,
     check: impl Fn(&PoolSnapshot) -> bool,
 ) -> PoolSnapshot {
-    let reached = {
-        let wait = mirror.wait_for(|m| m.snapshot.pool(&pool()).is_some_and(&check));
-        tokio::time::timeout(WAIT, wait).await.is_ok()
-    };
-    let mirror = mirror.borrow();
-    assert!(
-        reached,
-        "timed out waiting for: {what}; mirror: {:?}",
-        *mirror
-    );
-    mirror.snapshot.pool(&pool()).cloned().unwrap()
+    e2e::sidecar::wait_for_pool(mirror, &pool(), what, check).await
 }
 
 fn shim_status(stack: &Stack) -> serde_json::Value {

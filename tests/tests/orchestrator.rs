@@ -97,6 +97,19 @@ impl Stack {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Waits until pool-managerd shows `leases` live leases on the pool.
+    fn wait_for_leases(&self, leases: u64) {
+        let deadline = Instant::now() + WAIT;
+        while self.sidecar_status()["active_leases"] != leases {
+            assert!(
+                Instant::now() < deadline,
+                "never {leases} leases: {}",
+                self.sidecar_status()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// A raw HTTP/1.1 POST; returns the stream positioned after the response head, and the head.
@@ -333,11 +346,7 @@ fn a_full_queue_answers_429_with_retry_after() {
         let addr = addr.clone();
         move || post(&addr, "/v1/chat/completions", &chat(10, true), &[])
     });
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    stack.wait_for_leases(1);
     let queued = std::thread::spawn({
         let addr = addr.clone();
         move || post(&addr, "/v1/chat/completions", &chat(1, false), &[])
@@ -612,11 +621,7 @@ fn drop_lru_sheds_the_oldest_batch_task_with_its_own_error() {
         &addr,
         &json!({"model": "double", "prompt": "x", "max_tokens": 30}),
     );
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_leases(1);
     let (_, victim) = submit(
         &addr,
         &json!({"model": "double", "prompt": "x", "max_tokens": 2, "priority": "batch"}),
@@ -749,11 +754,7 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
             })
         })
         .collect();
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 2 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_leases(2);
 
     stack.sidecar.kill_with(e2e::Signal::SIGKILL);
     // Once orchestratord has noticed (readyz says so), new requests are refused at once; a request
@@ -818,11 +819,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
         let addr = addr.clone();
         move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_leases(1);
     // Queued behind the holder, then gone.
     let mut queued = TcpStream::connect(&addr).unwrap();
     let body = chat(5, false).to_string();
@@ -869,11 +866,7 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
     let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(40, true), &[]);
     assert_eq!(status, 200);
     let stream = std::thread::spawn(move || drain_stream(reader));
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_leases(1);
     stack.orchestrator.kill_with(e2e::Signal::SIGTERM);
     assert_eq!(
         stream.join().unwrap(),
@@ -965,11 +958,7 @@ fn stack_with_hold() -> Stack {
     std::thread::spawn(move || {
         drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
-    let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 1 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_leases(1);
     stack
 }
 
