@@ -1,28 +1,179 @@
 //! Running the daemon: [`run`] takes already-bound listeners (so tests and socket activation can
 //! pass their own), starts the registry, the probes of external engines, the supervisors of
 //! managed ones (adopting engines a previous run left behind), the socket server and the debug
-//! shim, and shuts them down in order when `shutdown` fires: stop accepting, close connections
-//! (their leases come back), stop engines, wait for every task within the grace period.
+//! shim; applies reloaded configurations to the pools (see [`PoolSet`]); and shuts everything
+//! down in order when `shutdown` fires: stop accepting, close connections (their leases come
+//! back), stop engines, wait for every task within the grace period.
 
-use crate::config::{Config, EngineSource};
+use crate::config::{Config, EngineSource, PoolConfig};
 use crate::debug_http::{self, DebugState};
 use crate::gpu::GpuProbe;
-use crate::ipc::server::{self, IpcContext};
+use crate::ipc::server::{self, EngineControls, IpcContext};
 use crate::metrics::Metrics;
 use crate::probe;
-use crate::registry::spawn_registry;
+use crate::registry::{RegistryHandle, spawn_registry};
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
-use crate::supervisor::{EnginePaths, EngineSupervisor};
+use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
+use pool_ipc::registry::{PoolId, PoolState};
 use pool_ipc::systemd::{self, NotifyState};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The pools being run: each one's stop token and, for engines pool-managerd runs, its
+/// supervisor's command queue. Changed by reloads: new pools start, removed ones are drained and
+/// stopped, changed ones are replaced (drained, then started anew); unchanged ones are untouched.
+struct PoolSet {
+    registry: RegistryHandle,
+    paths: EnginePaths,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    engines: Arc<RwLock<EngineControls>>,
+    running: HashMap<PoolId, RunningPool>,
+    /// Pools being taken out, and the config to start in their place once they are gone.
+    retiring: HashMap<PoolId, Option<PoolConfig>>,
+    retired: mpsc::UnboundedSender<PoolId>,
+}
+
+struct RunningPool {
+    config: PoolConfig,
+    stop: CancellationToken,
+}
+
+fn write(engines: &RwLock<EngineControls>) -> std::sync::RwLockWriteGuard<'_, EngineControls> {
+    // The map is consistent after every update, so a poisoned lock is still usable.
+    engines
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PoolSet {
+    async fn start(&mut self, pool: PoolConfig) {
+        let stop = self.shutdown.child_token();
+        match &pool.source {
+            EngineSource::External { endpoint } => {
+                self.tracker.spawn(probe::probe_pool(
+                    pool.clone(),
+                    endpoint.clone(),
+                    self.registry.clone(),
+                    stop.clone(),
+                ));
+            }
+            EngineSource::Managed(engine) => {
+                let (commands, inbox) = mpsc::channel(8);
+                write(&self.engines).insert(pool.id.clone(), commands);
+                let mut supervisor = EngineSupervisor::new(
+                    pool.clone(),
+                    engine.clone(),
+                    self.registry.clone(),
+                    self.paths.clone(),
+                    inbox,
+                    stop.clone(),
+                );
+                // Adoption is decided before the socket is served, so re-asserted leases find
+                // adopted engines Ready.
+                let adopted = supervisor.adopt().await;
+                self.tracker.spawn(supervisor.run(adopted));
+                self.tracker.spawn(follow_log(
+                    self.paths.log(pool.id.as_str()),
+                    pool.id.to_string(),
+                    DEFAULT_LOG_CAP_BYTES,
+                    stop.clone(),
+                ));
+            }
+        }
+        self.running
+            .insert(pool.id.clone(), RunningPool { config: pool, stop });
+    }
+
+    /// Takes a pool out: a managed engine is drained first (its leases end, or its reload drain
+    /// deadline passes) and stopped; then the registry forgets the pool and `retired` hears it.
+    fn retire(&mut self, id: &PoolId, replacement: Option<PoolConfig>) {
+        let Some(pool) = self.running.remove(id) else {
+            return;
+        };
+        self.retiring.insert(id.clone(), replacement);
+        let commands = write(&self.engines).remove(id);
+        let registry = self.registry.clone();
+        let retired = self.retired.clone();
+        let id = id.clone();
+        let deadline = pool
+            .config
+            .managed()
+            .map(|engine| engine.reload.drain_deadline())
+            .unwrap_or_default();
+        tracing::info!(pool = %id, "taking the pool out (reload)");
+        self.tracker.spawn(async move {
+            if let Some(commands) = commands {
+                let (reply, answer) = oneshot::channel();
+                if commands
+                    .send(AdminCommand::Drain { deadline, reply })
+                    .await
+                    .is_ok()
+                {
+                    let _ = answer.await;
+                    let mut snapshots = registry.watch_snapshot();
+                    let stopped = snapshots.wait_for(|snapshot| {
+                        snapshot
+                            .pool(&id)
+                            .is_none_or(|status| status.state == PoolState::Stopped)
+                    });
+                    let grace = deadline + Duration::from_secs(30);
+                    if tokio::time::timeout(grace, stopped).await.is_err() {
+                        tracing::warn!(pool = %id, "drain did not finish in time; stopping anyway");
+                    }
+                }
+            }
+            pool.stop.cancel();
+            registry.remove_pool(id.clone());
+            let _ = retired.send(id);
+        });
+    }
+
+    /// A retired pool is gone; start what replaces it, if anything.
+    async fn retired(&mut self, id: &PoolId) {
+        if let Some(Some(replacement)) = self.retiring.remove(id) {
+            self.registry.add_pool(replacement.clone());
+            self.start(replacement).await;
+        }
+    }
+
+    async fn apply(&mut self, config: &Config) {
+        let wanted: HashMap<&PoolId, &PoolConfig> =
+            config.pools.iter().map(|pool| (&pool.id, pool)).collect();
+        let running: Vec<PoolId> = self.running.keys().cloned().collect();
+        for id in running {
+            match wanted.get(&id) {
+                None => self.retire(&id, None),
+                Some(new)
+                    if self
+                        .running
+                        .get(&id)
+                        .is_some_and(|pool| pool.config != **new) =>
+                {
+                    self.retire(&id, Some((*new).clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, new) in wanted {
+            if let Some(replacement) = self.retiring.get_mut(id) {
+                // Back (or changed again) while its predecessor is still on its way out.
+                *replacement = Some(new.clone());
+            } else if !self.running.contains_key(id) {
+                tracing::info!(pool = %id, "adding the pool (reload)");
+                self.registry.add_pool(new.clone());
+                self.start(new.clone()).await;
+            }
+        }
+    }
+}
 
 /// Keeps systemd's STATUS= line saying how many pools are ready, as it changes.
 async fn report_status(
@@ -63,6 +214,7 @@ pub async fn run(
     listeners: Listeners,
     paths: EnginePaths,
     shutdown: CancellationToken,
+    mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
     on_ready: impl FnOnce(),
 ) {
     let metrics = Arc::new(Metrics::new());
@@ -71,45 +223,27 @@ pub async fn run(
     let (registry, registry_task) =
         spawn_registry(&config.pools, lease_id_base, Arc::clone(&metrics));
     let tracker = TaskTracker::new();
-    let mut engines = HashMap::new();
-    let mut external = Vec::new();
+    let engines = Arc::new(RwLock::new(EngineControls::new()));
+    let (retired_tx, mut retired) = mpsc::unbounded_channel();
+    let mut pools = PoolSet {
+        registry: registry.clone(),
+        paths,
+        tracker: tracker.clone(),
+        shutdown: shutdown.clone(),
+        engines: Arc::clone(&engines),
+        running: HashMap::new(),
+        retiring: HashMap::new(),
+        retired: retired_tx,
+    };
+    let external: Vec<PoolId> = config
+        .pools
+        .iter()
+        .filter(|pool| pool.managed().is_none())
+        .map(|pool| pool.id.clone())
+        .collect();
     for pool in &config.pools {
-        match &pool.source {
-            EngineSource::External { endpoint } => {
-                external.push(pool.id.clone());
-                tracker.spawn(probe::probe_pool(
-                    pool.clone(),
-                    endpoint.clone(),
-                    registry.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            EngineSource::Managed(engine) => {
-                let (commands, inbox) = mpsc::channel(8);
-                engines.insert(pool.id.clone(), commands);
-                let mut supervisor = EngineSupervisor::new(
-                    pool.clone(),
-                    engine.clone(),
-                    registry.clone(),
-                    paths.clone(),
-                    inbox,
-                    shutdown.clone(),
-                );
-                // Adoption is decided before the socket is served, so re-asserted leases find
-                // adopted engines Ready.
-                let adopted = supervisor.adopt().await;
-                tracker.spawn(supervisor.run(adopted));
-                tracker.spawn(follow_log(
-                    paths.log(pool.id.as_str()),
-                    pool.id.to_string(),
-                    DEFAULT_LOG_CAP_BYTES,
-                    shutdown.clone(),
-                ));
-            }
-        }
+        pools.start(pool.clone()).await;
     }
-
-    let engines = Arc::new(engines);
     let gpus = Arc::new(GpuProbe::default());
 
     // Answer the first client with known states of external engines rather than "starting".
@@ -183,7 +317,30 @@ pub async fn run(
     tracker.spawn(report_status(registry.watch_snapshot(), shutdown.clone()));
     tracker.spawn(systemd::keep_watchdog_fed(shutdown.clone()));
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(reread) = reloads.recv() => {
+                match reread {
+                    Ok(new) => {
+                        if new.server.access != config.server.access
+                            || new.server.max_frame_bytes != config.server.max_frame_bytes
+                            || new.debug_http.listen != config.debug_http.listen
+                        {
+                            tracing::warn!("server and debug_http settings apply at the next restart; pools apply now");
+                        }
+                        pools.apply(&new).await;
+                        systemd::notify(&[NotifyState::Ready, NotifyState::Status("configuration reloaded")]);
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "reload refused: the new configuration is not valid; nothing changed");
+                        systemd::notify(&[NotifyState::Ready, NotifyState::Status("reload failed: configuration not valid; nothing changed")]);
+                    }
+                }
+            }
+            Some(id) = retired.recv() => pools.retired(&id).await,
+        }
+    }
     tracing::info!("shutting down");
     systemd::notify(&[
         NotifyState::Stopping,
@@ -201,6 +358,7 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("some tasks did not finish within the shutdown grace period");
     }
+    drop(pools);
     drop(registry);
     // A task stuck past the grace period may still hold a handle: do not wait for it forever.
     if tokio::time::timeout(SHUTDOWN_GRACE, registry_task)

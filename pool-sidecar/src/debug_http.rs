@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct DebugState {
     pub registry: RegistryHandle,
-    pub engines: Arc<EngineControls>,
+    pub engines: Arc<std::sync::RwLock<EngineControls>>,
     pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,

@@ -3,7 +3,7 @@
 //! operator command against a running one.
 
 use clap::Parser;
-use pool_ipc::systemd::{self, InheritedSockets, NotifyState, StopSignals};
+use pool_ipc::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
@@ -12,6 +12,7 @@ use pool_sidecar::supervisor::EnginePaths;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -157,13 +158,20 @@ fn start(
     let shutdown = CancellationToken::new();
     let signals = StopSignals::install()
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
-    runtime.spawn(stop_on_signal(signals, shutdown.clone()));
+    let (reload_requests, reloads) = mpsc::unbounded_channel();
+    runtime.spawn(handle_signals(
+        signals,
+        shutdown.clone(),
+        reload_requests,
+        args.config.clone(),
+    ));
     let socket_shown = socket_path.display().to_string();
     runtime.block_on(run(
         config,
         Listeners { ipc, debug_http },
         paths,
         shutdown,
+        reloads,
         move || {
             let mut stdout = std::io::stdout();
             let _ = writeln!(
@@ -191,7 +199,25 @@ fn default_state_dir() -> Option<PathBuf> {
     Some(base.join("pool-managerd"))
 }
 
-async fn stop_on_signal(signals: StopSignals, shutdown: CancellationToken) {
-    signals.wait().await;
-    shutdown.cancel();
+/// SIGTERM/SIGINT stop the daemon; SIGHUP rereads the config file and hands it to the daemon,
+/// which applies the pool changes (RELOADING=1 now, READY=1 once applied).
+async fn handle_signals(
+    mut signals: StopSignals,
+    shutdown: CancellationToken,
+    reloads: mpsc::UnboundedSender<Result<Config, String>>,
+    config_path: PathBuf,
+) {
+    loop {
+        match signals.next().await {
+            DaemonSignal::Stop => return shutdown.cancel(),
+            DaemonSignal::Reload => {
+                systemd::notify_reloading();
+                tracing::info!(config = %config_path.display(), "rereading the configuration");
+                let reread = Config::load(&config_path).map_err(|error| error.to_string());
+                if reloads.send(reread).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }

@@ -121,17 +121,49 @@ impl StopSignals {
         })
     }
 
-    /// Returns on SIGTERM or SIGINT. SIGHUP (a reload request) is answered in the log: reloading
-    /// the configuration in place is not supported yet, and the daemon goes on as it was.
-    pub async fn wait(mut self) {
-        loop {
-            tokio::select! {
-                _ = self.terminate.recv() => return tracing::info!("SIGTERM received"),
-                _ = self.interrupt.recv() => return tracing::info!("SIGINT received"),
-                _ = self.hangup.recv() => tracing::warn!(
-                    "SIGHUP received: reloading the configuration in place is not supported yet; restart the service to apply changes"
-                ),
+    /// The next signal: SIGTERM or SIGINT ask the daemon to stop, SIGHUP to reload.
+    pub async fn next(&mut self) -> DaemonSignal {
+        tokio::select! {
+            _ = self.terminate.recv() => {
+                tracing::info!("SIGTERM received");
+                DaemonSignal::Stop
             }
+            _ = self.interrupt.recv() => {
+                tracing::info!("SIGINT received");
+                DaemonSignal::Stop
+            }
+            _ = self.hangup.recv() => {
+                tracing::info!("SIGHUP received");
+                DaemonSignal::Reload
+            }
+        }
+    }
+
+    /// For a daemon that cannot reload in place: returns on SIGTERM or SIGINT, and answers a
+    /// SIGHUP in the log only, going on as it was.
+    pub async fn wait(mut self) {
+        while self.next().await == DaemonSignal::Reload {
+            tracing::warn!(
+                "reloading the configuration in place is not supported; restart the service to apply changes"
+            );
+        }
+    }
+}
+
+/// What a signal asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonSignal {
+    Stop,
+    Reload,
+}
+
+/// RELOADING=1 with the MONOTONIC_USEC= systemd wants beside it.
+pub fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the monotonic clock");
+            notify(&[NotifyState::Reloading]);
         }
     }
 }

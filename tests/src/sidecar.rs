@@ -110,6 +110,14 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// Wraps a pool-managerd started with a customised [`sidecar_command`] under `dir`.
+    pub fn from_daemon(daemon: Daemon, dir: &Path) -> Sidecar {
+        Sidecar {
+            daemon,
+            state_dir: state_dir(dir),
+        }
+    }
+
     /// Starts pool-managerd again on the same socket and state (after the test killed it), so
     /// it adopts the engines its predecessor left; nothing is cleaned up in between.
     pub fn restart(&mut self, dir: &Path, config: &Path) {

@@ -403,17 +403,11 @@ impl Session {
                         )
                     })
             }
-            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => {
-                let op = request.name();
-                tracing::info!(
-                    connection = self.id,
-                    uid = self.peer.uid(),
-                    op,
-                    "admin request"
-                );
-                forward_admin(&self.context.engines, &registry.snapshot(), request).await?;
-                Ok(Response::Accepted)
-            }
+            // Admins' admin requests never get here (`start_admin` takes them beside the
+            // connection), and everyone else's were refused above.
+            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => Err(
+                IpcError::new(ErrorCode::Internal, "admin request reached the inline path"),
+            ),
         }
     }
 
@@ -499,7 +493,7 @@ impl Session {
 
 /// Hands an admin request to the pool's supervisor and waits until it has taken it on.
 pub async fn forward_admin(
-    engines: &crate::ipc::server::EngineControls,
+    engines: &std::sync::RwLock<crate::ipc::server::EngineControls>,
     snapshot: &pool_ipc::registry::RegistrySnapshot,
     request: Request,
 ) -> Result<(), IpcError> {
@@ -540,7 +534,13 @@ pub async fn forward_admin(
             ));
         }
     };
-    let Some(commands) = engines.get(&pool) else {
+    // Cloned out so the lock is never held across an await (reloads change the map).
+    let commands = engines
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(&pool)
+        .cloned();
+    let Some(commands) = commands else {
         return Err(if snapshot.pool(&pool).is_some() {
             IpcError::new(
                 ErrorCode::Unsupported,

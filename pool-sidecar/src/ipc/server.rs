@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 pub struct IpcContext {
     pub registry: RegistryHandle,
     /// Admin command queues of the managed engines' supervisors.
-    pub engines: Arc<EngineControls>,
+    pub engines: Arc<std::sync::RwLock<EngineControls>>,
     pub gpus: Arc<GpuProbe>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,

@@ -54,6 +54,8 @@ enum Command {
         pool: PoolId,
         report: EngineReport,
     },
+    AddPool(Box<PoolConfig>),
+    RemovePool(PoolId),
 }
 
 /// One published change, and the connections that must see it even without subscribing.
@@ -129,6 +131,16 @@ impl RegistryHandle {
 
     pub fn record_probe(&self, pool: PoolId, report: ProbeReport) {
         let _ = self.commands.send(Command::Probe { pool, report });
+    }
+
+    /// A pool a reloaded config added.
+    pub fn add_pool(&self, config: PoolConfig) {
+        let _ = self.commands.send(Command::AddPool(Box::new(config)));
+    }
+
+    /// A pool a reloaded config removed (its engine already stopped or never managed).
+    pub fn remove_pool(&self, pool: PoolId) {
+        let _ = self.commands.send(Command::RemovePool(pool));
     }
 
     pub fn record_engine(&self, pool: PoolId, report: EngineReport) {
@@ -257,6 +269,14 @@ impl RegistryActor {
             Command::Engine { pool, report } => {
                 tracing::info!(%pool, ?report, "engine");
                 self.state.record_engine(&pool, report);
+            }
+            Command::AddPool(config) => {
+                tracing::info!(pool = %config.id, "pool added");
+                self.state.add_pool(&config);
+            }
+            Command::RemovePool(pool) => {
+                tracing::info!(%pool, "pool removed");
+                self.state.remove_pool(&pool);
             }
         }
     }

@@ -137,25 +137,7 @@ impl RegistryState {
     pub fn new(pools: &[PoolConfig], lease_id_base: u64) -> RegistryState {
         let pools = pools
             .iter()
-            .map(|config| {
-                let entry = PoolEntry {
-                    model: config.model.clone(),
-                    engine: config.engine,
-                    endpoint: config.initial_endpoint(),
-                    probe: config.probe.clone(),
-                    state: PoolState::Starting,
-                    live: false,
-                    slots_total: config.slots.unwrap_or(0),
-                    leases: BTreeSet::new(),
-                    engine_version: None,
-                    last_error: None,
-                    restarts: 0,
-                    last_probe_unix_ms: None,
-                    consecutive_failures: 0,
-                    consecutive_successes: 0,
-                };
-                (config.id.clone(), entry)
-            })
+            .map(|config| (config.id.clone(), new_entry(config)))
             .collect();
         RegistryState {
             epoch: 0,
@@ -522,6 +504,30 @@ impl RegistryState {
         });
     }
 
+    /// Adds a pool from a reloaded config (Starting until its engine reports); an existing id is
+    /// left as it is.
+    pub fn add_pool(&mut self, config: &PoolConfig) {
+        if self.pools.contains_key(&config.id) {
+            return;
+        }
+        self.pools.insert(config.id.clone(), new_entry(config));
+        self.dirty.insert(config.id.clone());
+    }
+
+    /// Removes a pool that left the config: its leases are revoked, subscribers told.
+    pub fn remove_pool(&mut self, pool: &PoolId) {
+        if !self.pools.contains_key(pool) {
+            return;
+        }
+        self.revoke_pool_leases(pool, "the pool was removed from the configuration");
+        self.pools.remove(pool);
+        self.dirty.remove(pool);
+        self.revocations.push(PendingChange {
+            change: Change::PoolRemoved(pool.clone()),
+            lease_owners: Vec::new(),
+        });
+    }
+
     /// Whether any pool still waits for its first probe.
     pub fn any_unprobed(&self) -> bool {
         self.pools
@@ -582,6 +588,25 @@ impl RegistryState {
             counted += entry.leases.len();
         }
         assert_eq!(counted, self.leases.len());
+    }
+}
+
+fn new_entry(config: &PoolConfig) -> PoolEntry {
+    PoolEntry {
+        model: config.model.clone(),
+        engine: config.engine,
+        endpoint: config.initial_endpoint(),
+        probe: config.probe.clone(),
+        state: PoolState::Starting,
+        live: false,
+        slots_total: config.slots.unwrap_or(0),
+        leases: BTreeSet::new(),
+        engine_version: None,
+        last_error: None,
+        restarts: 0,
+        last_probe_unix_ms: None,
+        consecutive_failures: 0,
+        consecutive_successes: 0,
     }
 }
 
@@ -814,6 +839,34 @@ mod tests {
         assert_eq!(
             state.acquire(4, &target("a")).unwrap_err().code,
             ErrorCode::Draining
+        );
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_removed_pool_takes_its_leases_with_it_and_an_added_one_starts_empty() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let lease = state.acquire(9, &target("a")).unwrap();
+        state.take_changes();
+        state.remove_pool(&PoolId("a".into()));
+        let changes: Vec<Change> = state.take_changes().into_iter().map(|c| c.change).collect();
+        assert!(
+            matches!(&changes[0], Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id])
+        );
+        assert_eq!(changes[1], Change::PoolRemoved(PoolId("a".into())));
+        assert!(state.snapshot().pools.is_empty());
+        assert_eq!(
+            state
+                .release(9, lease.id, ReleaseOutcome::Completed)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotFound
+        );
+        state.add_pool(&pool("b", "m", 3));
+        let added = state.snapshot();
+        assert_eq!(
+            (added.pools[0].state, added.pools[0].slots_total),
+            (PoolState::Starting, 3)
         );
         state.check_invariants();
     }

@@ -1,0 +1,200 @@
+//! Reloading pool-managerd's configuration in place (SIGHUP): pools added, removed and changed
+//! without restarting the daemon or disturbing the pools that did not change. Engines are test
+//! engine doubles (fake llama-servers).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::sidecar::{Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool};
+use e2e::{Signal, binary, http, temp_dir};
+use pool_ipc::client::{ClientConfig, PoolClient};
+use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn pool_toml(dir: &Path, id: &str, slots: u32, token_delay_ms: u32) -> String {
+    let model = dir.join(format!("{id}.json"));
+    std::fs::write(&model, "{}").unwrap();
+    format!(
+        r#"
+[[pool]]
+id = "{id}"
+model = "{id}-model"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "{slots}", "--token-delay-ms", "{token_delay_ms}", "--model", "{{model}}"]
+model_path = {model:?}
+listen = "unix"
+stop_grace_ms = 500
+[pool.probe]
+interval_ms = 50
+[pool.reload]
+drain_deadline_ms = 2000
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+        model = model.display().to_string(),
+    )
+}
+
+fn engine_pid(dir: &Path, pool: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(state_dir(dir).join("engines").join(format!("{pool}.json")))
+        .ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["pid"].as_u64()
+}
+
+fn notifications(socket: &UnixDatagram) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(len) = socket.recv(&mut buffer) {
+        seen.push(String::from_utf8_lossy(&buffer[..len]).into_owned());
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others() {
+    let dir = temp_dir();
+    let config = dir.path().join("config.toml");
+    let initial = [
+        pool_toml(dir.path(), "keep", 2, 20),
+        pool_toml(dir.path(), "gone", 2, 0),
+        pool_toml(dir.path(), "changed", 3, 0),
+    ]
+    .concat();
+    std::fs::write(&config, &initial).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut sidecar = Sidecar::from_daemon(
+        sidecar_command(dir.path(), &config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .start(),
+        dir.path(),
+    );
+    let daemon_pid = sidecar.pid();
+    let client = PoolClient::connect(ClientConfig::new(socket_path(dir.path()), "test"))
+        .await
+        .unwrap();
+    let mut mirror = client.subscribe().await.unwrap();
+    for id in ["keep", "gone", "changed"] {
+        wait_for_pool(&mut mirror, &PoolId(id.into()), "ready", |p| {
+            p.state == PoolState::Ready
+        })
+        .await;
+    }
+    let keep = PoolId("keep".into());
+    let keep_pid = engine_pid(dir.path(), "keep").unwrap();
+    let changed_pid = engine_pid(dir.path(), "changed").unwrap();
+
+    // A generation runs on `keep` under its lease while the configuration changes.
+    let lease = client
+        .acquire(AcquireTarget::Pool(keep.clone()), "long", None)
+        .await
+        .unwrap();
+    let pool_ipc::registry::Endpoint::Unix { path } = lease.lease().endpoint.clone() else {
+        panic!("unix endpoint expected");
+    };
+    let stream = std::thread::spawn(move || {
+        let mut engine = UnixStream::connect(&path).unwrap();
+        let body = r#"{"prompt":"x","n_predict":60,"stream":true}"#;
+        write!(
+            engine,
+            "POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let reader = BufReader::new(engine);
+        reader
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| line.starts_with("data: "))
+            .count()
+    });
+    let _ = notifications(&notify);
+
+    let reloaded = [
+        pool_toml(dir.path(), "keep", 2, 20),
+        pool_toml(dir.path(), "changed", 2, 0),
+        pool_toml(dir.path(), "new", 1, 0),
+    ]
+    .concat();
+    std::fs::write(&config, reloaded).unwrap();
+    sidecar.kill_with(Signal::SIGHUP);
+
+    wait_for_pool(
+        &mut mirror,
+        &PoolId("new".into()),
+        "the new pool ready",
+        |p| p.state == PoolState::Ready,
+    )
+    .await;
+    wait_for_pool(
+        &mut mirror,
+        &PoolId("changed".into()),
+        "the changed pool ready with 2 slots",
+        |p| p.state == PoolState::Ready && p.slots_total == 2,
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while mirror
+        .borrow()
+        .snapshot
+        .pool(&PoolId("gone".into()))
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the removed pool is still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(
+        engine_pid(dir.path(), "changed"),
+        Some(changed_pid),
+        "a changed pool gets a new engine"
+    );
+    assert_eq!(
+        engine_pid(dir.path(), "keep"),
+        Some(keep_pid),
+        "an unchanged pool keeps its engine"
+    );
+    assert_eq!(engine_pid(dir.path(), "gone"), None);
+    let keep_status = client.pool_status(&keep).await.unwrap();
+    assert_eq!(
+        (keep_status.state, keep_status.active_leases()),
+        (PoolState::Ready, 1)
+    );
+    assert_eq!(
+        stream.join().unwrap(),
+        61,
+        "the unchanged pool's stream ran to its end (60 tokens + final)"
+    );
+    lease.release(ReleaseOutcome::Completed).await.unwrap();
+    assert_eq!(sidecar.pid(), daemon_pid);
+    assert!(sidecar.try_wait().is_none(), "the daemon kept running");
+    let seen = notifications(&notify);
+    let reloading = seen
+        .iter()
+        .position(|m| m.contains("RELOADING=1") && m.contains("MONOTONIC_USEC="));
+    let ready = seen.iter().rposition(|m| m.contains("READY=1"));
+    assert!(
+        matches!((reloading, ready), (Some(r), Some(d)) if r < d),
+        "{seen:?}"
+    );
+
+    // A broken configuration changes nothing.
+    std::fs::write(&config, "[[pool]\n").unwrap();
+    sidecar.kill_with(Signal::SIGHUP);
+    assert!(sidecar.wait_for_stderr("reload refused", WAIT));
+    assert_eq!(client.snapshot().await.unwrap().pools.len(), 3);
+    let shim = http::get(sidecar.ready("debug_http"), "/pools", WAIT).unwrap();
+    assert_eq!(shim.status, 200);
+}
