@@ -215,3 +215,165 @@ fn both_daemons_tell_systemd_ready_status_watchdog_and_stopping_in_order() {
     read_until(&notify, "STOPPING=1", &mut seen);
     assert_eq!(orchestrator.wait_exit(WAIT).unwrap().code(), Some(0));
 }
+
+/// Stops the socket holder cleanly (it stops pool-managerd, which stops its engines), then kills
+/// whatever engine is still recorded.
+struct Holder {
+    daemon: e2e::Daemon,
+    state_dir: std::path::PathBuf,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if self.daemon.try_wait().is_none() {
+            self.daemon.kill_with(Signal::SIGTERM);
+            self.daemon.wait_exit(WAIT);
+        }
+        e2e::sidecar::kill_recorded_engines(&self.state_dir);
+    }
+}
+
+fn child_pids(holder: &e2e::Daemon) -> Vec<i32> {
+    holder
+        .stdout()
+        .lines()
+        .filter_map(|line| line.strip_prefix("CHILD pid="))
+        .filter_map(|pid| pid.trim().parse().ok())
+        .collect()
+}
+
+fn stream_chat(addr: &str, tokens: u32) -> (usize, bool) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let body = serde_json::json!({
+        "model": "double", "stream": true, "max_tokens": tokens,
+        "messages": [{"role": "user", "content": "hi"}],
+    })
+    .to_string();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut chunks = 0;
+    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+        if let Some(data) = line.strip_prefix("data: ") {
+            if data == "[DONE]" {
+                return (chunks, true);
+            }
+            let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+            if chunk["choices"][0]["delta"]["content"].is_string() {
+                chunks += 1;
+            }
+        }
+    }
+    (chunks, false)
+}
+
+#[test]
+fn pool_managerd_restarted_on_its_inherited_sockets_under_load_loses_nothing() {
+    let dir = temp_dir();
+    let model = dir.path().join("model.json");
+    std::fs::write(&model, "{}").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nid = \"p\"\nmodel = \"double\"\nengine = \"llamacpp\"\n\
+             command = [{:?}, \"--listen\", \"{{socket}}\", \"--slots\", \"2\", \"--token-delay-ms\", \"20\", \"--model\", \"{{model}}\"]\n\
+             model_path = {:?}\nlisten = \"unix\"\n",
+            binary("test-engine-double").display().to_string(),
+            model.display().to_string()
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("pool.sock");
+    let state_dir = dir.path().join("state");
+    let holder = Holder {
+        daemon: DaemonBuilder::new(binary("socket-holder"))
+            .name("socket-holder")
+            .arg("--unix")
+            .arg(&socket)
+            .arg("--")
+            .arg(binary("pool-managerd"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .start(),
+        state_dir: state_dir.clone(),
+    };
+    let shim = holder.daemon.ready("tcp").to_owned();
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .arg(&socket)
+        .start();
+    let addr = orchestrator.ready("listen").to_owned();
+    let status = |field: &str| -> serde_json::Value {
+        http::get(&shim, "/pools/p/status", WAIT)
+            .map(|reply| reply.json()[field].clone())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let deadline = Instant::now() + WAIT;
+    while http::get(&addr, "/readyz", WAIT).unwrap().status != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let engine_record = || {
+        std::fs::read_to_string(state_dir.join("engines/p.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|record| record["pid"].as_u64())
+    };
+    let engine = engine_record().unwrap();
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || stream_chat(&addr, 80))
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while status("active_leases") != 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let first = *child_pids(&holder.daemon).last().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while child_pids(&holder.daemon).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the holder never restarted pool-managerd"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for stream in streams {
+        assert_eq!(
+            stream.join().unwrap(),
+            (80, true),
+            "a client saw its stream break"
+        );
+    }
+    assert_eq!(
+        engine_record(),
+        Some(engine),
+        "the engine was adopted, not restarted"
+    );
+    assert_eq!(status("restarts"), 0);
+    let deadline = Instant::now() + WAIT;
+    while status("active_leases") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a lease leaked: {}",
+            status("active_leases")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(orchestrator);
+    drop(holder);
+}
