@@ -196,6 +196,12 @@ impl<T> AdmissionQueue<T> {
     }
 
     /// The configuration this queue was built with.
+    /// New limits from a reloaded configuration: they govern the next pushes; tasks already
+    /// queued keep their places even when the new capacity is smaller.
+    pub fn set_config(&mut self, config: AdmissionConfig) {
+        self.config = config;
+    }
+
     pub fn config(&self) -> &AdmissionConfig {
         &self.config
     }

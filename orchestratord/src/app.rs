@@ -2,7 +2,7 @@
 //! passes (correlation id, API keys, body limit). Handlers live in `api/`.
 
 use crate::api::{control, health, openai, tasks};
-use crate::config::Config;
+use crate::config::LiveConfig;
 use crate::error::ApiError;
 use crate::scheduler::Scheduler;
 use axum::Router;
@@ -21,7 +21,7 @@ pub const CORRELATION_HEADER: HeaderName = HeaderName::from_static("x-correlatio
 /// Everything handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<Config>,
+    pub config: Arc<LiveConfig>,
     pub pools: PoolClient,
     pub mirror: watch::Receiver<RegistryMirror>,
     pub scheduler: Scheduler,
@@ -38,7 +38,7 @@ pub struct AppState {
 pub struct CorrelationId(pub String);
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.config.max_body_bytes;
+    let limit = state.config.get().max_body_bytes;
     Router::new()
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
@@ -91,10 +91,10 @@ async fn correlate(mut request: Request, next: Next) -> Response {
 
 /// Bearer API keys, compared in constant time; configured open paths pass without one.
 async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let keys = &state.config.api_keys;
+    let config = state.config.get();
+    let keys = &config.api_keys;
     if keys.is_empty()
-        || state
-            .config
+        || config
             .open_paths
             .iter()
             .any(|path| path == request.uri().path())

@@ -164,6 +164,38 @@ impl RawConfig {
     }
 }
 
+/// The configuration a running orchestratord serves with; SIGHUP replaces it. Readers take a
+/// snapshot (`get`) and keep it for the request, so one request never sees two configurations.
+#[derive(Debug)]
+pub struct LiveConfig {
+    current: std::sync::RwLock<std::sync::Arc<Config>>,
+}
+
+impl LiveConfig {
+    pub fn new(config: Config) -> LiveConfig {
+        LiveConfig {
+            current: std::sync::RwLock::new(std::sync::Arc::new(config)),
+        }
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        // Replaced whole under the lock, so a poisoned lock still holds a whole config.
+        std::sync::Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    pub fn replace(&self, config: Config) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(config);
+    }
+}
+
 fn read_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         what: "API key file",

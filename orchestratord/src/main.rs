@@ -5,13 +5,13 @@
 use clap::Parser;
 use orchestratord::adapters::EngineClients;
 use orchestratord::app::{AppState, router};
-use orchestratord::config::RawConfig;
+use orchestratord::config::{Config, LiveConfig, RawConfig};
 use orchestratord::metrics::Metrics;
 use orchestratord::scheduler::Scheduler;
 use orchestratord::sessions::SessionStore;
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
-use pool_ipc::systemd::{self, InheritedSockets, NotifyState, StopSignals};
+use pool_ipc::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +23,7 @@ use std::time::Duration;
 /// TimeoutStopSec).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-#[derive(Parser)]
+#[derive(Clone, Parser)]
 #[command(
     name = "orchestratord",
     version,
@@ -76,20 +76,7 @@ fn main() -> ExitCode {
 async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> {
     let signals = StopSignals::install()
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
-    let mut raw = match &args.config {
-        Some(path) => RawConfig::load(path).map_err(|error| error.to_string())?,
-        None => RawConfig::default(),
-    };
-    if args.listen.is_some() {
-        raw.listen = args.listen;
-    }
-    if args.socket.is_some() {
-        raw.socket = args.socket;
-    }
-    if args.api_keys_file.is_some() {
-        raw.api_keys_file = args.api_keys_file;
-    }
-    let config = raw.validate().map_err(|error| error.to_string())?;
+    let config = load_config(&args)?;
     let socket = resolve_socket_path(config.socket.clone()).map_err(|error| error.to_string())?;
     // A socket systemd holds (orchestratord.socket, FileDescriptorName=http) is used as it is.
     let listener = match inherited
@@ -120,8 +107,17 @@ async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> 
         config.admission.clone(),
         Arc::clone(&metrics),
     );
+    let live = Arc::new(LiveConfig::new(config));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(handle_signals(
+        signals,
+        stop.clone(),
+        args.clone(),
+        Arc::clone(&live),
+        scheduler.clone(),
+    ));
     let state = AppState {
-        config: Arc::new(config),
+        config: live,
         pools,
         mirror,
         scheduler,
@@ -146,7 +142,7 @@ async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> 
     });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
-            signals.wait().await;
+            stop.cancelled().await;
             systemd::notify(&[
                 NotifyState::Stopping,
                 NotifyState::Status("stopping: letting running requests finish"),
@@ -162,4 +158,66 @@ async fn run(args: Args, mut inherited: InheritedSockets) -> Result<(), String> 
         })
         .await
         .map_err(|error| format!("server failed: {error}"))
+}
+
+/// The configuration file (if any) with the command line's overrides, validated.
+fn load_config(args: &Args) -> Result<Config, String> {
+    let mut raw = match &args.config {
+        Some(path) => RawConfig::load(path).map_err(|error| error.to_string())?,
+        None => RawConfig::default(),
+    };
+    if args.listen.is_some() {
+        raw.listen.clone_from(&args.listen);
+    }
+    if args.socket.is_some() {
+        raw.socket.clone_from(&args.socket);
+    }
+    if args.api_keys_file.is_some() {
+        raw.api_keys_file.clone_from(&args.api_keys_file);
+    }
+    raw.validate().map_err(|error| error.to_string())
+}
+
+/// SIGTERM/SIGINT stop the server (`stop`); SIGHUP rereads the configuration: API keys, open
+/// paths, queue limits, deadlines and streaming timeouts apply at once; the listener, the
+/// pool-managerd socket, the body limit and session limits wait for a restart.
+async fn handle_signals(
+    mut signals: StopSignals,
+    stop: tokio_util::sync::CancellationToken,
+    args: Args,
+    live: Arc<LiveConfig>,
+    scheduler: Scheduler,
+) {
+    while signals.next().await == DaemonSignal::Reload {
+        systemd::notify_reloading();
+        match load_config(&args) {
+            Ok(new) => {
+                let old = live.get();
+                if new.listen != old.listen
+                    || new.socket != old.socket
+                    || new.max_body_bytes != old.max_body_bytes
+                    || new.sessions != old.sessions
+                {
+                    tracing::warn!(
+                        "listen, socket, max_body_bytes and [sessions] apply at the next restart"
+                    );
+                }
+                scheduler.reconfigure(new.admission.clone());
+                live.replace(new);
+                tracing::info!("configuration reloaded");
+                systemd::notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("configuration reloaded"),
+                ]);
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload refused: the configuration is not valid; nothing changed");
+                systemd::notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("reload failed: configuration not valid; nothing changed"),
+                ]);
+            }
+        }
+    }
+    stop.cancel();
 }

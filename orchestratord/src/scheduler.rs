@@ -77,6 +77,7 @@ enum Command {
         session: Option<(String, pool_ipc::registry::PoolId)>,
         held_for: Duration,
     },
+    Reconfigure(AdmissionConfig),
 }
 
 /// The handle handlers use.
@@ -114,6 +115,11 @@ impl Scheduler {
             .send(Command::Submit { demand, reply })
             .map_err(|_| ApiError::ShuttingDown)?;
         answer.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// Applies the admission limits of a reloaded configuration.
+    pub fn reconfigure(&self, config: AdmissionConfig) {
+        let _ = self.commands.send(Command::Reconfigure(config));
     }
 
     /// Reports how long a lease was held (feeds the start-time prediction) and the pool a
@@ -196,6 +202,10 @@ impl SchedulerActor {
                 if self.queue.remove(id).is_some() {
                     tracing::debug!(task = %id, "cancelled while queued");
                 }
+            }
+            Command::Reconfigure(config) => {
+                tracing::info!(capacity = config.capacity, policy = ?config.full_policy, "admission limits reloaded");
+                self.queue.set_config(config);
             }
             Command::Served { session, held_for } => {
                 self.queue.record_service(held_for);

@@ -138,16 +138,6 @@ impl StopSignals {
             }
         }
     }
-
-    /// For a daemon that cannot reload in place: returns on SIGTERM or SIGINT, and answers a
-    /// SIGHUP in the log only, going on as it was.
-    pub async fn wait(mut self) {
-        while self.next().await == DaemonSignal::Reload {
-            tracing::warn!(
-                "reloading the configuration in place is not supported; restart the service to apply changes"
-            );
-        }
-    }
 }
 
 /// What a signal asks of the daemon.

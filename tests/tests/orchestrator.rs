@@ -970,3 +970,39 @@ fn a_public_listener_without_api_keys_is_refused_at_start() {
     assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("without API keys"), "{}", run.stderr);
 }
+
+#[test]
+fn sighup_rereads_the_api_keys_without_a_restart() {
+    let keys = temp_dir();
+    let key_file = keys.path().join("keys");
+    std::fs::write(&key_file, "first-key-first-key\n").unwrap();
+    let stack = stack(
+        1,
+        &[],
+        &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
+    );
+    let addr = stack.addr();
+    let with_key = |key: &str| {
+        post(
+            &addr,
+            "/v1/chat/completions",
+            &chat(1, false),
+            &[("Authorization", &format!("Bearer {key}"))],
+        )
+        .1
+    };
+    assert_eq!(with_key("first-key-first-key"), 200);
+    std::fs::write(&key_file, "second-key-second-key\n").unwrap();
+    let pid = stack.orchestrator.pid();
+    stack.orchestrator.kill_with(e2e::Signal::SIGHUP);
+    assert!(
+        stack
+            .orchestrator
+            .wait_for_stderr("configuration reloaded", WAIT),
+        "{}",
+        stack.orchestrator.stderr()
+    );
+    assert_eq!(with_key("first-key-first-key"), 401);
+    assert_eq!(with_key("second-key-second-key"), 200);
+    assert_eq!(stack.orchestrator.pid(), pid);
+}

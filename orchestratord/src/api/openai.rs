@@ -160,7 +160,7 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
         priority: Priority::Interactive,
         session: None,
         hints: PlacementHints::default(),
-        deadline: Instant::now() + state.config.queue_deadline,
+        deadline: Instant::now() + state.config.get().queue_deadline,
         correlation_id: correlation.0.clone(),
     };
     let mut ticket = match state.scheduler.submit(demand).await {
@@ -171,7 +171,7 @@ async fn serve(state: AppState, correlation: CorrelationId, body: &[u8], api: Ap
         }
     };
     // Quick outcomes keep their HTTP status; a long wait turns into a stream with keep-alives.
-    let early = tokio::time::timeout(state.config.keepalive, &mut ticket.placed).await;
+    let early = tokio::time::timeout(state.config.get().keepalive, &mut ticket.placed).await;
     let placed = match early {
         Ok(Ok(Ok(placed))) => Some(placed),
         Ok(Ok(Err(error))) => return error.openai_response(),
@@ -264,7 +264,7 @@ async fn open_stream(
     );
     state
         .engines
-        .stream(engine_request, state.config.decode_stall, correlation)
+        .stream(engine_request, state.config.get().decode_stall, correlation)
         .await
         .map_err(adapter_error)
 }
@@ -398,7 +398,7 @@ impl Relay {
             match &mut self.phase {
                 Phase::Finished => return None,
                 Phase::Queued(ticket) => {
-                    let keepalive = self.state.config.keepalive;
+                    let keepalive = self.state.config.get().keepalive;
                     match tokio::time::timeout(keepalive, &mut ticket.placed).await {
                         Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
                         Ok(Ok(Ok(placed))) => self.phase = Phase::Placed(placed),

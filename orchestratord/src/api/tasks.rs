@@ -120,7 +120,7 @@ pub async fn create(
     Extension(correlation): Extension<CorrelationId>,
     body: Bytes,
 ) -> Response {
-    let task = match validate(&body, state.config.queue_deadline) {
+    let task = match validate(&body, state.config.get().queue_deadline) {
         Ok(task) => task,
         Err(error) => return error.native_response(),
     };
@@ -250,7 +250,7 @@ async fn generate(
     let decode_started = Instant::now();
     let mut stream = state
         .engines
-        .stream(request, state.config.decode_stall, correlation)
+        .stream(request, state.config.get().decode_stall, correlation)
         .await
         .map_err(map_adapter)?;
     let mut index = 0u32;
@@ -317,7 +317,7 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let Some(handle) = state.tasks.get(&id) else {
         return ApiError::TaskNotFound(id).native_response();
     };
-    let keepalive = state.config.keepalive;
+    let keepalive = state.config.get().keepalive;
     let stream = futures_util::stream::unfold(
         (handle, 0usize, false),
         move |(handle, from, ended)| async move {
@@ -395,9 +395,9 @@ pub async fn capabilities(State(state): State<AppState>) -> Json<Value> {
         "priorities": ["interactive", "batch"],
         "max_tokens_limit": MAX_TOKENS_LIMIT,
         "queue": {
-            "capacity": state.config.admission.capacity,
-            "full_policy": state.config.admission.full_policy,
-            "default_deadline_ms": state.config.queue_deadline.as_millis() as u64,
+            "capacity": state.config.get().admission.capacity,
+            "full_policy": state.config.get().admission.full_policy,
+            "default_deadline_ms": state.config.get().queue_deadline.as_millis() as u64,
         },
         "events": ["started", "token", "metrics", "end", "error"],
     }))
