@@ -110,7 +110,10 @@ impl PoolSet {
             .unwrap_or_default();
         tracing::info!(pool = %id, "taking the pool out (reload)");
         self.tracker.spawn(async move {
-            if let Some(commands) = commands {
+            let drained = async {
+                let Some(commands) = commands else {
+                    return;
+                };
                 let (reply, answer) = oneshot::channel();
                 if commands
                     .send(AdminCommand::Drain { deadline, reply })
@@ -129,6 +132,11 @@ impl PoolSet {
                         tracing::warn!(pool = %id, "drain did not finish in time; stopping anyway");
                     }
                 }
+            };
+            // A daemon shutting down stops the pool at once (its supervisor stops the engine).
+            tokio::select! {
+                () = drained => {}
+                () = pool.stop.cancelled() => {}
             }
             pool.stop.cancel();
             registry.remove_pool(id.clone());
