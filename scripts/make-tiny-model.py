@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Write a tiny random-weight LLaMA-architecture GGUF that llama.cpp really loads and runs.
+
+    python3 scripts/make-tiny-model.py OUT.gguf [--seed N] [--eos] [--ctx N] [--width N] [--layers N]
+
+Needs the PyPI packages pinned in scripts/requirements-model.txt (gguf, numpy):
+
+    python3 -m venv .venv-model && .venv-model/bin/pip install -r scripts/requirements-model.txt
+    .venv-model/bin/python scripts/make-tiny-model.py tiny.gguf
+
+The model: F32, 2 layers, width 64, 4 heads (head dim 16), FFN 128, context --ctx (default 256);
+a SentencePiece-style ("llama") vocabulary of 739 tokens: <unk>, <s>, </s>, the 256 byte-fallback
+tokens <0x00>..<0xFF>, 198 common English words written with the SentencePiece word-boundary
+marker "▁" (U+2581), and every prefix of those words, so the SPM tokenizer can merge prompt text
+into word tokens. About 0.73 MB; llama-server loads it in tens of milliseconds.
+
+Readable, deterministic-length output (the logit-bias trick): embedding channel BIAS_CH is the same
+constant for every token and no layer ever writes it (that channel's row is zero in every layer's
+output projections, attn_output and ffn_down), and the layer norms don't read it (their weight there
+is 0) while output_norm passes it (weight 1). So after the final norm that channel is a positive
+per-position constant, and the output matrix's column BIAS_CH acts as a per-token logit bias:
+positive for whole words, very negative for byte tokens, prefixes, <unk>, <s> and </s>. Generation
+is therefore English word salad (always valid UTF-8, each token " word") that never emits EOS and
+always runs to the requested max_tokens / n_predict. With --eos, </s> gets a bias above the words,
+so generation stops by itself (stop_type "eos", finish_reason "stop") after a number of tokens
+that depends on the seed and the prompt (seen: 4 to 36 tokens for seed 1), fixed at temperature 0.
+
+--width/--layers make slower variants for tests that need a stream that lasts (cancel, drain,
+timeouts): e.g. --width 512 --layers 8 (~90 MB). Defaults give the tiny model above.
+
+The same --seed gives byte-identical files; different seeds give different models (e.g. for reload
+tests that need to tell two models apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+try:
+    import gguf
+except ImportError:  # pragma: no cover
+    sys.exit("make-tiny-model.py needs the 'gguf' package: pip install -r scripts/requirements-model.txt")
+
+N_EMBD = 64
+N_LAYER = 2
+N_HEAD = 4
+N_HEAD_KV = 4
+HEAD_DIM = N_EMBD // N_HEAD
+N_FF = 128
+RMS_EPS = 1e-5
+BIAS_CH = N_EMBD - 1  # the constant channel that carries the per-token logit bias
+
+# Bias values (in units of the normalised bias channel, which is ~1 after output_norm).
+WORD_BIAS = 4.0
+SELF_PENALTY = 0.1
+BLOCK_BIAS = -40.0  # bytes, prefixes, <unk>, <s>, and </s> unless --eos
+EOS_BIAS_WITH_EOS = WORD_BIAS + 3.5
+
+WORDS = """
+the of and to in is you that it he was for on are as with his they at be this have from or one
+had by word but not what all were we when your can said there use an each which she do how their
+if will up other about out many then them these so some her would make like him into time has look
+two more write go see number no way could people my than first water been call who oil its now
+find long down day did get come made may part over new sound take only little work know place year
+live me back give most very after thing our just name good sentence man think say great where help
+through much before line right too mean old any same tell boy follow came want show also around
+form three small set put end does another well large must big even such because turn here why ask
+went men read need land different home us move try kind hand picture again change off play spell
+air away animal house point page letter mother answer found study still learn should world high
+""".split()
+
+
+def build_vocab(eos: bool):
+    """Returns (tokens, scores, types, bias) for a SentencePiece-style vocabulary."""
+    tokens: list[str] = ["<unk>", "<s>", "</s>"]
+    types: list[int] = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    scores: list[float] = [0.0, 0.0, 0.0]
+    bias: list[float] = [BLOCK_BIAS, BLOCK_BIAS, EOS_BIAS_WITH_EOS if eos else BLOCK_BIAS]
+
+    for b in range(256):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(gguf.TokenType.BYTE)
+        scores.append(0.0)
+        bias.append(BLOCK_BIAS)
+
+    words = []
+    seen = set()
+    for w in WORDS:
+        piece = "\u2581" + w
+        if piece not in seen:
+            seen.add(piece)
+            words.append(piece)
+    prefixes = []
+    pseen = set()
+    for piece in words:
+        for n in range(1, len(piece)):
+            p = piece[:n]
+            if p not in seen and p not in pseen:
+                pseen.add(p)
+                prefixes.append(p)
+    prefixes.sort(key=lambda p: (len(p), p))
+
+    # SPM merges the highest-scoring pair first; longer pieces score higher so whole words win.
+    for piece in words:
+        tokens.append(piece)
+        types.append(gguf.TokenType.NORMAL)
+        scores.append(float(len(piece)))
+        bias.append(WORD_BIAS)
+    for p in prefixes:
+        tokens.append(p)
+        types.append(gguf.TokenType.NORMAL)
+        scores.append(float(len(p)) - 0.5)
+        bias.append(BLOCK_BIAS)
+    return tokens, scores, types, np.array(bias, dtype=np.float32)
+
+
+def build_tensors(n_vocab: int, bias: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Numpy shapes are (rows=out, cols=in); gguf stores them as llama.cpp expects (ne reversed)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t: dict[str, np.ndarray] = {}
+    embd = rand(n_vocab, N_EMBD, scale=1.0)
+    embd[:, BIAS_CH] = 1.0  # constant for every token
+    t["token_embd.weight"] = embd
+
+    layer_norm = np.ones(N_EMBD, dtype=np.float32)
+    layer_norm[BIAS_CH] = 0.0  # layers don't read the bias channel ...
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = layer_norm.copy()
+        t[p + "attn_q.weight"] = rand(N_HEAD * HEAD_DIM, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        t[p + "attn_k.weight"] = rand(N_HEAD_KV * HEAD_DIM, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        t[p + "attn_v.weight"] = rand(N_HEAD_KV * HEAD_DIM, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        wo = rand(N_EMBD, N_HEAD * HEAD_DIM, scale=0.5 / np.sqrt(N_EMBD))
+        wo[BIAS_CH, :] = 0.0  # ... and never write it
+        t[p + "attn_output.weight"] = wo
+        t[p + "ffn_norm.weight"] = layer_norm.copy()
+        t[p + "ffn_gate.weight"] = rand(N_FF, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        t[p + "ffn_up.weight"] = rand(N_FF, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        wd = rand(N_EMBD, N_FF, scale=0.5 / np.sqrt(N_FF))
+        wd[BIAS_CH, :] = 0.0
+        t[p + "ffn_down.weight"] = wd
+
+    t["output_norm.weight"] = np.ones(N_EMBD, dtype=np.float32)  # passes the bias channel
+    # Keep the random part of the logits (std ~2) and the repeat penalty the same at any width.
+    width_factor = (64 - 1) / (N_EMBD - 1)
+    out = rand(n_vocab, N_EMBD, scale=0.3 * np.sqrt(width_factor))
+    # Discourage repeating the previous token ("their their their"): the residual stream carries the
+    # last token's embedding, so subtract a little of each token's own embedding from its output row.
+    out -= (SELF_PENALTY * width_factor) * embd
+    out[:, BIAS_CH] = bias  # the per-token logit bias
+    t["output.weight"] = out
+    return t
+
+
+def main() -> int:
+    global N_EMBD, N_LAYER, HEAD_DIM, N_FF, BIAS_CH
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="path of the .gguf file to write")
+    ap.add_argument("--seed", type=int, default=1, help="weights seed (default 1)")
+    ap.add_argument("--eos", action="store_true", help="let the model emit </s> (stop by itself)")
+    ap.add_argument("--ctx", type=int, default=256, help="training context length (default 256)")
+    ap.add_argument("--width", type=int, default=N_EMBD,
+                    help=f"embedding width, a multiple of {N_HEAD} (default {N_EMBD}); wider is slower")
+    ap.add_argument("--layers", type=int, default=N_LAYER, help=f"block count (default {N_LAYER})")
+    ap.add_argument("--name", default=None, help="general.name (default tiny-random-llama-s<seed>)")
+    args = ap.parse_args()
+    if args.ctx < 8:
+        ap.error("--ctx must be at least 8")
+    if args.width < 16 or args.width % (2 * N_HEAD) or args.layers < 1:
+        ap.error(f"--width must be a multiple of {2 * N_HEAD} (>= 16) and --layers >= 1")
+    N_EMBD, N_LAYER = args.width, args.layers
+    HEAD_DIM, N_FF, BIAS_CH = N_EMBD // N_HEAD, 2 * N_EMBD, N_EMBD - 1
+
+    tokens, scores, types, bias = build_vocab(args.eos)
+    tensors = build_tensors(len(tokens), bias, args.seed)
+
+    tmp = args.out + ".tmp"
+    w = gguf.GGUFWriter(tmp, arch="llama")
+    w.add_name(args.name or f"tiny-random-llama-s{args.seed}{'-eos' if args.eos else ''}")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(args.ctx)
+    w.add_embedding_length(N_EMBD)
+    w.add_block_count(N_LAYER)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(RMS_EPS)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, args.out)
+
+    n_words = sum(1 for b in bias if b == WORD_BIAS)
+    print(
+        f"wrote {args.out}: {os.path.getsize(args.out)} bytes, vocab {len(tokens)} "
+        f"({n_words} words), {N_LAYER} layers, width {N_EMBD}, ctx {args.ctx}, seed {args.seed}, "
+        f"eos {'on' if args.eos else 'off'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
