@@ -98,6 +98,26 @@ impl Stack {
         self.dir.path()
     }
 
+    /// Waits until the engine double counts one generation cancelled and none running.
+    fn wait_for_engine_cancel(&self) {
+        let engine = self.sidecar_status()["endpoint"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
+            if stats["cancelled"] == 1 && stats["active"] == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the engine never saw its request closed: {stats}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits until pool-managerd shows `leases` live leases on the pool.
     fn wait_for_leases(&self, leases: u64) {
         let deadline = Instant::now() + WAIT;
@@ -388,22 +408,7 @@ fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
         std::thread::sleep(Duration::from_millis(2));
     }
     eprintln!("slot free {:?} after the client left", left.elapsed());
-    let engine = stack.sidecar_status()["endpoint"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
-        if stats["cancelled"] == 1 && stats["active"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the engine never saw the cancel: {stats}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    stack.wait_for_engine_cancel();
     let _ = stack.path();
 }
 
@@ -522,22 +527,7 @@ fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
         "slot free {:?} after the cancel request",
         cancelled.elapsed()
     );
-    let engine = stack.sidecar_status()["endpoint"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
-        if stats["cancelled"] == 1 && stats["active"] == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the engine never saw its request closed: {stats}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    stack.wait_for_engine_cancel();
     assert_eq!(
         http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
             .unwrap()
