@@ -16,6 +16,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod real_engine;
 pub mod sidecar;
 
 use std::ffi::OsStr;

@@ -301,11 +301,16 @@ async fn complete(
     drop(stream);
     finish(state, placed, started, outcome.is_ok()).await;
     let (finish_reason, prompt_tokens, completion_tokens) = outcome?;
-    let usage = json!({
-        "prompt_tokens": prompt_tokens.unwrap_or(0),
-        "completion_tokens": completion_tokens.unwrap_or(0),
-        "total_tokens": prompt_tokens.unwrap_or(0) + completion_tokens.unwrap_or(0),
-    });
+    // Only what the engine reported: an engine that sends no usage in its streams (llama-cpp-python's
+    // server) gets `usage: null`, never made-up zeros.
+    let usage = match (prompt_tokens, completion_tokens) {
+        (Some(prompt), Some(completion)) => json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": u64::from(prompt) + u64::from(completion),
+        }),
+        _ => Value::Null,
+    };
     let created = unix_now();
     Ok(match request.api {
         Api::Chat => json!({

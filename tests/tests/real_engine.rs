@@ -1,0 +1,717 @@
+//! The product against real engines: pool-managerd starts and supervises real llama.cpp
+//! `llama-server` processes (one pool on TCP, one on a Unix socket) and llama-cpp-python's
+//! OpenAI-compatible server; orchestratord serves them to the official `openai` Python SDK and to
+//! curl. Only the model is a stand-in (nothing can be downloaded here, and there is no GPU): each
+//! test generates a tiny random-weight LLaMA GGUF with `scripts/make-tiny-model.py`, which llama.cpp
+//! loads and runs for real — hence `tiny_model` in every test name. Answers are checked against
+//! what the engine itself reports for the same request; none of these tests can pass with the test
+//! engine double (no GGUF loading, no `/slots` of a real server, no byte-identical answers).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::real_engine::{http_address, llama_server, make_model, python, repo_root};
+use e2e::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
+use e2e::{Daemon, DaemonBuilder, binary, http, temp_dir};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(30);
+const API_KEY: &str = "real-engine-test-key-0123456789";
+
+/// A `[[pool]]` running llama-server on `model_path`, listening on TCP or a Unix socket.
+fn llama_pool(
+    id: &str,
+    model: &str,
+    model_path: &Path,
+    listen: &str,
+    parallel: u32,
+    ctx: u32,
+) -> String {
+    let host = if listen == "unix" {
+        "{socket}"
+    } else {
+        "{host}"
+    };
+    format!(
+        r#"
+[[pool]]
+id = "{id}"
+model = "{model}"
+engine = "llamacpp"
+command = [{server:?}, "-m", "{{model}}", "--host", "{host}", "--port", "{{port}}", "--alias", "{model}",
+           "-np", "{parallel}", "-c", "{total_ctx}", "--threads", "1"]
+model_path = {model_path:?}
+listen = "{listen}"
+startup_timeout_ms = 30000
+stop_grace_ms = 3000
+[pool.probe]
+interval_ms = 200
+[pool.reload]
+drain_deadline_ms = 30000
+"#,
+        server = llama_server().display().to_string(),
+        total_ctx = parallel * ctx,
+        model_path = model_path.display().to_string(),
+    )
+}
+
+struct Stack {
+    orchestrator: Daemon,
+    sidecar: Sidecar,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    dir: TempDir,
+}
+
+/// pool-managerd with `pools` (TOML), orchestratord in front of it with one API key; returns once
+/// every pool is Ready in orchestratord's view.
+fn stack(dir: TempDir, pools: &str) -> Stack {
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, pools).unwrap();
+    let sidecar = start_sidecar(dir.path(), &config);
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("{API_KEY}\n")).unwrap();
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(socket_path(dir.path()))
+        .arg("--api-keys-file")
+        .arg(&keys)
+        .start();
+    let stack = Stack {
+        orchestrator,
+        sidecar,
+        dir,
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let pools = stack.get("/v2/pools");
+        let all = pools["pools"].as_array().unwrap();
+        if !all.is_empty() && all.iter().all(|pool| pool["ready"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pools never ready: {pools}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stack
+}
+
+impl Stack {
+    fn api(&self) -> String {
+        self.orchestrator.ready("listen").to_owned()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let reply = http::request(&self.api(), "GET", path, None, WAIT).unwrap();
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
+        reply.json()
+    }
+
+    fn pool_status(&self, pool: &str) -> Value {
+        http::get(
+            self.sidecar.ready("debug_http"),
+            &format!("/pools/{pool}/status"),
+            WAIT,
+        )
+        .unwrap()
+        .json()
+    }
+
+    /// The engine's address as pool-managerd reports it (`http://…` or a socket path).
+    fn endpoint(&self, pool: &str) -> String {
+        self.pool_status(pool)["endpoint"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn engine_get(&self, pool: &str, path: &str) -> Value {
+        let reply = http::get(&http_address(&self.endpoint(pool)), path, WAIT).unwrap();
+        assert_eq!(reply.status, 200, "engine GET {path}: {}", reply.text());
+        reply.json()
+    }
+
+    /// The pid pool-managerd recorded for the pool's engine.
+    fn engine_pid(&self, pool: &str) -> i32 {
+        let record = state_dir(self.dir.path())
+            .join("engines")
+            .join(format!("{pool}.json"));
+        let text = std::fs::read_to_string(&record).unwrap();
+        let record: Value = serde_json::from_str(&text).unwrap();
+        i32::try_from(record["pid"].as_i64().unwrap()).unwrap()
+    }
+
+    fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_for_leases(&self, pool: &str, leases: u64) {
+        self.wait_for(&format!("{leases} leases on {pool}"), || {
+            self.pool_status(pool)["active_leases"] == leases
+        });
+    }
+
+    /// Runs `pool-managerd ARGS --socket …` (an operator command) and asserts it succeeded.
+    fn operator(&self, args: &[&str]) {
+        let output = Command::new(binary("pool-managerd"))
+            .args(args)
+            .arg("--socket")
+            .arg(socket_path(self.dir.path()))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "pool-managerd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn python(&self, args: &[&str]) -> Output {
+        let script = repo_root().join("tests/python/openai_sdk_check.py");
+        let api = format!("http://{}/v1", self.api());
+        let output = Command::new(python())
+            .arg(&script)
+            .args(args)
+            .args(["--api", &api, "--key", API_KEY])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        assert!(
+            output.status.success(),
+            "{} {} failed: {}\n{}",
+            script.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr),
+            self.orchestrator.stderr()
+        );
+        output
+    }
+}
+
+fn cases_checked(output: &Output) -> usize {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    last.strip_prefix("cases=")
+        .unwrap_or_else(|| panic!("no cases= line: {stdout}"))
+        .parse()
+        .unwrap()
+}
+
+/// `curl ARGS` (a real curl), returning stdout.
+fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "curl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// curl arguments that reach an engine at `endpoint` (TCP or Unix socket) at `path`.
+fn engine_curl_target(endpoint: &str, path: &str) -> Vec<String> {
+    if endpoint.starts_with('/') {
+        vec![
+            "--unix-socket".into(),
+            endpoint.into(),
+            format!("http://engine{path}"),
+        ]
+    } else {
+        vec![format!("{}{path}", endpoint.trim_end_matches('/'))]
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A streamed chat request through orchestratord over a raw socket; the reader is positioned at
+/// the first SSE byte.
+fn open_stream(api: &str, model: &str, max_tokens: u32) -> BufReader<TcpStream> {
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me about the river."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let mut stream = TcpStream::connect(api).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200 "), "stream refused: {status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            return reader;
+        }
+    }
+}
+
+/// The next `data:` payload of a chunked SSE stream (chunk-size lines and blank lines skipped).
+fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            return None;
+        }
+        if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            return Some(data.to_owned());
+        }
+    }
+}
+
+/// What a whole streamed chat said: content chunks, the finish reason, the usage, whether it
+/// ended in `[DONE]`.
+struct Streamed {
+    content_chunks: u32,
+    finish_reason: Option<String>,
+    usage: Option<Value>,
+    done: bool,
+}
+
+fn read_to_end(mut reader: BufReader<TcpStream>, mut streamed: Streamed) -> Streamed {
+    while let Some(data) = next_data(&mut reader) {
+        if data == "[DONE]" {
+            streamed.done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert!(chunk.get("error").is_none(), "stream failed: {chunk}");
+        if let Some(choice) = chunk["choices"].get(0) {
+            if choice["delta"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            {
+                streamed.content_chunks += 1;
+            }
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                streamed.finish_reason = Some(reason.to_owned());
+            }
+        } else if !chunk["usage"].is_null() {
+            streamed.usage = Some(chunk["usage"].clone());
+        }
+    }
+    streamed
+}
+
+fn read_stream(reader: BufReader<TcpStream>) -> Streamed {
+    read_to_end(
+        reader,
+        Streamed {
+            content_chunks: 0,
+            finish_reason: None,
+            usage: None,
+            done: false,
+        },
+    )
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Reaped or a zombie: gone for our purposes (pool-managerd reaps its children).
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn tiny_model_openai_sdk_and_curl_through_real_llama_servers_on_tcp_and_unix_socket() {
+    let dir = temp_dir();
+    let a = make_model(
+        &dir.path().join("a.gguf"),
+        &["--seed", "1", "--ctx", "1024"],
+    );
+    let b = make_model(
+        &dir.path().join("b.gguf"),
+        &["--seed", "2", "--ctx", "1024"],
+    );
+    let pools = llama_pool("tcp", "tiny-a", &a, "tcp", 2, 1024)
+        + &llama_pool("uds", "tiny-b", &b, "unix", 2, 1024);
+    let stack = stack(dir, &pools);
+    let tcp = stack.endpoint("tcp");
+    let uds = stack.endpoint("uds");
+    assert!(tcp.starts_with("http://127.0.0.1:"), "{tcp}");
+    assert!(uds.ends_with(".sock"), "{uds}");
+    // Really llama.cpp, with the model pool-managerd was told to load, and its slots learnt from it.
+    for (pool, model) in [("tcp", &a), ("uds", &b)] {
+        let props = stack.engine_get(pool, "/props");
+        assert_eq!(props["model_path"], model.display().to_string(), "{props}");
+        assert_eq!(props["total_slots"], 2, "{props}");
+        assert_eq!(stack.pool_status(pool)["slots_total"], 2);
+    }
+
+    // The official SDK: every API, streaming and not, against what the engine answers itself.
+    let output = stack.python(&[
+        "compare",
+        "--pool",
+        &format!("tiny-a={tcp}"),
+        "--pool",
+        &format!("tiny-b={uds}"),
+        "--max-tokens",
+        "12",
+    ]);
+    // 2 pools x 2 APIs x (1 plain + 2 streamed + 2 stop) + the error checks.
+    assert_eq!(cases_checked(&output), 21);
+
+    // curl: a streamed chat on the Unix-socket pool, the way the README shows it.
+    let api = stack.api();
+    let auth = format!("Authorization: Bearer {API_KEY}");
+    let body = json!({"model": "tiny-b", "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 9, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})
+    .to_string();
+    let streamed = curl(&[
+        "-N",
+        &format!("http://{api}/v1/chat/completions"),
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+    ]);
+    let events = sse_data(&streamed);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{streamed}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str())
+        .collect();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 9, "{streamed}");
+    assert_eq!(
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0)?["finish_reason"].as_str())
+            .collect::<Vec<_>>(),
+        ["length"]
+    );
+    // The same request straight to llama-server over its Unix socket gives the same text and usage.
+    let direct: Value = serde_json::from_str(&curl(
+        &[
+            &["-H", "Content-Type: application/json", "-d"][..],
+            &[body.replace("\"stream\":true", "\"stream\":false").as_str()],
+            &engine_curl_target(&uds, "/v1/chat/completions")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()[..],
+        ]
+        .concat(),
+    ))
+    .unwrap();
+    assert_eq!(direct["choices"][0]["message"]["content"], content.as_str());
+    assert_eq!(direct["usage"]["prompt_tokens"], usage["prompt_tokens"]);
+    assert_eq!(direct["usage"]["completion_tokens"], 9);
+
+    // curl: a plain completion on the TCP pool, compared with the engine's own answer.
+    let body =
+        json!({"model": "tiny-a", "prompt": "the old house", "max_tokens": 7, "temperature": 0})
+            .to_string();
+    let ours: Value = serde_json::from_str(&curl(&[
+        &format!("http://{api}/v1/completions"),
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+    ]))
+    .unwrap();
+    let target = engine_curl_target(&tcp, "/v1/completions");
+    let direct: Value = serde_json::from_str(&curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+        &target[0],
+    ]))
+    .unwrap();
+    assert_eq!(ours["choices"][0]["text"], direct["choices"][0]["text"]);
+    assert_eq!(ours["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        ours["usage"],
+        json!({
+            "prompt_tokens": direct["usage"]["prompt_tokens"],
+            "completion_tokens": 7,
+            "total_tokens": direct["usage"]["total_tokens"],
+        })
+    );
+    assert_eq!(ours["model"], "tiny-a");
+
+    // Nothing held afterwards: every lease back, every slot idle.
+    for pool in ["tcp", "uds"] {
+        stack.wait_for_leases(pool, 0);
+        let slots = stack.engine_get(pool, "/slots");
+        assert!(
+            slots
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["is_processing"] == false),
+            "{slots}"
+        );
+    }
+}
+
+#[test]
+fn tiny_model_client_closing_mid_stream_frees_the_llama_server_slot_and_the_lease() {
+    let dir = temp_dir();
+    // Wider and deeper than the tiny default, so a stream lasts seconds (~500 tokens/s here).
+    let model = make_model(
+        &dir.path().join("wide.gguf"),
+        &["--width", "256", "--layers", "4", "--ctx", "4096"],
+    );
+    let stack = stack(dir, &llama_pool("p", "wide", &model, "unix", 2, 4096));
+    let engine = stack.endpoint("p");
+
+    // A raw client: read a few chunks, see the slot and the lease taken, vanish.
+    let mut reader = open_stream(&stack.api(), "wide", 3000);
+    for _ in 0..5 {
+        assert!(next_data(&mut reader).is_some());
+    }
+    let slots = stack.engine_get("p", "/slots");
+    let busy: Vec<&Value> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["is_processing"] == true)
+        .collect();
+    assert_eq!(busy.len(), 1, "{slots}");
+    let busy_id = busy[0]["id"].clone();
+    assert_eq!(stack.pool_status("p")["active_leases"], 1);
+    drop(reader);
+    let closed = Instant::now();
+    stack.wait_for("llama-server to stop generating", || {
+        stack
+            .engine_get("p", "/slots")
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["is_processing"] == false)
+    });
+    let idle_after = closed.elapsed();
+    stack.wait_for_leases("p", 0);
+    let slot = stack
+        .engine_get("p", "/slots")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == busy_id)
+        .cloned()
+        .unwrap();
+    let decoded = slot["next_token"][0]["n_decoded"].as_u64().unwrap();
+    assert!(
+        decoded < 3000,
+        "the engine generated all it was asked: {slot}"
+    );
+    eprintln!("raw client: slot idle {idle_after:?} after close, {decoded} tokens decoded");
+
+    // The same with the official SDK closing its stream.
+    let output = stack.python(&["close-mid-stream", "--model", "wide", "--engine", &engine]);
+    assert_eq!(cases_checked(&output), 1);
+    stack.wait_for_leases("p", 0);
+
+    // Both slots serve again: two full streams at once.
+    let first = open_stream(&stack.api(), "wide", 40);
+    let second = open_stream(&stack.api(), "wide", 40);
+    for streamed in [read_stream(first), read_stream(second)] {
+        assert!(streamed.done);
+        assert_eq!(streamed.content_chunks, 40);
+        assert_eq!(streamed.usage.unwrap()["completion_tokens"], 40);
+    }
+    stack.wait_for_leases("p", 0);
+    let metrics = http::request(&stack.api(), "GET", "/metrics", None, WAIT)
+        .unwrap()
+        .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("orchestratord_cancellations_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+/// A completion's text through orchestratord (temperature 0: the model decides it alone).
+fn complete(stack: &Stack, model: &str) -> String {
+    let output = curl(&[
+        &format!("http://{}/v1/completions", stack.api()),
+        "-H",
+        &format!("Authorization: Bearer {API_KEY}"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &json!({"model": model, "prompt": "the river", "max_tokens": 10, "temperature": 0})
+            .to_string(),
+    ]);
+    let answer: Value = serde_json::from_str(&output).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 10, "{answer}");
+    answer["choices"][0]["text"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
+    let dir = temp_dir();
+    let args = ["--width", "256", "--layers", "4", "--ctx", "2048"];
+    let first = make_model(
+        &dir.path().join("first.gguf"),
+        &[&["--seed", "1"], &args[..]].concat(),
+    );
+    let second = make_model(
+        &dir.path().join("second.gguf"),
+        &[&["--seed", "2"], &args[..]].concat(),
+    );
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF but not really a model").unwrap();
+    let stack = stack(dir, &llama_pool("r", "m", &first, "tcp", 2, 2048));
+    let text_first = complete(&stack, "m");
+    let first_pid = stack.engine_pid("r");
+
+    // Reload while a stream runs on the old engine: the stream finishes there, whole.
+    let running = open_stream(&stack.api(), "m", 1200);
+    stack.operator(&["reload", "r", second.to_str().unwrap()]);
+    stack.wait_for("the engine on the second model", || {
+        stack.engine_pid("r") != first_pid
+            && stack.pool_status("r")["ready"] == true
+            && stack.engine_get("r", "/props")["model_path"] == second.display().to_string()
+    });
+    let text_second = complete(&stack, "m");
+    assert_ne!(text_first, text_second, "the reload changed nothing");
+    let streamed = read_stream(running);
+    assert!(streamed.done, "the stream across the reload broke");
+    assert_eq!(streamed.content_chunks, 1200);
+    assert_eq!(streamed.finish_reason.as_deref(), Some("length"));
+    stack.wait_for("the old llama-server to exit", || !process_alive(first_pid));
+    stack.wait_for_leases("r", 0);
+
+    // A reload to a file llama.cpp cannot load rolls back: the second model serves on.
+    let second_pid = stack.engine_pid("r");
+    stack.operator(&["reload", "r", broken.to_str().unwrap()]);
+    stack.wait_for("the failed reload to be reported", || {
+        stack.pool_status("r")["last_error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty())
+    });
+    assert_eq!(stack.engine_pid("r"), second_pid);
+    assert_eq!(stack.pool_status("r")["ready"], true);
+    assert_eq!(complete(&stack, "m"), text_second);
+
+    // Drain while a stream runs: it finishes, then the engine stops and the model is gone.
+    let running = open_stream(&stack.api(), "m", 600);
+    stack.operator(&["drain", "r"]);
+    let streamed = read_stream(running);
+    assert!(streamed.done && streamed.content_chunks == 600);
+    stack.wait_for("the drained pool to stop", || {
+        stack.pool_status("r")["state"] == "stopped"
+    });
+    stack.wait_for("the drained llama-server to exit", || {
+        !process_alive(second_pid)
+    });
+    let refused = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/v1/completions", stack.api()))
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {API_KEY}"),
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(["-d", r#"{"model":"m","prompt":"x","max_tokens":2}"#])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "503");
+}
+
+#[test]
+fn tiny_model_openai_engine_kind_against_llama_cpp_python_server() {
+    let dir = temp_dir();
+    let model = make_model(
+        &dir.path().join("tiny.gguf"),
+        &["--seed", "3", "--ctx", "1024"],
+    );
+    let pools = format!(
+        r#"
+[[pool]]
+id = "py"
+model = "tiny-py"
+engine = "openai"
+command = [{python:?}, "-m", "llama_cpp.server", "--model", "{{model}}", "--model_alias", "tiny-py",
+           "--host", "{{host}}", "--port", "{{port}}", "--n_ctx", "1024", "--n_threads", "1",
+           "--interrupt_requests", "False", "--verbose", "False"]
+model_path = {model:?}
+listen = "tcp"
+slots = 1
+startup_timeout_ms = 60000
+stop_grace_ms = 3000
+[pool.probe]
+interval_ms = 200
+"#,
+        python = python().display().to_string(),
+        model = model.display().to_string(),
+    );
+    let stack = stack(dir, &pools);
+    let endpoint = stack.endpoint("py");
+    // llama-cpp-python's server, not llama-server: OpenAI endpoints only.
+    let models = stack.engine_get("py", "/v1/models");
+    assert_eq!(models["data"][0]["id"], "tiny-py", "{models}");
+    assert_eq!(
+        http::get(&http_address(&endpoint), "/props", WAIT)
+            .unwrap()
+            .status,
+        404
+    );
+    let output = stack.python(&[
+        "compare",
+        "--pool",
+        &format!("tiny-py={endpoint}"),
+        "--max-tokens",
+        "8",
+        "--no-stream-usage",
+    ]);
+    assert_eq!(cases_checked(&output), 11);
+    stack.wait_for_leases("py", 0);
+}
