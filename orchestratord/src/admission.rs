@@ -281,6 +281,24 @@ impl<T> AdmissionQueue<T> {
         Some(entry.payload)
     }
 
+    /// Removes and returns every task whose payload `doomed` selects, in queue order; the others
+    /// keep their places.
+    pub fn remove_where(&mut self, mut doomed: impl FnMut(&T) -> bool) -> Vec<(TaskId, T)> {
+        let mut removed = Vec::new();
+        for queue in [&mut self.interactive, &mut self.batch] {
+            for _ in 0..queue.len() {
+                if let Some(entry) = queue.pop_front() {
+                    if doomed(&entry.payload) {
+                        removed.push((entry.id, entry.payload));
+                    } else {
+                        queue.push_back(entry);
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// Removes and returns every task whose deadline has passed (`deadline <= now`), in service
     /// order at `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<(TaskId, T)> {
@@ -489,6 +507,25 @@ mod tests {
         assert_eq!(admitted.position, 0);
         assert_eq!(q.position(TaskId(1), t0 + secs(1)), Some(1));
         assert_eq!(drain(&mut q, t0 + secs(2)), vec![2, 1]);
+    }
+
+    #[test]
+    fn remove_where_takes_only_the_selected_tasks_and_keeps_the_order_of_the_rest() {
+        let t0 = Instant::now();
+        let mut q = queue(8, FullPolicy::Reject);
+        admit(&mut q, 1, Priority::Batch, "gone", t0);
+        admit(&mut q, 2, Priority::Batch, "stays", t0);
+        admit(&mut q, 3, Priority::Interactive, "gone", t0);
+        admit(&mut q, 4, Priority::Interactive, "stays", t0);
+        admit(&mut q, 5, Priority::Interactive, "stays", t0);
+        let removed: Vec<u64> = q
+            .remove_where(|payload| *payload == "gone")
+            .into_iter()
+            .map(|(id, _)| id.0)
+            .collect();
+        assert_eq!(removed, vec![3, 1]);
+        assert_eq!(q.len(), 3);
+        assert_eq!(drain(&mut q, t0 + secs(1)), vec![4, 5, 2]);
     }
 
     #[test]

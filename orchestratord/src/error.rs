@@ -26,7 +26,7 @@ pub enum ApiError {
     DroppedFromQueue,
     #[error("the request's deadline passed before it could start")]
     DeadlineUnmet,
-    #[error("no pool serving model {0:?} is ready")]
+    #[error("every pool serving model {0:?} is stopped or failed")]
     PoolUnready(String),
     #[error("the pool manager is unavailable; retry later")]
     PoolUnavailable { retry_after: Duration },

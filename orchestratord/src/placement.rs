@@ -27,6 +27,9 @@ pub enum NoPlacement {
     NoneReady,
     /// Ready pools serve the model, but every slot is leased: wait for one.
     Busy,
+    /// Every pool serving the model is stopped (drained) or failed: only an operator brings one
+    /// back, so waiting is pointless.
+    OutOfService,
 }
 
 /// Remembers which pool holds a session's KV cache.
@@ -57,6 +60,10 @@ fn takes_work(pool: &PoolSnapshot) -> bool {
     pool.state == PoolState::Ready && pool.slots_free > 0
 }
 
+fn out_of_service(pool: &PoolSnapshot) -> bool {
+    matches!(pool.state, PoolState::Stopped | PoolState::Failed)
+}
+
 /// Picks a pool for `model`: the pinned one; else the session's pool while it has a free slot;
 /// else the preferred one while it has a free slot; else the least loaded (largest share of
 /// free slots, ties to the lowest pool id).
@@ -75,6 +82,8 @@ pub fn choose(
             Ok(pin.clone())
         } else if pool.state == PoolState::Ready {
             Err(NoPlacement::Busy)
+        } else if out_of_service(pool) {
+            Err(NoPlacement::OutOfService)
         } else {
             Err(NoPlacement::NoneReady)
         };
@@ -108,6 +117,9 @@ pub fn choose(
         Some(pool) => Ok(pool.pool_id.clone()),
         None if candidates.iter().any(|pool| pool.state == PoolState::Ready) => {
             Err(NoPlacement::Busy)
+        }
+        None if candidates.iter().all(|pool| out_of_service(pool)) => {
+            Err(NoPlacement::OutOfService)
         }
         None => Err(NoPlacement::NoneReady),
     }
@@ -228,5 +240,43 @@ mod tests {
             choose(&starting, "other", None, &hints),
             Err(NoPlacement::UnknownModel)
         );
+    }
+
+    #[test]
+    fn out_of_service_only_when_every_pool_of_the_model_is_stopped_or_failed() {
+        let hints = PlacementHints::default();
+        let stopped = registry(vec![
+            pool("a", "m", PoolState::Stopped, 4, 4),
+            pool("b", "m", PoolState::Failed, 4, 4),
+        ]);
+        assert_eq!(
+            choose(&stopped, "m", None, &hints),
+            Err(NoPlacement::OutOfService)
+        );
+        let pin = PlacementHints {
+            pin: Some(PoolId("a".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            choose(&stopped, "m", None, &pin),
+            Err(NoPlacement::OutOfService)
+        );
+        // One pool that may still come back (draining, backing off) is worth waiting for.
+        for state in [
+            PoolState::Draining,
+            PoolState::BackingOff { until_unix_ms: 1 },
+            PoolState::Starting,
+            PoolState::Unhealthy,
+        ] {
+            let mixed = registry(vec![
+                pool("a", "m", PoolState::Stopped, 4, 4),
+                pool("b", "m", state, 4, 4),
+            ]);
+            assert_eq!(
+                choose(&mixed, "m", None, &hints),
+                Err(NoPlacement::NoneReady),
+                "{state:?}"
+            );
+        }
     }
 }

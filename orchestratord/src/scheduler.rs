@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, NoPlacement, PlacementHints, SessionAffinity};
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
-use pool_ipc::registry::AcquireTarget;
+use pool_ipc::registry::{AcquireTarget, PoolId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -167,6 +167,7 @@ impl SchedulerActor {
                         return;
                     }
                     self.update_capacity_hint();
+                    self.fail_hopeless();
                 }
                 () = expiry => {}
             }
@@ -229,8 +230,8 @@ impl SchedulerActor {
             .and_then(|session| self.affinity.pool_of(session));
         let choice =
             placement::choose(&mirror.snapshot, &demand.model, session_pool, &demand.hints);
-        if let Err(NoPlacement::UnknownModel) = choice {
-            return Err(ApiError::ModelNotFound(demand.model));
+        if let Some(error) = unservable(&choice, &demand.model) {
+            return Err(error);
         }
         // A slot is free right now: the wait is the dispatch itself, not a service time.
         let free_now = choice.is_ok();
@@ -274,6 +275,29 @@ impl SchedulerActor {
                     ApiError::Internal(format!("task {id} queued twice"))
                 }
             }),
+        }
+    }
+
+    /// Answers, at once, queued requests that the registry says can no longer be served: their
+    /// model's pools were removed, or all of them were stopped (drained) or failed. Waiting for
+    /// their deadline would only delay the same answer.
+    fn fail_hopeless(&mut self) {
+        let mirror = self.mirror.borrow();
+        if !mirror.connected {
+            return;
+        }
+        let mut errors = Vec::new();
+        let hopeless = self.queue.remove_where(|waiting| {
+            let demand = &waiting.demand;
+            let choice = placement::choose(&mirror.snapshot, &demand.model, None, &demand.hints);
+            let error = unservable(&choice, &demand.model);
+            let doomed = error.is_some();
+            errors.extend(error);
+            doomed
+        });
+        for ((id, waiting), error) in hopeless.into_iter().zip(errors) {
+            tracing::info!(task = %id, %error, "failed while queued");
+            let _ = waiting.placed.send(Err(error));
         }
     }
 
@@ -390,5 +414,16 @@ impl SchedulerActor {
                 }
             }
         }
+    }
+}
+
+/// Why a request for `model` cannot be served however long it waits, given where placement
+/// stands: no pool serves the model, or every pool that does is stopped or failed. `None` while
+/// a pool may still take it (the answer does not depend on session affinity).
+fn unservable(choice: &Result<PoolId, NoPlacement>, model: &str) -> Option<ApiError> {
+    match choice {
+        Err(NoPlacement::UnknownModel) => Some(ApiError::ModelNotFound(model.to_owned())),
+        Err(NoPlacement::OutOfService) => Some(ApiError::PoolUnready(model.to_owned())),
+        Ok(_) | Err(NoPlacement::NoneReady | NoPlacement::Busy) => None,
     }
 }

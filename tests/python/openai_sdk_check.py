@@ -88,10 +88,12 @@ def ask(client: OpenAI, api: str, model: str, stream: bool, include_usage: bool 
         for index, chunk in enumerate(chunks):
             models.add(chunk.model)
             assert saw_usage_chunk_at is None, f"a chunk after the usage chunk: {chunk}"
-            if chunk.usage is not None and not chunk.choices:
+            if chunk.usage is not None:
+                assert answer.usage is None, f"usage twice: {chunk}"
                 answer.usage = usage_of(chunk.usage)
-                saw_usage_chunk_at = index
-                continue
+                if not chunk.choices:
+                    saw_usage_chunk_at = index
+                    continue
             assert len(chunk.choices) == 1, chunk
             choice = chunk.choices[0]
             piece = choice.delta.content if api == "chat" else choice.text
@@ -130,13 +132,18 @@ def compare_pool(api_client: OpenAI, model: str, endpoint: str, max_tokens: int,
         cases += 1
 
         for include_usage in (True, False):
+            # The same stream straight from the engine: orchestratord relays it as it is (llama-server
+            # puts usage on the last /v1/completions chunk whether asked or not, for example).
+            direct = ask(engine, api, model, stream=True, include_usage=include_usage, max_tokens=max_tokens)
             ours = ask(api_client, api, model, stream=True, include_usage=include_usage, max_tokens=max_tokens)
             same(f"{model} {api} streamed text", ours.text, reference.text)
             same(f"{model} {api} streamed finish_reason", ours.finish_reason, "length")
-            expected_usage = reference.usage if include_usage and stream_usage else None
-            same(f"{model} {api} streamed usage (include_usage={include_usage})", ours.usage, expected_usage)
+            same(f"{model} {api} streamed usage (include_usage={include_usage})", ours.usage, direct.usage)
+            if include_usage and stream_usage:
+                same(f"{model} {api} streamed usage", ours.usage, reference.usage)
             # One token per chunk: the model's tokens are whole words.
             same(f"{model} {api} content chunks", ours.content_chunks, max_tokens)
+            same(f"{model} {api} engine's content chunks", direct.content_chunks, max_tokens)
             print(
                 f"ok {model} {api} stream include_usage={include_usage}: "
                 f"{ours.content_chunks} chunks, usage {ours.usage}",

@@ -128,8 +128,23 @@ pub fn request(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> io::Result<Reply> {
+    request_with_headers(addr, method, path, &[], body, timeout)
+}
+
+/// [`request`] with extra header lines (`(name, value)`), e.g. an `Authorization` header.
+pub fn request_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> io::Result<Reply> {
     let mut stream = connect(addr, timeout)?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some((content_type, bytes)) = body {
         head.push_str(&format!(
             "Content-Type: {content_type}\r\nContent-Length: {}\r\n",

@@ -112,7 +112,16 @@ impl Stack {
     }
 
     fn get(&self, path: &str) -> Value {
-        let reply = http::request(&self.api(), "GET", path, None, WAIT).unwrap();
+        let auth = format!("Bearer {API_KEY}");
+        let reply = http::request_with_headers(
+            &self.api(),
+            "GET",
+            path,
+            &[("Authorization", &auth)],
+            None,
+            WAIT,
+        )
+        .unwrap();
         assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
         reply.json()
     }
@@ -565,9 +574,7 @@ fn tiny_model_client_closing_mid_stream_frees_the_llama_server_slot_and_the_leas
         assert_eq!(streamed.usage.unwrap()["completion_tokens"], 40);
     }
     stack.wait_for_leases("p", 0);
-    let metrics = http::request(&stack.api(), "GET", "/metrics", None, WAIT)
-        .unwrap()
-        .text();
+    let metrics = http::get(&stack.api(), "/metrics", WAIT).unwrap().text();
     assert!(
         metrics
             .lines()
