@@ -8,7 +8,9 @@
 # (pool-managerd stops its engine).
 #
 # Environment: DEMO_API_PORT (orchestratord, default 8080), DEMO_SHIM_PORT (pool-managerd's debug
-# shim, default 9200), DEMO_MODEL (a GGUF file to serve instead of the generated tiny model).
+# shim, default 9200), DEMO_MODEL (a GGUF file to serve instead of the generated tiny model; its
+# model id is then the file name without .gguf), DEMO_CTX (llama-server's -c, default 2048: two
+# slots of 1024 tokens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run="$PWD/.run"
@@ -51,12 +53,8 @@ if [ "${1:-}" = "stop" ]; then
     exit 0
 fi
 
-for tool in cargo curl python3 c++; do
-    command -v "$tool" >/dev/null || {
-        echo "demo: needs $tool (a Rust toolchain from https://rustup.rs; apt-get install curl python3-venv g++)" >&2
-        exit 1
-    }
-done
+command -v cargo >/dev/null || { echo "demo: needs a Rust toolchain (cargo); see https://rustup.rs" >&2; exit 1; }
+scripts/debian-packages.sh
 echo "== building the workspace (release)"
 cargo build --release --workspace --bins
 bin="$PWD/target/release"
@@ -66,6 +64,8 @@ stop
 mkdir -p "$run/models"
 
 model="${DEMO_MODEL:-$run/models/tiny.gguf}"
+model_id=tiny
+[ -n "${DEMO_MODEL:-}" ] && model_id=$(basename "$model" .gguf)
 if [ -z "${DEMO_MODEL:-}" ]; then
     echo "== generating a tiny LLaMA model (random weights, readable word salad)"
     python=$(scripts/python-env.sh model | tail -n1)/bin/python
@@ -80,10 +80,10 @@ listen = "$shim"
 
 [[pool]]
 id = "demo"
-model = "tiny"
+model = "$model_id"
 engine = "llamacpp"
-command = ["$llama_server", "-m", "{model}", "--host", "{socket}", "--alias", "tiny",
-           "-np", "2", "-c", "2048"]
+command = ["$llama_server", "-m", "{model}", "--host", "{socket}", "--alias", "$model_id",
+           "-np", "2", "-c", "${DEMO_CTX:-2048}"]
 model_path = "$model"
 listen = "unix"
 startup_timeout_ms = 120000
@@ -109,7 +109,7 @@ echo "== pool-managerd status (over its Unix socket)"
 "$bin/pool-managerd" status --socket "$run/pool.sock"
 echo
 echo "== a streamed chat completion through orchestratord (http://$api), printed as it arrives"
-request='{"model":"tiny","messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":24,"stream":true}'
+request='{"model":"'"$model_id"'","messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":24,"stream":true}'
 echo "   request: $request"
 curl -sN "http://$api/v1/chat/completions" -H 'Content-Type: application/json' -d "$request" \
     | tee "$run/last-answer.sse" | python3 -u -c '
@@ -133,7 +133,7 @@ print("\n   (finish_reason: %s; the raw SSE stream is in %s)" % (finish, sys.arg
 echo
 echo "Running (pool-managerd + llama-server + orchestratord). Try:"
 echo "  curl -sN http://$api/v1/chat/completions -H 'Content-Type: application/json' \\"
-echo "       -d '{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"stream\":true,\"max_tokens\":32}'"
+echo "       -d '{\"model\":\"$model_id\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"stream\":true,\"max_tokens\":32}'"
 echo "  $bin/pool-managerd status --socket $run/pool.sock"
 echo "  curl -s http://$shim/metrics; curl -s http://$api/metrics"
 echo "Logs: $run/pool-managerd.log, $run/orchestratord.log, engine: $run/state/logs/demo.log"

@@ -6,6 +6,7 @@
 # (cold: ~7-13 min for llama-server, ~6-10 min for the Python packages on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/debian-packages.sh --tests
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
