@@ -26,6 +26,9 @@
 #                                NB: llama-server itself also reads LLAMA_CACHE (where it keeps
 #                                models fetched with -hf); don't export it into the server's env.
 #   LLAMA_CPP_PYTHON_VERSION     sdist version to build (default 0.3.36)
+#   LLAMA_SDIST                  a llama-cpp-python sdist (.tar.gz) already on disk, for hosts
+#                                without PyPI access: nothing is downloaded. Its version must be
+#                                LLAMA_CPP_PYTHON_VERSION (it keys the cache).
 #   CUDA_ARCHS                   CUDA architectures for --cuda (default 90)
 #   JOBS                         parallel build jobs (default $(nproc))
 #
@@ -98,7 +101,7 @@ if [ "$force" = 0 ] && verify "$bin"; then
     exit 0
 fi
 
-command -v python3 >/dev/null || die "python3 is required"
+[ -n "${LLAMA_SDIST:-}" ] || command -v python3 >/dev/null || die "python3 is required"
 command -v c++ >/dev/null || command -v g++ >/dev/null || die "a C++ compiler is required (apt-get install g++)"
 if [ "$cuda" = 1 ] && ! command -v nvcc >/dev/null && [ -z "${CUDACXX:-}" ]; then
     die "--cuda needs the CUDA toolkit: nvcc on PATH or CUDACXX set"
@@ -124,9 +127,12 @@ if [ -e "$bin" ]; then
 fi
 log "building llama-server from llama-cpp-python==$version (key $key; flags: ${cmake_flags[*]})"
 
-# Build tools from PyPI, in a venv of our own (never system-wide).
+# Build tools: cmake and ninja from PyPI, in a venv of our own (never system-wide); a host that
+# has both on PATH and no PyPI (LLAMA_SDIST set) uses its own.
 tools="$cache_root/tools-venv"
-if ! [ -x "$tools/bin/cmake" ] || ! [ -x "$tools/bin/ninja" ]; then
+if [ -n "${LLAMA_SDIST:-}" ] && command -v cmake >/dev/null && command -v ninja >/dev/null; then
+    log "using cmake and ninja from PATH"
+elif ! [ -x "$tools/bin/cmake" ] || ! [ -x "$tools/bin/ninja" ]; then
     log "installing cmake and ninja from PyPI into $tools"
     rm -rf "$tools"
     python3 -m venv "$tools" || die "python3 -m venv failed (apt-get install python3-venv)"
@@ -140,12 +146,17 @@ rm -rf "$work"
 mkdir -p "$work"
 t0=$(date +%s)
 
-log "downloading the llama-cpp-python==$version sdist from PyPI"
-python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-    --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work/dl" >&2 \
-    || die "pip download of llama-cpp-python==$version failed"
-sdist=$(ls "$work"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -n1)
-[ -n "$sdist" ] || die "no sdist in $work/dl (did pip fetch a wheel instead?)"
+if [ -n "${LLAMA_SDIST:-}" ]; then
+    sdist="$LLAMA_SDIST"
+    [ -f "$sdist" ] || die "LLAMA_SDIST=$sdist is not a file"
+else
+    log "downloading the llama-cpp-python==$version sdist from PyPI"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+        --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work/dl" >&2 \
+        || die "pip download of llama-cpp-python==$version failed"
+    sdist=$(ls "$work"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -n1)
+    [ -n "$sdist" ] || die "no sdist in $work/dl (did pip fetch a wheel instead?)"
+fi
 
 log "unpacking $(basename "$sdist")"
 mkdir -p "$work/src"
