@@ -7,8 +7,10 @@
 //!
 //! It starts its own stack from the same target directory: pool-managerd supervising one managed
 //! pool whose engine is `test-engine-double` (a FAKE engine: no model, filler words at a fixed
-//! pace, `--token-delay-ms` between two tokens of a stream) listening on TCP, so that the direct
-//! path reaches the very engine orchestratord relays from; then orchestratord in front. Daemons
+//! pace, `--token-delay-ms` between two tokens of a stream) or, with `--llama-server` and
+//! `--gguf`, llama.cpp's real `llama-server` (optionally pinned to `--gpus`), listening on TCP, so
+//! that the direct path reaches the very engine orchestratord relays from; then orchestratord in
+//! front. Daemons
 //! log at `warn` so that logging does not distort the figures.
 //!
 //! Per stream it measures TTFT (request sent to the first `data:` chunk with content), content
@@ -33,7 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,25 @@ struct Args {
     /// Measured rounds per path, after one warm-up round each.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
+    /// Run this llama.cpp `llama-server` on `--gguf` instead of the engine double (a REAL engine;
+    /// `--token-delay-ms` does not apply: it generates as fast as it can).
+    #[arg(long, requires = "gguf")]
+    llama_server: Option<PathBuf>,
+    /// The model llama-server loads; its training context must hold the prompt (~60 tokens with
+    /// llama-server's default chat template) plus `--tokens`, e.g.
+    /// `scripts/make-tiny-model.py tiny.gguf --ctx 1024`.
+    #[arg(long, requires = "llama_server")]
+    gguf: Option<PathBuf>,
+    /// Pin the pool to these GPUs (`gpus`, i.e. CUDA_VISIBLE_DEVICES) and offload every layer
+    /// (`-ngl 99`); needs a CUDA build of llama-server.
+    #[arg(long, requires = "llama_server")]
+    gpus: Option<String>,
+}
+
+impl Args {
+    fn real_engine(&self) -> Option<(&Path, &Path)> {
+        Some((self.llama_server.as_deref()?, self.gguf.as_deref()?))
+    }
 }
 
 /// The processes under test. Dropping it stops them: orchestratord, then pool-managerd cleanly
@@ -104,14 +125,16 @@ fn engine_pid(dir: &Path) -> Option<u32> {
         .and_then(|pid| u32::try_from(pid).ok())
 }
 
-fn start_stack(args: &Args) -> Result<Stack, String> {
-    let dir = temp_dir();
+/// The `[[pool]]` running the engine double (writes its empty knob file into `dir`).
+fn double_pool(
+    args: &Args,
+    dir: &tempfile::TempDir,
+    slots: u32,
+    ctx: u32,
+) -> Result<String, String> {
     let model = dir.path().join("model.json");
     std::fs::write(&model, "{}").map_err(|e| format!("cannot write {}: {e}", model.display()))?;
-    let slots = args.streams.max(64);
-    // Room for the prompt and every requested token: the double stops at a full context.
-    let ctx = args.tokens.saturating_add(64).max(256);
-    let config = format!(
+    Ok(format!(
         r#"[[pool]]
 id = "{POOL}"
 model = "{MODEL}"
@@ -126,7 +149,50 @@ stop_grace_ms = 1000
         engine = binary("test-engine-double").display().to_string(),
         model = model.display().to_string(),
         delay = args.token_delay_ms,
-    );
+    ))
+}
+
+/// The `[[pool]]` running llama-server on `gguf`: `slots` sequences of `ctx` tokens each.
+fn llama_server_pool(args: &Args, server: &Path, gguf: &Path, slots: u32, ctx: u32) -> String {
+    let offload = match &args.gpus {
+        Some(gpus) => format!(", \"-ngl\", \"99\"]\ngpus = {gpus:?}"),
+        None => "]".to_owned(),
+    };
+    format!(
+        r#"[[pool]]
+id = "{POOL}"
+model = "{MODEL}"
+engine = "llamacpp"
+command = [{server:?}, "-m", "{{model}}", "--host", "{{host}}", "--port", "{{port}}", "--alias", "{MODEL}", "-np", "{slots}", "-c", "{total}", "--threads", "{threads}"{offload}
+model_path = {gguf:?}
+listen = "tcp"
+startup_timeout_ms = 60000
+stop_grace_ms = 3000
+"#,
+        server = server.display().to_string(),
+        gguf = gguf.display().to_string(),
+        total = u64::from(slots) * u64::from(ctx),
+        threads = engine_threads(),
+    )
+}
+
+/// llama-server's compute threads: half the cores, so that the relay and the client keep theirs
+/// (llama.cpp's threads spin while they wait for each other, and a preempted one stalls them all,
+/// so an engine sharing every core with the relay would measure the contention, not the relay).
+fn engine_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+fn start_stack(args: &Args) -> Result<Stack, String> {
+    let dir = temp_dir();
+    let slots = args.streams.max(64);
+    // Room for the prompt and every requested token: both engines stop at a full context.
+    let ctx = args.tokens.saturating_add(128).max(256);
+    let config = if let Some((server, gguf)) = args.real_engine() {
+        llama_server_pool(args, server, gguf, slots, ctx)
+    } else {
+        double_pool(args, &dir, slots, ctx)?
+    };
     let config_path = dir.path().join("pool-managerd.toml");
     std::fs::write(&config_path, config)
         .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
@@ -630,7 +696,10 @@ fn histogram(text: &str, name: &str) -> Totals {
 struct Control {
     client: HttpClient,
     status: Uri,
+    /// The engine's view of its running generations: the double's `/control/stats`, or
+    /// llama-server's `/slots`.
     stats: Uri,
+    real_engine: bool,
     metrics: Uri,
 }
 
@@ -677,8 +746,14 @@ impl Control {
         loop {
             let status = self.get(&self.status).await?;
             let stats = self.get(&self.stats).await?;
-            if status["active_leases"] == 0 && status["slots_free"] == slots && stats["active"] == 0
-            {
+            let engine_idle = if self.real_engine {
+                stats
+                    .as_array()
+                    .is_some_and(|slots| slots.iter().all(|slot| slot["is_processing"] == false))
+            } else {
+                stats["active"] == 0
+            };
+            if status["active_leases"] == 0 && status["slots_free"] == slots && engine_idle {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -766,7 +841,15 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
     let control = Control {
         client: client(),
         status: uri(&stack.shim, &format!("/pools/{POOL}/status"))?,
-        stats: uri(&stack.engine, "/control/stats")?,
+        stats: uri(
+            &stack.engine,
+            if args.real_engine().is_some() {
+                "/slots"
+            } else {
+                "/control/stats"
+            },
+        )?,
+        real_engine: args.real_engine().is_some(),
         metrics: uri(orchestrator.ready("listen"), "/metrics")?,
     };
     let body = Bytes::from(
@@ -786,17 +869,31 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
          (stream, include_usage), straight to the engine vs through orchestratord",
         args.streams, args.tokens
     );
-    println!(
-        "engine: test-engine-double, a FAKE engine (no model; filler words), {} ms between two \
-         tokens of a stream{}, {} slots, TCP {}",
-        args.token_delay_ms,
-        match args.token_delay_ms {
-            0 => " (as fast as it goes)".to_owned(),
-            d => format!(" (~{:.0} tokens/s per stream)", 1000.0 / d as f64),
-        },
-        stack.slots,
-        stack.engine
-    );
+    match args.real_engine() {
+        Some((server, gguf)) => println!(
+            "engine: llama.cpp llama-server {} on {}, {} threads{}, {} slots, TCP {}",
+            server.display(),
+            gguf.display(),
+            engine_threads(),
+            match &args.gpus {
+                Some(gpus) => format!(", GPUs {gpus} (-ngl 99)"),
+                None => ", CPU".to_owned(),
+            },
+            stack.slots,
+            stack.engine
+        ),
+        None => println!(
+            "engine: test-engine-double, a FAKE engine (no model; filler words), {} ms between two \
+             tokens of a stream{}, {} slots, TCP {}",
+            args.token_delay_ms,
+            match args.token_delay_ms {
+                0 => " (as fast as it goes)".to_owned(),
+                d => format!(" (~{:.0} tokens/s per stream)", 1000.0 / d as f64),
+            },
+            stack.slots,
+            stack.engine
+        ),
+    }
     println!(
         "orchestrated: orchestratord {} -> pool-managerd lease -> the same engine; \
          daemons at RUST_LOG=warn",
