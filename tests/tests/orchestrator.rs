@@ -682,6 +682,62 @@ fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
 }
 
 #[test]
+fn requests_for_a_drained_model_get_pool_unready_at_once_even_those_already_queued() {
+    let stack = stack(1, &["--token-delay-ms", "20"], "");
+    let addr = stack.addr();
+    let holder = std::thread::spawn({
+        let addr = addr.clone();
+        move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+    });
+    stack.wait_for_leases(1);
+    // Queued behind the holder (the only slot), with a long deadline.
+    let queued = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let (mut reader, status, head) =
+                post(&addr, "/v1/chat/completions", &chat(5, false), &[]);
+            let mut body = String::new();
+            reader.read_to_string(&mut body).unwrap();
+            (status, head, body)
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    while !http::get(&addr, "/metrics", WAIT)
+        .unwrap()
+        .text()
+        .contains("orchestratord_queue_depth{class=\"interactive\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the request never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (_, status, _) = post(
+        &addr,
+        "/v2/pools/p/drain",
+        &json!({"deadline_ms": 10000}),
+        &[],
+    );
+    assert_eq!(status, 202);
+    // The running stream finishes on the draining pool; then the pool stops and the queued
+    // request is answered at once instead of waiting out its 60 s queue deadline.
+    assert_eq!(holder.join().unwrap(), (30, true));
+    let (status, head, body) = queued.join().unwrap();
+    assert_eq!(status, 503, "{head}{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let body: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(body["error"]["code"], "pool_unready", "{body}");
+    assert_eq!(stack.sidecar_status()["state"], "stopped");
+    // New requests too, without queueing.
+    let asked = Instant::now();
+    let (_, status, _) = post(&addr, "/v1/chat/completions", &chat(5, false), &[]);
+    assert_eq!(status, 503);
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+}
+
+#[test]
 fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
     let stack = stack(1, &[], "[sessions]\nmax_turns = 2\n");
     let addr = stack.addr();
