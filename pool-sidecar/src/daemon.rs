@@ -14,17 +14,20 @@ use crate::probe;
 use crate::registry::{RegistryHandle, spawn_registry};
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
-use pool_ipc::registry::{PoolId, PoolState};
+use pool_ipc::registry::PoolId;
 use pool_ipc::systemd::{self, NotifyState};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a retired pool's supervisor may take to stop its engine once told to.
+const RETIRE_STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// The pools being run: each one's stop token and, for engines pool-managerd runs, its
 /// supervisor's command queue. Changed by reloads: new pools start, removed ones are drained and
@@ -44,6 +47,9 @@ struct PoolSet {
 struct RunningPool {
     config: PoolConfig,
     stop: CancellationToken,
+    /// The pool's supervisor (managed engine) or prober (external one): awaited before the pool's
+    /// registry entry is replaced, so nothing it reports lands on its successor.
+    task: JoinHandle<()>,
 }
 
 fn write(engines: &RwLock<EngineControls>) -> std::sync::RwLockWriteGuard<'_, EngineControls> {
@@ -56,15 +62,13 @@ fn write(engines: &RwLock<EngineControls>) -> std::sync::RwLockWriteGuard<'_, En
 impl PoolSet {
     async fn start(&mut self, pool: PoolConfig) {
         let stop = self.shutdown.child_token();
-        match &pool.source {
-            EngineSource::External { endpoint } => {
-                self.tracker.spawn(probe::probe_pool(
-                    pool.clone(),
-                    endpoint.clone(),
-                    self.registry.clone(),
-                    stop.clone(),
-                ));
-            }
+        let task = match &pool.source {
+            EngineSource::External { endpoint } => self.tracker.spawn(probe::probe_pool(
+                pool.clone(),
+                endpoint.clone(),
+                self.registry.clone(),
+                stop.clone(),
+            )),
             EngineSource::Managed(engine) => {
                 let (commands, inbox) = mpsc::channel(8);
                 write(&self.engines).insert(pool.id.clone(), commands);
@@ -79,28 +83,34 @@ impl PoolSet {
                 // Adoption is decided before the socket is served, so re-asserted leases find
                 // adopted engines Ready.
                 let adopted = supervisor.adopt().await;
-                self.tracker.spawn(supervisor.run(adopted));
                 self.tracker.spawn(follow_log(
                     self.paths.log(pool.id.as_str()),
                     pool.id.to_string(),
                     DEFAULT_LOG_CAP_BYTES,
                     stop.clone(),
                 ));
+                self.tracker.spawn(supervisor.run(adopted))
             }
-        }
-        self.running
-            .insert(pool.id.clone(), RunningPool { config: pool, stop });
+        };
+        self.running.insert(
+            pool.id.clone(),
+            RunningPool {
+                config: pool,
+                stop,
+                task,
+            },
+        );
     }
 
     /// Takes a pool out: a managed engine is drained first (its leases end, or its reload drain
-    /// deadline passes) and stopped; then the registry forgets the pool and `retired` hears it.
+    /// deadline passes) and stopped, the pool showing Draining throughout; then `retired` hears
+    /// it, and [`retired`](Self::retired) removes or replaces the registry entry in one step.
     fn retire(&mut self, id: &PoolId, replacement: Option<PoolConfig>) {
         let Some(pool) = self.running.remove(id) else {
             return;
         };
         self.retiring.insert(id.clone(), replacement);
         let commands = write(&self.engines).remove(id);
-        let registry = self.registry.clone();
         let retired = self.retired.clone();
         let id = id.clone();
         let deadline = pool
@@ -115,18 +125,14 @@ impl PoolSet {
                     return;
                 };
                 let (reply, answer) = oneshot::channel();
-                if commands
-                    .send(AdminCommand::Drain { deadline, reply })
-                    .await
-                    .is_ok()
-                {
-                    let _ = answer.await;
-                    let mut snapshots = registry.watch_snapshot();
-                    let stopped = snapshots.wait_for(|snapshot| {
-                        snapshot
-                            .pool(&id)
-                            .is_none_or(|status| status.state == PoolState::Stopped)
-                    });
+                let (done, stopped) = oneshot::channel();
+                let command = AdminCommand::Drain {
+                    deadline,
+                    reply,
+                    retiring: Some(done),
+                };
+                // A supervisor busy with an operator's command refuses: it is stopped below.
+                if commands.send(command).await.is_ok() && matches!(answer.await, Ok(Ok(()))) {
                     let grace = deadline + Duration::from_secs(30);
                     if tokio::time::timeout(grace, stopped).await.is_err() {
                         tracing::warn!(pool = %id, "drain did not finish in time; stopping anyway");
@@ -139,16 +145,26 @@ impl PoolSet {
                 () = pool.stop.cancelled() => {}
             }
             pool.stop.cancel();
-            registry.remove_pool(id.clone());
+            if tokio::time::timeout(RETIRE_STOP_WAIT, pool.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pool = %id, "the pool's supervisor did not stop in time");
+            }
             let _ = retired.send(id);
         });
     }
 
-    /// A retired pool is gone; start what replaces it, if anything.
+    /// A retired pool is gone: the registry forgets it, or shows its replacement (Starting) in
+    /// the same step, so clients never see the pool absent or stopped in between; then the
+    /// replacement starts.
     async fn retired(&mut self, id: &PoolId) {
-        if let Some(Some(replacement)) = self.retiring.remove(id) {
-            self.registry.add_pool(replacement.clone());
-            self.start(replacement).await;
+        match self.retiring.remove(id) {
+            Some(Some(replacement)) => {
+                self.registry.replace_pool(replacement.clone());
+                self.start(replacement).await;
+            }
+            _ => self.registry.remove_pool(id.clone()),
         }
     }
 

@@ -198,3 +198,117 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
     let shim = http::get(sidecar.ready("debug_http"), "/pools", WAIT).unwrap();
     assert_eq!(shim.status, 200);
 }
+
+/// A raw HTTP/1.1 request to orchestratord; returns the status and the whole body.
+fn orchestrator_post(addr: &str, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    (status, reply)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_serves_what_waited()
+{
+    let dir = temp_dir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, pool_toml(dir.path(), "changed", 1, 20)).unwrap();
+    let sidecar = Sidecar::from_daemon(sidecar_command(dir.path(), &config).start(), dir.path());
+    let orchestrator = e2e::DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(socket_path(dir.path()))
+        .start();
+    let addr = orchestrator.ready("listen").to_owned();
+    let client = PoolClient::connect(ClientConfig::new(socket_path(dir.path()), "test"))
+        .await
+        .unwrap();
+    let mut mirror = client.subscribe().await.unwrap();
+    let pool = PoolId("changed".into());
+    wait_for_pool(&mut mirror, &pool, "ready", |p| p.state == PoolState::Ready).await;
+
+    // Every state the pool shows from here on, as registry subscribers (orchestratord) see it.
+    let mut watcher = mirror.clone();
+    let watched = pool.clone();
+    let seen = tokio::spawn(async move {
+        let mut seen: Vec<Option<PoolState>> = Vec::new();
+        loop {
+            let state = watcher
+                .borrow_and_update()
+                .snapshot
+                .pool(&watched)
+                .map(|p| p.state);
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+            if seen.len() > 2 && state == Some(PoolState::Ready) {
+                return seen;
+            }
+            if watcher.changed().await.is_err() {
+                return seen;
+            }
+        }
+    });
+
+    // One stream holds the only slot; one request waits in orchestratord's queue behind it.
+    let running = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            orchestrator_post(
+                &addr,
+                r#"{"model":"changed-model","messages":[{"role":"user","content":"hi"}],"max_tokens":40,"stream":true}"#,
+            )
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    while client.pool_status(&pool).await.unwrap().active_leases() != 1 {
+        assert!(Instant::now() < deadline, "the stream never took the slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let waiting = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            orchestrator_post(
+                &addr,
+                r#"{"model":"changed-model","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    std::fs::write(&config, pool_toml(dir.path(), "changed", 2, 20)).unwrap();
+    sidecar.kill_with(Signal::SIGHUP);
+
+    let (status, streamed) = running.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        streamed.contains("data: [DONE]"),
+        "the running stream was cut: {streamed}"
+    );
+    let (status, answer) = waiting.join().unwrap();
+    assert_eq!(status, 200, "the waiting request was turned away: {answer}");
+    assert!(answer.contains(r#""completion_tokens":3"#), "{answer}");
+    let seen = tokio::time::timeout(WAIT, seen).await.unwrap().unwrap();
+    assert_eq!(
+        seen,
+        [
+            Some(PoolState::Ready),
+            Some(PoolState::Draining),
+            Some(PoolState::Starting),
+            Some(PoolState::Ready)
+        ],
+        "the pool's states through the replacement"
+    );
+    assert_eq!(client.pool_status(&pool).await.unwrap().slots_total, 2);
+    drop(orchestrator);
+}

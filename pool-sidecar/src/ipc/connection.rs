@@ -509,6 +509,7 @@ pub async fn forward_admin(
             Box::new(move |reply| AdminCommand::Drain {
                 deadline: Duration::from_millis(deadline_ms),
                 reply,
+                retiring: None,
             }),
         ),
         Request::Reload { pool, model } => {

@@ -55,6 +55,7 @@ enum Command {
         report: EngineReport,
     },
     AddPool(Box<PoolConfig>),
+    ReplacePool(Box<PoolConfig>),
     RemovePool(PoolId),
 }
 
@@ -139,6 +140,11 @@ impl RegistryHandle {
     }
 
     /// A pool a reloaded config removed (its engine already stopped or never managed).
+    /// Puts `config` in place of the pool with its id, in one published change.
+    pub fn replace_pool(&self, config: PoolConfig) {
+        let _ = self.commands.send(Command::ReplacePool(Box::new(config)));
+    }
+
     pub fn remove_pool(&self, pool: PoolId) {
         let _ = self.commands.send(Command::RemovePool(pool));
     }
@@ -273,6 +279,10 @@ impl RegistryActor {
             Command::AddPool(config) => {
                 tracing::info!(pool = %config.id, "pool added");
                 self.state.add_pool(&config);
+            }
+            Command::ReplacePool(config) => {
+                tracing::info!(pool = %config.id, "pool replaced");
+                self.state.replace_pool(&config);
             }
             Command::RemovePool(pool) => {
                 tracing::info!(%pool, "pool removed");

@@ -514,6 +514,18 @@ impl RegistryState {
         self.dirty.insert(config.id.clone());
     }
 
+    /// Puts a reloaded config in place of a pool's current one at once (Starting until its new
+    /// engine reports), so the pool never looks absent: leases still held on the old engine are
+    /// revoked and their holders told. A pool not there yet is simply added.
+    pub fn replace_pool(&mut self, config: &PoolConfig) {
+        self.revoke_pool_leases(
+            &config.id,
+            "the pool was replaced by a configuration reload",
+        );
+        self.pools.insert(config.id.clone(), new_entry(config));
+        self.dirty.insert(config.id.clone());
+    }
+
     /// Removes a pool that left the config: its leases are revoked, subscribers told.
     pub fn remove_pool(&mut self, pool: &PoolId) {
         if !self.pools.contains_key(pool) {
@@ -839,6 +851,35 @@ mod tests {
         assert_eq!(
             state.acquire(4, &target("a")).unwrap_err().code,
             ErrorCode::Draining
+        );
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_replaced_pool_is_never_absent_starts_afresh_and_revokes_the_old_leases() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let lease = state.acquire(9, &target("a")).unwrap();
+        state.take_changes();
+        state.replace_pool(&pool("a", "m2", 3));
+        let changes: Vec<Change> = state.take_changes().into_iter().map(|c| c.change).collect();
+        assert!(
+            matches!(&changes[0], Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id])
+        );
+        assert!(
+            !changes.contains(&Change::PoolRemoved(PoolId("a".into()))),
+            "{changes:?}"
+        );
+        let replaced = state.snapshot();
+        assert_eq!(replaced.pools.len(), 1);
+        let entry = &replaced.pools[0];
+        assert_eq!(
+            (
+                entry.model.as_str(),
+                entry.state,
+                entry.slots_total,
+                entry.slots_free
+            ),
+            ("m2", PoolState::Starting, 3, 3)
         );
         state.check_invariants();
     }

@@ -28,6 +28,11 @@ pub enum AdminCommand {
     Drain {
         deadline: Duration,
         reply: oneshot::Sender<Result<(), IpcError>>,
+        /// Set when pool-managerd itself takes the pool out (a reloaded config removes or
+        /// replaces it): once the engine is stopped the pool stays Draining, never Stopped, so
+        /// clients waiting for the pool's model are not turned away before its replacement
+        /// appears, and this hears that the engine is gone.
+        retiring: Option<oneshot::Sender<()>>,
     },
     Reload {
         model_path: String,
@@ -451,9 +456,13 @@ impl EngineSupervisor {
                 command = self.commands.recv() => {
                     let Some(command) = command else { continue };
                     match command {
-                        AdminCommand::Drain { deadline, reply } => {
+                        AdminCommand::Drain {
+                            deadline,
+                            reply,
+                            retiring,
+                        } => {
                             let _ = reply.send(Ok(()));
-                            return self.drain(running, deadline).await;
+                            return self.drain(running, deadline, retiring).await;
                         }
                         AdminCommand::Restart { reply } => {
                             let _ = reply.send(Ok(()));
@@ -529,15 +538,25 @@ impl EngineSupervisor {
         }
     }
 
-    async fn drain(&mut self, mut running: Running, deadline: Duration) -> Step {
+    async fn drain(
+        &mut self,
+        mut running: Running,
+        deadline: Duration,
+        retiring: Option<oneshot::Sender<()>>,
+    ) -> Step {
         self.report(EngineReport::Draining);
         let clean = self.wait_for_leases_to_end(&mut running, deadline).await;
-        let why = if clean {
-            "drained by an operator"
-        } else {
-            "drained by an operator (deadline passed)"
+        let why = match (clean, retiring.is_some()) {
+            (true, false) => "drained by an operator",
+            (false, false) => "drained by an operator (deadline passed)",
+            (true, true) => "taken out by a config reload",
+            (false, true) => "taken out by a config reload (drain deadline passed)",
         };
         self.stop_engine(&mut running, why).await;
+        if let Some(retired) = retiring {
+            let _ = retired.send(());
+            return Step::Parked;
+        }
         self.report(EngineReport::Down {
             reason: why.to_owned(),
             state: PoolState::Stopped,
@@ -742,6 +761,15 @@ impl EngineSupervisor {
                 self.model_path = model_path;
                 self.tracker.reset();
                 Some(Step::Start)
+            }
+            AdminCommand::Drain {
+                reply,
+                retiring: Some(retired),
+                ..
+            } => {
+                let _ = reply.send(Ok(()));
+                let _ = retired.send(());
+                Some(Step::Parked)
             }
             AdminCommand::Drain { reply, .. } => {
                 let _ = reply.send(Ok(()));
