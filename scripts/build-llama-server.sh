@@ -16,7 +16,7 @@
 #   --cuda   GPU build: adds -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}
 #            (90 = H100/H200; e.g. CUDA_ARCHS="80;86;89;90" for A100/A10/L4/H100). Needs the CUDA
 #            toolkit (nvcc on PATH or CUDACXX set). Measured on an H200 host with CUDA 13.0:
-#            configure 4 s, ~4 min with -j16, an 86 MB binary. Run the server with `-ngl 99` to
+#            configure 4 s, ~4-5 min with -j16, an 86 MB binary. Run the server with `-ngl 99` to
 #            offload layers. The CUDA binary links libcuda.so.1 (the driver), so its --version check
 #            (and thus the cache) works only on a host with the NVIDIA driver installed.
 #   --force  ignore the cache and rebuild.
@@ -135,7 +135,8 @@ if [ -n "${LLAMA_SDIST:-}" ] && command -v cmake >/dev/null && command -v ninja 
 elif ! [ -x "$tools/bin/cmake" ] || ! [ -x "$tools/bin/ninja" ]; then
     log "installing cmake and ninja from PyPI into $tools"
     rm -rf "$tools"
-    python3 -m venv "$tools" || die "python3 -m venv failed (apt-get install python3-venv)"
+    python3 -m venv "$tools" \
+        || die "python3 -m venv failed: needs python3-venv (or, with LLAMA_SDIST, cmake and ninja on PATH)"
     "$tools/bin/pip" install --quiet --disable-pip-version-check cmake ninja >&2 \
         || die "pip install cmake ninja failed"
 fi
@@ -156,6 +157,11 @@ else
         || die "pip download of llama-cpp-python==$version failed"
     sdist=$(ls "$work"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -n1)
     [ -n "$sdist" ] || die "no sdist in $work/dl (did pip fetch a wheel instead?)"
+    # pip checked PyPI's hash; the pinned version's file is also checked against a hash of our own.
+    if [ "$version" = 0.3.36 ]; then
+        echo "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e  $sdist" \
+            | sha256sum --check --quiet >&2 || die "$sdist does not have the expected sha256"
+    fi
 fi
 
 log "unpacking $(basename "$sdist")"
@@ -163,6 +169,10 @@ mkdir -p "$work/src"
 tar -xzf "$sdist" -C "$work/src" --strip-components=1
 src="$work/src/vendor/llama.cpp"
 [ -f "$src/tools/server/CMakeLists.txt" ] || die "$src has no tools/server: unexpected sdist layout"
+# The version keys the cache: the tree must be the version it will be filed under.
+sdist_version=$(sed -n 's/^Version: *//p' "$work/src/PKG-INFO" 2>/dev/null | head -n1)
+[ "$sdist_version" = "$version" ] \
+    || die "$(basename "$sdist") is version '${sdist_version:-unknown}', not $version (set LLAMA_CPP_PYTHON_VERSION)"
 
 # llama.cpp stamps its version from `git describe`; stop git from finding an enclosing repository.
 export GIT_CEILING_DIRECTORIES="$work"

@@ -12,6 +12,10 @@
 # model id is then the file name without .gguf), DEMO_CTX (llama-server's -c, default 2048: two
 # slots of 1024 tokens).
 set -euo pipefail
+# A relative DEMO_MODEL means relative to where the demo was started.
+if [ -n "${DEMO_MODEL:-}" ]; then
+    DEMO_MODEL=$(realpath -e -- "$DEMO_MODEL") || { echo "demo: no model file at $DEMO_MODEL" >&2; exit 1; }
+fi
 cd "$(dirname "$0")/.."
 run="$PWD/.run"
 shim="127.0.0.1:${DEMO_SHIM_PORT:-9200}"
@@ -39,11 +43,13 @@ wait_for() {
         if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
             echo "demo: the daemon exited before $what; its log ($log):" >&2
             tail -n 40 "$log" >&2
+            stop
             exit 1
         fi
         sleep 0.1
     done
-    echo "demo: timed out waiting for $what; see $log" >&2
+    echo "demo: timed out waiting for $what; see $log. Stopping what was started." >&2
+    stop
     exit 1
 }
 
@@ -66,6 +72,10 @@ mkdir -p "$run/models"
 model="${DEMO_MODEL:-$run/models/tiny.gguf}"
 model_id=tiny
 [ -n "${DEMO_MODEL:-}" ] && model_id=$(basename "$model" .gguf)
+# The id goes into TOML and JSON as it is.
+case "$model_id" in
+    *[!A-Za-z0-9._-]*|"") echo "demo: use a model file name of letters, digits, '.', '_' and '-' (got $model_id)" >&2; exit 1 ;;
+esac
 if [ -z "${DEMO_MODEL:-}" ]; then
     echo "== generating a tiny LLaMA model (random weights, readable word salad)"
     python=$(scripts/python-env.sh model | tail -n1)/bin/python
@@ -96,7 +106,7 @@ wait_for 100 "pool-managerd's READY line" "$run/pool-managerd.pid" "$run/pool-ma
     grep -q '^READY' "$run/pool-managerd.out"
 grep '^READY' "$run/pool-managerd.out"
 wait_for 1200 "llama-server to load the model" "$run/pool-managerd.pid" "$run/state/logs/demo.log" \
-    sh -c "'$bin/pool-managerd' status demo --json --socket '$run/pool.sock' | grep -q '\"ready\": true'"
+    sh -c '"$1" status demo --json --socket "$2" | grep -q "\"ready\": true"' _ "$bin/pool-managerd" "$run/pool.sock"
 
 "$bin/orchestratord" --listen "$api" --socket "$run/pool.sock" \
     >"$run/orchestratord.out" 2>"$run/orchestratord.log" &
@@ -137,4 +147,4 @@ echo "       -d '{\"model\":\"$model_id\",\"messages\":[{\"role\":\"user\",\"con
 echo "  $bin/pool-managerd status --socket $run/pool.sock"
 echo "  curl -s http://$shim/metrics; curl -s http://$api/metrics"
 echo "Logs: $run/pool-managerd.log, $run/orchestratord.log, engine: $run/state/logs/demo.log"
-echo "Stop: scripts/demo.sh stop"
+echo "Stop: $PWD/scripts/demo.sh stop"

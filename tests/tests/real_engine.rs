@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// How long engines may take to load (llama-cpp-python's server imports for a few seconds; a
+/// busy 2-core CI machine is slower).
+const STARTUP: Duration = Duration::from_secs(90);
 const API_KEY: &str = "real-engine-test-key-0123456789";
 
 /// A `[[pool]]` running llama-server on `model_path`, listening on TCP or a Unix socket.
@@ -51,7 +54,7 @@ command = [{server:?}, "-m", "{{model}}", "--host", "{host}", "--port", "{{port}
            "-np", "{parallel}", "-c", "{total_ctx}", "--threads", "1", "--metrics"]
 model_path = {model_path:?}
 listen = "{listen}"
-startup_timeout_ms = 30000
+startup_timeout_ms = 60000
 stop_grace_ms = 3000
 [pool.probe]
 interval_ms = 200
@@ -93,7 +96,7 @@ fn stack(dir: TempDir, pools: &str) -> Stack {
         sidecar,
         dir,
     };
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + STARTUP;
     loop {
         let pools = stack.get("/v2/pools");
         let all = pools["pools"].as_array().unwrap();
