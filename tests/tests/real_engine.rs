@@ -324,6 +324,7 @@ fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
 
 /// What a whole streamed chat said: content chunks, the finish reason, the usage, whether it
 /// ended in `[DONE]`.
+#[derive(Default)]
 struct Streamed {
     content_chunks: u32,
     finish_reason: Option<String>,
@@ -331,41 +332,44 @@ struct Streamed {
     done: bool,
 }
 
-fn read_to_end(mut reader: BufReader<TcpStream>, mut streamed: Streamed) -> Streamed {
-    while let Some(data) = next_data(&mut reader) {
+impl Streamed {
+    /// Takes in one `data:` payload.
+    fn take(&mut self, data: &str) {
         if data == "[DONE]" {
-            streamed.done = true;
-            break;
+            self.done = true;
+            return;
         }
-        let chunk: Value = serde_json::from_str(&data).unwrap();
+        let chunk: Value = serde_json::from_str(data).unwrap();
         assert!(chunk.get("error").is_none(), "stream failed: {chunk}");
         if let Some(choice) = chunk["choices"].get(0) {
             if choice["delta"]["content"]
                 .as_str()
                 .is_some_and(|c| !c.is_empty())
             {
-                streamed.content_chunks += 1;
+                self.content_chunks += 1;
             }
             if let Some(reason) = choice["finish_reason"].as_str() {
-                streamed.finish_reason = Some(reason.to_owned());
+                self.finish_reason = Some(reason.to_owned());
             }
         } else if !chunk["usage"].is_null() {
-            streamed.usage = Some(chunk["usage"].clone());
+            self.usage = Some(chunk["usage"].clone());
         }
     }
-    streamed
+
+    /// Reads the rest of the stream.
+    fn read_rest(mut self, mut reader: BufReader<TcpStream>) -> Streamed {
+        while !self.done {
+            match next_data(&mut reader) {
+                Some(data) => self.take(&data),
+                None => break,
+            }
+        }
+        self
+    }
 }
 
 fn read_stream(reader: BufReader<TcpStream>) -> Streamed {
-    read_to_end(
-        reader,
-        Streamed {
-            content_chunks: 0,
-            finish_reason: None,
-            usage: None,
-            done: false,
-        },
-    )
+    Streamed::default().read_rest(reader)
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -615,7 +619,8 @@ fn complete(stack: &Stack, model: &str) -> String {
 #[test]
 fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     let dir = temp_dir();
-    let args = ["--width", "256", "--layers", "4", "--ctx", "2048"];
+    // Streams of thousands of tokens last seconds at this size (~500-1500 tokens/s here).
+    let args = ["--width", "256", "--layers", "4", "--ctx", "4096"];
     let first = make_model(
         &dir.path().join("first.gguf"),
         &[&["--seed", "1"], &args[..]].concat(),
@@ -626,23 +631,28 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     );
     let broken = dir.path().join("broken.gguf");
     std::fs::write(&broken, b"GGUF but not really a model").unwrap();
-    let stack = stack(dir, &llama_pool("r", "m", &first, "tcp", 2, 2048));
+    let stack = stack(dir, &llama_pool("r", "m", &first, "tcp", 2, 4096));
     let text_first = complete(&stack, "m");
     let first_pid = stack.engine_pid("r");
 
     // Reload while a stream runs on the old engine: the stream finishes there, whole.
-    let running = open_stream(&stack.api(), "m", 1200);
+    let mut running = open_stream(&stack.api(), "m", 3000);
+    let mut streamed = Streamed::default();
+    streamed.take(&next_data(&mut running).unwrap());
     stack.operator(&["reload", "r", second.to_str().unwrap()]);
     stack.wait_for("the engine on the second model", || {
         stack.engine_pid("r") != first_pid
             && stack.pool_status("r")["ready"] == true
             && stack.engine_get("r", "/props")["model_path"] == second.display().to_string()
     });
+    // The swap happened under the running stream: its lease is still held, its engine alive.
+    assert_eq!(stack.pool_status("r")["active_leases"], 1);
+    assert!(process_alive(first_pid));
     let text_second = complete(&stack, "m");
     assert_ne!(text_first, text_second, "the reload changed nothing");
-    let streamed = read_stream(running);
+    let streamed = streamed.read_rest(running);
     assert!(streamed.done, "the stream across the reload broke");
-    assert_eq!(streamed.content_chunks, 1200);
+    assert_eq!(streamed.content_chunks, 3000);
     assert_eq!(streamed.finish_reason.as_deref(), Some("length"));
     stack.wait_for("the old llama-server to exit", || !process_alive(first_pid));
     stack.wait_for_leases("r", 0);
@@ -664,10 +674,21 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     assert_eq!(complete(&stack, "m"), text_second);
 
     // Drain while a stream runs: it finishes, then the engine stops and the model is gone.
-    let running = open_stream(&stack.api(), "m", 600);
+    let mut running = open_stream(&stack.api(), "m", 2000);
+    let mut streamed = Streamed::default();
+    streamed.take(&next_data(&mut running).unwrap());
     stack.operator(&["drain", "r"]);
-    let streamed = read_stream(running);
-    assert!(streamed.done && streamed.content_chunks == 600);
+    stack.wait_for("the pool to drain", || {
+        stack.pool_status("r")["state"] == "draining"
+    });
+    assert_eq!(
+        stack.pool_status("r")["active_leases"],
+        1,
+        "the stream ended before the drain"
+    );
+    let streamed = streamed.read_rest(running);
+    assert!(streamed.done);
+    assert_eq!(streamed.content_chunks, 2000);
     stack.wait_for("the drained pool to stop", || {
         stack.pool_status("r")["state"] == "stopped"
     });
