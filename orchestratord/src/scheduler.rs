@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, NoPlacement, PlacementHints, SessionAffinity};
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
-use pool_ipc::registry::{AcquireTarget, PoolId};
+use pool_ipc::registry::{AcquireTarget, PoolId, PoolState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -103,6 +103,7 @@ impl Scheduler {
             affinity: SessionAffinity::default(),
             next_id: 1,
             metrics,
+            pool_states: Vec::new(),
         };
         tokio::spawn(actor.run());
         Scheduler { commands }
@@ -142,6 +143,9 @@ struct SchedulerActor {
     affinity: SessionAffinity,
     next_id: u64,
     metrics: Arc<Metrics>,
+    /// Each pool's state when the queue was last checked for hopeless requests. Most registry
+    /// updates only move leases; the queue is checked again only when pools or states change.
+    pool_states: Vec<(PoolId, PoolState)>,
 }
 
 impl SchedulerActor {
@@ -286,6 +290,20 @@ impl SchedulerActor {
         if !mirror.connected {
             return;
         }
+        let pools = &mirror.snapshot.pools;
+        let unchanged = self.pool_states.len() == pools.len()
+            && self
+                .pool_states
+                .iter()
+                .zip(pools)
+                .all(|((id, state), pool)| *id == pool.pool_id && *state == pool.state);
+        if unchanged {
+            return;
+        }
+        self.pool_states = pools
+            .iter()
+            .map(|pool| (pool.pool_id.clone(), pool.state))
+            .collect();
         let mut errors = Vec::new();
         let hopeless = self.queue.remove_where(|waiting| {
             let demand = &waiting.demand;

@@ -3,10 +3,11 @@
 //! One request per connection (`Connection: close`, the reply is read to EOF), over TCP or a Unix
 //! socket, addressed exactly as daemons print it in `READY` (`127.0.0.1:4567`, or a path starting with
 //! `/`). It is deliberately small and synchronous so any test can use it; it is not a general client
-//! (no keep-alive, redirects, TLS or streaming). A timeout surfaces as an `io::Error` of kind
+//! (no keep-alive, redirects or TLS); a streamed reply (SSE) is read as it arrives with [`open`]
+//! and [`next_sse_data`]. A timeout surfaces as an `io::Error` of kind
 //! `WouldBlock` or `TimedOut`, which is what "the daemon never answered" tests assert on.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -141,6 +142,19 @@ pub fn request_with_headers(
     timeout: Duration,
 ) -> io::Result<Reply> {
     let mut stream = connect(addr, timeout)?;
+    write_request(&mut stream, method, path, headers, body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_reply(&raw)
+}
+
+fn write_request(
+    stream: &mut Stream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+) -> io::Result<()> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -156,10 +170,51 @@ pub fn request_with_headers(
     if let Some((_, bytes)) = body {
         stream.write_all(bytes)?;
     }
-    stream.flush()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_reply(&raw)
+    stream.flush()
+}
+
+/// Sends one request (`Connection: close`) and returns the connection positioned at the start of
+/// the body, with the status and the response head, for replies read as they arrive (SSE).
+pub fn open(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> io::Result<(BufReader<Stream>, u16, String)> {
+    let mut stream = connect(addr, timeout)?;
+    write_request(&mut stream, method, path, headers, body)?;
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let status_line = head.lines().next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| invalid(format!("bad status line {status_line:?}")))?;
+    Ok((reader, status, head))
+}
+
+/// The next SSE `data:` payload of a reply opened with [`open`] (chunk-size lines, comments and
+/// blank lines skipped); `None` once the connection ends.
+pub fn next_sse_data(reader: &mut BufReader<Stream>) -> Option<String> {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if let Some(data) = line.strip_prefix("data: ") {
+            return Some(data.trim_end().to_owned());
+        }
+    }
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {

@@ -132,52 +132,24 @@ impl Stack {
     }
 }
 
-/// A raw HTTP/1.1 POST; returns the stream positioned after the response head, and the head.
+/// A JSON POST; returns the connection positioned after the response head, the status and the
+/// head.
 fn post(
     addr: &str,
     path: &str,
     body: &Value,
     headers: &[(&str, &str)],
-) -> (BufReader<TcpStream>, u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
+) -> (BufReader<http::Stream>, u16, String) {
     let body = body.to_string();
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-        body.len()
+    http::open(
+        addr,
+        "POST",
+        path,
+        headers,
+        Some(("application/json", body.as_bytes())),
+        WAIT,
     )
-    .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        head.push_str(&line);
-    }
-    let status = head[9..12].parse().unwrap();
-    (reader, status, head)
-}
-
-/// Reads SSE `data:` payloads (de-chunking on the fly is done by reading lines and skipping the
-/// chunk-size lines, which never start with "data:").
-fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if let Some(data) = line.strip_prefix("data: ") {
-            return Some(data.trim_end().to_owned());
-        }
-    }
+    .unwrap()
 }
 
 fn chat(max_tokens: u32, stream: bool) -> Value {
@@ -209,7 +181,7 @@ fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
     let mut text = String::new();
     let mut usage = None;
     let mut finish = None;
-    while let Some(data) = next_data(&mut reader) {
+    while let Some(data) = http::next_sse_data(&mut reader) {
         if data == "[DONE]" {
             arrivals.push(Instant::now());
             break;
@@ -396,7 +368,7 @@ fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
     let (mut reader, status, _) =
         post(&stack.addr(), "/v1/chat/completions", &chat(200, true), &[]);
     assert_eq!(status, 200);
-    assert!(next_data(&mut reader).is_some());
+    assert!(http::next_sse_data(&mut reader).is_some());
     assert_eq!(stack.sidecar_status()["active_leases"], 1);
     let left = Instant::now();
     drop(reader);
@@ -772,9 +744,9 @@ fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
 }
 
 /// Reads a whole OpenAI stream: (content chunks, ended with [DONE]).
-fn drain_stream(mut reader: BufReader<TcpStream>) -> (usize, bool) {
+fn drain_stream(mut reader: BufReader<http::Stream>) -> (usize, bool) {
     let mut chunks = 0;
-    while let Some(data) = next_data(&mut reader) {
+    while let Some(data) = http::next_sse_data(&mut reader) {
         if data == "[DONE]" {
             return (chunks, true);
         }
@@ -937,7 +909,7 @@ fn an_engine_dying_mid_stream_ends_the_stream_with_one_worker_reset_error() {
     let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(20, true), &[]);
     assert_eq!(status, 200);
     let mut payloads = Vec::new();
-    while let Some(data) = next_data(&mut reader) {
+    while let Some(data) = http::next_sse_data(&mut reader) {
         payloads.push(data);
     }
     let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
@@ -970,7 +942,7 @@ fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
         move || {
             let (mut reader, _, _) = post(&addr, "/v1/chat/completions", &chat(3, true), &[]);
             let mut payloads = Vec::new();
-            while let Some(data) = next_data(&mut reader) {
+            while let Some(data) = http::next_sse_data(&mut reader) {
                 payloads.push(data);
             }
             payloads

@@ -17,8 +17,7 @@ use e2e::real_engine::{http_address, llama_server, make_model, python, repo_root
 use e2e::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
 use e2e::{Daemon, DaemonBuilder, binary, http, temp_dir};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::io::BufReader;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -275,9 +274,8 @@ fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
-/// A streamed chat request through orchestratord over a raw socket; the reader is positioned at
-/// the first SSE byte.
-fn open_stream(api: &str, model: &str, max_tokens: u32) -> BufReader<TcpStream> {
+/// A streamed chat request through orchestratord; the reader is positioned at the first SSE byte.
+fn open_stream(api: &str, model: &str, max_tokens: u32) -> BufReader<http::Stream> {
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": "Tell me about the river."}],
@@ -287,39 +285,18 @@ fn open_stream(api: &str, model: &str, max_tokens: u32) -> BufReader<TcpStream> 
         "stream_options": {"include_usage": true},
     })
     .to_string();
-    let mut stream = TcpStream::connect(api).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    let auth = format!("Bearer {API_KEY}");
+    let (reader, status, head) = http::open(
+        api,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", &auth)],
+        Some(("application/json", body.as_bytes())),
+        WAIT,
     )
     .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut status = String::new();
-    reader.read_line(&mut status).unwrap();
-    assert!(status.contains(" 200 "), "stream refused: {status}");
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            return reader;
-        }
-    }
-}
-
-/// The next `data:` payload of a chunked SSE stream (chunk-size lines and blank lines skipped).
-fn next_data(reader: &mut BufReader<TcpStream>) -> Option<String> {
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            return None;
-        }
-        if let Some(data) = line.trim_end().strip_prefix("data: ") {
-            return Some(data.to_owned());
-        }
-    }
+    assert_eq!(status, 200, "stream refused: {head}");
+    reader
 }
 
 /// What a whole streamed chat said: content chunks, the finish reason, the usage, whether it
@@ -357,9 +334,9 @@ impl Streamed {
     }
 
     /// Reads the rest of the stream.
-    fn read_rest(mut self, mut reader: BufReader<TcpStream>) -> Streamed {
+    fn read_rest(mut self, mut reader: BufReader<http::Stream>) -> Streamed {
         while !self.done {
-            match next_data(&mut reader) {
+            match http::next_sse_data(&mut reader) {
                 Some(data) => self.take(&data),
                 None => break,
             }
@@ -368,7 +345,7 @@ impl Streamed {
     }
 }
 
-fn read_stream(reader: BufReader<TcpStream>) -> Streamed {
+fn read_stream(reader: BufReader<http::Stream>) -> Streamed {
     Streamed::default().read_rest(reader)
 }
 
@@ -541,7 +518,7 @@ fn tiny_model_client_closing_mid_stream_frees_the_llama_server_slot_and_the_leas
     // A raw client: read a few chunks, see the slot and the lease taken, vanish.
     let mut reader = open_stream(&stack.api(), "wide", 3000);
     for _ in 0..5 {
-        assert!(next_data(&mut reader).is_some());
+        assert!(http::next_sse_data(&mut reader).is_some());
     }
     let slots = stack.engine_get("p", "/slots");
     let busy: Vec<&Value> = slots
@@ -638,7 +615,7 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     // Reload while a stream runs on the old engine: the stream finishes there, whole.
     let mut running = open_stream(&stack.api(), "m", 3000);
     let mut streamed = Streamed::default();
-    streamed.take(&next_data(&mut running).unwrap());
+    streamed.take(&http::next_sse_data(&mut running).unwrap());
     stack.operator(&["reload", "r", second.to_str().unwrap()]);
     stack.wait_for("the engine on the second model", || {
         stack.engine_pid("r") != first_pid
@@ -676,7 +653,7 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     // Drain while a stream runs: it finishes, then the engine stops and the model is gone.
     let mut running = open_stream(&stack.api(), "m", 2000);
     let mut streamed = Streamed::default();
-    streamed.take(&next_data(&mut running).unwrap());
+    streamed.take(&http::next_sse_data(&mut running).unwrap());
     stack.operator(&["drain", "r"]);
     stack.wait_for("the pool to drain", || {
         stack.pool_status("r")["state"] == "draining"

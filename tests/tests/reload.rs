@@ -199,22 +199,6 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
     assert_eq!(shim.status, 200);
 }
 
-/// A raw HTTP/1.1 request to orchestratord; returns the status and the whole body.
-fn orchestrator_post(addr: &str, body: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
-    let status = reply[9..12].parse().unwrap();
-    (status, reply)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_serves_what_waited()
 {
@@ -264,10 +248,8 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
     let running = std::thread::spawn({
         let addr = addr.clone();
         move || {
-            orchestrator_post(
-                &addr,
-                r#"{"model":"changed-model","messages":[{"role":"user","content":"hi"}],"max_tokens":40,"stream":true}"#,
-            )
+            let body = serde_json::json!({"model": "changed-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": true});
+            http::post_json(&addr, "/v1/chat/completions", &body, WAIT).unwrap()
         }
     });
     let deadline = Instant::now() + WAIT;
@@ -278,10 +260,8 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
     let waiting = std::thread::spawn({
         let addr = addr.clone();
         move || {
-            orchestrator_post(
-                &addr,
-                r#"{"model":"changed-model","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
-            )
+            let body = serde_json::json!({"model": "changed-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+            http::post_json(&addr, "/v1/chat/completions", &body, WAIT).unwrap()
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -289,15 +269,21 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
     std::fs::write(&config, pool_toml(dir.path(), "changed", 2, 20)).unwrap();
     sidecar.kill_with(Signal::SIGHUP);
 
-    let (status, streamed) = running.join().unwrap();
-    assert_eq!(status, 200);
+    let streamed = running.join().unwrap();
+    assert_eq!(streamed.status, 200);
     assert!(
-        streamed.contains("data: [DONE]"),
-        "the running stream was cut: {streamed}"
+        streamed.text().contains("data: [DONE]"),
+        "the running stream was cut: {}",
+        streamed.text()
     );
-    let (status, answer) = waiting.join().unwrap();
-    assert_eq!(status, 200, "the waiting request was turned away: {answer}");
-    assert!(answer.contains(r#""completion_tokens":3"#), "{answer}");
+    let answer = waiting.join().unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "the waiting request was turned away: {}",
+        answer.text()
+    );
+    assert_eq!(answer.json()["usage"]["completion_tokens"], 3);
     let seen = tokio::time::timeout(WAIT, seen).await.unwrap().unwrap();
     assert_eq!(
         seen,
