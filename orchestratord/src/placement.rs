@@ -136,7 +136,7 @@ pub fn models(snapshot: &RegistrySnapshot) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pool_ipc::registry::{Endpoint, EngineKind};
+    use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind};
 
     fn pool(id: &str, model: &str, state: PoolState, free: u32, total: u32) -> PoolSnapshot {
         PoolSnapshot {
@@ -154,6 +154,7 @@ mod tests {
             last_error: None,
             restarts: 0,
             last_probe_unix_ms: None,
+            api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
         }
     }
 

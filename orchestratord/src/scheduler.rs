@@ -384,6 +384,7 @@ impl SchedulerActor {
                     AcquireTarget::Pool(pool.clone()),
                     waiting.demand.correlation_id.clone(),
                     waiting.demand.session.clone(),
+                    1,
                 )
                 .await;
             Metrics::observe(&self.metrics.dispatch, asked.elapsed());

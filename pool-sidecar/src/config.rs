@@ -20,6 +20,7 @@
 //! engine = "llamacpp"                        # or "openai"
 //! endpoint = "http://127.0.0.1:8081"         # or a Unix socket path
 //! slots = 4
+//! endpoints = ["chat_completions", "models"] # the APIs it serves; default: by engine kind
 //! [pool.probe]
 //! interval_ms = 1000
 //! timeout_ms = 1000
@@ -28,7 +29,7 @@
 //! ```
 
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
-use pool_ipc::registry::{Endpoint, EngineKind, PoolId};
+use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -111,6 +112,8 @@ struct RawPool {
     /// Exported to the engine as CUDA_VISIBLE_DEVICES, e.g. "0" or "0,1".
     gpus: Option<String>,
     slots: Option<u32>,
+    /// The APIs the engine serves, by name; replaces the engine kind's default list.
+    endpoints: Option<Vec<String>>,
     startup_timeout_ms: Option<u64>,
     stop_grace_ms: Option<u64>,
     health_path: Option<String>,
@@ -281,6 +284,9 @@ pub struct PoolConfig {
     pub slots: Option<u32>,
     pub health_path: String,
     pub probe: ProbePolicy,
+    /// The APIs the engine serves, sorted and without duplicates (never empty): the `endpoints`
+    /// key, or [`ApiEndpoint::defaults`] for the engine kind.
+    pub api_endpoints: Vec<ApiEndpoint>,
 }
 
 /// Who runs the pool's engine.
@@ -569,6 +575,10 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             })
         }
     };
+    let api_endpoints = match raw.endpoints {
+        None => ApiEndpoint::defaults(raw.engine),
+        Some(names) => parse_api_endpoints(&names).map_err(context)?,
+    };
     let health_path = raw.health_path.unwrap_or_else(|| match raw.engine {
         EngineKind::Llamacpp => "/health".to_owned(),
         EngineKind::Openai => "/v1/models".to_owned(),
@@ -599,7 +609,30 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
         slots: raw.slots,
         health_path,
         probe,
+        api_endpoints,
     })
+}
+
+/// The `endpoints` key: known API names, at least one; duplicates are harmless and dropped.
+fn parse_api_endpoints(names: &[String]) -> Result<Vec<ApiEndpoint>, String> {
+    let accepted = || ApiEndpoint::ALL.map(ApiEndpoint::name).join(", ");
+    if names.is_empty() {
+        return Err(format!(
+            "endpoints must name at least one API (accepted: {})",
+            accepted()
+        ));
+    }
+    let mut apis = names
+        .iter()
+        .map(|name| {
+            ApiEndpoint::from_name(name).ok_or_else(|| {
+                format!("endpoints: unknown API {name:?} (accepted: {})", accepted())
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    apis.sort_unstable();
+    apis.dedup();
+    Ok(apis)
 }
 
 const PLACEHOLDERS: [&str; 5] = ["{model}", "{host}", "{port}", "{socket}", "{slots}"];
@@ -691,8 +724,13 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let example = include_str!("../../systemd/pool-managerd.example.toml");
         let config = parse(example).unwrap();
-        assert_eq!(config.pools.len(), 3);
+        assert_eq!(config.pools.len(), 4);
         assert!(config.pools[0].managed().is_some());
+        assert_eq!(
+            config.pools[0].api_endpoints,
+            ApiEndpoint::defaults(EngineKind::Llamacpp)
+        );
+        assert_eq!(config.pools[3].api_endpoints, vec![ApiEndpoint::Embeddings]);
     }
 
     const MANAGED: &str = r#"
@@ -749,6 +787,86 @@ mod tests {
             let error = parse(&text).unwrap_err().to_string();
             assert!(error.contains(needle), "{needle:?} not in {error}");
         }
+    }
+
+    #[test]
+    fn a_pool_without_endpoints_serves_its_engine_kinds_defaults() {
+        let config = parse(ONE_POOL).unwrap();
+        assert_eq!(
+            config.pools[0].api_endpoints,
+            ApiEndpoint::defaults(EngineKind::Llamacpp)
+        );
+        let config = parse(&ONE_POOL.replace("llamacpp", "openai")).unwrap();
+        assert_eq!(
+            config.pools[0].api_endpoints,
+            ApiEndpoint::defaults(EngineKind::Openai)
+        );
+    }
+
+    #[test]
+    fn endpoints_replace_the_defaults_sorted_and_deduplicated() {
+        let text =
+            format!("{ONE_POOL}endpoints = [\"models\", \"embeddings\", \"models\", \"rerank\"]\n");
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.pools[0].api_endpoints,
+            vec![
+                ApiEndpoint::Embeddings,
+                ApiEndpoint::Rerank,
+                ApiEndpoint::Models
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_or_unknown_endpoint_is_named_with_the_pool_and_the_accepted_names() {
+        let error = parse(&format!("{ONE_POOL}endpoints = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("pool \"tiny\": endpoints must name at least one API"),
+            "{error}"
+        );
+        assert!(
+            error.contains("chat_completions, completions, embeddings"),
+            "{error}"
+        );
+        let error = parse(&format!(
+            "{ONE_POOL}endpoints = [\"chat_completions\", \"embedding\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("pool \"tiny\": endpoints: unknown API \"embedding\""),
+            "{error}"
+        );
+        for api in ApiEndpoint::ALL {
+            assert!(
+                error.contains(api.name()),
+                "{} missing from {error}",
+                api.name()
+            );
+        }
+    }
+
+    #[test]
+    fn a_pool_whose_endpoints_change_is_a_changed_pool() {
+        // The reload compares whole pool configs: a change of endpoints alone must show.
+        let before = parse(ONE_POOL).unwrap();
+        let after = parse(&format!("{ONE_POOL}endpoints = [\"embeddings\"]\n")).unwrap();
+        assert_ne!(before.pools[0], after.pools[0]);
+        let same = parse(&format!(
+            "{ONE_POOL}endpoints = {:?}\n",
+            ApiEndpoint::defaults(EngineKind::Llamacpp)
+                .iter()
+                .map(|api| api.name())
+                .collect::<Vec<_>>()
+        ))
+        .unwrap();
+        assert_eq!(
+            before.pools[0], same.pools[0],
+            "the defaults spelled out are no change"
+        );
     }
 
     #[test]

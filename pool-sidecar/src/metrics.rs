@@ -124,7 +124,7 @@ impl Metrics {
         );
         registry.register(
             "leases_active",
-            "Leases currently held",
+            "Slots currently held by leases (a lease of several slots counts each)",
             metrics.leases_active.clone(),
         );
         registry.register(

@@ -17,6 +17,7 @@ pub struct PoolStatusView {
     pub draining: bool,
     pub slots_total: u32,
     pub slots_free: u32,
+    /// Slots held by leases (a lease of several slots counts each): `slots_total - slots_free`.
     pub active_leases: u32,
     pub engine_version: Option<String>,
     pub last_error: Option<String>,
@@ -24,6 +25,8 @@ pub struct PoolStatusView {
     /// When a backing-off pool tries again (Unix epoch, milliseconds).
     pub next_attempt_unix_ms: Option<u64>,
     pub last_probe_unix_ms: Option<u64>,
+    /// The APIs the engine serves, by their config names.
+    pub api_endpoints: Vec<&'static str>,
 }
 
 impl From<&PoolSnapshot> for PoolStatusView {
@@ -48,6 +51,7 @@ impl From<&PoolSnapshot> for PoolStatusView {
                 _ => None,
             },
             last_probe_unix_ms: pool.last_probe_unix_ms,
+            api_endpoints: pool.api_endpoints.iter().map(|api| api.name()).collect(),
         }
     }
 }
@@ -76,14 +80,15 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
         "STATE",
         "LIVE",
         "FREE/SLOTS",
-        "LEASES",
+        "LEASED",
         "RESTARTS",
         "NEXT TRY",
         "VERSION",
+        "APIS",
         "LAST ERROR",
     ];
     let now = crate::probe::unix_ms_now();
-    let rows: Vec<[String; 11]> = pools
+    let rows: Vec<[String; 12]> = pools
         .iter()
         .map(|pool| {
             [
@@ -100,6 +105,7 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
                     |at| format!("in {:.1}s", at.saturating_sub(now) as f64 / 1000.0),
                 ),
                 pool.engine_version.clone().unwrap_or_else(|| "-".into()),
+                pool.api_endpoints.join(","),
                 pool.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -153,10 +159,10 @@ pub fn render_gpus(inventory: &GpuInventory) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pool_ipc::registry::{Endpoint, EngineKind, PoolId};
+    use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
 
     #[test]
-    fn the_table_lines_up_and_shows_leases() {
+    fn the_table_lines_up_and_shows_leased_slots_and_apis() {
         let pool = PoolSnapshot {
             pool_id: PoolId("tiny".into()),
             model: "tiny-llama".into(),
@@ -172,14 +178,22 @@ mod tests {
             last_error: None,
             restarts: 0,
             last_probe_unix_ms: Some(5),
+            api_endpoints: vec![ApiEndpoint::Embeddings, ApiEndpoint::Models],
         };
         let view = PoolStatusView::from(&pool);
         assert_eq!(view.active_leases, 1);
         assert!(view.ready && !view.draining);
+        assert_eq!(view.api_endpoints, ["embeddings", "models"]);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            json["api_endpoints"],
+            serde_json::json!(["embeddings", "models"])
+        );
         let table = render_table(&[view]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].find("STATE"), lines[1].find("ready"));
+        assert_eq!(lines[0].find("APIS"), lines[1].find("embeddings,models"));
         assert!(lines[1].contains("3/4"));
     }
 }

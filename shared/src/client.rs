@@ -146,7 +146,8 @@ struct Shared {
     max_frame_bytes: AtomicU32,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
-    held: Mutex<HashMap<LeaseId, PoolId>>,
+    /// Every lease this client holds, as it re-asserts them after a reconnect.
+    held: Mutex<HashMap<LeaseId, HeldLease>>,
     subscribed: AtomicBool,
     mirror: watch::Sender<RegistryMirror>,
     state: watch::Sender<ConnectionState>,
@@ -313,17 +314,22 @@ impl PoolClient {
         }
     }
 
-    /// Reserves one slot. The lease is released when the guard is released or dropped.
+    /// Reserves `slots` slots of one pool at once: as many sequences as the request makes the
+    /// engine run (1 for a plain completion; `n`, a prompt array's length, an embedding batch).
+    /// The server refuses 0, and more than the pool has, with `BadRequest`. The lease is
+    /// released when the guard is released or dropped.
     pub async fn acquire(
         &self,
         target: AcquireTarget,
         task_id: impl Into<String>,
         session: Option<String>,
+        slots: u32,
     ) -> Result<LeaseGuard, ClientError> {
         let request = Request::Acquire {
             target,
             task_id: task_id.into(),
             session,
+            slots,
         };
         match self.round_trip(request).await? {
             Delivery::Lease(guard) => Ok(guard),
@@ -396,7 +402,7 @@ impl PoolClient {
     }
 }
 
-/// One slot of one pool, held until released or dropped.
+/// Slots of one pool (`lease().slots` of them), held until released or dropped.
 pub struct LeaseGuard {
     lease: Lease,
     shared: Arc<Shared>,
@@ -484,13 +490,7 @@ fn send_call(shared: &Shared, request: Request, pending: Pending) -> Result<u64,
 
 async fn establish(shared: &Shared) -> Result<Link, ClientError> {
     let config = &shared.config;
-    let held_leases: Vec<HeldLease> = lock(&shared.held)
-        .iter()
-        .map(|(lease, pool)| HeldLease {
-            lease: *lease,
-            pool: pool.clone(),
-        })
-        .collect();
+    let held_leases: Vec<HeldLease> = lock(&shared.held).values().cloned().collect();
     let handshake = async {
         let stream = UnixStream::connect(&config.socket_path)
             .await
@@ -689,11 +689,11 @@ fn settle_reasserted_leases(shared: &Shared, welcome: &Welcome) {
         }
     }
     for (lease, error) in &welcome.rejected {
-        if let Some(pool) = lock(&shared.held).remove(lease) {
-            tracing::warn!(%lease, %pool, %error, "pool-managerd did not re-create a held lease");
+        if let Some(held) = lock(&shared.held).remove(lease) {
+            tracing::warn!(%lease, pool = %held.pool, %error, "pool-managerd did not re-create a held lease");
             let _ = shared.revoked.send(LeaseRevoked {
                 lease: *lease,
-                pool,
+                pool: held.pool,
                 reason: error.to_string(),
             });
         }
@@ -720,7 +720,14 @@ fn deliver_reply(shared: &Arc<Shared>, id: u64, result: Result<Response, IpcErro
     match result {
         Ok(Response::Acquired(lease)) => {
             let lease_id = lease.id;
-            lock(&shared.held).insert(lease_id, lease.pool.clone());
+            lock(&shared.held).insert(
+                lease_id,
+                HeldLease {
+                    lease: lease_id,
+                    pool: lease.pool.clone(),
+                    slots: lease.slots,
+                },
+            );
             let guard = LeaseGuard {
                 lease,
                 shared: Arc::clone(shared),

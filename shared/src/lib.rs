@@ -24,7 +24,7 @@ pub use client::{ClientConfig, ClientError, ConnectionState, LeaseGuard, PoolCli
 pub use codec::{CodecError, DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
 pub use error_code::{ErrorCode, IpcError};
 pub use registry::{
-    AcquireTarget, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, PoolState,
+    AcquireTarget, ApiEndpoint, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, PoolState,
     RegistrySnapshot, ReleaseOutcome,
 };
 pub use wire::{

@@ -2,7 +2,8 @@
 //!
 //! These are plain data: no behaviour that mutates a registry lives here. Invariant every
 //! [`PoolSnapshot`] a server publishes must keep: `slots_free <= slots_total`, and
-//! `slots_total - slots_free` is the number of live leases on the pool.
+//! `slots_total - slots_free` is the number of slots held by live leases on the pool (a lease
+//! holds as many slots as its request makes the engine run sequences at once).
 
 use bincode::{Decode, Encode};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,113 @@ impl EngineKind {
             EngineKind::Llamacpp => "llamacpp",
             EngineKind::Openai => "openai",
         }
+    }
+}
+
+/// An HTTP API of an engine, by what clients call: orchestratord routes a request only to pools
+/// whose engine serves its API.
+///
+/// Append-only like every wire enum (bincode encodes the variant index); `name` is what the
+/// sidecar's config and the JSON views use.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiEndpoint {
+    /// POST /v1/chat/completions
+    ChatCompletions,
+    /// POST /v1/completions (and llama.cpp's native /completion)
+    Completions,
+    /// POST /v1/embeddings
+    Embeddings,
+    /// POST /v1/rerank (llama.cpp: also /v1/reranking)
+    Rerank,
+    /// POST /v1/messages (Anthropic Messages API)
+    Messages,
+    /// POST /v1/messages/count_tokens
+    MessagesCountTokens,
+    /// POST /v1/responses
+    Responses,
+    /// POST /v1/responses/input_tokens
+    ResponsesInputTokens,
+    /// POST /v1/chat/completions/input_tokens
+    ChatCompletionsInputTokens,
+    /// GET /v1/models
+    Models,
+}
+
+impl ApiEndpoint {
+    pub const ALL: [ApiEndpoint; 10] = [
+        ApiEndpoint::ChatCompletions,
+        ApiEndpoint::Completions,
+        ApiEndpoint::Embeddings,
+        ApiEndpoint::Rerank,
+        ApiEndpoint::Messages,
+        ApiEndpoint::MessagesCountTokens,
+        ApiEndpoint::Responses,
+        ApiEndpoint::ResponsesInputTokens,
+        ApiEndpoint::ChatCompletionsInputTokens,
+        ApiEndpoint::Models,
+    ];
+
+    /// The snake_case name used in configs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiEndpoint::ChatCompletions => "chat_completions",
+            ApiEndpoint::Completions => "completions",
+            ApiEndpoint::Embeddings => "embeddings",
+            ApiEndpoint::Rerank => "rerank",
+            ApiEndpoint::Messages => "messages",
+            ApiEndpoint::MessagesCountTokens => "messages_count_tokens",
+            ApiEndpoint::Responses => "responses",
+            ApiEndpoint::ResponsesInputTokens => "responses_input_tokens",
+            ApiEndpoint::ChatCompletionsInputTokens => "chat_completions_input_tokens",
+            ApiEndpoint::Models => "models",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ApiEndpoint> {
+        ApiEndpoint::ALL.into_iter().find(|api| api.name() == name)
+    }
+
+    /// The OpenAI-style path clients call.
+    pub fn path(self) -> &'static str {
+        match self {
+            ApiEndpoint::ChatCompletions => "/v1/chat/completions",
+            ApiEndpoint::Completions => "/v1/completions",
+            ApiEndpoint::Embeddings => "/v1/embeddings",
+            ApiEndpoint::Rerank => "/v1/rerank",
+            ApiEndpoint::Messages => "/v1/messages",
+            ApiEndpoint::MessagesCountTokens => "/v1/messages/count_tokens",
+            ApiEndpoint::Responses => "/v1/responses",
+            ApiEndpoint::ResponsesInputTokens => "/v1/responses/input_tokens",
+            ApiEndpoint::ChatCompletionsInputTokens => "/v1/chat/completions/input_tokens",
+            ApiEndpoint::Models => "/v1/models",
+        }
+    }
+
+    /// What an engine of `kind` serves when its pool does not say, sorted. llama-server serves
+    /// embeddings only when started with `--embeddings` (and then nothing else), and rerank only
+    /// with `--reranking`, so a pool that runs it that way must list them itself; an
+    /// OpenAI-compatible server is assumed to serve only the long-standing text APIs.
+    pub fn defaults(kind: EngineKind) -> Vec<ApiEndpoint> {
+        match kind {
+            EngineKind::Llamacpp => ApiEndpoint::ALL
+                .into_iter()
+                .filter(|api| !matches!(api, ApiEndpoint::Embeddings | ApiEndpoint::Rerank))
+                .collect(),
+            EngineKind::Openai => vec![
+                ApiEndpoint::ChatCompletions,
+                ApiEndpoint::Completions,
+                ApiEndpoint::Models,
+            ],
+        }
+    }
+}
+
+impl fmt::Display for ApiEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -183,14 +291,24 @@ pub struct PoolSnapshot {
     pub restarts: u32,
     /// When the engine was last probed (Unix epoch, milliseconds).
     pub last_probe_unix_ms: Option<u64>,
+    /// The APIs the pool's engine serves: sorted, without duplicates.
+    pub api_endpoints: Vec<ApiEndpoint>,
 }
 
 impl PoolSnapshot {
+    /// Slots held by live leases (a lease of several slots counts each), not the lease count.
     pub fn active_leases(&self) -> u32 {
         self.slots_total.saturating_sub(self.slots_free)
     }
 
-    /// Whether a new lease could be granted right now (advisory: `Acquire` decides).
+    /// Whether the pool's engine serves `api`.
+    pub fn serves(&self, api: ApiEndpoint) -> bool {
+        // Not a binary search: a snapshot from a peer is not trusted to be sorted.
+        self.api_endpoints.contains(&api)
+    }
+
+    /// Whether a new one-slot lease could be granted right now (advisory: `Acquire` decides;
+    /// a larger lease needs `slots_free` of at least its size).
     pub fn is_dispatchable(&self) -> bool {
         self.state == PoolState::Ready && self.slots_free > 0
     }
@@ -217,17 +335,17 @@ pub struct DispatchCheck {
     pub slots_free: u32,
 }
 
-/// What `Acquire` reserves a slot on.
+/// What `Acquire` reserves slots on.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AcquireTarget {
     /// Exactly this pool.
     Pool(PoolId),
-    /// The least loaded ready pool serving this model.
+    /// The least loaded ready pool serving this model that has the slots free.
     Model(String),
 }
 
-/// A granted lease: one slot of one pool, held by the connection that took it.
+/// A granted lease: `slots` slots of one pool, held by the connection that took it.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
 pub struct Lease {
     pub id: LeaseId,
@@ -235,6 +353,8 @@ pub struct Lease {
     pub model: String,
     pub engine: EngineKind,
     pub endpoint: Endpoint,
+    /// How many slots the lease holds (at least 1).
+    pub slots: u32,
 }
 
 /// One GPU of the host, as NVML reports it.
@@ -297,6 +417,62 @@ mod tests {
                 path: "/run/engines/a.sock".into()
             })
         );
+    }
+
+    #[test]
+    fn every_api_endpoint_is_listed_once_and_named_as_serde_names_it() {
+        // Exhaustive on purpose: a variant appended without joining ALL fails to compile here.
+        let listed = |api: ApiEndpoint| match api {
+            ApiEndpoint::ChatCompletions
+            | ApiEndpoint::Completions
+            | ApiEndpoint::Embeddings
+            | ApiEndpoint::Rerank
+            | ApiEndpoint::Messages
+            | ApiEndpoint::MessagesCountTokens
+            | ApiEndpoint::Responses
+            | ApiEndpoint::ResponsesInputTokens
+            | ApiEndpoint::ChatCompletionsInputTokens
+            | ApiEndpoint::Models => ApiEndpoint::ALL.iter().filter(|a| **a == api).count(),
+        };
+        for api in ApiEndpoint::ALL {
+            assert_eq!(listed(api), 1, "{api:?}");
+            assert_eq!(ApiEndpoint::from_name(api.name()), Some(api));
+            assert_eq!(
+                serde_json::to_string(&api).unwrap(),
+                format!("\"{}\"", api.name())
+            );
+            assert!(api.path().starts_with("/v1/"), "{api:?}");
+        }
+        let mut sorted = ApiEndpoint::ALL.to_vec();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            ApiEndpoint::ALL,
+            "ALL is in declaration (wire) order"
+        );
+        assert_eq!(ApiEndpoint::from_name("Embeddings"), None);
+        assert_eq!(ApiEndpoint::from_name("/v1/embeddings"), None);
+    }
+
+    #[test]
+    fn llama_server_serves_embeddings_and_rerank_only_when_a_pool_says_so() {
+        let llamacpp = ApiEndpoint::defaults(EngineKind::Llamacpp);
+        assert_eq!(llamacpp.len(), 8);
+        assert!(!llamacpp.contains(&ApiEndpoint::Embeddings));
+        assert!(!llamacpp.contains(&ApiEndpoint::Rerank));
+        assert!(llamacpp.contains(&ApiEndpoint::Messages));
+        assert_eq!(
+            ApiEndpoint::defaults(EngineKind::Openai),
+            vec![
+                ApiEndpoint::ChatCompletions,
+                ApiEndpoint::Completions,
+                ApiEndpoint::Models
+            ]
+        );
+        for kind in [EngineKind::Llamacpp, EngineKind::Openai] {
+            let defaults = ApiEndpoint::defaults(kind);
+            assert!(defaults.is_sorted(), "{kind:?}");
+        }
     }
 
     #[test]

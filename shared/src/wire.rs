@@ -18,8 +18,10 @@ use bincode::{Decode, Encode};
 /// The first four bytes of every `Hello`: tells a pool-managerd socket from anything else.
 pub const MAGIC: [u8; 4] = *b"PMGR";
 
-/// Bumped whenever the append-only rule cannot be kept.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped whenever the append-only rule cannot be kept. 2: leases hold several slots
+/// (`Acquire::slots`, `Lease::slots`, `HeldLease::slots`) and pools say which APIs their engine
+/// serves (`PoolSnapshot::api_endpoints`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Frames a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -54,6 +56,8 @@ pub struct HelloPreamble {
 pub struct HeldLease {
     pub lease: LeaseId,
     pub pool: PoolId,
+    /// The slots the lease held, so the server re-creates it at its true size.
+    pub slots: u32,
 }
 
 /// One request; `id` is chosen by the client and echoed in the reply.
@@ -75,11 +79,13 @@ pub enum Request {
     CanDispatch {
         pool: PoolId,
     },
-    /// Check-and-reserve one slot in one step.
+    /// Check-and-reserve `slots` slots of one pool in one step: as many as the request makes
+    /// the engine run sequences at once (`n` choices, a prompt batch), never fewer.
     Acquire {
         target: AcquireTarget,
         task_id: String,
         session: Option<String>,
+        slots: u32,
     },
     Release {
         lease: LeaseId,

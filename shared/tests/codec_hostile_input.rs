@@ -275,6 +275,7 @@ fn a_cut_payload_of_its_own_type_is_always_malformed() {
             target: pool_ipc::AcquireTarget::Model("m".into()),
             task_id: "task".into(),
             session: Some("s".into()),
+            slots: 300,
         },
     });
     let bytes = encode(&frame);

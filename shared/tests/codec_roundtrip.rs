@@ -250,21 +250,38 @@ fn strategies_generate_every_variant() {
         variants_seen(endpoint(), endpoint_variant, N),
         set(&["http", "unix"])
     );
+    assert_eq!(
+        variants_seen(api_endpoint(), api_endpoint_variant, N),
+        set(&[
+            "chat_completions",
+            "completions",
+            "embeddings",
+            "rerank",
+            "messages",
+            "messages_count_tokens",
+            "responses",
+            "responses_input_tokens",
+            "chat_completions_input_tokens",
+            "models",
+        ])
+    );
 }
 
 /// The reply-level strategies reach the nested enums too (a pool snapshot inside a reply carries
-/// every state), not only the per-enum strategies on their own.
+/// every state and every API), not only the per-enum strategies on their own.
 #[test]
-fn server_frames_carry_every_pool_state_and_error_code() {
+fn server_frames_carry_every_pool_state_api_and_error_code() {
     let mut runner = TestRunner::deterministic();
     let strategy = server_frame();
     let mut states = BTreeSet::new();
+    let mut apis = BTreeSet::new();
     let mut codes = BTreeSet::new();
     for _ in 0..5_000 {
         match strategy.new_tree(&mut runner).unwrap().current() {
             ServerFrame::Reply(reply) => match reply.result {
                 Ok(pool_ipc::Response::PoolStatus(pool)) => {
                     states.insert(pool_state_variant(&pool.state));
+                    apis.extend(pool.api_endpoints.iter().map(api_endpoint_variant));
                 }
                 Err(error) => {
                     codes.insert(error_code_variant(&error.code));
@@ -278,6 +295,7 @@ fn server_frames_carry_every_pool_state_and_error_code() {
         }
     }
     assert_eq!(states.len(), 7, "{states:?}");
+    assert_eq!(apis.len(), 10, "{apis:?}");
     assert_eq!(codes.len(), 10, "{codes:?}");
 }
 

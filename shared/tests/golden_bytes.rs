@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use pool_ipc::codec::{
     HEADER_BYTES, decode_payload, decode_payload_prefix, encode_frame, frame_bytes, take_frame,
 };
-use pool_ipc::registry::{Endpoint, EngineKind, GpuInfo, GpuInventory};
+use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, CodecError, DEFAULT_MAX_FRAME_BYTES, DispatchCheck,
     ErrorCode, Event, HeldLease, Hello, HelloPreamble, IpcError, Lease, LeaseId, MAGIC,
@@ -99,6 +99,11 @@ fn pool_snapshot() -> PoolSnapshot {
         last_error: None,
         restarts: 2,
         last_probe_unix_ms: Some(5),
+        api_endpoints: vec![
+            ApiEndpoint::Completions,
+            ApiEndpoint::Embeddings,
+            ApiEndpoint::Models,
+        ],
     }
 }
 
@@ -116,6 +121,7 @@ const POOL_SNAPSHOT: &str = "
     00             # last_error None
     02             # restarts 2
     01 05          # last_probe_unix_ms Some(5)
+    03 01 02 09    # api_endpoints [Completions, Embeddings, Models]
 ";
 
 /// Strips `# comments` so expectations can be annotated.
@@ -157,7 +163,7 @@ fn the_magic_and_version_are_pinned() {
     assert_eq!(&MAGIC, b"PMGR");
     // Changing this without changing the golden bytes is a sign the bump was not deliberate; when
     // you bump it, update this line together with the expectations that changed.
-    assert_eq!(PROTOCOL_VERSION, 1);
+    assert_eq!(PROTOCOL_VERSION, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,6 +179,7 @@ fn client_frame_hello_is_pinned() {
         held_leases: vec![HeldLease {
             lease: LeaseId(258),
             pool: PoolId::from("p"),
+            slots: 3,
         }],
     });
     assert_golden(
@@ -180,11 +187,28 @@ fn client_frame_hello_is_pinned() {
         &hex("
             00             # ClientFrame::Hello
             50 4d 47 52    # magic \"PMGR\" (raw, no length)
-            01             # protocol_version 1
+            02             # protocol_version 2
             04 6f 72 63 68 # client_name \"orch\"
             01             # held_leases: 1 entry
             fb 02 01       #   lease 258
             01 70          #   pool \"p\"
+            03             #   slots 3
+        "),
+    );
+}
+
+#[test]
+fn held_lease_is_pinned() {
+    assert_golden(
+        &HeldLease {
+            lease: LeaseId(1),
+            pool: PoolId::from("a"),
+            slots: 300,
+        },
+        &hex("
+            01       # lease 1
+            01 61    # pool \"a\"
+            fb 2c 01 # slots 300
         "),
     );
 }
@@ -240,12 +264,14 @@ fn request_acquire_is_pinned_for_both_targets() {
             target: AcquireTarget::Pool("a".into()),
             task_id: "t".into(),
             session: Some("s".into()),
+            slots: 2,
         },
         &hex("
             04       # Acquire
             00 01 61 # target Pool(\"a\")
             01 74    # task_id \"t\"
             01 01 73 # session Some(\"s\")
+            02       # slots 2
         "),
     );
     assert_golden(
@@ -253,12 +279,14 @@ fn request_acquire_is_pinned_for_both_targets() {
             target: AcquireTarget::Model("m".into()),
             task_id: String::new(),
             session: None,
+            slots: 1,
         },
         &hex("
             04       # Acquire
             01 01 6d # target Model(\"m\")
             00       # task_id \"\"
             00       # session None
+            01       # slots 1
         "),
     );
 }
@@ -486,6 +514,7 @@ fn response_acquired_is_pinned() {
         model: "m".into(),
         engine: EngineKind::Openai,
         endpoint: Endpoint::Unix { path: "/s".into() },
+        slots: 4,
     });
     assert_golden(
         &lease,
@@ -496,6 +525,7 @@ fn response_acquired_is_pinned() {
             01 6d                      # model \"m\"
             01                         # engine Openai
             01 02 2f 73                # endpoint Unix { path \"/s\" }
+            04                         # slots 4
         "),
     );
 }
@@ -660,6 +690,45 @@ fn an_unknown_error_code_number_is_malformed() {
 }
 
 #[test]
+fn api_endpoint_variants_are_pinned() {
+    let pinned = [
+        (ApiEndpoint::ChatCompletions, "00"),
+        (ApiEndpoint::Completions, "01"),
+        (ApiEndpoint::Embeddings, "02"),
+        (ApiEndpoint::Rerank, "03"),
+        (ApiEndpoint::Messages, "04"),
+        (ApiEndpoint::MessagesCountTokens, "05"),
+        (ApiEndpoint::Responses, "06"),
+        (ApiEndpoint::ResponsesInputTokens, "07"),
+        (ApiEndpoint::ChatCompletionsInputTokens, "08"),
+        (ApiEndpoint::Models, "09"),
+    ];
+    assert_eq!(pinned.len(), ApiEndpoint::ALL.len(), "pin the new API here");
+    for (api, expected) in pinned {
+        assert_golden(&api, expected);
+    }
+}
+
+#[test]
+fn a_pool_snapshot_with_every_api_or_none_is_pinned() {
+    let mut every = pool_snapshot();
+    every.api_endpoints = ApiEndpoint::ALL.to_vec();
+    let mut none = pool_snapshot();
+    none.api_endpoints = Vec::new();
+    let prefix = POOL_SNAPSHOT
+        .rsplit_once("03 01 02 09")
+        .map(|(before, _)| before)
+        .unwrap();
+    assert_golden(
+        &every,
+        &hex(&format!(
+            "{prefix} 0a 00 01 02 03 04 05 06 07 08 09 # api_endpoints: all 10, in wire order"
+        )),
+    );
+    assert_golden(&none, &hex(&format!("{prefix} 00 # api_endpoints: empty")));
+}
+
+#[test]
 fn engine_kind_and_endpoint_variants_are_pinned() {
     assert_golden(&EngineKind::Llamacpp, "00");
     assert_golden(&EngineKind::Openai, "01");
@@ -741,7 +810,7 @@ fn a_future_hello_with_extra_fields_still_yields_its_version() {
 fn a_future_hello_with_different_later_fields_still_yields_its_version() {
     let future = RadicallyFutureClientFrame::Hello {
         magic: MAGIC,
-        protocol_version: 2,
+        protocol_version: 3,
         // 0xff is a length no real `client_name` could have in a 3-byte field: the rest does not
         // parse as today's Hello at all.
         session_key: [0xff, 0xff, 0xff],
@@ -755,7 +824,36 @@ fn a_future_hello_with_different_later_fields_still_yields_its_version() {
     let (preamble, _) = decode_payload_prefix::<HelloPreamble>(&payload).unwrap();
     assert_eq!(preamble.frame_variant, 0);
     assert_eq!(preamble.magic, MAGIC);
-    assert_eq!(preamble.protocol_version, 2);
+    assert_eq!(preamble.protocol_version, 3);
+}
+
+#[test]
+fn a_version_1_hello_re_asserting_a_lease_is_refused_as_version_1() {
+    // The bytes a version 1 client sent (its HeldLease had no `slots`): they do not decode as
+    // today's Hello, yet the preamble still names version 1, so the server answers
+    // VersionMismatch instead of re-creating the lease at a guessed size.
+    let v1 = from_hex(&hex("
+        00             # ClientFrame::Hello
+        50 4d 47 52    # magic
+        01             # protocol_version 1
+        04 6f 72 63 68 # client_name \"orch\"
+        01             # held_leases: 1 entry
+        fb 02 01       #   lease 258
+        01 70          #   pool \"p\"
+    "));
+    assert!(matches!(
+        decode_payload::<ClientFrame>(&v1),
+        Err(CodecError::Malformed(_))
+    ));
+    let (preamble, _) = decode_payload_prefix::<HelloPreamble>(&v1).unwrap();
+    assert_eq!(
+        preamble,
+        HelloPreamble {
+            frame_variant: 0,
+            magic: MAGIC,
+            protocol_version: 1,
+        }
+    );
 }
 
 #[test]

@@ -119,6 +119,7 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
                         AcquireTarget::Pool(pool()),
                         format!("t{racer}-{attempts}"),
                         None,
+                        1,
                     )
                     .await
                 {
@@ -186,7 +187,7 @@ async fn clients_killed_mid_lease_give_their_slots_back() {
     let holders: Vec<Daemon> = (0..4).map(|_| lease_holder(stack.path())).collect();
     wait_for_pool(&mut mirror, "four leases held", |p| p.slots_free == 0).await;
     let refused = monitor
-        .acquire(AcquireTarget::Pool(pool()), "fifth", None)
+        .acquire(AcquireTarget::Pool(pool()), "fifth", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -220,7 +221,7 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
     let mut mirror = holder.subscribe().await.unwrap();
     wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
     let guard = holder
-        .acquire(AcquireTarget::Pool(pool()), "doomed", None)
+        .acquire(AcquireTarget::Pool(pool()), "doomed", None, 1)
         .await
         .unwrap();
     let lease = guard.lease().id;
@@ -242,7 +243,7 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
     assert_eq!(revoked.lease, lease);
     assert!(holder.held_leases().is_empty());
     let refused = holder
-        .acquire(AcquireTarget::Pool(pool()), "too-early", None)
+        .acquire(AcquireTarget::Pool(pool()), "too-early", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -255,7 +256,7 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
     stack.engine = start_engine_double(&["--listen", &engine_socket]);
     wait_for_pool(&mut mirror, "ready again", |p| p.state == PoolState::Ready).await;
     let guard = holder
-        .acquire(AcquireTarget::Pool(pool()), "after", None)
+        .acquire(AcquireTarget::Pool(pool()), "after", None, 1)
         .await
         .unwrap();
     guard.release(ReleaseOutcome::Completed).await.unwrap();
@@ -272,7 +273,7 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
         for task in 0..3 {
             guards.push(
                 holder
-                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None)
+                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None, 1)
                     .await
                     .unwrap(),
             );
@@ -320,11 +321,11 @@ async fn unknown_pools_and_models_are_typed_errors_everywhere() {
         client.can_dispatch(&unknown).await.unwrap_err(),
         client.pool_status(&unknown).await.unwrap_err(),
         client
-            .acquire(AcquireTarget::Pool(unknown.clone()), "t", None)
+            .acquire(AcquireTarget::Pool(unknown.clone()), "t", None, 1)
             .await
             .unwrap_err(),
         client
-            .acquire(AcquireTarget::Model("no-such-model".into()), "t", None)
+            .acquire(AcquireTarget::Model("no-such-model".into()), "t", None, 1)
             .await
             .unwrap_err(),
     ] {

@@ -96,7 +96,7 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
 
     // A generation runs on `keep` under its lease while the configuration changes.
     let lease = client
-        .acquire(AcquireTarget::Pool(keep.clone()), "long", None)
+        .acquire(AcquireTarget::Pool(keep.clone()), "long", None, 1)
         .await
         .unwrap();
     let pool_ipc::registry::Endpoint::Unix { path } = lease.lease().endpoint.clone() else {

@@ -221,7 +221,7 @@ async fn a_managed_engine_starts_and_reports_the_slots_and_version_it_announces(
             (endpoint, _) => panic!("{listen}: unexpected endpoint {endpoint:?}"),
         }
         let lease = client
-            .acquire(AcquireTarget::Model("double".into()), "t", None)
+            .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
             .await
             .unwrap();
         assert_eq!(lease.lease().endpoint, ready.endpoint);
@@ -305,7 +305,7 @@ async fn an_engine_killed_with_sigkill_is_restarted_and_its_leases_are_revoked_w
     let mut mirror = client.subscribe().await.unwrap();
     wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "victim", None)
+        .acquire(AcquireTarget::Pool(pool()), "victim", None, 1)
         .await
         .unwrap();
     let first = stack.engine_pid().unwrap();
@@ -391,7 +391,7 @@ async fn drain_waits_for_the_last_lease_then_stops_the_engine() {
     wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
     let pid = stack.engine_pid().unwrap();
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "last", None)
+        .acquire(AcquireTarget::Pool(pool()), "last", None, 1)
         .await
         .unwrap();
     client
@@ -400,7 +400,7 @@ async fn drain_waits_for_the_last_lease_then_stops_the_engine() {
         .unwrap();
     wait_for_pool(&mut mirror, "draining", |p| p.state == PoolState::Draining).await;
     let refused = client
-        .acquire(AcquireTarget::Pool(pool()), "late", None)
+        .acquire(AcquireTarget::Pool(pool()), "late", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -427,7 +427,7 @@ async fn a_drain_past_its_deadline_stops_the_engine_anyway() {
     wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
     let pid = stack.engine_pid().unwrap();
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "stubborn", None)
+        .acquire(AcquireTarget::Pool(pool()), "stubborn", None, 1)
         .await
         .unwrap();
     let started = Instant::now();
@@ -495,6 +495,7 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
                 AcquireTarget::Pool(pool()),
                 format!("during-{served}"),
                 None,
+                1,
             )
             .await
             .unwrap();
@@ -536,7 +537,7 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
     let pid = stack.engine_pid().unwrap();
     let held = client
-        .acquire(AcquireTarget::Pool(pool()), "survivor", None)
+        .acquire(AcquireTarget::Pool(pool()), "survivor", None, 1)
         .await
         .unwrap();
 

@@ -370,6 +370,7 @@ impl Session {
                 target,
                 task_id,
                 session,
+                slots,
             } => {
                 if task_id.len() > MAX_ID_LEN
                     || session.as_ref().is_some_and(|s| s.len() > MAX_ID_LEN)
@@ -379,8 +380,8 @@ impl Session {
                         format!("task_id and session must be at most {MAX_ID_LEN} bytes"),
                     ));
                 }
-                let lease = registry.acquire(self.id, target).await?;
-                tracing::debug!(connection = self.id, lease = %lease.id, pool = %lease.pool, %task_id, ?session, "lease granted");
+                let lease = registry.acquire(self.id, target, slots).await?;
+                tracing::debug!(connection = self.id, lease = %lease.id, pool = %lease.pool, slots, %task_id, ?session, "lease granted");
                 Ok(Response::Acquired(lease))
             }
             Request::Release { lease, outcome } => {

@@ -30,6 +30,7 @@ enum Command {
     Acquire {
         owner: ConnectionId,
         target: AcquireTarget,
+        slots: u32,
         reply: Reply<Result<Lease, IpcError>>,
     },
     Release {
@@ -92,10 +93,12 @@ impl RegistryHandle {
         &self,
         owner: ConnectionId,
         target: AcquireTarget,
+        slots: u32,
     ) -> Result<Lease, IpcError> {
         self.ask(|reply| Command::Acquire {
             owner,
             target,
+            slots,
             reply,
         })
         .await?
@@ -220,9 +223,10 @@ impl RegistryActor {
             Command::Acquire {
                 owner,
                 target,
+                slots,
                 reply,
             } => {
-                let result = self.state.acquire(owner, &target);
+                let result = self.state.acquire(owner, &target, slots);
                 if let Ok(lease) = &result {
                     self.metrics.leases_granted.inc();
                     // The requester may have gone while we decided: then the lease goes back.
@@ -298,7 +302,7 @@ impl RegistryActor {
         let changes = self.state.take_changes();
         self.metrics
             .leases_active
-            .set(i64::try_from(self.state.live_leases()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.state.leased_slots()).unwrap_or(i64::MAX));
         self.snapshot.send_replace(Arc::new(self.state.snapshot()));
         if changes.is_empty() {
             return;
@@ -335,7 +339,7 @@ fn log_change(change: &Change) {
 mod tests {
     use super::*;
     use crate::config::ProbePolicy;
-    use pool_ipc::registry::{Endpoint, EngineKind, PoolState};
+    use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolState};
 
     fn config() -> Vec<PoolConfig> {
         vec![PoolConfig {
@@ -350,6 +354,7 @@ mod tests {
             slots: Some(1),
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
+            api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
         }]
     }
 
@@ -378,11 +383,12 @@ mod tests {
             .send(Command::Acquire {
                 owner: 1,
                 target: AcquireTarget::Pool(PoolId("a".into())),
+                slots: 1,
                 reply,
             })
             .unwrap();
         let lease = registry
-            .acquire(2, AcquireTarget::Pool(PoolId("a".into())))
+            .acquire(2, AcquireTarget::Pool(PoolId("a".into())), 1)
             .await;
         assert!(lease.is_ok(), "the abandoned lease came back: {lease:?}");
     }

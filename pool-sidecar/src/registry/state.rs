@@ -2,16 +2,18 @@
 //! how they change. Synchronous, no I/O, no clock: the actor owns the only instance and feeds it
 //! commands; tests drive it directly.
 //!
-//! Invariants (checked by `check_invariants` in tests): a pool's free slots are
-//! `slots_total - leases on it`, so `0 <= slots_free <= slots_total` by construction; a new lease
-//! is granted only on a `Ready` pool with a free slot, in the same step as the check; every lease
-//! belongs to exactly one live connection and dies with it.
+//! Invariants (checked by `check_invariants` in tests): a lease holds one or more slots of one
+//! pool, and a pool's free slots are `slots_total - slots held by its leases` (saturating), so
+//! `0 <= slots_free <= slots_total` by construction and `slots_total - slots_free` is the slots
+//! held; a new lease is granted only on a `Ready` pool with as many slots free as it asks for,
+//! in the same step as the check; every lease belongs to exactly one live connection and dies
+//! with it.
 
 use crate::config::{PoolConfig, ProbePolicy};
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{
-    AcquireTarget, Endpoint, EngineKind, Lease, LeaseId, PoolId, PoolSnapshot, PoolState,
-    RegistrySnapshot, ReleaseOutcome,
+    AcquireTarget, ApiEndpoint, Endpoint, EngineKind, Lease, LeaseId, PoolId, PoolSnapshot,
+    PoolState, RegistrySnapshot, ReleaseOutcome,
 };
 use pool_ipc::wire::{Change, HeldLease};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -90,7 +92,9 @@ struct PoolEntry {
     state: PoolState,
     live: bool,
     slots_total: u32,
-    leases: BTreeSet<LeaseId>,
+    /// Each live lease on the pool and the slots it holds (at least 1).
+    leases: BTreeMap<LeaseId, u32>,
+    api_endpoints: Vec<ApiEndpoint>,
     engine_version: Option<String>,
     last_error: Option<String>,
     restarts: u32,
@@ -100,10 +104,16 @@ struct PoolEntry {
 }
 
 impl PoolEntry {
+    fn slots_held(&self) -> u32 {
+        self.leases
+            .values()
+            .fold(0u32, |held, slots| held.saturating_add(*slots))
+    }
+
     fn slots_free(&self) -> u32 {
-        // `leases.len() <= slots_total` always holds; saturate rather than trust it blindly.
-        self.slots_total
-            .saturating_sub(u32::try_from(self.leases.len()).unwrap_or(u32::MAX))
+        // Held slots exceed the total only after an engine swap to fewer slots (see
+        // `EngineReport::Swapped`): then none are free until enough leases end.
+        self.slots_total.saturating_sub(self.slots_held())
     }
 }
 
@@ -154,23 +164,44 @@ impl RegistryState {
         self.epoch
     }
 
-    /// Check-and-reserve: grants a lease only where a slot is free right now.
+    /// Check-and-reserve: grants a lease of `slots` slots only where that many are free right
+    /// now. Asking for none, or for more than the pool has at all, is a bad request: waiting
+    /// would never help.
     pub fn acquire(
         &mut self,
         owner: ConnectionId,
         target: &AcquireTarget,
+        slots: u32,
     ) -> Result<Lease, IpcError> {
+        if slots == 0 {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                "an Acquire must ask for at least 1 slot",
+            ));
+        }
         let pool_id = match target {
             AcquireTarget::Pool(pool) => {
                 let entry = self.pools.get(pool).ok_or_else(|| not_found_pool(pool))?;
                 match entry.state {
-                    PoolState::Ready if entry.slots_free() > 0 => pool.clone(),
+                    PoolState::Ready if slots > entry.slots_total => {
+                        return Err(IpcError::new(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "asks for {slots} slots; pool {:?} has {}",
+                                pool.as_str(),
+                                entry.slots_total
+                            ),
+                        ));
+                    }
+                    PoolState::Ready if entry.slots_free() >= slots => pool.clone(),
                     PoolState::Ready => {
                         return Err(IpcError::new(
                             ErrorCode::NoCapacity,
                             format!(
-                                "all {} slots of pool {pool:?} are leased",
-                                entry.slots_total
+                                "asks for {slots} slots; {} of the {} slots of pool {:?} are free",
+                                entry.slots_free(),
+                                entry.slots_total,
+                                pool.as_str()
                             ),
                         ));
                     }
@@ -188,20 +219,21 @@ impl RegistryState {
                     }
                 }
             }
-            AcquireTarget::Model(model) => self.least_loaded_pool_for(model)?,
+            AcquireTarget::Model(model) => self.least_loaded_pool_for(model, slots)?,
         };
         let id = LeaseId(self.next_lease);
         self.next_lease = self.next_lease.wrapping_add(1);
         let Some(entry) = self.pools.get_mut(&pool_id) else {
             return Err(not_found_pool(&pool_id));
         };
-        entry.leases.insert(id);
+        entry.leases.insert(id, slots);
         let lease = Lease {
             id,
             pool: pool_id.clone(),
             model: entry.model.clone(),
             engine: entry.engine,
             endpoint: entry.endpoint.clone(),
+            slots,
         };
         self.leases.insert(
             id,
@@ -214,7 +246,7 @@ impl RegistryState {
         Ok(lease)
     }
 
-    fn least_loaded_pool_for(&self, model: &str) -> Result<PoolId, IpcError> {
+    fn least_loaded_pool_for(&self, model: &str, slots: u32) -> Result<PoolId, IpcError> {
         let serving: Vec<(&PoolId, &PoolEntry)> = self
             .pools
             .iter()
@@ -236,9 +268,23 @@ impl RegistryState {
                 format!("no pool serving model {model:?} is ready"),
             ));
         }
+        // Every pool of the model counts here, ready or not: one that comes back may fit.
+        let largest = serving
+            .iter()
+            .map(|(_, entry)| entry.slots_total)
+            .max()
+            .unwrap_or(0);
+        if slots > largest {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "asks for {slots} slots; the largest pool serving model {model:?} has {largest}"
+                ),
+            ));
+        }
         ready
             .iter()
-            .filter(|(_, entry)| entry.slots_free() > 0)
+            .filter(|(_, entry)| entry.slots_free() >= slots)
             // Least loaded: the largest share of free slots; ties go to the first pool id.
             .max_by(|(a_id, a), (b_id, b)| {
                 let a_share = u64::from(a.slots_free()) * u64::from(b.slots_total);
@@ -249,7 +295,7 @@ impl RegistryState {
             .ok_or_else(|| {
                 IpcError::new(
                     ErrorCode::NoCapacity,
-                    format!("every slot of every ready pool serving {model:?} is leased"),
+                    format!("no ready pool serving {model:?} has {slots} slots free right now"),
                 )
             })
     }
@@ -298,8 +344,9 @@ impl RegistryState {
         owned.len()
     }
 
-    /// Re-creates leases a reconnecting client still uses. A lease is accepted on a pool that
-    /// is Ready or Draining with a free slot, and only if no connection holds that id now.
+    /// Re-creates leases a reconnecting client still uses, each at its size. A lease is
+    /// accepted on a pool that is Ready or Draining with as many slots free as it holds, and
+    /// only if no connection holds that id now.
     pub fn reassert(
         &mut self,
         owner: ConnectionId,
@@ -307,11 +354,11 @@ impl RegistryState {
     ) -> (Vec<LeaseId>, Vec<(LeaseId, IpcError)>) {
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
-        for HeldLease { lease, pool } in held {
-            match self.check_reassert(*lease, pool) {
+        for HeldLease { lease, pool, slots } in held {
+            match self.check_reassert(*lease, pool, *slots) {
                 Ok(()) => {
                     if let Some(entry) = self.pools.get_mut(pool) {
-                        entry.leases.insert(*lease);
+                        entry.leases.insert(*lease, *slots);
                     }
                     self.leases.insert(
                         *lease,
@@ -329,7 +376,13 @@ impl RegistryState {
         (accepted, rejected)
     }
 
-    fn check_reassert(&self, lease: LeaseId, pool: &PoolId) -> Result<(), IpcError> {
+    fn check_reassert(&self, lease: LeaseId, pool: &PoolId, slots: u32) -> Result<(), IpcError> {
+        if slots == 0 {
+            return Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!("re-asserted lease {lease} holds no slots"),
+            ));
+        }
         if self.leases.contains_key(&lease) {
             return Err(IpcError::new(
                 ErrorCode::BadRequest,
@@ -343,10 +396,14 @@ impl RegistryState {
                 format!("pool {pool:?} is {}", entry.state),
             ));
         }
-        if entry.slots_free() == 0 {
+        if entry.slots_free() < slots {
             return Err(IpcError::new(
                 ErrorCode::NoCapacity,
-                format!("pool {pool:?} has no free slot for re-asserted lease {lease}"),
+                format!(
+                    "re-asserted lease {lease} holds {slots} slots; pool {:?} has {} free",
+                    pool.as_str(),
+                    entry.slots_free()
+                ),
             ));
         }
         Ok(())
@@ -455,7 +512,7 @@ impl RegistryState {
             } => {
                 // Leases on the old engine still count against the new one's slots until they
                 // end: conservative, never oversubscribing the new engine (if it has fewer slots
-                // than live leases, it shows none free until enough of them end).
+                // than its leases hold, it shows none free until enough of them end).
                 entry.endpoint = endpoint;
                 if let Some(slots) = slots {
                     entry.slots_total = slots;
@@ -481,7 +538,7 @@ impl RegistryState {
         let Some(entry) = self.pools.get(pool) else {
             return;
         };
-        let leases: Vec<LeaseId> = entry.leases.iter().copied().collect();
+        let leases: Vec<LeaseId> = entry.leases.keys().copied().collect();
         if leases.is_empty() {
             return;
         }
@@ -582,19 +639,27 @@ impl RegistryState {
         std::mem::take(&mut self.ended)
     }
 
-    pub fn live_leases(&self) -> usize {
-        self.leases.len()
+    /// Slots held by live leases, over every pool.
+    pub fn leased_slots(&self) -> u64 {
+        self.pools
+            .values()
+            .map(|entry| u64::from(entry.slots_held()))
+            .sum()
     }
 
     #[cfg(test)]
     pub fn check_invariants(&self) {
         let mut counted = 0;
         for (id, entry) in &self.pools {
-            assert!(
-                entry.leases.len() <= entry.slots_total as usize,
-                "{id} oversubscribed"
+            let held: u64 = entry.leases.values().map(|slots| u64::from(*slots)).sum();
+            assert!(held <= u64::from(entry.slots_total), "{id} oversubscribed");
+            assert_eq!(
+                u64::from(entry.slots_total - entry.slots_free()),
+                held,
+                "{id}: slots_total - slots_free must be the slots its leases hold"
             );
-            for lease in &entry.leases {
+            for (lease, slots) in &entry.leases {
+                assert!(*slots >= 1, "lease {lease} on {id} holds no slot");
                 assert_eq!(self.leases.get(lease).map(|r| &r.pool), Some(id));
             }
             counted += entry.leases.len();
@@ -612,7 +677,8 @@ fn new_entry(config: &PoolConfig) -> PoolEntry {
         state: PoolState::Starting,
         live: false,
         slots_total: config.slots.unwrap_or(0),
-        leases: BTreeSet::new(),
+        leases: BTreeMap::new(),
+        api_endpoints: config.api_endpoints.clone(),
         engine_version: None,
         last_error: None,
         restarts: 0,
@@ -636,6 +702,7 @@ fn pool_snapshot(id: &PoolId, entry: &PoolEntry) -> PoolSnapshot {
         last_error: entry.last_error.clone(),
         restarts: entry.restarts,
         last_probe_unix_ms: entry.last_probe_unix_ms,
+        api_endpoints: entry.api_endpoints.clone(),
     }
 }
 
@@ -656,6 +723,7 @@ mod tests {
             slots: Some(slots),
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
+            api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
         }
     }
 
@@ -693,23 +761,176 @@ mod tests {
     #[test]
     fn acquire_never_oversubscribes_a_pool() {
         let mut state = ready_registry(&[pool("a", "m", 2)]);
-        assert!(state.acquire(1, &target("a")).is_ok());
-        assert!(state.acquire(2, &target("a")).is_ok());
-        let error = state.acquire(3, &target("a")).unwrap_err();
+        assert!(state.acquire(1, &target("a"), 1).is_ok());
+        assert!(state.acquire(2, &target("a"), 1).is_ok());
+        let error = state.acquire(3, &target("a"), 1).unwrap_err();
         assert_eq!(error.code, ErrorCode::NoCapacity);
         state.check_invariants();
         assert_eq!(state.snapshot().pools[0].slots_free, 0);
     }
 
     #[test]
+    fn a_two_slot_lease_fills_a_two_slot_pool_and_a_one_slot_acquire_finds_no_capacity() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let lease = state.acquire(1, &target("a"), 2).unwrap();
+        assert_eq!(lease.slots, 2);
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+        assert_eq!(state.snapshot().pools[0].active_leases(), 2);
+        assert_eq!(state.leased_slots(), 2);
+        let error = state.acquire(2, &target("a"), 1).unwrap_err();
+        assert_eq!(error.code, ErrorCode::NoCapacity, "{error}");
+        state.check_invariants();
+    }
+
+    #[test]
+    fn more_slots_than_the_pool_has_is_a_bad_request_that_changes_nothing() {
+        let mut state = ready_registry(&[pool("p", "m", 2)]);
+        state.acquire(1, &target("p"), 1).unwrap();
+        state.take_changes();
+        let before = state.snapshot();
+        let error = state.acquire(2, &target("p"), 3).unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadRequest);
+        assert!(
+            error
+                .message
+                .contains(r#"asks for 3 slots; pool "p" has 2"#),
+            "{error}"
+        );
+        assert_eq!(state.snapshot(), before);
+        assert!(
+            state.take_changes().is_empty(),
+            "a refusal publishes nothing"
+        );
+        state.check_invariants();
+    }
+
+    #[test]
+    fn an_acquire_for_no_slots_is_a_bad_request() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        for target in [target("a"), AcquireTarget::Model("m".into())] {
+            let error = state.acquire(1, &target, 0).unwrap_err();
+            assert_eq!(error.code, ErrorCode::BadRequest, "{error}");
+        }
+        assert_eq!(state.snapshot().pools[0].slots_free, 2);
+        assert_eq!(state.leased_slots(), 0);
+    }
+
+    #[test]
+    fn releasing_a_two_slot_lease_frees_both_slots() {
+        let mut state = ready_registry(&[pool("a", "m", 3)]);
+        let big = state.acquire(1, &target("a"), 2).unwrap();
+        let small = state.acquire(1, &target("a"), 1).unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+        state.release(1, big.id, ReleaseOutcome::Completed).unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 2);
+        state.check_invariants();
+        state
+            .release(1, small.id, ReleaseOutcome::Completed)
+            .unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 3);
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_closed_connection_gives_back_every_slot_of_its_leases() {
+        let mut state = ready_registry(&[pool("a", "m", 4)]);
+        state.acquire(1, &target("a"), 2).unwrap();
+        state.acquire(1, &target("a"), 1).unwrap();
+        state.acquire(2, &target("a"), 1).unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+        assert_eq!(state.connection_closed(1), 2);
+        assert_eq!(state.snapshot().pools[0].slots_free, 3);
+        assert_eq!(state.leased_slots(), 1);
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_model_target_goes_to_a_ready_pool_with_enough_slots_free() {
+        let mut state = ready_registry(&[pool("a", "m", 4), pool("b", "m", 2)]);
+        // Both keep half their slots free, but only "a" has the 2 asked for.
+        state.acquire(9, &target("a"), 2).unwrap();
+        state.acquire(9, &target("b"), 1).unwrap();
+        let lease = state
+            .acquire(1, &AcquireTarget::Model("m".into()), 2)
+            .unwrap();
+        assert_eq!(
+            (lease.pool.as_str(), lease.slots),
+            ("a", 2),
+            "only a has 2 free"
+        );
+        let error = state
+            .acquire(1, &AcquireTarget::Model("m".into()), 2)
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::NoCapacity, "{error}");
+        let error = state
+            .acquire(1, &AcquireTarget::Model("m".into()), 5)
+            .unwrap_err();
+        assert_eq!(error.code, ErrorCode::BadRequest);
+        assert!(
+            error
+                .message
+                .contains(r#"asks for 5 slots; the largest pool serving model "m" has 4"#),
+            "{error}"
+        );
+        state.check_invariants();
+    }
+
+    #[test]
+    fn reasserted_leases_come_back_at_their_size_or_not_at_all() {
+        let mut state = ready_registry(&[pool("a", "m", 3)]);
+        let held = [
+            HeldLease {
+                lease: LeaseId(5),
+                pool: PoolId("a".into()),
+                slots: 2,
+            },
+            HeldLease {
+                lease: LeaseId(6),
+                pool: PoolId("a".into()),
+                slots: 2,
+            },
+            HeldLease {
+                lease: LeaseId(7),
+                pool: PoolId("a".into()),
+                slots: 0,
+            },
+            HeldLease {
+                lease: LeaseId(8),
+                pool: PoolId("a".into()),
+                slots: 1,
+            },
+        ];
+        let (accepted, rejected) = state.reassert(1, &held);
+        assert_eq!(accepted, vec![LeaseId(5), LeaseId(8)]);
+        let codes: Vec<(LeaseId, ErrorCode)> = rejected
+            .iter()
+            .map(|(lease, error)| (*lease, error.code))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                (LeaseId(6), ErrorCode::NoCapacity),
+                (LeaseId(7), ErrorCode::BadRequest)
+            ]
+        );
+        assert_eq!(state.snapshot().pools[0].slots_free, 0);
+        state.check_invariants();
+        state
+            .release(1, LeaseId(5), ReleaseOutcome::Completed)
+            .unwrap();
+        assert_eq!(state.snapshot().pools[0].slots_free, 2);
+        state.check_invariants();
+    }
+
+    #[test]
     fn acquire_on_a_pool_that_is_not_ready_is_refused() {
         let mut state = RegistryState::new(&[pool("a", "m", 2)], 0);
         assert_eq!(
-            state.acquire(1, &target("a")).unwrap_err().code,
+            state.acquire(1, &target("a"), 1).unwrap_err().code,
             ErrorCode::NotReady
         );
         assert_eq!(
-            state.acquire(1, &target("zzz")).unwrap_err().code,
+            state.acquire(1, &target("zzz"), 1).unwrap_err().code,
             ErrorCode::NotFound
         );
     }
@@ -717,9 +938,9 @@ mod tests {
     #[test]
     fn a_closed_connection_gives_back_its_leases_only() {
         let mut state = ready_registry(&[pool("a", "m", 4)]);
-        state.acquire(1, &target("a")).unwrap();
-        state.acquire(1, &target("a")).unwrap();
-        let kept = state.acquire(2, &target("a")).unwrap();
+        state.acquire(1, &target("a"), 1).unwrap();
+        state.acquire(1, &target("a"), 1).unwrap();
+        let kept = state.acquire(2, &target("a"), 1).unwrap();
         assert_eq!(state.connection_closed(1), 2);
         assert_eq!(state.snapshot().pools[0].slots_free, 3);
         assert_eq!(
@@ -740,12 +961,16 @@ mod tests {
     #[test]
     fn model_targets_go_to_the_least_loaded_ready_pool() {
         let mut state = ready_registry(&[pool("a", "m", 2), pool("b", "m", 2), pool("c", "x", 9)]);
-        let first = state.acquire(1, &AcquireTarget::Model("m".into())).unwrap();
-        let second = state.acquire(1, &AcquireTarget::Model("m".into())).unwrap();
+        let first = state
+            .acquire(1, &AcquireTarget::Model("m".into()), 1)
+            .unwrap();
+        let second = state
+            .acquire(1, &AcquireTarget::Model("m".into()), 1)
+            .unwrap();
         assert_ne!(first.pool, second.pool);
         assert_eq!(
             state
-                .acquire(1, &AcquireTarget::Model("nope".into()))
+                .acquire(1, &AcquireTarget::Model("nope".into()), 1)
                 .unwrap_err()
                 .code,
             ErrorCode::NotFound
@@ -755,7 +980,7 @@ mod tests {
     #[test]
     fn a_ready_pool_turns_unhealthy_only_after_the_threshold_and_revokes_leases() {
         let mut state = ready_registry(&[pool("a", "m", 2)]);
-        let lease = state.acquire(7, &target("a")).unwrap();
+        let lease = state.acquire(7, &target("a"), 1).unwrap();
         state.take_changes();
         state.record_probe(&PoolId("a".into()), failed());
         state.record_probe(&PoolId("a".into()), failed());
@@ -787,6 +1012,7 @@ mod tests {
         let held = [HeldLease {
             lease: LeaseId(5),
             pool: PoolId("a".into()),
+            slots: 1,
         }];
         let (accepted, rejected) = state.reassert(1, &held);
         assert_eq!(accepted, vec![LeaseId(5)]);
@@ -801,7 +1027,7 @@ mod tests {
     #[test]
     fn an_engine_going_down_revokes_its_leases_and_a_new_one_starts_empty() {
         let mut state = ready_registry(&[pool("a", "m", 2)]);
-        let lease = state.acquire(3, &target("a")).unwrap();
+        let lease = state.acquire(3, &target("a"), 1).unwrap();
         state.take_changes();
         let until = PoolState::BackingOff { until_unix_ms: 99 };
         state.record_engine(
@@ -819,7 +1045,7 @@ mod tests {
             matches!(&changes[0].change, Change::LeasesRevoked { leases, .. } if leases == &vec![lease.id])
         );
         assert_eq!(
-            state.acquire(3, &target("a")).unwrap_err().code,
+            state.acquire(3, &target("a"), 1).unwrap_err().code,
             ErrorCode::NotReady
         );
         let endpoint = Endpoint::Unix {
@@ -840,7 +1066,7 @@ mod tests {
                 at_unix_ms: 5,
             },
         );
-        let lease = state.acquire(4, &target("a")).unwrap();
+        let lease = state.acquire(4, &target("a"), 1).unwrap();
         assert_eq!(lease.endpoint, endpoint);
         let snapshot = state.snapshot();
         assert_eq!(
@@ -849,7 +1075,7 @@ mod tests {
         );
         state.record_engine(&PoolId("a".into()), EngineReport::Draining);
         assert_eq!(
-            state.acquire(4, &target("a")).unwrap_err().code,
+            state.acquire(4, &target("a"), 1).unwrap_err().code,
             ErrorCode::Draining
         );
         state.check_invariants();
@@ -858,7 +1084,7 @@ mod tests {
     #[test]
     fn a_replaced_pool_is_never_absent_starts_afresh_and_revokes_the_old_leases() {
         let mut state = ready_registry(&[pool("a", "m", 2)]);
-        let lease = state.acquire(9, &target("a")).unwrap();
+        let lease = state.acquire(9, &target("a"), 1).unwrap();
         state.take_changes();
         state.replace_pool(&pool("a", "m2", 3));
         let changes: Vec<Change> = state.take_changes().into_iter().map(|c| c.change).collect();
@@ -887,7 +1113,7 @@ mod tests {
     #[test]
     fn a_removed_pool_takes_its_leases_with_it_and_an_added_one_starts_empty() {
         let mut state = ready_registry(&[pool("a", "m", 2)]);
-        let lease = state.acquire(9, &target("a")).unwrap();
+        let lease = state.acquire(9, &target("a"), 1).unwrap();
         state.take_changes();
         state.remove_pool(&PoolId("a".into()));
         let changes: Vec<Change> = state.take_changes().into_iter().map(|c| c.change).collect();
@@ -917,7 +1143,7 @@ mod tests {
         let mut state = ready_registry(&[pool("a", "m", 4)]);
         let epoch = state.epoch();
         for _ in 0..3 {
-            state.acquire(1, &target("a")).unwrap();
+            state.acquire(1, &target("a"), 1).unwrap();
         }
         let changes = state.take_changes();
         assert_eq!(changes.len(), 1);

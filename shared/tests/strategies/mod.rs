@@ -10,7 +10,7 @@
     reason = "each test binary that includes this module uses a different subset of it"
 )]
 
-use pool_ipc::registry::{Endpoint, EngineKind, GpuInfo, GpuInventory};
+use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
     IpcError, Lease, LeaseId, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState,
@@ -46,6 +46,22 @@ pub fn endpoint() -> BoxedStrategy<Endpoint> {
     .boxed()
 }
 
+pub fn api_endpoint() -> BoxedStrategy<ApiEndpoint> {
+    prop_oneof![
+        Just(ApiEndpoint::ChatCompletions),
+        Just(ApiEndpoint::Completions),
+        Just(ApiEndpoint::Embeddings),
+        Just(ApiEndpoint::Rerank),
+        Just(ApiEndpoint::Messages),
+        Just(ApiEndpoint::MessagesCountTokens),
+        Just(ApiEndpoint::Responses),
+        Just(ApiEndpoint::ResponsesInputTokens),
+        Just(ApiEndpoint::ChatCompletionsInputTokens),
+        Just(ApiEndpoint::Models),
+    ]
+    .boxed()
+}
+
 pub fn pool_state() -> BoxedStrategy<PoolState> {
     prop_oneof![
         Just(PoolState::Starting),
@@ -69,12 +85,15 @@ pub fn pool_snapshot() -> BoxedStrategy<PoolSnapshot> {
             any::<u32>(),
             proptest::option::of(any::<u64>()),
         ),
+        // Unsorted and repeated too: the codec carries whatever a peer sends.
+        vec(api_endpoint(), 0..12),
     )
         .prop_map(
             |(
                 (pool_id, model, engine, endpoint, state),
                 (live, slots_total, slots_free),
                 (engine_version, last_error, restarts, last_probe_unix_ms),
+                api_endpoints,
             )| PoolSnapshot {
                 pool_id,
                 model,
@@ -88,6 +107,7 @@ pub fn pool_snapshot() -> BoxedStrategy<PoolSnapshot> {
                 last_error,
                 restarts,
                 last_probe_unix_ms,
+                api_endpoints,
             },
         )
         .boxed()
@@ -110,13 +130,21 @@ pub fn dispatch_check() -> BoxedStrategy<DispatchCheck> {
 }
 
 pub fn lease() -> BoxedStrategy<Lease> {
-    (lease_id(), pool_id(), text(), engine_kind(), endpoint())
-        .prop_map(|(id, pool, model, engine, endpoint)| Lease {
+    (
+        lease_id(),
+        pool_id(),
+        text(),
+        engine_kind(),
+        endpoint(),
+        any::<u32>(),
+    )
+        .prop_map(|(id, pool, model, engine, endpoint, slots)| Lease {
             id,
             pool,
             model,
             engine,
             endpoint,
+            slots,
         })
         .boxed()
 }
@@ -166,13 +194,18 @@ pub fn request() -> BoxedStrategy<Request> {
         Just(Request::Snapshot),
         pool_id().prop_map(|pool| Request::PoolStatus { pool }),
         pool_id().prop_map(|pool| Request::CanDispatch { pool }),
-        (acquire_target(), text(), proptest::option::of(text())).prop_map(
-            |(target, task_id, session)| Request::Acquire {
+        (
+            acquire_target(),
+            text(),
+            proptest::option::of(text()),
+            any::<u32>()
+        )
+            .prop_map(|(target, task_id, session, slots)| Request::Acquire {
                 target,
                 task_id,
                 session,
-            }
-        ),
+                slots,
+            }),
         (lease_id(), release_outcome())
             .prop_map(|(lease, outcome)| Request::Release { lease, outcome }),
         Just(Request::Subscribe),
@@ -205,7 +238,11 @@ pub fn hello() -> BoxedStrategy<Hello> {
     let magic = prop_oneof![Just(MAGIC), any::<[u8; 4]>()];
     let version = prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()];
     let held = vec(
-        (lease_id(), pool_id()).prop_map(|(lease, pool)| HeldLease { lease, pool }),
+        (lease_id(), pool_id(), any::<u32>()).prop_map(|(lease, pool, slots)| HeldLease {
+            lease,
+            pool,
+            slots,
+        }),
         0..3,
     );
     (magic, version, text(), held)
@@ -350,6 +387,21 @@ pub fn engine_kind_variant(kind: &EngineKind) -> &'static str {
     match kind {
         EngineKind::Llamacpp => "llamacpp",
         EngineKind::Openai => "openai",
+    }
+}
+
+pub fn api_endpoint_variant(api: &ApiEndpoint) -> &'static str {
+    match api {
+        ApiEndpoint::ChatCompletions => "chat_completions",
+        ApiEndpoint::Completions => "completions",
+        ApiEndpoint::Embeddings => "embeddings",
+        ApiEndpoint::Rerank => "rerank",
+        ApiEndpoint::Messages => "messages",
+        ApiEndpoint::MessagesCountTokens => "messages_count_tokens",
+        ApiEndpoint::Responses => "responses",
+        ApiEndpoint::ResponsesInputTokens => "responses_input_tokens",
+        ApiEndpoint::ChatCompletionsInputTokens => "chat_completions_input_tokens",
+        ApiEndpoint::Models => "models",
     }
 }
 

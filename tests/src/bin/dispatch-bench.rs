@@ -206,6 +206,7 @@ async fn bench(args: &Args, socket: PathBuf, shim: String) -> Result<(), String>
                     AcquireTarget::Pool(pool.clone()),
                     format!("bench-{task}"),
                     None,
+                    1,
                 )
                 .await
                 .map_err(|e| e.to_string())?;

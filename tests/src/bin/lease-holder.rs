@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
         }
     };
     let guard = match client
-        .acquire(AcquireTarget::Pool(PoolId(args.pool)), "held", None)
+        .acquire(AcquireTarget::Pool(PoolId(args.pool)), "held", None, 1)
         .await
     {
         Ok(guard) => guard,
