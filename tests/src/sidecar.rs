@@ -16,6 +16,8 @@ pub struct PoolSpec {
     pub probe_interval_ms: u64,
     pub probe_timeout_ms: u64,
     pub failure_threshold: u32,
+    /// The pool's `endpoints` key (API names); `None` leaves it out: the engine kind's defaults.
+    pub endpoints: Option<Vec<&'static str>>,
 }
 
 impl PoolSpec {
@@ -30,6 +32,7 @@ impl PoolSpec {
             probe_interval_ms: 50,
             probe_timeout_ms: 500,
             failure_threshold: 2,
+            endpoints: None,
         }
     }
 }
@@ -49,16 +52,16 @@ pub fn write_config(dir: &Path, server_extra: &str, pools: &[PoolSpec]) -> PathB
     for pool in pools {
         let _ = write!(
             text,
-            "\n[[pool]]\nid = {:?}\nmodel = {:?}\nengine = {:?}\nendpoint = {:?}\nslots = {}\n\
-             [pool.probe]\ninterval_ms = {}\ntimeout_ms = {}\nfailure_threshold = {}\n",
-            pool.id,
-            pool.model,
-            pool.engine,
-            pool.endpoint,
-            pool.slots,
-            pool.probe_interval_ms,
-            pool.probe_timeout_ms,
-            pool.failure_threshold
+            "\n[[pool]]\nid = {:?}\nmodel = {:?}\nengine = {:?}\nendpoint = {:?}\nslots = {}\n",
+            pool.id, pool.model, pool.engine, pool.endpoint, pool.slots,
+        );
+        if let Some(endpoints) = &pool.endpoints {
+            let _ = writeln!(text, "endpoints = {endpoints:?}");
+        }
+        let _ = write!(
+            text,
+            "[pool.probe]\ninterval_ms = {}\ntimeout_ms = {}\nfailure_threshold = {}\n",
+            pool.probe_interval_ms, pool.probe_timeout_ms, pool.failure_threshold
         );
     }
     let path = dir.join("config.toml");

@@ -11,7 +11,9 @@ use e2e::sidecar::{PoolSpec, Sidecar, socket_path, start_sidecar, write_config};
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
 use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
-use pool_ipc::registry::{AcquireTarget, PoolId, PoolSnapshot, PoolState, ReleaseOutcome};
+use pool_ipc::registry::{
+    AcquireTarget, ApiEndpoint, EngineKind, PoolId, PoolSnapshot, PoolState, ReleaseOutcome,
+};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
@@ -170,12 +172,18 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
 }
 
 fn lease_holder(dir: &Path) -> Daemon {
+    lease_holder_of(dir, 1)
+}
+
+fn lease_holder_of(dir: &Path, slots: u32) -> Daemon {
     DaemonBuilder::new(binary("lease-holder"))
         .name("lease-holder")
         .arg("--socket")
         .arg(socket_path(dir))
         .arg("--pool")
         .arg("p")
+        .arg("--slots")
+        .arg(slots.to_string())
         .start()
 }
 
@@ -270,10 +278,10 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     let mut state = holder.connection_state();
     let kept: Vec<_> = {
         let mut guards = Vec::new();
-        for task in 0..3 {
+        for (task, slots) in [1, 1, 2].into_iter().enumerate() {
             guards.push(
                 holder
-                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None, 1)
+                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None, slots)
                     .await
                     .unwrap(),
             );
@@ -304,12 +312,145 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     .unwrap();
 
     let status = holder.pool_status(&pool()).await.unwrap();
-    assert_eq!(status.slots_free, 2, "two re-asserted leases: {status:?}");
+    assert_eq!(
+        status.slots_free, 1,
+        "two re-asserted leases holding 1 and 2 slots: {status:?}"
+    );
     assert_eq!(holder.held_leases().len(), 2);
     for guard in kept {
         guard.release(ReleaseOutcome::Completed).await.unwrap();
     }
     assert_eq!(holder.pool_status(&pool()).await.unwrap().slots_free, 4);
+}
+
+fn remote_error(result: Result<pool_ipc::client::LeaseGuard, ClientError>) -> (ErrorCode, String) {
+    match result {
+        Err(ClientError::Remote(error)) => (error.code, error.message),
+        other => panic!("expected an error from pool-managerd, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_slot_lease_holds_both_slots_of_a_two_slot_pool_until_released() {
+    let stack = stack(2);
+    let client = client(stack.path(), "batcher").await;
+    let mut mirror = client.subscribe().await.unwrap();
+    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+
+    let both = client
+        .acquire(AcquireTarget::Pool(pool()), "n2", None, 2)
+        .await
+        .unwrap();
+    assert_eq!(both.lease().slots, 2);
+    let held = wait_for_pool(&mut mirror, "both slots held", |p| p.slots_free == 0).await;
+    assert_eq!(held.active_leases(), 2);
+    let snapshot = client.snapshot().await.unwrap();
+    assert_eq!(snapshot.pool(&pool()).unwrap().slots_free, 0);
+    let status = shim_status(&stack);
+    assert_eq!(
+        (&status["slots_free"], &status["active_leases"]),
+        (&serde_json::json!(0), &serde_json::json!(2)),
+        "{status}"
+    );
+    let cli = DaemonBuilder::new(binary("pool-managerd"))
+        .args(["status", "p", "--json", "--socket"])
+        .arg(socket_path(stack.path()))
+        .run_to_exit(WAIT);
+    let cli: serde_json::Value = serde_json::from_str(&cli.stdout).unwrap();
+    assert_eq!(cli["slots_free"], 0, "{cli}");
+
+    let (code, message) = remote_error(
+        client
+            .acquire(AcquireTarget::Pool(pool()), "one-more", None, 1)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::NoCapacity, "{message}");
+    let (code, message) = remote_error(
+        client
+            .acquire(AcquireTarget::Pool(pool()), "n3", None, 3)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::BadRequest, "{message}");
+    assert!(
+        message.contains(r#"asks for 3 slots; pool "p" has 2"#),
+        "{message}"
+    );
+    let (code, message) = remote_error(
+        client
+            .acquire(AcquireTarget::Pool(pool()), "n0", None, 0)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::BadRequest, "{message}");
+
+    both.release(ReleaseOutcome::Completed).await.unwrap();
+    let status = client.pool_status(&pool()).await.unwrap();
+    assert_eq!((status.slots_free, status.active_leases()), (2, 0));
+    let again = client
+        .acquire(AcquireTarget::Model("p-model".into()), "n2-again", None, 2)
+        .await
+        .unwrap();
+    assert_eq!((again.lease().pool.as_str(), again.lease().slots), ("p", 2));
+    again.release(ReleaseOutcome::Completed).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_holding_a_two_slot_lease_gives_both_slots_back() {
+    let stack = stack(3);
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    let holder = lease_holder_of(stack.path(), 2);
+    wait_for_pool(&mut mirror, "two slots held", |p| p.slots_free == 1).await;
+    let metrics = http::get(&stack.shim(), "/metrics", WAIT).unwrap().text();
+    assert!(
+        metrics.contains("pool_managerd_leases_active 2"),
+        "the gauge counts slots: {metrics}"
+    );
+    holder.kill_with(Signal::SIGKILL);
+    wait_for_pool(&mut mirror, "all slots back", |p| p.slots_free == 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kinds_defaults() {
+    let dir = temp_dir();
+    let engine = start_engine_double(&["--listen", dir.path().join("e.sock").to_str().unwrap()]);
+    let config = write_config(
+        dir.path(),
+        "",
+        &[
+            PoolSpec {
+                endpoints: Some(vec!["embeddings"]),
+                ..PoolSpec::new("emb", engine.ready("listen"), 2)
+            },
+            PoolSpec::new("p", engine.ready("listen"), 2),
+        ],
+    );
+    let sidecar = start_sidecar(dir.path(), &config);
+    let client = client(dir.path(), "router").await;
+    let snapshot = client.snapshot().await.unwrap();
+    let emb = snapshot.pool(&PoolId("emb".into())).unwrap();
+    assert_eq!(emb.api_endpoints, vec![ApiEndpoint::Embeddings]);
+    assert!(emb.serves(ApiEndpoint::Embeddings));
+    assert!(!emb.serves(ApiEndpoint::ChatCompletions));
+    let plain = snapshot.pool(&pool()).unwrap();
+    assert_eq!(
+        plain.api_endpoints,
+        ApiEndpoint::defaults(EngineKind::Llamacpp)
+    );
+    assert!(!plain.serves(ApiEndpoint::Embeddings));
+
+    // Every published form carries it: the pushed mirror, and the shim's JSON.
+    let mut mirror = client.subscribe().await.unwrap();
+    let pushed = e2e::sidecar::wait_for_pool(&mut mirror, &PoolId("emb".into()), "ready", |p| {
+        p.state == PoolState::Ready
+    })
+    .await;
+    assert_eq!(pushed.api_endpoints, vec![ApiEndpoint::Embeddings]);
+    let shim = sidecar.ready("debug_http");
+    let reply = http::get(shim, "/pools/emb/status", WAIT).unwrap();
+    assert_eq!(
+        reply.json()["api_endpoints"],
+        serde_json::json!(["embeddings"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,6 +143,35 @@ async fn a_client_of_another_protocol_version_is_refused_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn a_version_1_client_re_asserting_a_lease_is_refused_and_no_slot_is_taken() {
+    let sidecar = sidecar();
+    // What a version 1 orchestratord sent after a sidecar restart: its HeldLease had no slots.
+    let v1_hello: &[u8] = &[
+        0, b'P', b'M', b'G', b'R', 1, // Hello, magic, protocol_version 1
+        3, b'o', b'l', b'd', // client_name "old"
+        1, 7, 1, b'p', // held_leases: lease 7 on pool "p"
+    ];
+    let mut frame = u32::try_from(v1_hello.len())
+        .unwrap()
+        .to_be_bytes()
+        .to_vec();
+    frame.extend_from_slice(v1_hello);
+    let mut stream = raw(&sidecar.socket());
+    stream.write_all(&frame).unwrap();
+    let error = refusal(&frames_until_close(&mut stream)).clone();
+    assert_eq!(error.code, ErrorCode::VersionMismatch, "{error}");
+    assert!(
+        error.message.contains("the client speaks version 1"),
+        "{error}"
+    );
+    let client = PoolClient::connect(ClientConfig::new(sidecar.socket(), "after"))
+        .await
+        .unwrap();
+    let status = client.pool_status(&"p".into()).await.unwrap();
+    assert_eq!(status.slots_free, status.slots_total, "{status:?}");
+}
+
+#[tokio::test]
 async fn a_server_of_another_protocol_version_gives_the_client_a_clear_error() {
     let dir = temp_dir();
     let socket = dir.path().join("future.sock");

@@ -8,10 +8,14 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool};
+use e2e::sidecar::{
+    PoolSpec, Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool, write_config,
+};
 use e2e::{Signal, binary, http, temp_dir};
 use pool_ipc::client::{ClientConfig, PoolClient};
-use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
+use pool_ipc::registry::{
+    AcquireTarget, ApiEndpoint, EngineKind, PoolId, PoolState, ReleaseOutcome,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
@@ -297,4 +301,46 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
     );
     assert_eq!(client.pool_status(&pool).await.unwrap().slots_total, 2);
     drop(orchestrator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_only_a_pools_endpoints_publishes_the_new_list() {
+    let dir = temp_dir();
+    let engine =
+        e2e::start_engine_double(&["--listen", dir.path().join("e.sock").to_str().unwrap()]);
+    let spec = PoolSpec::new("p", engine.ready("listen"), 2);
+    let config = write_config(dir.path(), "", std::slice::from_ref(&spec));
+    let sidecar = Sidecar::from_daemon(sidecar_command(dir.path(), &config).start(), dir.path());
+    let client = PoolClient::connect(ClientConfig::new(socket_path(dir.path()), "test"))
+        .await
+        .unwrap();
+    let mut mirror = client.subscribe().await.unwrap();
+    let pool = PoolId("p".into());
+    let before = wait_for_pool(&mut mirror, &pool, "ready", |p| p.state == PoolState::Ready).await;
+    assert_eq!(
+        before.api_endpoints,
+        ApiEndpoint::defaults(EngineKind::Llamacpp)
+    );
+
+    write_config(
+        dir.path(),
+        "",
+        &[PoolSpec {
+            endpoints: Some(vec!["rerank", "embeddings"]),
+            ..spec
+        }],
+    );
+    sidecar.kill_with(Signal::SIGHUP);
+    let after = wait_for_pool(&mut mirror, &pool, "the new endpoints, ready", |p| {
+        p.state == PoolState::Ready && p.api_endpoints != before.api_endpoints
+    })
+    .await;
+    assert_eq!(
+        after.api_endpoints,
+        vec![ApiEndpoint::Embeddings, ApiEndpoint::Rerank]
+    );
+    assert_eq!(
+        client.pool_status(&pool).await.unwrap().api_endpoints,
+        after.api_endpoints
+    );
 }

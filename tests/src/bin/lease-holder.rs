@@ -1,5 +1,6 @@
 //! `lease-holder`: a pool-managerd client process for tests that kill clients. It connects,
-//! takes one lease on `--pool`, prints `READY lease=<id>`, and holds it until it is killed.
+//! takes one lease of `--slots` slots (default 1) on `--pool`, prints `READY lease=<id>`, and
+//! holds it until it is killed.
 
 use clap::Parser;
 use pool_ipc::client::{ClientConfig, PoolClient};
@@ -15,6 +16,8 @@ struct Args {
     socket: PathBuf,
     #[arg(long)]
     pool: String,
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -28,7 +31,12 @@ async fn main() -> ExitCode {
         }
     };
     let guard = match client
-        .acquire(AcquireTarget::Pool(PoolId(args.pool)), "held", None, 1)
+        .acquire(
+            AcquireTarget::Pool(PoolId(args.pool)),
+            "held",
+            None,
+            args.slots,
+        )
         .await
     {
         Ok(guard) => guard,
