@@ -6,10 +6,23 @@
 //! `scripts/test.sh` exports `POOL_TEST_LLAMA_SERVER` and `POOL_TEST_PYTHON`. When they are unset
 //! (a bare `cargo test`), the scripts are run once per test binary to find or build them (both
 //! cache outside the repository; a cold build takes several minutes and says so on stderr).
+//!
+//! [`Stack`] is the product in front of them: pool-managerd running the pools of a TOML snippet
+//! ([`llama_pool`] writes one for llama-server) and orchestratord with one API key ([`API_KEY`]).
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "test harness: a panic with the failing call is the report"
+)]
+
+use crate::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
+use crate::{Daemon, DaemonBuilder, binary, http};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
 
 /// The repository's root (the parent of this package).
 pub fn repo_root() -> PathBuf {
@@ -110,4 +123,219 @@ pub fn http_address(endpoint: &str) -> String {
         .unwrap_or(endpoint)
         .trim_end_matches('/')
         .to_owned()
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
+/// How long engines may take to load (llama-cpp-python's server imports for a few seconds; a
+/// busy 2-core CI machine is slower).
+pub const STARTUP: Duration = Duration::from_secs(90);
+pub const API_KEY: &str = "real-engine-test-key-0123456789";
+
+/// A `[[pool]]` running llama-server on `model_path`, listening on TCP or a Unix socket.
+pub fn llama_pool(
+    id: &str,
+    model: &str,
+    model_path: &Path,
+    listen: &str,
+    parallel: u32,
+    ctx: u32,
+) -> String {
+    let host = if listen == "unix" {
+        "{socket}"
+    } else {
+        "{host}"
+    };
+    format!(
+        r#"
+[[pool]]
+id = "{id}"
+model = "{model}"
+engine = "llamacpp"
+command = [{server:?}, "-m", "{{model}}", "--host", "{host}", "--port", "{{port}}", "--alias", "{model}",
+           "-np", "{parallel}", "-c", "{total_ctx}", "--threads", "1", "--metrics"]
+model_path = {model_path:?}
+listen = "{listen}"
+startup_timeout_ms = 60000
+stop_grace_ms = 3000
+[pool.probe]
+interval_ms = 200
+[pool.reload]
+drain_deadline_ms = 30000
+"#,
+        server = llama_server().display().to_string(),
+        total_ctx = parallel * ctx,
+        model_path = model_path.display().to_string(),
+    )
+}
+
+pub struct Stack {
+    pub orchestrator: Daemon,
+    pub sidecar: Sidecar,
+    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
+    pub dir: TempDir,
+}
+
+/// pool-managerd with `pools` (TOML), orchestratord in front of it with one API key; returns once
+/// every pool is Ready in orchestratord's view.
+pub fn stack(dir: TempDir, pools: &str) -> Stack {
+    stack_with(dir, pools, "")
+}
+
+/// [`stack`], with `orchestratord_config` (TOML; empty for none) as orchestratord's config file.
+pub fn stack_with(dir: TempDir, pools: &str, orchestratord_config: &str) -> Stack {
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, pools).unwrap();
+    let sidecar = start_sidecar(dir.path(), &config);
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("{API_KEY}\n")).unwrap();
+    let mut orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(socket_path(dir.path()))
+        .arg("--api-keys-file")
+        .arg(&keys);
+    if !orchestratord_config.is_empty() {
+        let path = dir.path().join("orchestratord.toml");
+        std::fs::write(&path, orchestratord_config).unwrap();
+        orchestrator = orchestrator.arg("--config").arg(path);
+    }
+    let orchestrator = orchestrator.start();
+    let stack = Stack {
+        orchestrator,
+        sidecar,
+        dir,
+    };
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        let pools = stack.get("/v2/pools");
+        let all = pools["pools"].as_array().unwrap();
+        if !all.is_empty() && all.iter().all(|pool| pool["ready"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pools never ready: {pools}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stack
+}
+
+impl Stack {
+    pub fn api(&self) -> String {
+        self.orchestrator.ready("listen").to_owned()
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let auth = format!("Bearer {API_KEY}");
+        let reply = http::request_with_headers(
+            &self.api(),
+            "GET",
+            path,
+            &[("Authorization", &auth)],
+            None,
+            WAIT,
+        )
+        .unwrap();
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
+        reply.json()
+    }
+
+    pub fn pool_status(&self, pool: &str) -> Value {
+        http::get(
+            self.sidecar.ready("debug_http"),
+            &format!("/pools/{pool}/status"),
+            WAIT,
+        )
+        .unwrap()
+        .json()
+    }
+
+    /// The engine's address as pool-managerd reports it (`http://…` or a socket path).
+    pub fn endpoint(&self, pool: &str) -> String {
+        self.pool_status(pool)["endpoint"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn engine_get(&self, pool: &str, path: &str) -> Value {
+        let reply = http::get(&http_address(&self.endpoint(pool)), path, WAIT).unwrap();
+        assert_eq!(reply.status, 200, "engine GET {path}: {}", reply.text());
+        reply.json()
+    }
+
+    /// llama-server's own count of the tokens it generated (`llamacpp:tokens_predicted_total`).
+    pub fn engine_tokens_predicted(&self, pool: &str) -> u64 {
+        let reply = http::get(&http_address(&self.endpoint(pool)), "/metrics", WAIT).unwrap();
+        let text = reply.text();
+        text.lines()
+            .find_map(|line| line.strip_prefix("llamacpp:tokens_predicted_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map(|value| value as u64)
+            .unwrap_or_else(|| {
+                panic!("no tokens_predicted_total in llama-server's metrics: {text}")
+            })
+    }
+
+    /// The pid pool-managerd recorded for the pool's engine.
+    pub fn engine_pid(&self, pool: &str) -> i32 {
+        let record = state_dir(self.dir.path())
+            .join("engines")
+            .join(format!("{pool}.json"));
+        let text = std::fs::read_to_string(&record).unwrap();
+        let record: Value = serde_json::from_str(&text).unwrap();
+        i32::try_from(record["pid"].as_i64().unwrap()).unwrap()
+    }
+
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_for_leases(&self, pool: &str, leases: u64) {
+        self.wait_for(&format!("{leases} leases on {pool}"), || {
+            self.pool_status(pool)["active_leases"] == leases
+        });
+    }
+
+    /// Runs `pool-managerd ARGS --socket …` (an operator command) and asserts it succeeded.
+    pub fn operator(&self, args: &[&str]) {
+        let output = Command::new(binary("pool-managerd"))
+            .args(args)
+            .arg("--socket")
+            .arg(socket_path(self.dir.path()))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "pool-managerd {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn python(&self, args: &[&str]) -> Output {
+        let script = repo_root().join("tests/python/openai_sdk_check.py");
+        let api = format!("http://{}/v1", self.api());
+        let output = Command::new(python())
+            .arg(&script)
+            .args(args)
+            .args(["--api", &api, "--key", API_KEY])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        assert!(
+            output.status.success(),
+            "{} {} failed: {}\n{}",
+            script.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr),
+            self.orchestrator.stderr()
+        );
+        output
+    }
 }

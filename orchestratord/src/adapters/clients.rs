@@ -1,14 +1,12 @@
 //! [`EngineClients`]: one pooled HTTP/1.1 client per engine endpoint, and the one retry rule.
 //!
-//! Each endpoint gets, on first use, a hyper-util client over `HttpConnector` (TCP, `TCP_NODELAY` on:
-//! without it Nagle's algorithm against a delayed ACK adds ~40 ms per request on a keep-alive
-//! connection) or `hyperlocal::UnixConnector` (Unix socket). Connections are kept alive and reused.
-//! Idle ones are dropped after [`IDLE_TIMEOUT`], below cpp-httplib's 5 s keep-alive in llama-server,
-//! so we never pick a connection the engine is about to close.
+//! Each endpoint gets, on first use, a hyper-util client over a TCP or Unix-socket connector from
+//! `connection`, whose connections record what they carried. Connections are kept alive and
+//! reused. Idle ones are dropped after [`IDLE_TIMEOUT`], below cpp-httplib's 5 s keep-alive in
+//! llama-server, so we do not pick a connection the engine is about to time out.
 //!
 //! Retry rule (the only one): a request is sent again, once, on a brand-new connection, only when
-//! hyper's error proves the engine never received the whole request, so it cannot have started the
-//! generation:
+//! the engine cannot have acted on it:
 //! - establishing the connection failed (`hyper_util::client::legacy::Error::is_connect()`);
 //! - hyper handed the request back unsent: the pooled connection was found closed before its task
 //!   dequeued the request (hyper-util's `Canceled` kind, caused by a `hyper::Error` with
@@ -16,16 +14,19 @@
 //! - writing the request failed (hyper's `BodyWrite` kind, "error writing a body to connection",
 //!   e.g. EPIPE): a failed write means at least the request's last bytes never left, and an engine
 //!   acts only on a complete request (a JSON body of known length). This is how a stale pooled
-//!   Unix-socket connection shows up: the engine restarted, the idle connection's task has not yet
-//!   seen the EOF, and the write hits EPIPE.
+//!   Unix-socket connection often shows up;
+//! - the connection had already carried an earlier request and failed (closed, reset) before one
+//!   byte of this request's answer arrived ([`ConnectionUse`]): the engine closed a connection it
+//!   held idle and never read the request. llama-server does this after every streamed response
+//!   (it advertises `Keep-Alive` and then closes), and hyper pools the connection a moment before
+//!   the close arrives, so under load a request dispatched the instant a slot frees meets it. On
+//!   TCP the write then succeeds and the failure is the read's (EOF or reset).
 //!
-//! Neither kind has a public predicate, so each is recognised by its type in the error chain *and*
-//! its `Display` text: if an upgrade rewords one, we retry less, never more (the stale-connection
-//! test pins the behaviour). Never retried: anything after the request was completely written — a
-//! reset or EOF while waiting for the answer or mid-stream — since the engine may have started the
-//! generation. On TCP a write to a connection the engine already closed succeeds (the engine answers
-//! with a reset), so a stale TCP connection would surface as such a read error; [`IDLE_TIMEOUT`],
-//! below the engine's own keep-alive, is what keeps TCP connections from going stale under us.
+//! The first three kinds have no public predicate, so each is recognised by its type in the error
+//! chain *and* its `Display` text: if an upgrade rewords one, we retry less, never more (the
+//! stale-connection tests pin the behaviour). Never retried: a failure on a connection's first
+//! request after it was written, or anything after the first byte of the answer, since the engine
+//! may have started the generation.
 //!
 //! hyper-util's own retry of unsent requests is switched off, so this is the whole policy, and the
 //! retry goes to a client with pooling disabled: after an engine restart every pooled connection is
@@ -45,13 +46,12 @@ use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioTimer;
-use hyperlocal::UnixConnector;
 use pool_ipc::registry::Endpoint;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::connection::{ConnectionUse, TcpEngineConnector, UnixEngineConnector};
 use super::stream::EngineStream;
 use super::{AdapterError, EngineRequest, MAX_ENGINE_TEXT, error_chain};
 
@@ -126,46 +126,36 @@ where
 #[derive(Debug, Clone)]
 enum Transport {
     Tcp {
-        clients: Clients<HttpConnector>,
+        clients: Clients<TcpEngineConnector>,
         authority: Authority,
     },
+    /// The connector holds the socket path; URIs carry a placeholder authority.
     Unix {
-        clients: Clients<UnixConnector>,
-        /// hyperlocal's addressing: the socket path, hex-encoded, as the URI host.
-        authority: Authority,
+        clients: Clients<UnixEngineConnector>,
     },
 }
 
 impl Transport {
     fn new(executor: &TrackedExecutor, endpoint: &Endpoint) -> Result<Self, AdapterError> {
         match endpoint {
-            Endpoint::Http { authority } => {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.enforce_http(true);
-                Ok(Self::Tcp {
-                    clients: Clients::new(executor, connector),
-                    authority: parse_authority(authority)?,
-                })
-            }
-            Endpoint::Unix { path } => {
-                let authority = format!("{}:0", hex(path.as_bytes()));
-                Ok(Self::Unix {
-                    clients: Clients::new(executor, UnixConnector),
-                    authority: parse_authority(&authority)?,
-                })
-            }
+            Endpoint::Http { authority } => Ok(Self::Tcp {
+                clients: Clients::new(executor, TcpEngineConnector::new()),
+                authority: Authority::try_from(authority.as_str()).map_err(bad_uri)?,
+            }),
+            Endpoint::Unix { path } => Ok(Self::Unix {
+                clients: Clients::new(executor, UnixEngineConnector::new(path)),
+            }),
         }
     }
 
     fn uri(&self, path: &'static str) -> Result<Uri, AdapterError> {
-        let (scheme, authority) = match self {
-            Self::Tcp { authority, .. } => (Scheme::HTTP, authority),
-            Self::Unix { authority, .. } => (Scheme::try_from("unix").map_err(bad_uri)?, authority),
+        let authority = match self {
+            Self::Tcp { authority, .. } => authority.clone(),
+            Self::Unix { .. } => Authority::from_static("localhost"),
         };
         Uri::builder()
-            .scheme(scheme)
-            .authority(authority.clone())
+            .scheme(Scheme::HTTP)
+            .authority(authority)
             .path_and_query(PathAndQuery::from_static(path))
             .build()
             .map_err(bad_uri)
@@ -178,13 +168,9 @@ impl Transport {
     ) -> Result<Response<Incoming>, LegacyError> {
         match self {
             Self::Tcp { clients, .. } => clients.send(pool, request).await,
-            Self::Unix { clients, .. } => clients.send(pool, request).await,
+            Self::Unix { clients } => clients.send(pool, request).await,
         }
     }
-}
-
-fn parse_authority(text: &str) -> Result<Authority, AdapterError> {
-    Authority::try_from(text).map_err(bad_uri)
 }
 
 fn bad_uri(error: impl std::fmt::Display) -> AdapterError {
@@ -193,19 +179,16 @@ fn bad_uri(error: impl std::fmt::Display) -> AdapterError {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    text
-}
-
-/// Whether hyper's error proves the engine never received the whole request (module header).
-fn never_delivered(error: &LegacyError) -> bool {
+/// Whether the engine cannot have acted on the failed request (module header).
+fn safe_to_resend(error: &LegacyError) -> bool {
     if error.is_connect() {
+        return true;
+    }
+    if error
+        .connect_info()
+        .and_then(ConnectionUse::of)
+        .is_some_and(|usage| usage.was_reused() && usage.awaiting_answer())
+    {
         return true;
     }
     let Some(cause) = hyper_cause(error) else {
@@ -329,8 +312,8 @@ impl EngineClients {
         ))
     }
 
-    /// How many requests were sent a second time because hyper proved the engine never received
-    /// the first attempt (a stale pooled connection, or a failed connect). For metrics and tests.
+    /// How many requests were sent a second time because the engine cannot have acted on the
+    /// first attempt (a stale pooled connection, or a failed connect). For metrics and tests.
     pub fn unsent_retries(&self) -> u64 {
         self.unsent_retries.load(Ordering::Relaxed)
     }
@@ -371,8 +354,8 @@ impl EngineClients {
         Ok(transport)
     }
 
-    /// Sends once, and once more on a fresh connection if hyper proves the engine never received
-    /// the whole request.
+    /// Sends once, and once more on a fresh connection if the engine cannot have acted on the
+    /// first attempt.
     async fn send(
         &self,
         transport: &Transport,
@@ -386,14 +369,14 @@ impl EngineClients {
             Ok(response) => return Ok(response),
             Err(error) => error,
         };
-        if !never_delivered(&error) {
+        if !safe_to_resend(&error) {
             return Err(connection_lost(&error));
         }
         self.unsent_retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             correlation_id,
             error = %error_chain(&error),
-            "the engine never received the whole request; sending it once more on a fresh connection"
+            "the engine cannot have acted on the request; sending it once more on a fresh connection"
         );
         transport
             .send(Pool::Fresh, build(transport, request, correlation_id)?)
@@ -443,16 +426,4 @@ async fn read_error_body(mut body: Incoming, limit: Duration) -> String {
     // An engine that stalls mid-error keeps what it sent.
     let _ = tokio::time::timeout(limit, read).await;
     String::from_utf8_lossy(&collected).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hex;
-
-    #[test]
-    fn socket_paths_are_hex_encoded_as_hyperlocal_expects() {
-        assert_eq!(hex(b"/tmp/a.sock"), "2f746d702f612e736f636b");
-        let uri: hyper::Uri = hyperlocal::Uri::new("/tmp/a.sock", "/x").into();
-        assert_eq!(uri.host(), Some("2f746d702f612e736f636b"));
-    }
 }

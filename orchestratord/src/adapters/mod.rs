@@ -20,6 +20,7 @@
 //!   a public error code before they reach a client.
 
 mod clients;
+mod connection;
 mod llamacpp;
 mod openai;
 mod sse;
