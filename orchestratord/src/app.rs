@@ -1,22 +1,39 @@
-//! The HTTP application: shared state, the router, and the cross-cutting layers every request
-//! passes (correlation id, API keys, body limit). Handlers live in `api/`.
+//! The HTTP application: shared state, the router, and what every request passes through —
+//! its correlation id, the API key check, and [`Inbound`]: the body read within its endpoint
+//! family's limit and the client headers an engine may use. Handlers live in `api/`.
 
-use crate::api::{control, health, openai, tasks};
-use crate::config::LiveConfig;
-use crate::error::ApiError;
+use crate::api::{anthropic, control, health, openai, tasks};
+use crate::config::{Config, LiveConfig};
+use crate::error::{ApiError, ErrorShape};
 use crate::scheduler::Scheduler;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use pool_ipc::client::{PoolClient, RegistryMirror};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 pub const CORRELATION_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// Anthropic's SDKs send their key here.
+const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Client headers always forwarded to engines: trace context and API version selectors. Credentials
+/// never are (the configured allowlist cannot name them).
+pub const FORWARDED_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("openai-beta"),
+];
 
 /// Everything handlers share; cheap to clone.
 #[derive(Clone)]
@@ -29,8 +46,34 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub tasks: Arc<crate::tasks::TaskStore>,
     pub sessions: Arc<crate::sessions::SessionStore>,
+    pub models_seen: Arc<ModelsSeen>,
     /// Set on SIGTERM: /readyz answers 503 while running requests finish.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// When this orchestratord first saw each model (`created` in `GET /v1/models`).
+#[derive(Debug, Default)]
+pub struct ModelsSeen {
+    /// A std mutex: looked up and inserted into, never held across an await.
+    first: Mutex<HashMap<String, u64>>,
+}
+
+impl ModelsSeen {
+    /// Unix seconds when `model` was first asked about here.
+    pub fn first_seen(&self, model: &str) -> u64 {
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        *first.entry(model.to_owned()).or_insert_with(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs())
+        })
+    }
 }
 
 /// The request's correlation id, set by [`correlate`] for handlers to read.
@@ -38,14 +81,27 @@ pub struct AppState {
 pub struct CorrelationId(pub String);
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.config.get().max_body_bytes;
     Router::new()
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/v1/chat/completions/input_tokens",
+            post(openai::chat_input_tokens),
+        )
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings_handler))
+        .route("/v1/rerank", post(openai::rerank_handler))
+        .route("/v1/reranking", post(openai::reranking_handler))
+        .route("/v1/responses", post(openai::responses_handler))
+        .route(
+            "/v1/responses/input_tokens",
+            post(openai::responses_input_tokens),
+        )
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v2/tasks", post(tasks::create))
         .route("/v2/tasks/{id}", get(tasks::status))
         .route("/v2/tasks/{id}/events", get(tasks::events))
@@ -60,21 +116,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/drain", post(control::drain))
         .route("/v2/pools/{id}/reload", post(control::reload))
         .fallback(health::not_found)
-        .layer(DefaultBodyLimit::max(limit))
+        // [`Inbound`] reads bodies within each endpoint family's own limit.
+        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
         .layer(middleware::from_fn(correlate))
         .with_state(state)
 }
 
-/// Takes the client's `X-Correlation-Id` (or makes one), hands it to handlers and logs, and
-/// returns it on every response.
+/// Takes the client's `X-Correlation-Id`, else its `X-Request-Id`, else makes one; hands it to
+/// handlers and logs, and returns it on every response (an `X-Request-Id` is echoed too).
 async fn correlate(mut request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(&CORRELATION_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .filter(|value| !value.is_empty() && value.len() <= 128)
-        .map(str::to_owned)
+    let request_id = usable_id(request.headers(), &REQUEST_ID_HEADER);
+    let id = usable_id(request.headers(), &CORRELATION_HEADER)
+        .or_else(|| request_id.clone())
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     request.extensions_mut().insert(CorrelationId(id.clone()));
     let span = tracing::info_span!("request", correlation_id = %id, method = %request.method(), path = %request.uri().path());
@@ -83,29 +137,44 @@ async fn correlate(mut request: Request, next: Next) -> Response {
         next.run(request)
     }
     .await;
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(CORRELATION_HEADER, value);
+        headers.insert(CORRELATION_HEADER, value);
+    }
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        headers.insert(REQUEST_ID_HEADER, value);
     }
     response
 }
 
-/// Bearer API keys, compared in constant time; configured open paths pass without one.
+/// A client-chosen id from header `name`, if it is short enough to log and echo.
+fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty() && value.len() <= 128)
+        .map(str::to_owned)
+}
+
+/// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>`, compared in
+/// constant time; configured open paths pass without one.
 async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let config = state.config.get();
     let keys = &config.api_keys;
-    if keys.is_empty()
-        || config
-            .open_paths
-            .iter()
-            .any(|path| path == request.uri().path())
-    {
+    let path = request.uri().path();
+    if keys.is_empty() || config.open_paths.iter().any(|open| open == path) {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
+    let headers = request.headers();
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
+        .or_else(|| {
+            headers
+                .get(&API_KEY_HEADER)
+                .and_then(|value| value.to_str().ok())
+        })
         .unwrap_or("");
     // Every key is compared, so the time taken does not tell which one nearly matched.
     let matched = keys.iter().fold(0u8, |found, key| {
@@ -114,11 +183,61 @@ async fn require_key(State(state): State<AppState>, request: Request, next: Next
     if matched == 1 {
         next.run(request).await
     } else {
-        let error = ApiError::Unauthorized;
-        if request.uri().path().starts_with("/v1/") {
-            error.openai_response()
-        } else {
-            error.native_response()
+        ApiError::Unauthorized.response(ErrorShape::of_path(path))
+    }
+}
+
+/// What an API handler takes from a request besides the shared state: the body, read within the
+/// limit of its endpoint family (a larger one is a 413 in the API's error shape), the correlation
+/// id, and the client headers to forward to the engine.
+#[derive(Debug)]
+pub struct Inbound {
+    pub body: Bytes,
+    pub correlation_id: String,
+    pub forward: HeaderMap,
+}
+
+impl FromRequest<AppState> for Inbound {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Response> {
+        let config = state.config.get();
+        let path = request.uri().path().to_owned();
+        let shape = ErrorShape::of_path(&path);
+        let limit = config.body_limits.for_path(&path);
+        let correlation_id = request
+            .extensions()
+            .get::<CorrelationId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_default();
+        let forward = forwarded_headers(request.headers(), &config);
+        let body = axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map_err(|error| {
+                let too_large = std::error::Error::source(&error)
+                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+                if too_large {
+                    ApiError::BodyTooLarge { limit }.response(shape)
+                } else {
+                    ApiError::InvalidParams(format!("cannot read the request body: {error}"))
+                        .response(shape)
+                }
+            })?;
+        Ok(Inbound {
+            body,
+            correlation_id,
+            forward,
+        })
+    }
+}
+
+/// The client headers an engine may use: [`FORWARDED_HEADERS`] and the configured allowlist.
+fn forwarded_headers(headers: &HeaderMap, config: &Config) -> HeaderMap {
+    let mut forward = HeaderMap::new();
+    for name in FORWARDED_HEADERS.iter().chain(&config.forward_headers) {
+        for value in headers.get_all(name) {
+            forward.append(name.clone(), value.clone());
         }
     }
+    forward
 }

@@ -1,9 +1,11 @@
 //! orchestratord's configuration: a TOML file, overridden by flags and environment (see
 //! `main.rs`), validated before anything binds. A non-loopback listener without API keys is
 //! refused: an inference endpoint open to the network is an operator's mistake, not a default.
+//! Headers the operator allows to be forwarded to engines can never be credentials.
 
 use crate::admission::{AdmissionConfig, FullPolicy};
 use crate::sessions::SessionPolicy;
+use axum::http::HeaderName;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,13 +37,39 @@ pub struct RawConfig {
     pub api_keys_file: Option<PathBuf>,
     /// Paths reachable without a key (default: /livez, /readyz, /metrics).
     pub open_paths: Option<Vec<String>>,
+    /// The body limit of the native API and control requests (default 1 MiB).
     pub max_body_bytes: Option<usize>,
+    /// More client headers to forward to engines (besides trace context and API versions).
+    pub forward_headers: Option<Vec<String>>,
+    #[serde(default)]
+    pub body_limits: RawBodyLimits,
+    #[serde(default)]
+    pub non_streaming: RawNonStreaming,
     #[serde(default)]
     pub admission: RawAdmission,
     #[serde(default)]
     pub streaming: RawStreaming,
     #[serde(default)]
     pub sessions: RawSessions,
+}
+
+/// Body limits of the OpenAI and Anthropic endpoints, by family.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBodyLimits {
+    /// Chat, completions, messages, responses and the token counters (default 32 MiB: long
+    /// chats, images sent inline).
+    pub generation_bytes: Option<usize>,
+    /// Embeddings and rerank (default 64 MiB: large batches).
+    pub embeddings_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNonStreaming {
+    /// A non-streaming request's engine answer must be whole within this (default 10 min); the
+    /// stall limit does not apply, since an engine sends nothing until it is done.
+    pub answer_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,13 +108,46 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     pub api_keys: Vec<String>,
     pub open_paths: Vec<String>,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
+    pub forward_headers: Vec<HeaderName>,
     pub admission: AdmissionConfig,
     pub queue_deadline: Duration,
     pub decode_stall: Duration,
+    pub answer_timeout: Duration,
     pub keepalive: Duration,
     pub sessions: SessionPolicy,
 }
+
+/// How large a request body may be, by endpoint family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    pub native: usize,
+    pub generation: usize,
+    pub embeddings: usize,
+}
+
+impl BodyLimits {
+    /// The limit for a request to `path`.
+    pub fn for_path(&self, path: &str) -> usize {
+        match path {
+            "/v1/embeddings" | "/v1/rerank" | "/v1/reranking" => self.embeddings,
+            path if path.starts_with("/v1/") => self.generation,
+            _ => self.native,
+        }
+    }
+}
+
+/// Headers that carry credentials or describe the connection: never forwarded to an engine.
+const NEVER_FORWARDED: [&str; 8] = [
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "proxy-authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
 
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
@@ -115,6 +176,29 @@ impl RawConfig {
                 "refusing to listen on {listen} (not a loopback address) without API keys: set api_keys_file"
             )));
         }
+        let forward_headers = self
+            .forward_headers
+            .unwrap_or_default()
+            .iter()
+            .map(|name| forwardable(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = |name: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(ConfigError::Invalid(format!("{name} must be positive"))),
+            value => Ok(value.unwrap_or(default)),
+        };
+        let body_limits = BodyLimits {
+            native: limit("max_body_bytes", self.max_body_bytes, 1024 * 1024)?,
+            generation: limit(
+                "body_limits.generation_bytes",
+                self.body_limits.generation_bytes,
+                32 * 1024 * 1024,
+            )?,
+            embeddings: limit(
+                "body_limits.embeddings_bytes",
+                self.body_limits.embeddings_bytes,
+                64 * 1024 * 1024,
+            )?,
+        };
         let defaults = AdmissionConfig::default();
         let admission = AdmissionConfig {
             capacity: self.admission.capacity.unwrap_or(defaults.capacity),
@@ -138,7 +222,8 @@ impl RawConfig {
             open_paths: self
                 .open_paths
                 .unwrap_or_else(|| ["/livez", "/readyz", "/metrics"].map(String::from).to_vec()),
-            max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
+            body_limits,
+            forward_headers,
             admission,
             queue_deadline: millis(
                 "admission.queue_deadline_ms",
@@ -149,6 +234,11 @@ impl RawConfig {
                 "streaming.decode_stall_ms",
                 self.streaming.decode_stall_ms,
                 30_000,
+            )?,
+            answer_timeout: millis(
+                "non_streaming.answer_timeout_ms",
+                self.non_streaming.answer_timeout_ms,
+                600_000,
             )?,
             keepalive: millis(
                 "streaming.keepalive_ms",
@@ -196,6 +286,19 @@ impl LiveConfig {
     }
 }
 
+/// A header name an operator asked to forward: valid, and not a credential or connection header.
+fn forwardable(name: &str) -> Result<HeaderName, ConfigError> {
+    let header = HeaderName::try_from(name.trim()).map_err(|_| {
+        ConfigError::Invalid(format!("forward_headers: {name:?} is not a header name"))
+    })?;
+    if NEVER_FORWARDED.contains(&header.as_str()) {
+        return Err(ConfigError::Invalid(format!(
+            "forward_headers: {name:?} is never forwarded to engines (credentials and connection headers stay here)"
+        )));
+    }
+    Ok(header)
+}
+
 fn read_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         what: "API key file",
@@ -230,6 +333,30 @@ mod tests {
         };
         let error = raw.validate().unwrap_err().to_string();
         assert!(error.contains("without API keys"), "{error}");
+    }
+
+    #[test]
+    fn credentials_can_never_be_forwarded_and_limits_follow_the_endpoint_family() {
+        for name in ["Authorization", "x-api-key", "Cookie", "not a header"] {
+            let raw = RawConfig {
+                forward_headers: Some(vec![name.into()]),
+                ..RawConfig::default()
+            };
+            assert!(raw.validate().is_err(), "{name}");
+        }
+        let raw = RawConfig {
+            forward_headers: Some(vec!["X-Tenant".into()]),
+            ..RawConfig::default()
+        };
+        let config = raw.validate().unwrap();
+        assert_eq!(
+            config.forward_headers,
+            [HeaderName::from_static("x-tenant")]
+        );
+        let limits = config.body_limits;
+        assert_eq!(limits.for_path("/v1/embeddings"), 64 * 1024 * 1024);
+        assert_eq!(limits.for_path("/v1/messages"), 32 * 1024 * 1024);
+        assert_eq!(limits.for_path("/v2/tasks"), 1024 * 1024);
     }
 
     #[test]

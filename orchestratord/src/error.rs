@@ -1,12 +1,22 @@
 //! Every way a request can fail, and how each failure looks to a client: one HTTP status, one
-//! native error code (DESIGN.md §6), and OpenAI's error shape for /v1. The mapping is one
-//! exhaustive match per aspect, so a new failure cannot be added without deciding all of them.
-//! Internal detail (io errors, engine addresses) never reaches the client.
+//! native error code (DESIGN.md §6), and the error shape of the API the request came in on —
+//! OpenAI's `{"error":{"message","type","code"}}`, Anthropic's
+//! `{"type":"error","error":{"type","message"}}`, or the native envelope — as a response or as the
+//! final event of a stream. The mapping is one exhaustive match per aspect, so a new failure cannot
+//! be added without deciding all of them; pool-managerd's errors become `ApiError`s in one `From`.
+//! Internal detail (io errors, engine addresses) never reaches the client; an engine's own error
+//! message does, since it is about the client's request.
 
+use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use pool_ipc::client::ClientError;
+use pool_ipc::error_code::ErrorCode;
+use serde_json::{Value, json};
 use std::time::Duration;
+
+/// How long a client is asked to wait when pool-managerd cannot be reached.
+pub const POOL_MANAGER_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -18,8 +28,16 @@ pub enum ApiError {
     Unauthorized,
     #[error("model {0:?} is not served here")]
     ModelNotFound(String),
+    #[error("model {model:?} is served here, but no pool of it serves {path}")]
+    EndpointNotServed { model: String, path: &'static str },
+    #[error("no route for {method} {path}")]
+    RouteNotFound { method: String, path: String },
     #[error("task {0:?} not found")]
     TaskNotFound(String),
+    #[error("session {0:?} not found")]
+    SessionNotFound(String),
+    #[error("pool {0:?} not found")]
+    PoolNotFound(String),
     #[error("the queue is full; retry later")]
     QueueFull { retry_after: Duration },
     #[error("dropped from the full queue to make room for newer work")]
@@ -30,13 +48,24 @@ pub enum ApiError {
     PoolUnready(String),
     #[error("the pool manager is unavailable; retry later")]
     PoolUnavailable { retry_after: Duration },
+    /// pool-managerd refused an operation with a code that is about the request itself.
+    #[error("{message}")]
+    PoolManagerRefused { code: ErrorCode, message: String },
     /// The detail (an engine-side io error) is for logs only.
     #[error("the engine connection failed")]
     WorkerReset(String),
     #[error("the engine stopped producing tokens for {0:?}")]
     DecodeTimeout(Duration),
+    #[error("the engine did not answer within {0:?}")]
+    ResponseTimeout(Duration),
+    /// The engine answered with an error status: its status and message (and, when it sent one,
+    /// its own `error` object, passed on unchanged to clients of the same API shape).
     #[error("{message}")]
-    EngineRejected { status: u16, message: String },
+    EngineRejected {
+        status: u16,
+        message: String,
+        detail: Option<Value>,
+    },
     #[error("the task was cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -47,20 +76,124 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The error shape of the API a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    OpenAi,
+    Anthropic,
+    Native,
+}
+
+impl ErrorShape {
+    /// The shape clients of `path` expect (errors raised before a handler knows its API).
+    pub fn of_path(path: &str) -> ErrorShape {
+        if path.starts_with("/v1/messages") {
+            ErrorShape::Anthropic
+        } else if path.starts_with("/v1/") {
+            ErrorShape::OpenAi
+        } else {
+            ErrorShape::Native
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    /// pool-managerd's answer to an operation: refusals about the request keep their meaning;
+    /// everything that says "pool-managerd is not there or not working" is a retriable 503.
+    fn from(error: ClientError) -> ApiError {
+        match error {
+            ClientError::Remote(remote) => match remote.code {
+                ErrorCode::NotFound
+                | ErrorCode::NotReady
+                | ErrorCode::Draining
+                | ErrorCode::NoCapacity
+                | ErrorCode::Unauthorized
+                | ErrorCode::BadRequest
+                | ErrorCode::Unsupported => ApiError::PoolManagerRefused {
+                    code: remote.code,
+                    message: remote.message,
+                },
+                ErrorCode::VersionMismatch | ErrorCode::Internal | ErrorCode::ShuttingDown => {
+                    tracing::warn!(error = %remote, "pool-managerd failed an operation");
+                    ApiError::PoolUnavailable {
+                        retry_after: POOL_MANAGER_RETRY_AFTER,
+                    }
+                }
+            },
+            ClientError::Connect { .. }
+            | ClientError::Unavailable
+            | ClientError::Disconnected
+            | ClientError::Timeout(_)
+            | ClientError::Refused(_)
+            | ClientError::VersionMismatch { .. }
+            | ClientError::Frame(_)
+            | ClientError::Read(_)
+            | ClientError::Write(_)
+            | ClientError::UnexpectedFrame(_)
+            | ClientError::UnexpectedResponse { .. }
+            | ClientError::AcquireNeedsGuard => {
+                tracing::warn!(%error, "pool-managerd did not take the request");
+                ApiError::PoolUnavailable {
+                    retry_after: POOL_MANAGER_RETRY_AFTER,
+                }
+            }
+        }
+    }
+}
+
 impl ApiError {
+    /// An engine's error answer: its status, and its message from a JSON error body in OpenAI's
+    /// or Anthropic's shape (both put it in `error.message`), else a generic one.
+    pub fn from_engine(status: u16, body: &str) -> ApiError {
+        let detail = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|json| json.get("error").filter(|error| error.is_object()).cloned());
+        let message = detail
+            .as_ref()
+            .and_then(|error| error["message"].as_str())
+            .map_or_else(
+                || "the engine refused the request".to_owned(),
+                str::to_owned,
+            );
+        ApiError::EngineRejected {
+            status,
+            message,
+            detail,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidParams(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::TaskNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::EndpointNotServed { .. }
+            | ApiError::RouteNotFound { .. }
+            | ApiError::TaskNotFound(_)
+            | ApiError::SessionNotFound(_)
+            | ApiError::PoolNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull { .. }
             | ApiError::DroppedFromQueue
             | ApiError::SessionBudget(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::DeadlineUnmet | ApiError::DecodeTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::DeadlineUnmet | ApiError::DecodeTimeout(_) | ApiError::ResponseTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
             | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::PoolManagerRefused { code, .. } => match code {
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
+                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+                ErrorCode::Unsupported => StatusCode::CONFLICT,
+                ErrorCode::NotReady
+                | ErrorCode::Draining
+                | ErrorCode::NoCapacity
+                | ErrorCode::VersionMismatch
+                | ErrorCode::Internal
+                | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            },
             ApiError::WorkerReset(_) => StatusCode::BAD_GATEWAY,
             ApiError::EngineRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -77,15 +210,33 @@ impl ApiError {
             ApiError::InvalidParams(_) | ApiError::BodyTooLarge { .. } => "INVALID_PARAMS",
             ApiError::Unauthorized => "UNAUTHORIZED",
             ApiError::ModelNotFound(_) => "MODEL_NOT_FOUND",
+            ApiError::EndpointNotServed { .. } => "ENDPOINT_NOT_SERVED",
+            ApiError::RouteNotFound { .. } => "NOT_FOUND",
             ApiError::TaskNotFound(_) => "TASK_NOT_FOUND",
+            ApiError::SessionNotFound(_) => "SESSION_NOT_FOUND",
+            ApiError::PoolNotFound(_) => "POOL_NOT_FOUND",
             ApiError::QueueFull { .. } => "ADMISSION_REJECT",
             ApiError::DroppedFromQueue => "QUEUE_FULL_DROP_LRU",
             ApiError::DeadlineUnmet => "DEADLINE_UNMET",
             ApiError::PoolUnready(_) => "POOL_UNREADY",
             ApiError::PoolUnavailable { .. } => "POOL_UNAVAILABLE",
+            ApiError::PoolManagerRefused { code, .. } => match code {
+                ErrorCode::NotFound => "NOT_FOUND",
+                ErrorCode::NotReady => "NOT_READY",
+                ErrorCode::Draining => "DRAINING",
+                ErrorCode::NoCapacity => "NO_CAPACITY",
+                ErrorCode::Unauthorized => "FORBIDDEN",
+                ErrorCode::BadRequest => "INVALID_PARAMS",
+                ErrorCode::VersionMismatch => "VERSION_MISMATCH",
+                ErrorCode::Internal => "INTERNAL",
+                ErrorCode::Unsupported => "UNSUPPORTED",
+                ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+            },
             ApiError::WorkerReset(_) => "WORKER_RESET",
             ApiError::DecodeTimeout(_) => "DECODE_TIMEOUT",
-            ApiError::EngineRejected { .. } => "INVALID_PARAMS",
+            ApiError::ResponseTimeout(_) => "RESPONSE_TIMEOUT",
+            ApiError::EngineRejected { status, .. } if *status < 500 => "INVALID_PARAMS",
+            ApiError::EngineRejected { .. } => "ENGINE_ERROR",
             ApiError::Cancelled => "CANCELLED",
             ApiError::SessionBudget(_) => "SESSION_BUDGET_EXCEEDED",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
@@ -99,15 +250,22 @@ impl ApiError {
                 Some(*retry_after)
             }
             ApiError::PoolUnready(_) | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
+            ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::Unauthorized
             | ApiError::ModelNotFound(_)
+            | ApiError::EndpointNotServed { .. }
+            | ApiError::RouteNotFound { .. }
             | ApiError::TaskNotFound(_)
+            | ApiError::SessionNotFound(_)
+            | ApiError::PoolNotFound(_)
+            | ApiError::PoolManagerRefused { .. }
             | ApiError::DroppedFromQueue
             | ApiError::DeadlineUnmet
             | ApiError::WorkerReset(_)
             | ApiError::DecodeTimeout(_)
+            | ApiError::ResponseTimeout(_)
             | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
             | ApiError::SessionBudget(_)
@@ -125,13 +283,19 @@ impl ApiError {
             | ApiError::WorkerReset(_)
             | ApiError::DecodeTimeout(_)
             | ApiError::ShuttingDown => true,
+            ApiError::PoolManagerRefused { .. } => self.status() == StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::EngineRejected { status, .. } => *status == 503 || *status == 429,
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::Unauthorized
             | ApiError::ModelNotFound(_)
+            | ApiError::EndpointNotServed { .. }
+            | ApiError::RouteNotFound { .. }
             | ApiError::TaskNotFound(_)
+            | ApiError::SessionNotFound(_)
+            | ApiError::PoolNotFound(_)
             | ApiError::DeadlineUnmet
-            | ApiError::EngineRejected { .. }
+            | ApiError::ResponseTimeout(_)
             | ApiError::Cancelled
             | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => false,
@@ -144,25 +308,62 @@ impl ApiError {
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::ModelNotFound(_)
+            | ApiError::EndpointNotServed { .. }
+            | ApiError::RouteNotFound { .. }
             | ApiError::TaskNotFound(_)
-            | ApiError::EngineRejected { .. } => "invalid_request_error",
+            | ApiError::SessionNotFound(_)
+            | ApiError::PoolNotFound(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
+            ApiError::PoolManagerRefused { .. } | ApiError::EngineRejected { .. }
+                if self.status().is_client_error() =>
+            {
+                "invalid_request_error"
+            }
             ApiError::QueueFull { .. }
             | ApiError::DroppedFromQueue
             | ApiError::SessionBudget(_) => "rate_limit_error",
             ApiError::DeadlineUnmet
             | ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
+            | ApiError::PoolManagerRefused { .. }
             | ApiError::WorkerReset(_)
             | ApiError::DecodeTimeout(_)
+            | ApiError::ResponseTimeout(_)
+            | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
             | ApiError::ShuttingDown
             | ApiError::Internal(_) => "server_error",
         }
     }
 
-    /// `{"error":{"message","type","code"}}`.
-    pub fn openai_body(&self) -> serde_json::Value {
+    /// Anthropic's error `type`, from the status as Anthropic's API assigns them.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            504 => "timeout_error",
+            status if (400..500).contains(&status) => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// `{"error":{"message","type","code"}}`; an engine's own OpenAI-shaped `error` object as it
+    /// came.
+    pub fn openai_body(&self) -> Value {
+        if let ApiError::EngineRejected {
+            detail: Some(detail),
+            ..
+        } = self
+            && detail.get("type").is_some()
+            && detail.get("message").is_some()
+        {
+            return json!({"error": detail});
+        }
         json!({"error": {
             "message": self.to_string(),
             "type": self.openai_type(),
@@ -170,8 +371,16 @@ impl ApiError {
         }})
     }
 
+    /// `{"type":"error","error":{"type","message"}}`.
+    pub fn anthropic_body(&self) -> Value {
+        json!({"type": "error", "error": {
+            "type": self.anthropic_type(),
+            "message": self.to_string(),
+        }})
+    }
+
     /// The native envelope `{code, message, retriable, retry_after_ms}`.
-    pub fn envelope(&self) -> serde_json::Value {
+    pub fn envelope(&self) -> Value {
         json!({
             "code": self.code(),
             "message": self.to_string(),
@@ -180,11 +389,20 @@ impl ApiError {
         })
     }
 
-    fn with_headers(&self, body: serde_json::Value) -> Response {
+    pub fn body(&self, shape: ErrorShape) -> Value {
+        match shape {
+            ErrorShape::OpenAi => self.openai_body(),
+            ErrorShape::Anthropic => self.anthropic_body(),
+            ErrorShape::Native => self.envelope(),
+        }
+    }
+
+    /// The response in the API's error shape, with `Retry-After` where a retry may succeed.
+    pub fn response(&self, shape: ErrorShape) -> Response {
         if let ApiError::Internal(detail) = self {
             tracing::error!(%detail, "internal error");
         }
-        let mut response = (self.status(), axum::Json(body)).into_response();
+        let mut response = (self.status(), axum::Json(self.body(shape))).into_response();
         if let Some(after) = self.retry_after() {
             let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
@@ -196,21 +414,51 @@ impl ApiError {
 
     /// The response for the OpenAI-compatible API.
     pub fn openai_response(&self) -> Response {
-        self.with_headers(self.openai_body())
+        self.response(ErrorShape::OpenAi)
     }
 
     /// The response for the native API.
     pub fn native_response(&self) -> Response {
-        self.with_headers(self.envelope())
+        self.response(ErrorShape::Native)
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// The native shape; handlers of other APIs call [`ApiError::response`] with theirs.
+    fn into_response(self) -> Response {
+        self.native_response()
+    }
+}
+
+/// The final event of a stream that failed after it began, in the shape of the stream's API:
+/// OpenAI chunks `data: {"error":…}`, Anthropic `event: error` with its error body, OpenAI
+/// Responses `event: error` with `{"type":"error","code","message"}`.
+pub fn error_event(error: &ApiError, format: crate::sse::StreamFormat) -> Bytes {
+    use crate::sse::StreamFormat;
+    match format {
+        StreamFormat::OpenAiChunks => crate::sse::data(error.openai_body().to_string().as_bytes()),
+        StreamFormat::AnthropicEvents => {
+            crate::sse::named("error", error.anthropic_body().to_string().as_bytes())
+        }
+        StreamFormat::ResponsesEvents => {
+            let body = json!({
+                "type": "error",
+                "code": error.code().to_ascii_lowercase(),
+                "message": error.to_string(),
+                "param": null,
+            });
+            crate::sse::named("error", body.to_string().as_bytes())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pool_ipc::error_code::IpcError;
 
     #[test]
-    fn a_full_queue_is_429_with_retry_after_in_both_shapes() {
+    fn a_full_queue_is_429_with_retry_after_in_every_shape() {
         let error = ApiError::QueueFull {
             retry_after: Duration::from_millis(1500),
         };
@@ -218,6 +466,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         assert_eq!(error.openai_body()["error"]["type"], "rate_limit_error");
+        assert_eq!(error.anthropic_body()["error"]["type"], "rate_limit_error");
         assert_eq!(error.envelope()["code"], "ADMISSION_REJECT");
         assert_eq!(error.envelope()["retry_after_ms"], 1500);
         assert_eq!(error.envelope()["retriable"], true);
@@ -227,7 +476,66 @@ mod tests {
     fn internal_detail_never_reaches_the_client() {
         let error = ApiError::Internal("/run/engines/a.sock: connection refused".into());
         assert_eq!(error.openai_body()["error"]["message"], "internal error");
+        assert_eq!(error.anthropic_body()["error"]["message"], "internal error");
         assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn an_engine_error_keeps_its_status_and_message_and_its_openai_object() {
+        let body = r#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_ctx":256}}"#;
+        let error = ApiError::from_engine(400, body);
+        assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+        let openai = error.openai_body();
+        assert_eq!(openai["error"]["type"], "exceed_context_size_error");
+        assert_eq!(openai["error"]["n_ctx"], 256);
+        let anthropic = error.anthropic_body();
+        assert_eq!(anthropic["type"], "error");
+        assert_eq!(anthropic["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            anthropic["error"]["message"],
+            "the request exceeds the available context size"
+        );
+        let unreadable = ApiError::from_engine(501, "<html>");
+        assert_eq!(unreadable.status().as_u16(), 501);
+        assert_eq!(unreadable.code(), "ENGINE_ERROR");
+        assert_eq!(
+            unreadable.openai_body()["error"]["message"],
+            "the engine refused the request"
+        );
+    }
+
+    #[test]
+    fn pool_manager_refusals_keep_their_meaning_and_its_absence_is_a_retriable_503() {
+        let refused = |code| ApiError::from(ClientError::Remote(IpcError::new(code, "why")));
+        assert_eq!(refused(ErrorCode::NotFound).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            refused(ErrorCode::Unauthorized).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            refused(ErrorCode::BadRequest).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(ErrorCode::Unsupported).status(),
+            StatusCode::CONFLICT
+        );
+        assert!(refused(ErrorCode::NoCapacity).retriable());
+        let gone = ApiError::from(ClientError::Unavailable);
+        assert_eq!(gone.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(gone.code(), "POOL_UNAVAILABLE");
+        assert!(gone.retriable());
+    }
+
+    #[test]
+    fn shapes_follow_the_path() {
+        assert_eq!(ErrorShape::of_path("/v1/messages"), ErrorShape::Anthropic);
+        assert_eq!(
+            ErrorShape::of_path("/v1/messages/count_tokens"),
+            ErrorShape::Anthropic
+        );
+        assert_eq!(ErrorShape::of_path("/v1/embeddings"), ErrorShape::OpenAi);
+        assert_eq!(ErrorShape::of_path("/v2/tasks"), ErrorShape::Native);
     }
 
     #[test]
@@ -237,7 +545,17 @@ mod tests {
             ApiError::BodyTooLarge { limit: 1 },
             ApiError::Unauthorized,
             ApiError::ModelNotFound("m".into()),
+            ApiError::EndpointNotServed {
+                model: "m".into(),
+                path: "/v1/embeddings",
+            },
+            ApiError::RouteNotFound {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
             ApiError::TaskNotFound("t".into()),
+            ApiError::SessionNotFound("s".into()),
+            ApiError::PoolNotFound("p".into()),
             ApiError::QueueFull {
                 retry_after: Duration::from_secs(1),
             },
@@ -247,12 +565,14 @@ mod tests {
             ApiError::PoolUnavailable {
                 retry_after: Duration::from_secs(1),
             },
+            ApiError::PoolManagerRefused {
+                code: ErrorCode::BadRequest,
+                message: "x".into(),
+            },
             ApiError::WorkerReset("x".into()),
             ApiError::DecodeTimeout(Duration::from_secs(1)),
-            ApiError::EngineRejected {
-                status: 400,
-                message: "too long".into(),
-            },
+            ApiError::ResponseTimeout(Duration::from_secs(1)),
+            ApiError::from_engine(400, "{}"),
             ApiError::Cancelled,
             ApiError::SessionBudget("s".into()),
             ApiError::ShuttingDown,
@@ -261,6 +581,7 @@ mod tests {
         for error in all {
             assert!(error.status().as_u16() >= 400, "{error:?}");
             assert!(!error.code().is_empty());
+            assert!(error.anthropic_body()["error"]["type"].is_string());
         }
     }
 }

@@ -1,17 +1,24 @@
-//! orchestratord: the front door. `app` (router and cross-cutting layers), `api` (handlers),
-//! `scheduler` (the queue's owner: admission → placement → lease), `admission` (the pure
-//! queue), `placement` (choosing a pool from the registry mirror), `adapters` (talking to
-//! engines), `config`, `error` (every failure's status and shape).
+//! orchestratord: the front door. `daemon` ([`run`]: wiring and phased shutdown), `app` (router and
+//! what every request passes through), `api` (handlers: validation and answer shapes),
+//! `lifecycle` (one request's life, the same for every endpoint), `scheduler` (the queue's owner:
+//! admission → placement → lease), `admission` (the pure queue), `placement` (choosing a pool
+//! from the registry mirror), `adapters` (talking to engines), `json_object` (top-level JSON edits
+//! that keep every other byte), `config`, `error` (every failure's status and shape).
 
 pub mod adapters;
 pub mod admission;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod daemon;
 pub mod error;
+pub mod json_object;
+pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
 pub mod scheduler;
 pub mod sessions;
 pub mod sse;
 pub mod tasks;
+
+pub use daemon::run;

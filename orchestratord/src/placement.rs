@@ -1,10 +1,10 @@
-//! Placement: which pool a task should take a lease on, decided from the local mirror of the
-//! registry (no round trip). Pure: the caller then Acquires over the socket, and a lost race
-//! (the slot went to someone else in between) simply means deciding again on the next mirror
-//! update. Never picks a pool that is not Ready, is draining, serves another model, or has no
-//! free slot.
+//! Placement: which pool a request should take a lease on, and how many of its slots, decided
+//! from the local mirror of the registry (no round trip). Pure: the caller then Acquires over the
+//! socket, and a lost race (the slots went to someone else in between) simply means deciding again
+//! on the next mirror update. Never picks a pool that is not Ready, is draining, serves another
+//! model or not the request's API, or has fewer free slots than the request will occupy.
 
-use pool_ipc::registry::{PoolId, PoolSnapshot, PoolState, RegistrySnapshot};
+use pool_ipc::registry::{ApiEndpoint, PoolId, PoolSnapshot, PoolState, RegistrySnapshot};
 use std::collections::HashMap;
 
 /// Client hints from the native API.
@@ -18,14 +18,56 @@ pub struct PlacementHints {
     pub avoid: Vec<PoolId>,
 }
 
+/// The engine sequences a request makes an engine run. `parallel` must run at once (OpenAI `n`:
+/// the engine decodes the choices side by side); `total` counts every sequence, including those of
+/// a prompt array or an embedding batch, which the engine queues itself when it has fewer slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotNeed {
+    pub parallel: u32,
+    pub total: u32,
+}
+
+impl SlotNeed {
+    pub const ONE: SlotNeed = SlotNeed {
+        parallel: 1,
+        total: 1,
+    };
+
+    /// The slots a lease on a pool with `slots_total` slots must reserve: every sequence the engine
+    /// will run at once there, and never fewer than the parallel ones.
+    pub fn on(self, slots_total: u32) -> u32 {
+        self.total.min(slots_total).max(self.parallel)
+    }
+}
+
+/// What a request needs of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub model: &'a str,
+    pub api: ApiEndpoint,
+    pub slots: SlotNeed,
+    pub hints: &'a PlacementHints,
+}
+
+/// A pool to lease, and how many of its slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub pool: PoolId,
+    pub slots: u32,
+}
+
 /// Why nothing could be chosen right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoPlacement {
     /// No pool serves the model at all (or the pinned pool does not exist / serve it).
     UnknownModel,
+    /// Pools serve the model, but none of them serves the request's API.
+    ApiNotServed,
+    /// The request must run more sequences at once than any pool of the model has slots.
+    TooManyParallel { most: u32 },
     /// Pools serve the model, but none is ready (starting, unhealthy, draining, stopped…).
     NoneReady,
-    /// Ready pools serve the model, but every slot is leased: wait for one.
+    /// Ready pools serve the model, but not enough of their slots are free: wait for some.
     Busy,
     /// Every pool serving the model is stopped (drained) or failed: only an operator brings one
     /// back, so waiting is pointless.
@@ -52,60 +94,77 @@ impl SessionAffinity {
     }
 }
 
-fn serves(pool: &PoolSnapshot, model: &str, hints: &PlacementHints) -> bool {
-    pool.model == model && !hints.avoid.contains(&pool.pool_id)
-}
-
-fn takes_work(pool: &PoolSnapshot) -> bool {
-    pool.state == PoolState::Ready && pool.slots_free > 0
+fn takes_work(pool: &PoolSnapshot, slots: SlotNeed) -> bool {
+    pool.state == PoolState::Ready && pool.slots_free >= slots.on(pool.slots_total)
 }
 
 fn out_of_service(pool: &PoolSnapshot) -> bool {
     matches!(pool.state, PoolState::Stopped | PoolState::Failed)
 }
 
-/// Picks a pool for `model`: the pinned one; else the session's pool while it has a free slot;
-/// else the preferred one while it has a free slot; else the least loaded (largest share of
-/// free slots, ties to the lowest pool id).
-pub fn choose(
-    snapshot: &RegistrySnapshot,
-    model: &str,
-    session_pool: Option<&PoolId>,
-    hints: &PlacementHints,
-) -> Result<PoolId, NoPlacement> {
-    if let Some(pin) = &hints.pin {
-        let pool = snapshot
-            .pool(pin)
-            .filter(|pool| pool.model == model)
-            .ok_or(NoPlacement::UnknownModel)?;
-        return if takes_work(pool) {
-            Ok(pin.clone())
-        } else if pool.state == PoolState::Ready {
-            Err(NoPlacement::Busy)
-        } else if out_of_service(pool) {
-            Err(NoPlacement::OutOfService)
-        } else {
-            Err(NoPlacement::NoneReady)
-        };
+fn chosen(pool: &PoolSnapshot, slots: SlotNeed) -> Choice {
+    Choice {
+        pool: pool.pool_id.clone(),
+        slots: slots.on(pool.slots_total),
     }
-    let candidates: Vec<&PoolSnapshot> = snapshot
+}
+
+/// The pools of `wanted.model` that serve its API and are not avoided (or the pinned one).
+fn candidates<'s>(
+    snapshot: &'s RegistrySnapshot,
+    wanted: &Wanted<'_>,
+) -> Result<Vec<&'s PoolSnapshot>, NoPlacement> {
+    let of_model: Vec<&PoolSnapshot> = snapshot
         .pools
         .iter()
-        .filter(|pool| serves(pool, model, hints))
+        .filter(|pool| pool.model == wanted.model)
+        .filter(|pool| match &wanted.hints.pin {
+            Some(pin) => &pool.pool_id == pin,
+            None => !wanted.hints.avoid.contains(&pool.pool_id),
+        })
         .collect();
-    if candidates.is_empty() {
+    if of_model.is_empty() {
         return Err(NoPlacement::UnknownModel);
     }
-    for wanted in [session_pool, hints.prefer.as_ref()].into_iter().flatten() {
-        if let Some(pool) = candidates.iter().find(|pool| &pool.pool_id == wanted)
-            && takes_work(pool)
+    let serving: Vec<&PoolSnapshot> = of_model
+        .into_iter()
+        .filter(|pool| pool.serves(wanted.api))
+        .collect();
+    if serving.is_empty() {
+        return Err(NoPlacement::ApiNotServed);
+    }
+    // Slot counts are known once an engine has been ready; judge only by those.
+    let most = serving
+        .iter()
+        .map(|pool| pool.slots_total)
+        .max()
+        .unwrap_or(0);
+    if most > 0 && wanted.slots.parallel > most {
+        return Err(NoPlacement::TooManyParallel { most });
+    }
+    Ok(serving)
+}
+
+/// Picks a pool for `wanted`: the pinned one; else the session's pool while it has the slots free;
+/// else the preferred one while it has them; else the least loaded (largest share of free slots,
+/// ties to the lowest pool id).
+pub fn choose(
+    snapshot: &RegistrySnapshot,
+    wanted: &Wanted<'_>,
+    session_pool: Option<&PoolId>,
+) -> Result<Choice, NoPlacement> {
+    let candidates = candidates(snapshot, wanted)?;
+    let preferred = [session_pool, wanted.hints.prefer.as_ref()];
+    for wanted_pool in preferred.into_iter().flatten() {
+        if let Some(pool) = candidates.iter().find(|pool| &pool.pool_id == wanted_pool)
+            && takes_work(pool, wanted.slots)
         {
-            return Ok(pool.pool_id.clone());
+            return Ok(chosen(pool, wanted.slots));
         }
     }
     let best = candidates
         .iter()
-        .filter(|pool| takes_work(pool))
+        .filter(|pool| takes_work(pool, wanted.slots))
         .max_by(|a, b| {
             let a_share = u64::from(a.slots_free) * u64::from(b.slots_total);
             let b_share = u64::from(b.slots_free) * u64::from(a.slots_total);
@@ -114,10 +173,34 @@ pub fn choose(
                 .then_with(|| b.pool_id.cmp(&a.pool_id))
         });
     match best {
-        Some(pool) => Ok(pool.pool_id.clone()),
+        Some(pool) => Ok(chosen(pool, wanted.slots)),
         None if candidates.iter().any(|pool| pool.state == PoolState::Ready) => {
             Err(NoPlacement::Busy)
         }
+        None if candidates.iter().all(|pool| out_of_service(pool)) => {
+            Err(NoPlacement::OutOfService)
+        }
+        None => Err(NoPlacement::NoneReady),
+    }
+}
+
+/// A ready pool of `wanted.model` serving its API, for a request that occupies no slot (the token
+/// counters): the one with the most free slots, busy or not.
+pub fn choose_unleased(
+    snapshot: &RegistrySnapshot,
+    wanted: &Wanted<'_>,
+) -> Result<PoolId, NoPlacement> {
+    let candidates = candidates(snapshot, wanted)?;
+    let best = candidates
+        .iter()
+        .filter(|pool| pool.state == PoolState::Ready)
+        .max_by(|a, b| {
+            a.slots_free
+                .cmp(&b.slots_free)
+                .then_with(|| b.pool_id.cmp(&a.pool_id))
+        });
+    match best {
+        Some(pool) => Ok(pool.pool_id.clone()),
         None if candidates.iter().all(|pool| out_of_service(pool)) => {
             Err(NoPlacement::OutOfService)
         }
@@ -162,6 +245,22 @@ mod tests {
         RegistrySnapshot { epoch: 1, pools }
     }
 
+    fn wanted<'a>(model: &'a str, hints: &'a PlacementHints) -> Wanted<'a> {
+        Wanted {
+            model,
+            api: ApiEndpoint::ChatCompletions,
+            slots: SlotNeed::ONE,
+            hints,
+        }
+    }
+
+    fn on(pool: &str) -> Result<Choice, NoPlacement> {
+        Ok(Choice {
+            pool: PoolId(pool.into()),
+            slots: 1,
+        })
+    }
+
     #[test]
     fn the_least_loaded_ready_pool_serving_the_model_wins() {
         let snapshot = registry(vec![
@@ -170,8 +269,8 @@ mod tests {
             pool("c", "x", PoolState::Ready, 9, 9),
             pool("d", "m", PoolState::Draining, 4, 4),
         ]);
-        let chosen = choose(&snapshot, "m", None, &PlacementHints::default());
-        assert_eq!(chosen, Ok(PoolId("b".into())));
+        let hints = PlacementHints::default();
+        assert_eq!(choose(&snapshot, &wanted("m", &hints), None), on("b"));
     }
 
     #[test]
@@ -183,13 +282,13 @@ mod tests {
         let home = PoolId("a".into());
         let hints = PlacementHints::default();
         assert_eq!(
-            choose(&snapshot, "m", Some(&home), &hints),
-            Ok(home.clone())
+            choose(&snapshot, &wanted("m", &hints), Some(&home)),
+            on("a")
         );
         snapshot.pools[0].slots_free = 0;
         assert_eq!(
-            choose(&snapshot, "m", Some(&home), &hints),
-            Ok(PoolId("b".into()))
+            choose(&snapshot, &wanted("m", &hints), Some(&home)),
+            on("b")
         );
     }
 
@@ -203,26 +302,23 @@ mod tests {
             pin: Some(PoolId("a".into())),
             ..Default::default()
         };
-        assert_eq!(choose(&snapshot, "m", None, &pin), Ok(PoolId("a".into())));
+        assert_eq!(choose(&snapshot, &wanted("m", &pin), None), on("a"));
         let prefer = PlacementHints {
             prefer: Some(PoolId("a".into())),
             ..Default::default()
         };
-        assert_eq!(
-            choose(&snapshot, "m", None, &prefer),
-            Ok(PoolId("a".into()))
-        );
+        assert_eq!(choose(&snapshot, &wanted("m", &prefer), None), on("a"));
         let avoid = PlacementHints {
             avoid: vec![PoolId("b".into())],
             ..Default::default()
         };
-        assert_eq!(choose(&snapshot, "m", None, &avoid), Ok(PoolId("a".into())));
+        assert_eq!(choose(&snapshot, &wanted("m", &avoid), None), on("a"));
         let pin_elsewhere = PlacementHints {
             pin: Some(PoolId("zz".into())),
             ..Default::default()
         };
         assert_eq!(
-            choose(&snapshot, "m", None, &pin_elsewhere),
+            choose(&snapshot, &wanted("m", &pin_elsewhere), None),
             Err(NoPlacement::UnknownModel)
         );
     }
@@ -231,14 +327,17 @@ mod tests {
     fn busy_not_ready_and_unknown_are_told_apart() {
         let busy = registry(vec![pool("a", "m", PoolState::Ready, 0, 4)]);
         let hints = PlacementHints::default();
-        assert_eq!(choose(&busy, "m", None, &hints), Err(NoPlacement::Busy));
+        assert_eq!(
+            choose(&busy, &wanted("m", &hints), None),
+            Err(NoPlacement::Busy)
+        );
         let starting = registry(vec![pool("a", "m", PoolState::Starting, 4, 4)]);
         assert_eq!(
-            choose(&starting, "m", None, &hints),
+            choose(&starting, &wanted("m", &hints), None),
             Err(NoPlacement::NoneReady)
         );
         assert_eq!(
-            choose(&starting, "other", None, &hints),
+            choose(&starting, &wanted("other", &hints), None),
             Err(NoPlacement::UnknownModel)
         );
     }
@@ -251,7 +350,7 @@ mod tests {
             pool("b", "m", PoolState::Failed, 4, 4),
         ]);
         assert_eq!(
-            choose(&stopped, "m", None, &hints),
+            choose(&stopped, &wanted("m", &hints), None),
             Err(NoPlacement::OutOfService)
         );
         let pin = PlacementHints {
@@ -259,7 +358,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            choose(&stopped, "m", None, &pin),
+            choose(&stopped, &wanted("m", &pin), None),
             Err(NoPlacement::OutOfService)
         );
         // One pool that may still come back (draining, backing off) is worth waiting for.
@@ -274,10 +373,98 @@ mod tests {
                 pool("b", "m", state, 4, 4),
             ]);
             assert_eq!(
-                choose(&mixed, "m", None, &hints),
+                choose(&mixed, &wanted("m", &hints), None),
                 Err(NoPlacement::NoneReady),
                 "{state:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_request_goes_only_to_pools_serving_its_api() {
+        let mut embeddings = pool("e", "m", PoolState::Ready, 4, 4);
+        embeddings.api_endpoints = vec![ApiEndpoint::Embeddings];
+        let snapshot = registry(vec![embeddings, pool("c", "m", PoolState::Ready, 1, 4)]);
+        let hints = PlacementHints::default();
+        assert_eq!(choose(&snapshot, &wanted("m", &hints), None), on("c"));
+        let embed = Wanted {
+            api: ApiEndpoint::Embeddings,
+            ..wanted("m", &hints)
+        };
+        assert_eq!(choose(&snapshot, &embed, None), on("e"));
+        let rerank = Wanted {
+            api: ApiEndpoint::Rerank,
+            ..wanted("m", &hints)
+        };
+        assert_eq!(
+            choose(&snapshot, &rerank, None),
+            Err(NoPlacement::ApiNotServed)
+        );
+    }
+
+    #[test]
+    fn parallel_sequences_need_that_many_free_slots_and_batches_fill_what_the_pool_has() {
+        let hints = PlacementHints::default();
+        let two = Wanted {
+            slots: SlotNeed {
+                parallel: 2,
+                total: 2,
+            },
+            ..wanted("m", &hints)
+        };
+        let one_free = registry(vec![pool("a", "m", PoolState::Ready, 1, 2)]);
+        assert_eq!(choose(&one_free, &two, None), Err(NoPlacement::Busy));
+        let both_free = registry(vec![pool("a", "m", PoolState::Ready, 2, 2)]);
+        assert_eq!(
+            choose(&both_free, &two, None),
+            Ok(Choice {
+                pool: PoolId("a".into()),
+                slots: 2
+            })
+        );
+        let three = Wanted {
+            slots: SlotNeed {
+                parallel: 3,
+                total: 3,
+            },
+            ..wanted("m", &hints)
+        };
+        assert_eq!(
+            choose(&both_free, &three, None),
+            Err(NoPlacement::TooManyParallel { most: 2 })
+        );
+        let batch = Wanted {
+            slots: SlotNeed {
+                parallel: 1,
+                total: 50,
+            },
+            ..wanted("m", &hints)
+        };
+        let four = registry(vec![pool("a", "m", PoolState::Ready, 4, 4)]);
+        assert_eq!(
+            choose(&four, &batch, None),
+            Ok(Choice {
+                pool: PoolId("a".into()),
+                slots: 4
+            })
+        );
+    }
+
+    #[test]
+    fn an_unleased_request_takes_any_ready_pool_even_a_busy_one() {
+        let hints = PlacementHints::default();
+        let snapshot = registry(vec![
+            pool("a", "m", PoolState::Ready, 0, 4),
+            pool("b", "m", PoolState::Starting, 4, 4),
+        ]);
+        assert_eq!(
+            choose_unleased(&snapshot, &wanted("m", &hints)),
+            Ok(PoolId("a".into()))
+        );
+        let starting = registry(vec![pool("b", "m", PoolState::Starting, 4, 4)]);
+        assert_eq!(
+            choose_unleased(&starting, &wanted("m", &hints)),
+            Err(NoPlacement::NoneReady)
+        );
     }
 }

@@ -13,26 +13,41 @@
 use crate::admission::{AdmissionConfig, AdmissionQueue, Priority, RejectReason, TaskId};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::placement::{self, NoPlacement, PlacementHints, SessionAffinity};
+use crate::placement::{
+    self, Choice, NoPlacement, PlacementHints, SessionAffinity, SlotNeed, Wanted,
+};
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
-use pool_ipc::registry::{AcquireTarget, PoolId, PoolState};
+use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
-
-const SIDECAR_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// What a handler asks for.
 #[derive(Debug, Clone)]
 pub struct Demand {
     pub model: String,
+    /// The API the request calls: only pools whose engine serves it are considered.
+    pub api: ApiEndpoint,
+    /// The engine sequences the request runs; its lease reserves the slots they occupy.
+    pub slots: SlotNeed,
     pub priority: Priority,
     pub session: Option<String>,
     pub hints: PlacementHints,
     pub deadline: Instant,
     /// For logs and the lease's task id.
     pub correlation_id: String,
+}
+
+impl Demand {
+    fn wanted(&self) -> Wanted<'_> {
+        Wanted {
+            model: &self.model,
+            api: self.api,
+            slots: self.slots,
+            hints: &self.hints,
+        }
+    }
 }
 
 /// A granted slot.
@@ -225,16 +240,15 @@ impl SchedulerActor {
         let mirror = self.mirror.borrow();
         if !mirror.connected {
             return Err(ApiError::PoolUnavailable {
-                retry_after: SIDECAR_RETRY_AFTER,
+                retry_after: crate::error::POOL_MANAGER_RETRY_AFTER,
             });
         }
         let session_pool = demand
             .session
             .as_deref()
             .and_then(|session| self.affinity.pool_of(session));
-        let choice =
-            placement::choose(&mirror.snapshot, &demand.model, session_pool, &demand.hints);
-        if let Some(error) = unservable(&choice, &demand.model) {
+        let choice = placement::choose(&mirror.snapshot, &demand.wanted(), session_pool);
+        if let Some(error) = unservable(&choice, &demand) {
             return Err(error);
         }
         // A slot is free right now: the wait is the dispatch itself, not a service time.
@@ -307,8 +321,8 @@ impl SchedulerActor {
         let mut errors = Vec::new();
         let hopeless = self.queue.remove_where(|waiting| {
             let demand = &waiting.demand;
-            let choice = placement::choose(&mirror.snapshot, &demand.model, None, &demand.hints);
-            let error = unservable(&choice, &demand.model);
+            let choice = placement::choose(&mirror.snapshot, &demand.wanted(), None);
+            let error = unservable(&choice, demand);
             let doomed = error.is_some();
             errors.extend(error);
             doomed
@@ -342,13 +356,7 @@ impl SchedulerActor {
                         .session
                         .as_deref()
                         .and_then(|session| affinity.pool_of(session));
-                    placement::choose(
-                        snapshot,
-                        &waiting.demand.model,
-                        session_pool,
-                        &waiting.demand.hints,
-                    )
-                    .is_ok()
+                    placement::choose(snapshot, &waiting.demand.wanted(), session_pool).is_ok()
                 });
                 let Some((id, waiting)) = next else {
                     return;
@@ -358,13 +366,8 @@ impl SchedulerActor {
                     .session
                     .as_deref()
                     .and_then(|session| affinity.pool_of(session));
-                match placement::choose(
-                    snapshot,
-                    &waiting.demand.model,
-                    session_pool,
-                    &waiting.demand.hints,
-                ) {
-                    Ok(pool) => (id, waiting, pool),
+                match placement::choose(snapshot, &waiting.demand.wanted(), session_pool) {
+                    Ok(choice) => (id, waiting, choice),
                     Err(_) => {
                         let _ = waiting
                             .placed
@@ -373,7 +376,7 @@ impl SchedulerActor {
                     }
                 }
             };
-            let (id, waiting, pool) = choice;
+            let (id, waiting, Choice { pool, slots }) = choice;
             if waiting.placed.is_closed() {
                 continue;
             }
@@ -384,7 +387,7 @@ impl SchedulerActor {
                     AcquireTarget::Pool(pool.clone()),
                     waiting.demand.correlation_id.clone(),
                     waiting.demand.session.clone(),
-                    1,
+                    slots,
                 )
                 .await;
             Metrics::observe(&self.metrics.dispatch, asked.elapsed());
@@ -427,22 +430,29 @@ impl SchedulerActor {
                 }
                 Err(error) => {
                     tracing::warn!(task = %id, %pool, %error, "acquire failed");
-                    let _ = waiting.placed.send(Err(ApiError::PoolUnavailable {
-                        retry_after: SIDECAR_RETRY_AFTER,
-                    }));
+                    let _ = waiting.placed.send(Err(ApiError::from(error)));
                 }
             }
         }
     }
 }
 
-/// Why a request for `model` cannot be served however long it waits, given where placement
-/// stands: no pool serves the model, or every pool that does is stopped or failed. `None` while
-/// a pool may still take it (the answer does not depend on session affinity).
-fn unservable(choice: &Result<PoolId, NoPlacement>, model: &str) -> Option<ApiError> {
+/// Why `demand` cannot be served however long it waits, given where placement stands: no pool
+/// serves its model or its API, it needs more parallel slots than any pool has, or every pool of
+/// the model is stopped or failed. `None` while a pool may still take it (the answer does not
+/// depend on session affinity).
+fn unservable(choice: &Result<Choice, NoPlacement>, demand: &Demand) -> Option<ApiError> {
     match choice {
-        Err(NoPlacement::UnknownModel) => Some(ApiError::ModelNotFound(model.to_owned())),
-        Err(NoPlacement::OutOfService) => Some(ApiError::PoolUnready(model.to_owned())),
+        Err(NoPlacement::UnknownModel) => Some(ApiError::ModelNotFound(demand.model.clone())),
+        Err(NoPlacement::ApiNotServed) => Some(ApiError::EndpointNotServed {
+            model: demand.model.clone(),
+            path: demand.api.path(),
+        }),
+        Err(NoPlacement::TooManyParallel { most }) => Some(ApiError::InvalidParams(format!(
+            "the request runs {} sequences at once; the pools of model {:?} have at most {most} slots",
+            demand.slots.parallel, demand.model
+        ))),
+        Err(NoPlacement::OutOfService) => Some(ApiError::PoolUnready(demand.model.clone())),
         Ok(_) | Err(NoPlacement::NoneReady | NoPlacement::Busy) => None,
     }
 }

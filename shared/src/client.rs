@@ -414,6 +414,14 @@ impl LeaseGuard {
         &self.lease
     }
 
+    /// Releases the lease with `outcome` without waiting for the server's answer (the slots come
+    /// back as soon as the server reads it; the next registry update shows them free). Without a
+    /// connection there is nothing to release: the server dropped the lease with it.
+    pub fn release_detached(mut self, outcome: ReleaseOutcome) {
+        self.released = true;
+        release_in_background(&self.shared, self.lease.id, outcome);
+    }
+
     /// Releases the lease and waits for the server to confirm. A lease the server already took
     /// back (revoked, or dropped with a lost connection) counts as released.
     pub async fn release(mut self, outcome: ReleaseOutcome) -> Result<(), ClientError> {

@@ -61,12 +61,21 @@ async fn collect(stream: &mut EngineStream) -> (Vec<Chunk>, EngineEvent) {
     loop {
         match stream.next().await {
             Some(Ok(EngineEvent::Chunk {
-                raw,
+                frame,
+                data,
                 token_text,
                 tokens,
             })) => chunks.push(Chunk {
-                raw: serde_json::from_slice(&raw)
-                    .unwrap_or_else(|e| panic!("a chunk's raw bytes are its JSON: {e}")),
+                raw: {
+                    let expected = format!("data: {}\n\n", String::from_utf8_lossy(&data));
+                    assert_eq!(
+                        &frame[..],
+                        expected.as_bytes(),
+                        "a frame is its event as sent"
+                    );
+                    serde_json::from_slice(&data)
+                        .unwrap_or_else(|e| panic!("a chunk's data bytes are its JSON: {e}"))
+                },
                 text: token_text,
                 tokens,
             }),
@@ -145,15 +154,21 @@ async fn native_completion_streams_exact_tokens_then_a_length_finish_over_tcp_an
             finish_reason,
             prompt_tokens,
             completion_tokens,
-            raw_usage,
+            terminator,
+            ..
         } = done
         else {
             unreachable!()
         };
         assert_eq!(finish_reason, "length");
         assert_eq!((prompt_tokens, completion_tokens), (Some(3), Some(5)));
-        let final_event: Value = serde_json::from_slice(&raw_usage.expect("the stop event"))
-            .expect("the stop event is JSON");
+        let final_event: Value = serde_json::from_slice(
+            terminator
+                .strip_prefix(b"data: ")
+                .and_then(|rest| rest.strip_suffix(b"\n\n"))
+                .expect("the stop event, framed as sent"),
+        )
+        .expect("the stop event is JSON");
         assert_eq!(final_event["stop"], true);
         assert_eq!(final_event["tokens_predicted"], 5);
     }
@@ -194,7 +209,8 @@ async fn chat_completion_streams_exact_tokens_then_a_length_finish_over_tcp_and_
                 finish_reason: "length".to_owned(),
                 prompt_tokens: None,
                 completion_tokens: None,
-                raw_usage: None,
+                usage_frame: None,
+                terminator: Bytes::from_static(b"data: [DONE]\n\n"),
             }
         );
     }
@@ -234,14 +250,22 @@ async fn chat_usage_is_reported_on_done_and_its_chunk_is_not_relayed_as_a_token_
         finish_reason,
         prompt_tokens,
         completion_tokens,
-        raw_usage,
+        usage_frame,
+        ..
     } = done
     else {
         unreachable!()
     };
     assert_eq!(finish_reason, "length");
     assert_eq!((prompt_tokens, completion_tokens), (Some(3), Some(6)));
-    let usage: Value = serde_json::from_slice(&raw_usage.expect("the usage chunk")).unwrap();
+    let usage_frame = usage_frame.expect("the usage chunk");
+    let usage: Value = serde_json::from_slice(
+        usage_frame
+            .strip_prefix(b"data: ")
+            .and_then(|rest| rest.strip_suffix(b"\n\n"))
+            .expect("the usage chunk, framed as sent"),
+    )
+    .unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["total_tokens"], 9);
 }

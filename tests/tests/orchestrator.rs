@@ -249,7 +249,7 @@ fn non_streaming_chat_and_completions_carry_usage_and_finish_reason() {
 
 #[test]
 fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
-    let stack = stack(1, &[], "max_body_bytes = 4096\n");
+    let stack = stack(1, &[], "[body_limits]\ngeneration_bytes = 4096\n");
     let addr = stack.addr();
     let models = http::get(&addr, "/v1/models", WAIT).unwrap().json();
     assert_eq!(models["data"][0]["id"], "double");
@@ -273,7 +273,7 @@ fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
         (
             json!({"model": "double", "messages": [{"role":"user","content": "x".repeat(5000)}]}),
             413,
-            "",
+            "invalid_params",
         ),
     ];
     for (body, expected, code) in cases {

@@ -41,6 +41,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
+use hyper::HeaderMap;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
@@ -60,6 +62,27 @@ use super::{AdapterError, EngineRequest, MAX_ENGINE_TEXT, error_chain};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+
+/// The largest non-streaming answer read (an embeddings batch of a few thousand wide vectors fits).
+pub const MAX_WHOLE_ANSWER: usize = 256 * 1024 * 1024;
+
+/// A non-streaming request: a POST of a JSON `body` to `path` on the engine at `endpoint`.
+#[derive(Debug, Clone)]
+pub struct WholeRequest {
+    pub endpoint: Endpoint,
+    pub path: &'static str,
+    pub body: Bytes,
+    /// Client headers the engine may use (trace context, API versions).
+    pub headers: HeaderMap,
+}
+
+/// An engine's 2xx answer to a [`WholeRequest`], as it came.
+#[derive(Debug, Clone)]
+pub struct WholeAnswer {
+    pub status: u16,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
 
 type LegacyError = hyper_util::client::legacy::Error;
 
@@ -273,8 +296,14 @@ impl EngineClients {
         }
         let head_limit = request.head_limit.unwrap_or(stall_limit);
         let transport = self.transport(&request.endpoint)?;
-        let exchange =
-            tokio::time::timeout(head_limit, self.send(&transport, &request, correlation_id));
+        let outgoing = Outgoing {
+            path: request.route.path(),
+            body: &request.body,
+            headers: &request.headers,
+            accept: EVENT_STREAM,
+            correlation_id,
+        };
+        let exchange = tokio::time::timeout(head_limit, self.send(&transport, &outgoing));
         let response = tokio::select! {
             biased;
             () = self.shutdown.cancelled() => return Err(AdapterError::Cancelled),
@@ -310,6 +339,62 @@ impl EngineClients {
             self.shutdown.clone().cancelled_owned(),
             correlation_id,
         ))
+    }
+
+    /// Sends a non-streaming request and reads the engine's whole answer, all within `limit`. A 2xx
+    /// answer is returned as it came (status, content type, body); any other status is
+    /// [`AdapterError::EngineRejected`] with the engine's body. An answer larger than
+    /// [`MAX_WHOLE_ANSWER`] is a [`AdapterError::WorkerReset`].
+    ///
+    /// Dropping the returned future closes the connection, so the engine sees its client leave.
+    pub async fn whole(
+        &self,
+        request: &WholeRequest,
+        limit: Duration,
+        correlation_id: &str,
+    ) -> Result<WholeAnswer, AdapterError> {
+        let transport = self.transport(&request.endpoint)?;
+        let outgoing = Outgoing {
+            path: request.path,
+            body: &request.body,
+            headers: &request.headers,
+            accept: JSON,
+            correlation_id,
+        };
+        let exchange = async {
+            let response = self.send(&transport, &outgoing).await?;
+            let status = response.status();
+            let content_type = response.headers().get(CONTENT_TYPE).cloned();
+            let body = read_whole(response.into_body()).await?;
+            Ok::<_, AdapterError>((status, content_type, body))
+        };
+        let answer = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Err(AdapterError::Cancelled),
+            answer = tokio::time::timeout(limit, exchange) => match answer {
+                Ok(answer) => answer?,
+                Err(_) => return Err(AdapterError::DecodeTimeout { after: limit }),
+            },
+        };
+        let (status, content_type, body) = answer;
+        if !status.is_success() {
+            tracing::debug!(
+                correlation_id,
+                status = status.as_u16(),
+                path = request.path,
+                "engine rejected the request"
+            );
+            let shown = &body[..body.len().min(MAX_ENGINE_TEXT)];
+            return Err(AdapterError::EngineRejected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(shown).into_owned(),
+            });
+        }
+        Ok(WholeAnswer {
+            status: status.as_u16(),
+            content_type,
+            body,
+        })
     }
 
     /// How many requests were sent a second time because the engine cannot have acted on the
@@ -359,11 +444,11 @@ impl EngineClients {
     async fn send(
         &self,
         transport: &Transport,
-        request: &EngineRequest,
-        correlation_id: &str,
+        outgoing: &Outgoing<'_>,
     ) -> Result<Response<Incoming>, AdapterError> {
+        let correlation_id = outgoing.correlation_id;
         let first = transport
-            .send(Pool::Shared, build(transport, request, correlation_id)?)
+            .send(Pool::Shared, build(transport, outgoing)?)
             .await;
         let error = match first {
             Ok(response) => return Ok(response),
@@ -379,34 +464,68 @@ impl EngineClients {
             "the engine cannot have acted on the request; sending it once more on a fresh connection"
         );
         transport
-            .send(Pool::Fresh, build(transport, request, correlation_id)?)
+            .send(Pool::Fresh, build(transport, outgoing)?)
             .await
             .map_err(|error| connection_lost(&error))
     }
 }
 
-/// The HTTP request for `request`. Its body is shared, not copied, between attempts.
+/// What goes to the engine: a POST of `body` to `path`, with the client's forwarded `headers`.
+struct Outgoing<'a> {
+    path: &'static str,
+    body: &'a Bytes,
+    headers: &'a HeaderMap,
+    accept: HeaderValue,
+    correlation_id: &'a str,
+}
+
+const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The HTTP request for `outgoing`. Its body is shared, not copied, between attempts.
 fn build(
     transport: &Transport,
-    request: &EngineRequest,
-    correlation_id: &str,
+    outgoing: &Outgoing<'_>,
 ) -> Result<Request<Full<Bytes>>, AdapterError> {
-    let mut http = Request::new(Full::new(request.body.clone()));
+    let mut http = Request::new(Full::new(outgoing.body.clone()));
     *http.method_mut() = Method::POST;
-    *http.uri_mut() = transport.uri(request.route.path())?;
+    *http.uri_mut() = transport.uri(outgoing.path)?;
     let headers = http.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
-    match HeaderValue::from_str(correlation_id) {
+    headers.clone_from(outgoing.headers);
+    headers.insert(CONTENT_TYPE, JSON);
+    headers.insert(ACCEPT, outgoing.accept.clone());
+    match HeaderValue::from_str(outgoing.correlation_id) {
         Ok(value) => {
             headers.insert(CORRELATION_ID, value);
         }
         Err(_) => tracing::warn!(
-            correlation_id,
+            correlation_id = outgoing.correlation_id,
             "correlation id is not a valid header value; not sent to the engine"
         ),
     }
     Ok(http)
+}
+
+/// A non-streaming answer's body, up to [`MAX_WHOLE_ANSWER`] bytes.
+async fn read_whole(mut body: Incoming) -> Result<Bytes, AdapterError> {
+    let mut collected = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| AdapterError::WorkerReset {
+            detail: format!("engine answer broke: {}", error_chain(&error)),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if collected.len() + data.len() > MAX_WHOLE_ANSWER {
+                return Err(AdapterError::WorkerReset {
+                    detail: format!("engine answer larger than {MAX_WHOLE_ANSWER} bytes"),
+                });
+            }
+            if collected.is_empty() && body.is_end_stream() {
+                return Ok(data);
+            }
+            collected.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(collected))
 }
 
 /// An error answer's body, up to [`MAX_ENGINE_TEXT`] bytes, read within `limit`.

@@ -34,11 +34,12 @@ struct NativeEvent {
     error: Option<IgnoredAny>,
 }
 
-/// Turns one `data:` payload into an event. The caller stops reading after a `Done`.
-pub(super) fn on_data(raw: Bytes) -> Result<EngineEvent, AdapterError> {
-    let event: NativeEvent = serde_json::from_slice(&raw).map_err(|e| malformed(&e))?;
+/// Turns one event (`data` payload, whole `frame`) into an event. The caller stops reading after a
+/// `Done`.
+pub(super) fn on_data(data: Bytes, frame: Bytes) -> Result<EngineEvent, AdapterError> {
+    let event: NativeEvent = serde_json::from_slice(&data).map_err(|e| malformed(&e))?;
     if event.error.is_some() {
-        return Err(super::engine_reported(&raw));
+        return Err(super::engine_reported(&data));
     }
     if event.stop {
         let finish_reason = match event.stop_type.as_deref() {
@@ -52,7 +53,8 @@ pub(super) fn on_data(raw: Bytes) -> Result<EngineEvent, AdapterError> {
             finish_reason: finish_reason.to_owned(),
             prompt_tokens: event.tokens_evaluated,
             completion_tokens: event.tokens_predicted,
-            raw_usage: Some(raw),
+            usage_frame: None,
+            terminator: frame,
         });
     }
     let token_text = event.content.filter(|text| !text.is_empty());
@@ -63,7 +65,8 @@ pub(super) fn on_data(raw: Bytes) -> Result<EngineEvent, AdapterError> {
         u32::from(token_text.is_some())
     };
     Ok(EngineEvent::Chunk {
-        raw,
+        frame,
+        data,
         token_text,
         tokens,
     })
@@ -79,8 +82,12 @@ fn malformed(error: &serde_json::Error) -> AdapterError {
 mod tests {
     use super::*;
 
+    fn frame_of(text: &str) -> Bytes {
+        Bytes::from(format!("data: {text}\n\n"))
+    }
+
     fn parse(text: &'static str) -> Result<EngineEvent, AdapterError> {
-        on_data(Bytes::from_static(text.as_bytes()))
+        on_data(Bytes::from_static(text.as_bytes()), frame_of(text))
     }
 
     #[test]
@@ -89,7 +96,8 @@ mod tests {
         assert_eq!(
             parse(raw).unwrap(),
             EngineEvent::Chunk {
-                raw: Bytes::from_static(raw.as_bytes()),
+                frame: frame_of(raw),
+                data: Bytes::from_static(raw.as_bytes()),
                 token_text: Some(" fox".to_owned()),
                 tokens: 1,
             }
@@ -115,15 +123,16 @@ mod tests {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
-                raw_usage,
-            } = on_data(Bytes::from(raw.clone())).unwrap()
+                terminator,
+                ..
+            } = on_data(Bytes::from(raw.clone()), frame_of(&raw)).unwrap()
             else {
                 panic!("expected done");
             };
             assert_eq!(finish_reason, expected);
             assert_eq!(prompt_tokens, Some(2));
             assert_eq!(completion_tokens, Some(5));
-            assert_eq!(raw_usage, Some(Bytes::from(raw)));
+            assert_eq!(terminator, frame_of(&raw));
         }
     }
 

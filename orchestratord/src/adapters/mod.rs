@@ -3,10 +3,12 @@
 //!
 //! What lives here: [`EngineClients`] (one pooled HTTP/1.1 client per engine endpoint, and the single
 //! retry rule), [`EngineStream`] (one streamed generation: stall detection, cancellation on drop),
-//! the pure SSE framing (`sse`) and the two stream dialects (`llamacpp`: native `/completion`;
-//! `openai`: `/v1/chat/completions` and `/v1/completions`). Callers build the JSON body; this module
-//! never re-serialises it, and hands every engine chunk back with its exact `data:` payload bytes so a
-//! relay that speaks the engine's API can forward them untouched.
+//! [`WholeAnswer`] (a non-streaming request's answer, read whole within a time limit), the pure SSE
+//! framing (`sse`) and the stream dialects (`llamacpp`: native `/completion`; `openai`:
+//! `/v1/chat/completions` and `/v1/completions`; `anthropic`: `/v1/messages`; `responses`:
+//! `/v1/responses`). Callers build the JSON body; this module never re-serialises it, and hands every
+//! engine event back with its exact bytes (the whole SSE event, and its `data:` payload) so a relay
+//! that speaks the engine's API can forward it untouched.
 //!
 //! Invariants a reader must not break:
 //! - A generation never runs twice: the only retry is of a request hyper proves the engine never
@@ -19,10 +21,12 @@
 //! - `AdapterError` details are for logs: they may hold engine or OS error text and must be mapped to
 //!   a public error code before they reach a client.
 
+mod anthropic;
 mod clients;
 mod connection;
 mod llamacpp;
 mod openai;
+mod responses;
 mod sse;
 mod stream;
 
@@ -30,9 +34,10 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::HeaderMap;
 use pool_ipc::registry::{Endpoint, EngineKind};
 
-pub use clients::EngineClients;
+pub use clients::{EngineClients, MAX_WHOLE_ANSWER, WholeAnswer, WholeRequest};
 pub use stream::EngineStream;
 
 /// The engine routes a generation can be sent to. The route decides the stream dialect.
@@ -45,6 +50,11 @@ pub enum EngineRoute {
     ChatCompletions,
     /// OpenAI `POST /v1/completions`: chunks, then `data: [DONE]`.
     Completions,
+    /// Anthropic `POST /v1/messages`: named events ending with `message_stop`, no `[DONE]`.
+    Messages,
+    /// OpenAI `POST /v1/responses`: named events ending with `response.completed` (or
+    /// `response.incomplete`, `response.failed`), no `[DONE]`.
+    Responses,
 }
 
 impl EngineRoute {
@@ -54,6 +64,8 @@ impl EngineRoute {
             Self::Completion => "/completion",
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
+            Self::Messages => "/v1/messages",
+            Self::Responses => "/v1/responses",
         }
     }
 
@@ -62,7 +74,9 @@ impl EngineRoute {
         match (self, kind) {
             (Self::Completion, EngineKind::Llamacpp) => true,
             (Self::Completion, EngineKind::Openai) => false,
-            (Self::ChatCompletions | Self::Completions, _) => true,
+            (Self::ChatCompletions | Self::Completions | Self::Messages | Self::Responses, _) => {
+                true
+            }
         }
     }
 }
@@ -75,13 +89,16 @@ impl fmt::Display for EngineRoute {
 
 /// One generation to stream from an engine. `body` is the JSON the engine receives, already built by
 /// the caller; it must ask for a stream (`"stream": true`; on OpenAI routes the caller may add
-/// `stream_options.include_usage` to get [`EngineEvent::Done`]'s usage) and one choice only (`n` = 1).
+/// `stream_options.include_usage` to get [`EngineEvent::Done`]'s usage). Only the first choice's
+/// text is decoded into [`EngineEvent::Chunk::token_text`]; every chunk is handed back whole.
 #[derive(Debug, Clone)]
 pub struct EngineRequest {
     pub endpoint: Endpoint,
     pub kind: EngineKind,
     pub route: EngineRoute,
     pub body: Bytes,
+    /// Client headers the engine may use (trace context, API versions), added to the request.
+    pub headers: HeaderMap,
     /// How long to wait for the engine's response head: connect, queueing inside the engine and
     /// prompt processing, since llama-server answers only once the prompt is accepted. `None`: the
     /// stall limit given to [`EngineClients::stream`].
@@ -95,8 +112,16 @@ impl EngineRequest {
             kind,
             route,
             body,
+            headers: HeaderMap::new(),
             head_limit: None,
         }
+    }
+
+    /// Adds `headers` to the engine request.
+    #[must_use]
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Bounds the wait for the response head separately from the stall limit (a long prompt).
@@ -110,30 +135,42 @@ impl EngineRequest {
 /// What an [`EngineStream`] yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineEvent {
-    /// One engine chunk, in order.
+    /// One engine event, in order.
     Chunk {
-        /// The exact `data:` payload bytes (no `data: ` prefix, no blank line), for a relay that
-        /// speaks the engine's API to forward without re-serialising.
-        raw: Bytes,
-        /// The text this chunk adds, when it adds any (`content`, `delta.content` or `text`).
+        /// The whole SSE event exactly as sent (`event:` line, `data:` line, blank line), for a relay
+        /// that speaks the engine's API to forward without re-serialising.
+        frame: Bytes,
+        /// The event's exact `data:` payload bytes (no `data: ` prefix, no blank line).
+        data: Bytes,
+        /// The text this chunk adds, when it adds any (`content`, `delta.content`, `text`, an
+        /// Anthropic `text_delta`, a Responses `output_text` delta).
         token_text: Option<String>,
-        /// Tokens generated in this chunk: the native event's `tokens` array length; for OpenAI
-        /// chunks 1 when the choice carries generated output, else 0 (role-only and finish chunks).
+        /// Tokens generated in this chunk: the native event's `tokens` array length; otherwise 1
+        /// when the event carries generated output (text, reasoning, tool-call arguments), else 0
+        /// (role-only, finish and bookkeeping events).
         tokens: u32,
     },
-    /// The stream ended at its terminator (native `"stop":true`, OpenAI `[DONE]`). Last event.
+    /// The stream ended at its terminator (native `"stop":true`, OpenAI `[DONE]`, Anthropic
+    /// `message_stop`, Responses `response.completed`/`incomplete`/`failed`). Last event.
     Done {
-        /// `length` or `stop` (native `stop_type` limit → length, eos/word → stop; an OpenAI engine's
-        /// own value passes through; `stop` when an OpenAI stream named none).
+        /// `length` or `stop` for native and OpenAI streams (native `stop_type` limit → length,
+        /// eos/word → stop; an OpenAI engine's own value passes through; `stop` when an OpenAI
+        /// stream named none); Anthropic's `stop_reason`; the Responses status.
         finish_reason: String,
-        /// Native `tokens_evaluated`, or OpenAI `usage.prompt_tokens` when the engine sent usage.
+        /// Prompt tokens, when the engine reported them (native `tokens_evaluated`, OpenAI
+        /// `usage.prompt_tokens`, Anthropic/Responses `input_tokens`).
         prompt_tokens: Option<u32>,
-        /// Native `tokens_predicted`, or OpenAI `usage.completion_tokens` when the engine sent usage.
+        /// Generated tokens, when the engine reported them (native `tokens_predicted`, OpenAI
+        /// `usage.completion_tokens`, Anthropic/Responses `output_tokens`).
         completion_tokens: Option<u32>,
-        /// The payload that carried the usage, exactly as sent: OpenAI's usage chunk (the one with
-        /// `"choices": []`, which is never yielded as a [`EngineEvent::Chunk`], so a relay forwards it
-        /// only to a client that asked for `include_usage`), or the native final `"stop":true` event.
-        raw_usage: Option<Bytes>,
+        /// OpenAI's usage chunk (the one with `"choices": []`; with `n` > 1 llama-server sends one
+        /// per choice, kept in order), exactly as sent. It is never yielded as a
+        /// [`EngineEvent::Chunk`], so a relay forwards it only to a client that asked for
+        /// `include_usage`.
+        usage_frame: Option<Bytes>,
+        /// The terminating event exactly as sent (`data: [DONE]`, native final event,
+        /// `message_stop`, `response.completed`, ...), for a relay to forward.
+        terminator: Bytes,
     },
 }
 

@@ -4,7 +4,8 @@
 //! terminator `data: [DONE]`. Pure apart from the little it remembers until `[DONE]`: the finish
 //! reason and the usage.
 //!
-//! Only the first choice is read: callers send one choice (`n` = 1).
+//! Only the first choice's text is decoded into `token_text`; with `n` > 1 every choice's chunks still
+//! pass as they are, and each chunk that carries output counts as one token.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -42,6 +43,16 @@ struct Delta {
     tool_calls: Option<IgnoredAny>,
 }
 
+impl Delta {
+    /// Output other than content: reasoning text or a tool call.
+    fn has_other_output(&self) -> bool {
+        self.reasoning_content
+            .as_deref()
+            .is_some_and(|text| !text.is_empty())
+            || self.tool_calls.is_some()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct Usage {
     #[serde(default)]
@@ -56,13 +67,18 @@ pub(super) struct OpenAiStream {
     finish_reason: Option<String>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
-    raw_usage: Option<Bytes>,
+    usage_frame: Option<Bytes>,
 }
 
 impl OpenAiStream {
-    /// Turns one `data:` payload into an event; `None` for the usage chunk, which is kept for `Done`.
-    pub(super) fn on_data(&mut self, raw: Bytes) -> Result<Option<EngineEvent>, AdapterError> {
-        if raw.trim_ascii() == b"[DONE]" {
+    /// Turns one event (`data` payload, whole `frame`) into an event; `None` for the usage chunk,
+    /// which is kept for `Done`.
+    pub(super) fn on_data(
+        &mut self,
+        data: Bytes,
+        frame: Bytes,
+    ) -> Result<Option<EngineEvent>, AdapterError> {
+        if data.trim_ascii() == b"[DONE]" {
             return Ok(Some(EngineEvent::Done {
                 finish_reason: self
                     .finish_reason
@@ -70,14 +86,16 @@ impl OpenAiStream {
                     .unwrap_or_else(|| "stop".to_owned()),
                 prompt_tokens: self.prompt_tokens,
                 completion_tokens: self.completion_tokens,
-                raw_usage: self.raw_usage.take(),
+                usage_frame: self.usage_frame.take(),
+                terminator: frame,
             }));
         }
-        let chunk: Chunk = serde_json::from_slice(&raw).map_err(|e| AdapterError::WorkerReset {
-            detail: format!("malformed OpenAI stream chunk: {e}"),
-        })?;
+        let chunk: Chunk =
+            serde_json::from_slice(&data).map_err(|e| AdapterError::WorkerReset {
+                detail: format!("malformed OpenAI stream chunk: {e}"),
+            })?;
         if chunk.error.is_some() {
-            return Err(super::engine_reported(&raw));
+            return Err(super::engine_reported(&data));
         }
         let has_usage = chunk.usage.is_some();
         if let Some(usage) = chunk.usage {
@@ -86,11 +104,16 @@ impl OpenAiStream {
         }
         let Some(choice) = chunk.choices.and_then(|choices| choices.into_iter().next()) else {
             if has_usage {
-                self.raw_usage = Some(raw);
+                // With `n` > 1 llama-server sends one usage chunk per choice: keep them all.
+                self.usage_frame = Some(match self.usage_frame.take() {
+                    Some(earlier) => [earlier, frame].concat().into(),
+                    None => frame,
+                });
                 return Ok(None);
             }
             return Ok(Some(EngineEvent::Chunk {
-                raw,
+                frame,
+                data,
                 token_text: None,
                 tokens: 0,
             }));
@@ -100,18 +123,15 @@ impl OpenAiStream {
         }
         let (text, generated) = match choice.delta {
             Some(delta) => {
-                let other_output = delta
-                    .reasoning_content
-                    .as_deref()
-                    .is_some_and(|text| !text.is_empty())
-                    || delta.tool_calls.is_some();
+                let other_output = delta.has_other_output();
                 (delta.content, other_output)
             }
             None => (choice.text, false),
         };
         let token_text = text.filter(|text| !text.is_empty());
         Ok(Some(EngineEvent::Chunk {
-            raw,
+            frame,
+            data,
             tokens: u32::from(token_text.is_some() || generated),
             token_text,
         }))
@@ -122,8 +142,14 @@ impl OpenAiStream {
 mod tests {
     use super::*;
 
+    fn frame_of(text: &'static str) -> Bytes {
+        Bytes::from(format!("data: {text}\n\n"))
+    }
+
     fn feed(stream: &mut OpenAiStream, text: &'static str) -> Option<EngineEvent> {
-        stream.on_data(Bytes::from_static(text.as_bytes())).unwrap()
+        stream
+            .on_data(Bytes::from_static(text.as_bytes()), frame_of(text))
+            .unwrap()
     }
 
     fn chunk(event: Option<EngineEvent>) -> (Option<String>, u32) {
@@ -153,7 +179,8 @@ mod tests {
                 finish_reason: "length".to_owned(),
                 prompt_tokens: None,
                 completion_tokens: None,
-                raw_usage: None,
+                usage_frame: None,
+                terminator: frame_of("[DONE]"),
             })
         );
     }
@@ -177,7 +204,8 @@ mod tests {
                 finish_reason: "stop".to_owned(),
                 prompt_tokens: Some(3),
                 completion_tokens: Some(4),
-                raw_usage: Some(Bytes::from_static(usage.as_bytes())),
+                usage_frame: Some(frame_of(usage)),
+                terminator: frame_of("[DONE]"),
             })
         );
     }
@@ -190,25 +218,28 @@ mod tests {
         let Some(EngineEvent::Done {
             prompt_tokens,
             completion_tokens,
-            raw_usage,
+            usage_frame,
             ..
         }) = feed(&mut stream, "[DONE]")
         else {
             panic!("expected done");
         };
         assert_eq!((prompt_tokens, completion_tokens), (Some(1), Some(2)));
-        assert_eq!(raw_usage, None);
+        assert_eq!(usage_frame, None);
     }
 
     #[test]
     fn an_error_chunk_or_bad_json_is_a_worker_reset() {
         let mut stream = OpenAiStream::default();
         assert!(matches!(
-            stream.on_data(Bytes::from_static(br#"{"error":{"message":"boom"}}"#)),
+            stream.on_data(
+                Bytes::from_static(br#"{"error":{"message":"boom"}}"#),
+                Bytes::new()
+            ),
             Err(AdapterError::WorkerReset { .. })
         ));
         assert!(matches!(
-            stream.on_data(Bytes::from_static(b"{\"choices\":")),
+            stream.on_data(Bytes::from_static(b"{\"choices\":"), Bytes::new()),
             Err(AdapterError::WorkerReset { .. })
         ));
     }

@@ -7,8 +7,12 @@
 //! the event an [`SseEvent::Error`]; comments (`:` keep-alives) and other fields (`event`, `id`,
 //! `retry`) are ignored. A lone `\r` line ending is not supported (no engine we target sends one).
 //!
-//! Invariant: an event's payload is a zero-copy slice of the bytes pushed whenever the event has one
-//! `data` line and did not straddle two pushes; nothing is ever re-encoded.
+//! Each data event also carries its `frame`: the event's exact bytes as the engine sent them, up to
+//! and including its blank line, so a relay can forward it (`event:` line and all) untouched.
+//!
+//! Invariant: an event's payload and frame are zero-copy slices of the bytes pushed whenever the
+//! event did not straddle two pushes (and, for the payload, has one `data` line); nothing is ever
+//! re-encoded.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
@@ -18,8 +22,8 @@ pub(super) const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum SseEvent {
-    /// The event's `data` (exact payload bytes).
-    Data(Bytes),
+    /// A data event: its `data` (exact payload bytes) and the whole event as sent.
+    Data { data: Bytes, frame: Bytes },
     /// An `error:` event (llama-server reports a failure mid-stream this way): its value.
     Error(Bytes),
 }
@@ -72,10 +76,13 @@ impl SseDecoder {
             };
             let (end_of_lines, after_blank) = blank;
             let event = parse_event(&self.buf.slice(..end_of_lines));
+            let frame = self.buf.slice(..after_blank);
             self.buf.advance(after_blank);
             self.scanned = 0;
-            if let Some(event) = event {
-                return Ok(Some(event));
+            match event {
+                Some(Parsed::Data(data)) => return Ok(Some(SseEvent::Data { data, frame })),
+                Some(Parsed::Error(value)) => return Ok(Some(SseEvent::Error(value))),
+                None => {}
             }
             // Comments or fields without data: nothing to hand out, look for the next event.
         }
@@ -99,8 +106,14 @@ impl SseDecoder {
     }
 }
 
+/// What the lines of one event say.
+enum Parsed {
+    Data(Bytes),
+    Error(Bytes),
+}
+
 /// Parses the lines of one event (everything before its blank line).
-fn parse_event(lines: &Bytes) -> Option<SseEvent> {
+fn parse_event(lines: &Bytes) -> Option<Parsed> {
     let mut data: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
     let mut error: Option<Bytes> = None;
@@ -149,25 +162,35 @@ fn parse_event(lines: &Bytes) -> Option<SseEvent> {
         }
     }
     if let Some(error) = error {
-        return Some(SseEvent::Error(error));
+        return Some(Parsed::Error(error));
     }
-    joined.map(BytesMut::freeze).or(data).map(SseEvent::Data)
+    joined.map(BytesMut::freeze).or(data).map(Parsed::Data)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The events decoded so far, data events by their payload only.
     fn decode_all(decoder: &mut SseDecoder) -> Vec<SseEvent> {
         let mut events = Vec::new();
         while let Some(event) = decoder.next_event().unwrap() {
-            events.push(event);
+            events.push(match event {
+                SseEvent::Data { data, .. } => SseEvent::Data {
+                    data,
+                    frame: Bytes::new(),
+                },
+                error => error,
+            });
         }
         events
     }
 
     fn data(text: &str) -> SseEvent {
-        SseEvent::Data(Bytes::copy_from_slice(text.as_bytes()))
+        SseEvent::Data {
+            data: Bytes::copy_from_slice(text.as_bytes()),
+            frame: Bytes::new(),
+        }
     }
 
     #[test]
@@ -195,15 +218,27 @@ mod tests {
     }
 
     #[test]
-    fn a_single_line_payload_is_a_slice_of_the_pushed_bytes() {
-        let wire = Bytes::from_static(b"data: payload\n\n");
+    fn a_single_line_payload_and_its_frame_are_slices_of_the_pushed_bytes() {
+        let wire = Bytes::from_static(b"event: x\ndata: payload\n\n");
         let mut decoder = SseDecoder::default();
         decoder.push(wire.clone());
-        let Some(SseEvent::Data(payload)) = decoder.next_event().unwrap() else {
+        let Some(SseEvent::Data { data, frame }) = decoder.next_event().unwrap() else {
             panic!("expected a data event");
         };
-        assert_eq!(&payload[..], b"payload");
-        assert_eq!(payload.as_ptr(), wire[6..].as_ptr());
+        assert_eq!(&data[..], b"payload");
+        assert_eq!(data.as_ptr(), wire[15..].as_ptr());
+        assert_eq!(frame, wire);
+        assert_eq!(frame.as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn a_frame_is_the_event_exactly_as_sent_without_the_comments_before_it() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(Bytes::from_static(b": ping\n\nevent: a\r\ndata: 1\r\n\r\n"));
+        let Some(SseEvent::Data { frame, .. }) = decoder.next_event().unwrap() else {
+            panic!("expected a data event");
+        };
+        assert_eq!(&frame[..], b"event: a\r\ndata: 1\r\n\r\n");
     }
 
     #[test]

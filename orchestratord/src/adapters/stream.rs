@@ -19,9 +19,10 @@ use hyper::body::{Body as _, Incoming};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::anthropic::AnthropicStream;
 use super::openai::OpenAiStream;
 use super::sse::{SseDecoder, SseEvent};
-use super::{AdapterError, EngineEvent, EngineRoute, error_chain, llamacpp};
+use super::{AdapterError, EngineEvent, EngineRoute, error_chain, llamacpp, responses};
 
 /// Bytes read and thrown away after the terminator before the connection is given up instead.
 const MAX_TRAILING_BYTES: usize = 64 * 1024;
@@ -30,6 +31,8 @@ const MAX_TRAILING_BYTES: usize = 64 * 1024;
 enum Dialect {
     Native,
     OpenAi(OpenAiStream),
+    Anthropic(AnthropicStream),
+    Responses,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +116,8 @@ impl Inner {
             EngineRoute::ChatCompletions | EngineRoute::Completions => {
                 Dialect::OpenAi(OpenAiStream::default())
             }
+            EngineRoute::Messages => Dialect::Anthropic(AnthropicStream::default()),
+            EngineRoute::Responses => Dialect::Responses,
         };
         Self {
             body: Some(body),
@@ -202,14 +207,16 @@ impl Inner {
                 .map_err(|e| AdapterError::WorkerReset {
                     detail: format!("malformed engine stream: {e}"),
                 })?;
-            let raw = match sse {
+            let (data, frame) = match sse {
                 None => return Ok(None),
                 Some(SseEvent::Error(payload)) => return Err(super::engine_reported(&payload)),
-                Some(SseEvent::Data(raw)) => raw,
+                Some(SseEvent::Data { data, frame }) => (data, frame),
             };
             let event = match &mut self.dialect {
-                Dialect::Native => Some(llamacpp::on_data(raw)?),
-                Dialect::OpenAi(stream) => stream.on_data(raw)?,
+                Dialect::Native => Some(llamacpp::on_data(data, frame)?),
+                Dialect::OpenAi(stream) => stream.on_data(data, frame)?,
+                Dialect::Anthropic(stream) => Some(stream.on_data(data, frame)?),
+                Dialect::Responses => Some(responses::on_data(data, frame)?),
             };
             if event.is_some() {
                 return Ok(event);

@@ -2,15 +2,13 @@
 //! registry mirror; engine addresses are never shown to clients) and `POST
 //! /v2/pools/{id}/drain|reload`, forwarded to pool-managerd over its socket.
 
-use crate::app::AppState;
+use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use pool_ipc::client::ClientError;
-use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{PoolId, PoolSnapshot, PoolState};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -42,21 +40,7 @@ pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let mirror = state.mirror.borrow();
     match mirror.snapshot.pool(&PoolId(id.clone())) {
         Some(pool) => Json(view(pool)).into_response(),
-        None => ApiError::InvalidParams(format!("unknown pool {id:?}"))
-            .native_response()
-            .into_response()
-            .map_status(StatusCode::NOT_FOUND),
-    }
-}
-
-trait MapStatus {
-    fn map_status(self, status: StatusCode) -> Response;
-}
-
-impl MapStatus for Response {
-    fn map_status(mut self, status: StatusCode) -> Response {
-        *self.status_mut() = status;
-        self
+        None => ApiError::PoolNotFound(id).native_response(),
     }
 }
 
@@ -72,39 +56,20 @@ struct ReloadBody {
     model: String,
 }
 
+/// pool-managerd's answer to a forwarded operation: 202, or its refusal as an [`ApiError`].
 fn forwarded(result: Result<(), ClientError>, op: &str) -> Response {
     match result {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
-        Err(ClientError::Remote(error)) => {
-            let status = match error.code {
-                ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
-                ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
-                ErrorCode::Unsupported => StatusCode::CONFLICT,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            (
-                status,
-                Json(json!({
-                    "code": error.code.name().to_ascii_uppercase(),
-                    "message": error.message,
-                    "retriable": status == StatusCode::SERVICE_UNAVAILABLE,
-                    "retry_after_ms": null,
-                })),
-            )
-                .into_response()
-        }
-        Err(error) => {
-            tracing::warn!(%error, op, "pool-managerd did not take the request");
-            ApiError::PoolUnavailable {
-                retry_after: Duration::from_secs(2),
-            }
-            .native_response()
-        }
+        Err(error) => ApiError::from(error).native_response(),
     }
 }
 
-pub async fn drain(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+pub async fn drain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    inbound: Inbound,
+) -> Response {
+    let body = inbound.body;
     let body: DrainBody = if body.is_empty() {
         DrainBody::default()
     } else {
@@ -123,9 +88,9 @@ pub async fn drain(State(state): State<AppState>, Path(id): Path<String>, body: 
 pub async fn reload(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Bytes,
+    inbound: Inbound,
 ) -> Response {
-    let body: ReloadBody = match serde_json::from_slice(&body) {
+    let body: ReloadBody = match serde_json::from_slice(&inbound.body) {
         Ok(body) => body,
         Err(error) => {
             return ApiError::InvalidParams(format!("invalid reload request: {error}"))

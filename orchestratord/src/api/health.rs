@@ -2,7 +2,7 @@
 //! ready, not shutting down), `/metrics`, and the JSON 404 for unknown routes.
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorShape};
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -50,16 +50,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 pub async fn not_found(request: Request) -> Response {
-    let error = ApiError::InvalidParams(format!(
-        "no route for {} {}",
-        request.method(),
-        request.uri().path()
-    ));
-    let mut response = if request.uri().path().starts_with("/v1/") {
-        error.openai_response()
-    } else {
-        error.native_response()
-    };
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
+    let path = request.uri().path();
+    ApiError::RouteNotFound {
+        method: request.method().to_string(),
+        path: path.to_owned(),
+    }
+    .response(ErrorShape::of_path(path))
 }

@@ -5,21 +5,20 @@
 //! admitted, whether or not its events are read; cancelling it (or its deadline passing in the
 //! queue) ends it with one `error` event and releases its slot at once.
 
-use crate::adapters::{AdapterError, EngineEvent, EngineRequest, EngineRoute};
+use crate::adapters::EngineEvent;
 use crate::admission::Priority;
-use crate::app::{AppState, CorrelationId};
+use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
-use crate::placement::PlacementHints;
-use crate::scheduler::{Demand, Placed, Ticket};
+use crate::lifecycle::{EngineCall, Exchange, Lifecycle};
+use crate::placement::{PlacementHints, SlotNeed};
 use crate::sse;
 use crate::tasks::TaskHandle;
-use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use pool_ipc::registry::{EngineKind, PoolId, ReleaseOutcome};
+use pool_ipc::registry::{ApiEndpoint, PoolId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -115,202 +114,113 @@ fn validate(body: &[u8], default_deadline: Duration) -> Result<ValidTask, ApiErr
     })
 }
 
-pub async fn create(
-    State(state): State<AppState>,
-    Extension(correlation): Extension<CorrelationId>,
-    body: Bytes,
-) -> Response {
-    let task = match validate(&body, state.config.get().queue_deadline) {
+pub async fn create(State(state): State<AppState>, inbound: Inbound) -> Response {
+    let task = match validate(&inbound.body, state.config.get().queue_deadline) {
         Ok(task) => task,
         Err(error) => return error.native_response(),
     };
-    if let Some(session) = &task.session
-        && let Err(error) = state.sessions.begin_turn(session, Instant::now())
-    {
-        state.metrics.reject(error.code());
-        return error.native_response();
-    }
-    let demand = Demand {
+    let exchange = Exchange {
         model: task.model.clone(),
+        api: ApiEndpoint::Completions,
+        call: EngineCall::Task {
+            prompt: task.prompt,
+            max_tokens: task.max_tokens,
+        },
+        slots: Some(SlotNeed::ONE),
         priority: task.priority,
-        session: task.session.clone(),
-        hints: task.hints.clone(),
-        deadline: Instant::now() + task.queue_deadline,
-        correlation_id: correlation.0.clone(),
+        session: task.session,
+        hints: task.hints,
+        queue_deadline: task.queue_deadline,
+        headers: inbound.forward,
+        correlation_id: inbound.correlation_id,
     };
-    let ticket = match state.scheduler.submit(demand).await {
-        Ok(ticket) => ticket,
-        Err(error) => {
-            state.metrics.reject(error.code());
-            return error.native_response();
-        }
+    let life = match Lifecycle::admit(&state, exchange).await {
+        Ok(life) => life,
+        Err(error) => return error.native_response(),
     };
+    let (position, predicted_start) = life.ticket().map_or((0, Duration::ZERO), |ticket| {
+        (ticket.position, ticket.predicted_start)
+    });
     let id = format!("t-{:016x}", rand::random::<u64>());
     let handle = state.tasks.create(&id, &task.model);
     let reply = json!({
         "task_id": id,
-        "queue_position": ticket.position,
-        "predicted_start_ms": ticket.predicted_start.as_millis() as u64,
+        "queue_position": position,
+        "predicted_start_ms": predicted_start.as_millis() as u64,
         "streams": {"events": format!("/v2/tasks/{id}/events")},
     });
     state.tasks.sweep();
-    tokio::spawn(run(state, correlation.0, task, ticket, handle));
+    tokio::spawn(run(life, handle));
     (StatusCode::ACCEPTED, Json(reply)).into_response()
 }
 
-async fn run(
-    state: AppState,
-    correlation: String,
-    task: ValidTask,
-    mut ticket: Ticket,
-    handle: Arc<TaskHandle>,
-) {
-    let received = Instant::now();
-    let placed = tokio::select! {
-        () = handle.cancel.cancelled() => {
-            handle.fail(&ApiError::Cancelled);
-            state.metrics.cancellations.inc();
-            return;
-        }
-        placed = &mut ticket.placed => placed,
-    };
-    let placed = match placed {
-        Ok(Ok(placed)) => placed,
-        Ok(Err(error)) => return handle.fail(&error),
-        Err(_) => return handle.fail(&ApiError::Internal("the scheduler dropped a task".into())),
-    };
-    let queue_ms = placed.queued_for.as_millis() as u64;
-    handle.push(
-        "started",
-        json!({"queue_ms": queue_ms, "pool_id": placed.lease.lease().pool}),
-    );
-    state.metrics.in_flight.inc();
+/// Runs an admitted task to its end, whether or not anyone reads its events; a cancel ends it
+/// at once (dropping `life` closes the engine connection and releases the lease).
+async fn run(mut life: Lifecycle, handle: Arc<TaskHandle>) {
     let outcome = tokio::select! {
         () = handle.cancel.cancelled() => Err(ApiError::Cancelled),
-        outcome = generate(&state, &correlation, &task, &placed, &handle, received) => outcome,
+        outcome = generate(&mut life, &handle) => outcome,
     };
-    if let Some(session) = &task.session {
-        let tokens = outcome.as_ref().map_or(0, |used| *used);
-        state.sessions.end_turn(session, tokens, Instant::now());
-    }
-    let outcome = outcome.map(|_| ());
-    state.metrics.in_flight.dec();
-    let release = match &outcome {
-        Ok(()) => ReleaseOutcome::Completed,
-        Err(ApiError::Cancelled) => {
-            state.metrics.cancellations.inc();
-            ReleaseOutcome::Cancelled
-        }
-        Err(_) => ReleaseOutcome::Failed,
-    };
-    // The engine stream is gone by now (it lived in `generate`): the slot can come back.
-    let pool = placed.lease.lease().pool.clone();
-    let started = Instant::now();
-    let Placed { lease, .. } = placed;
-    if let Err(error) = lease.release(release).await {
-        tracing::warn!(%pool, %error, "lease release failed; the connection's close returns it");
-    }
-    state
-        .scheduler
-        .served(task.session.clone().map(|s| (s, pool)), started.elapsed());
+    drop(life);
     if let Err(error) = outcome {
         handle.fail(&error);
     }
 }
 
-/// Streams the generation into the task's events; returns when it ended.
-async fn generate(
-    state: &AppState,
-    correlation: &str,
-    task: &ValidTask,
-    placed: &Placed,
-    handle: &TaskHandle,
-    received: Instant,
-) -> Result<u64, ApiError> {
-    let lease = placed.lease.lease();
-    let (route, body) = match lease.engine {
-        EngineKind::Llamacpp => (
-            EngineRoute::Completion,
-            json!({"prompt": task.prompt, "n_predict": task.max_tokens, "stream": true}),
-        ),
-        EngineKind::Openai => (
-            EngineRoute::Completions,
-            json!({
-                "model": task.model, "prompt": task.prompt, "max_tokens": task.max_tokens,
-                "stream": true, "stream_options": {"include_usage": true},
-            }),
-        ),
-    };
-    let request = EngineRequest::new(
-        lease.endpoint.clone(),
-        lease.engine,
-        route,
-        Bytes::from(body.to_string()),
-    );
-    let decode_started = Instant::now();
-    let mut stream = state
-        .engines
-        .stream(request, state.config.get().decode_stall, correlation)
-        .await
-        .map_err(map_adapter)?;
-    let mut index = 0u32;
+/// Waits for the slot, then streams the generation into the task's events.
+async fn generate(life: &mut Lifecycle, handle: &TaskHandle) -> Result<(), ApiError> {
+    life.placed().await?;
+    if let Some(placement) = life.placement() {
+        handle.push(
+            "started",
+            json!({"queue_ms": placement.queued_for.as_millis() as u64, "pool_id": placement.pool}),
+        );
+    }
+    let started = Instant::now();
     let mut first_token = None;
-    loop {
-        match stream.next().await {
-            Some(Ok(EngineEvent::Chunk {
+    life.open_stream().await?;
+    let mut index = 0u32;
+    while let Some(event) = life.next_event().await {
+        match event? {
+            EngineEvent::Chunk {
                 token_text, tokens, ..
-            })) => {
+            } => {
                 if tokens == 0 {
                     continue;
                 }
-                first_token.get_or_insert_with(|| received.elapsed());
+                first_token.get_or_insert_with(|| started.elapsed());
                 handle.push(
                     "token",
                     json!({"t": token_text.unwrap_or_default(), "i": index}),
                 );
                 index += 1;
             }
-            Some(Ok(EngineEvent::Done {
+            EngineEvent::Done {
                 finish_reason,
                 prompt_tokens,
-                completion_tokens,
                 ..
-            })) => {
-                let decode_ms = decode_started.elapsed().as_millis() as u64;
-                state
-                    .metrics
-                    .tokens_in
-                    .inc_by(u64::from(prompt_tokens.unwrap_or(0)));
-                state
-                    .metrics
-                    .tokens_out
-                    .inc_by(u64::from(completion_tokens.unwrap_or(index)));
+            } => {
+                let queue_ms = life
+                    .placement()
+                    .map(|placement| placement.queued_for.as_millis() as u64);
                 handle.push(
                     "metrics",
                     json!({
-                        "queue_ms": placed.queued_for.as_millis() as u64,
+                        "queue_ms": queue_ms,
                         "ttft_ms": first_token.map(|d| d.as_millis() as u64),
                         "prompt_tokens": prompt_tokens,
                         "finish_reason": finish_reason,
                     }),
                 );
+                let decode_ms = started.elapsed().as_millis() as u64;
                 handle.push("end", json!({"tokens_out": index, "decode_ms": decode_ms}));
-                let used = u64::from(prompt_tokens.unwrap_or(0))
-                    + u64::from(completion_tokens.unwrap_or(index));
-                return Ok(used);
-            }
-            Some(Err(error)) => return Err(map_adapter(error)),
-            None => {
-                return Err(ApiError::WorkerReset(
-                    "the engine stream ended early".into(),
-                ));
+                return Ok(());
             }
         }
     }
-}
-
-fn map_adapter(error: AdapterError) -> ApiError {
-    crate::api::openai::adapter_error(error)
+    Err(ApiError::WorkerReset(
+        "the engine stream ended early".into(),
+    ))
 }
 
 pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Response {
@@ -380,10 +290,7 @@ pub async fn delete_session(State(state): State<AppState>, Path(id): Path<String
 }
 
 fn session_not_found(id: &str) -> Response {
-    let mut response =
-        ApiError::InvalidParams(format!("session {id:?} not found")).native_response();
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
+    ApiError::SessionNotFound(id.to_owned()).native_response()
 }
 
 /// `GET /v2/meta/capabilities`.

@@ -1,0 +1,125 @@
+//! Running orchestratord: [`run`] takes a validated configuration and an already-bound listener
+//! (so tests and systemd socket activation pass their own), connects to pool-managerd in the
+//! background (it may start later), starts the scheduler, serves HTTP, applies reloaded
+//! configurations, and shuts down in phases when `shutdown` fires: not ready, no new
+//! connections, running requests finish within [`SHUTDOWN_GRACE`], then whatever still runs is
+//! cut off (its engine streams end, its leases return).
+
+use crate::adapters::EngineClients;
+use crate::app::{AppState, router};
+use crate::config::{Config, LiveConfig};
+use crate::metrics::Metrics;
+use crate::scheduler::Scheduler;
+use crate::sessions::SessionStore;
+use pool_ipc::client::{ClientConfig, PoolClient};
+use pool_ipc::socket_path::resolve_socket_path;
+use pool_ipc::systemd::{self, NotifyState};
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long running requests may take to finish after SIGTERM (keep below systemd's
+/// TimeoutStopSec).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("pool-managerd's socket: {0}")]
+    Socket(String),
+    #[error("cannot read the bound address: {0}")]
+    Address(std::io::Error),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Serves until `shutdown` is cancelled; each configuration received on `reloads` replaces the
+/// live one (keys, open paths, limits, deadlines and timeouts apply at once; the listener, the
+/// socket and session limits at the next start). Prints `READY listen=<addr>` and tells systemd
+/// once it serves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::UnboundedReceiver<Config>,
+) -> Result<(), DaemonError> {
+    let socket = resolve_socket_path(config.socket.clone())
+        .map_err(|error| DaemonError::Socket(error.to_string()))?;
+    let local = listener.local_addr().map_err(DaemonError::Address)?;
+    let cut_off = CancellationToken::new();
+    let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
+    let mirror = pools.follow();
+    let metrics = Arc::new(Metrics::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    let scheduler = Scheduler::start(
+        pools.clone(),
+        mirror.clone(),
+        config.admission.clone(),
+        Arc::clone(&metrics),
+    );
+    let sessions = Arc::new(SessionStore::new(config.sessions.clone()));
+    let live = Arc::new(LiveConfig::new(config));
+    let state = AppState {
+        config: Arc::clone(&live),
+        pools,
+        mirror,
+        scheduler: scheduler.clone(),
+        engines: Arc::new(EngineClients::new(cut_off.clone())),
+        metrics,
+        tasks: Arc::default(),
+        sessions,
+        models_seen: Arc::default(),
+        draining: Arc::clone(&draining),
+    };
+    tokio::spawn(async move {
+        while let Some(new) = reloads.recv().await {
+            apply_reload(&live, &scheduler, new);
+        }
+    });
+    tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "READY listen={local}");
+    let _ = stdout.flush();
+    systemd::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    tokio::spawn(systemd::keep_watchdog_fed(cut_off.clone()));
+
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            systemd::notify(&[
+                NotifyState::Stopping,
+                NotifyState::Status("stopping: letting running requests finish"),
+            ]);
+            draining.store(true, Ordering::Relaxed);
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::warn!("shutdown grace period over; cutting off running requests");
+                cut_off.cancel();
+            });
+        })
+        .await
+        .map_err(DaemonError::Serve)
+}
+
+fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config) {
+    let old = live.get();
+    if new.listen != old.listen || new.socket != old.socket || new.sessions != old.sessions {
+        tracing::warn!("listen, socket and [sessions] apply at the next restart");
+    }
+    scheduler.reconfigure(new.admission.clone());
+    live.replace(new);
+    tracing::info!("configuration reloaded");
+    systemd::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("configuration reloaded"),
+    ]);
+}

@@ -1,0 +1,713 @@
+//! One request's life, the same for every endpoint of both APIs: validate (the API modules turn a
+//! body into an [`Exchange`]) → admit → lease → engine request → relay or pass-through → finish
+//! (lease back, metrics, session accounting). Written once, here; `api/openai`, `api/anthropic`
+//! and `api/tasks` only validate requests and choose how answers are framed.
+//!
+//! A [`Lifecycle`] owns everything a request holds — its place in the queue, its lease, its
+//! engine connection — and gives all of it back exactly once, in `finish`: on success, on a
+//! failure, or in `Drop` when the client went away (dropping the engine stream closes its
+//! connection, which cancels the generation; the lease is released with `Cancelled`).
+//!
+//! Streams keep the stall limit (`streaming.decode_stall_ms`) between engine bytes; a
+//! non-streaming request has a total-time limit instead (`non_streaming.answer_timeout_ms`),
+//! since an engine sends nothing until it is done. What the engine answers reaches the client
+//! unchanged, but for the rewrites `api` documents: a whole JSON answer's top-level `model` says
+//! the id the client asked for, and an OpenAI stream's usage chunk, which orchestratord always
+//! asks for, is passed on only when the client asked for it.
+
+use crate::adapters::{
+    AdapterError, EngineEvent, EngineRequest, EngineRoute, EngineStream, WholeAnswer, WholeRequest,
+};
+use crate::admission::Priority;
+use crate::app::AppState;
+use crate::error::{ApiError, ErrorShape, error_event};
+use crate::json_object::{self, TopLevel};
+use crate::metrics::Metrics;
+use crate::placement::{self, NoPlacement, PlacementHints, SlotNeed, Wanted};
+use crate::scheduler::{Demand, Placed, Ticket};
+use crate::sse::{self, StreamFormat};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use pool_ipc::client::LeaseGuard;
+use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId, ReleaseOutcome};
+use serde::Deserialize;
+use serde_json::json;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+/// A validated request, ready to be admitted: only these reach the queue.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub model: String,
+    /// The API called: only pools whose engine serves it are considered.
+    pub api: ApiEndpoint,
+    pub call: EngineCall,
+    /// The engine sequences it runs, which its lease reserves; `None` for requests that occupy no
+    /// slot (the token counters), which are sent to a ready pool at once and never queued.
+    pub slots: Option<SlotNeed>,
+    pub priority: Priority,
+    /// A native session: its budget is charged when the request ends.
+    pub session: Option<String>,
+    pub hints: PlacementHints,
+    pub queue_deadline: Duration,
+    /// Client headers forwarded to the engine.
+    pub headers: HeaderMap,
+    pub correlation_id: String,
+}
+
+/// What the engine is asked.
+#[derive(Debug, Clone)]
+pub enum EngineCall {
+    /// A stream on `route` with this body.
+    Stream { route: EngineRoute, body: Bytes },
+    /// A native task's generation: llama-server's `/completion`, or `/v1/completions` on an
+    /// OpenAI-compatible engine.
+    Task { prompt: String, max_tokens: u32 },
+    /// A non-streaming request to `path`; its answer goes back whole.
+    Whole { path: &'static str, body: Bytes },
+}
+
+/// Where a request runs: the engine of one pool, under a lease unless it takes no slot.
+#[derive(Debug)]
+pub struct Placement {
+    pub pool: PoolId,
+    pub endpoint: Endpoint,
+    pub engine: EngineKind,
+    pub queued_for: Duration,
+    lease: Option<LeaseGuard>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Queued(Ticket),
+    Placed(Placement),
+    Streaming {
+        stream: EngineStream,
+        placement: Placement,
+    },
+    Finished,
+}
+
+/// How a request ended, for the lease's release and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// One admitted request, from its place in the queue to its last engine byte.
+#[derive(Debug)]
+pub struct Lifecycle {
+    state: AppState,
+    exchange: Exchange,
+    received: Instant,
+    phase: Phase,
+    /// Set when the engine request began (the in-flight gauge counts it).
+    engine_started: Option<Instant>,
+    last_token: Option<Instant>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+impl Lifecycle {
+    /// Admits `exchange` (or says at once why not: queue full, unknown model or API, pool-manager
+    /// down, session over budget). A request that takes no slot is placed on a ready pool here.
+    pub async fn admit(state: &AppState, exchange: Exchange) -> Result<Lifecycle, ApiError> {
+        let admitted = Self::place_or_queue(state, &exchange).await;
+        let phase = match admitted {
+            Ok(phase) => phase,
+            Err(error) => {
+                state.metrics.reject(error.code());
+                return Err(error);
+            }
+        };
+        Ok(Lifecycle {
+            state: state.clone(),
+            exchange,
+            received: Instant::now(),
+            phase,
+            engine_started: None,
+            last_token: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+        })
+    }
+
+    async fn place_or_queue(state: &AppState, exchange: &Exchange) -> Result<Phase, ApiError> {
+        let Some(slots) = exchange.slots else {
+            return unleased_placement(state, exchange).map(Phase::Placed);
+        };
+        if let Some(session) = &exchange.session {
+            state.sessions.begin_turn(session, Instant::now())?;
+        }
+        let demand = Demand {
+            model: exchange.model.clone(),
+            api: exchange.api,
+            slots,
+            priority: exchange.priority,
+            session: exchange.session.clone(),
+            hints: exchange.hints.clone(),
+            deadline: Instant::now() + exchange.queue_deadline,
+            correlation_id: exchange.correlation_id.clone(),
+        };
+        let submitted = state.scheduler.submit(demand).await;
+        if let (Err(_), Some(session)) = (&submitted, &exchange.session) {
+            state.sessions.end_turn(session, 0, Instant::now());
+        }
+        submitted.map(Phase::Queued)
+    }
+
+    /// The queue ticket while the request waits (position, predicted start).
+    pub fn ticket(&self) -> Option<&Ticket> {
+        match &self.phase {
+            Phase::Queued(ticket) => Some(ticket),
+            Phase::Placed(_) | Phase::Streaming { .. } | Phase::Finished => None,
+        }
+    }
+
+    /// Where the request runs, once placed.
+    pub fn placement(&self) -> Option<&Placement> {
+        match &self.phase {
+            Phase::Placed(placement) | Phase::Streaming { placement, .. } => Some(placement),
+            Phase::Queued(_) | Phase::Finished => None,
+        }
+    }
+
+    /// Waits until the request holds its lease. Cancel-safe: a caller may give up waiting (to send
+    /// a keep-alive) and call again.
+    pub async fn placed(&mut self) -> Result<(), ApiError> {
+        let Phase::Queued(ticket) = &mut self.phase else {
+            return Ok(());
+        };
+        let placed = match (&mut ticket.placed).await {
+            Ok(Ok(placed)) => placed,
+            Ok(Err(error)) => return Err(self.fail_before_start(error)),
+            Err(_) => {
+                let error = ApiError::Internal("the scheduler dropped a request".into());
+                return Err(self.fail_before_start(error));
+            }
+        };
+        let Placed { lease, queued_for } = placed;
+        let held = lease.lease();
+        self.phase = Phase::Placed(Placement {
+            pool: held.pool.clone(),
+            endpoint: held.endpoint.clone(),
+            engine: held.engine,
+            queued_for,
+            lease: Some(lease),
+        });
+        Ok(())
+    }
+
+    /// Opens the engine stream of a placed request.
+    pub async fn open_stream(&mut self) -> Result<(), ApiError> {
+        let Phase::Placed(placement) = &self.phase else {
+            return Err(ApiError::Internal(
+                "a stream opened before placement".into(),
+            ));
+        };
+        let (route, body) = match &self.exchange.call {
+            EngineCall::Stream { route, body } => (*route, body.clone()),
+            EngineCall::Task { prompt, max_tokens } => {
+                task_request(placement.engine, &self.exchange.model, prompt, *max_tokens)
+            }
+            EngineCall::Whole { .. } => {
+                return Err(ApiError::Internal(
+                    "a whole request opened as a stream".into(),
+                ));
+            }
+        };
+        let request = EngineRequest::new(placement.endpoint.clone(), placement.engine, route, body)
+            .with_headers(self.exchange.headers.clone());
+        self.engine_began();
+        let stall = self.state.config.get().decode_stall;
+        let opened = self
+            .state
+            .engines
+            .stream(request, stall, &self.exchange.correlation_id)
+            .await;
+        match opened {
+            Ok(stream) => {
+                if let Phase::Placed(placement) =
+                    std::mem::replace(&mut self.phase, Phase::Finished)
+                {
+                    self.phase = Phase::Streaming { stream, placement };
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let error = adapter_error(error);
+                self.finish(Ending::Failed);
+                Err(error)
+            }
+        }
+    }
+
+    /// The next event of an open stream; `None` after the last. The lease goes back with the
+    /// terminator or the failure, before the caller forwards it.
+    pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ApiError>> {
+        let Phase::Streaming { stream, .. } = &mut self.phase else {
+            return None;
+        };
+        match stream.next().await {
+            Some(Ok(event)) => {
+                match &event {
+                    EngineEvent::Chunk { tokens, .. } => {
+                        if *tokens > 0 {
+                            self.token_seen();
+                        }
+                    }
+                    EngineEvent::Done {
+                        prompt_tokens,
+                        completion_tokens,
+                        ..
+                    } => {
+                        self.prompt_tokens = prompt_tokens.map(u64::from);
+                        self.completion_tokens = completion_tokens.map(u64::from);
+                        self.finish(Ending::Completed);
+                    }
+                }
+                Some(Ok(event))
+            }
+            Some(Err(error)) => {
+                self.finish(Ending::Failed);
+                Some(Err(adapter_error(error)))
+            }
+            None => {
+                self.finish(Ending::Failed);
+                Some(Err(ApiError::WorkerReset(
+                    "the engine stream ended early".into(),
+                )))
+            }
+        }
+    }
+
+    /// Sends a placed non-streaming request and reads the engine's whole answer.
+    pub async fn whole(&mut self) -> Result<WholeAnswer, ApiError> {
+        let Phase::Placed(placement) = &self.phase else {
+            return Err(ApiError::Internal(
+                "a whole request sent before placement".into(),
+            ));
+        };
+        let EngineCall::Whole { path, body } = &self.exchange.call else {
+            return Err(ApiError::Internal(
+                "a stream sent as a whole request".into(),
+            ));
+        };
+        let request = WholeRequest {
+            endpoint: placement.endpoint.clone(),
+            path,
+            body: body.clone(),
+            headers: self.exchange.headers.clone(),
+        };
+        self.engine_began();
+        let limit = self.state.config.get().answer_timeout;
+        let answer = self
+            .state
+            .engines
+            .whole(&request, limit, &self.exchange.correlation_id)
+            .await;
+        match answer {
+            Ok(answer) => {
+                if self.exchange.slots.is_some() {
+                    let (prompt, completion) = usage_of(&answer.body);
+                    self.prompt_tokens = prompt;
+                    self.completion_tokens = completion;
+                }
+                self.finish(Ending::Completed);
+                Ok(answer)
+            }
+            Err(AdapterError::DecodeTimeout { after }) => {
+                self.finish(Ending::Failed);
+                Err(ApiError::ResponseTimeout(after))
+            }
+            Err(error) => {
+                self.finish(Ending::Failed);
+                Err(adapter_error(error))
+            }
+        }
+    }
+
+    /// Ends a request that never reached its engine (its wait in the queue ended in `error`).
+    fn fail_before_start(&mut self, error: ApiError) -> ApiError {
+        self.state.metrics.reject(error.code());
+        self.finish(Ending::Failed);
+        error
+    }
+
+    fn engine_began(&mut self) {
+        self.engine_started = Some(Instant::now());
+        self.state.metrics.in_flight.inc();
+    }
+
+    fn token_seen(&mut self) {
+        let now = Instant::now();
+        let metrics = &self.state.metrics;
+        match self.last_token {
+            None => Metrics::observe(&metrics.time_to_first_token, now - self.received),
+            Some(last) => Metrics::observe(&metrics.inter_token, now - last),
+        }
+        self.last_token = Some(now);
+    }
+
+    /// Gives back everything the request holds, once: the engine connection first (so the engine
+    /// sees its client leave), then the lease; records the metrics and charges the session.
+    fn finish(&mut self, ending: Ending) {
+        let placement = match std::mem::replace(&mut self.phase, Phase::Finished) {
+            Phase::Finished => return,
+            Phase::Queued(ticket) => {
+                drop(ticket);
+                None
+            }
+            Phase::Placed(placement) => Some(placement),
+            Phase::Streaming { stream, placement } => {
+                drop(stream);
+                Some(placement)
+            }
+        };
+        let metrics = &self.state.metrics;
+        if self.engine_started.is_some() {
+            metrics.in_flight.dec();
+        }
+        match ending {
+            Ending::Completed => {
+                metrics.tokens_in.inc_by(self.prompt_tokens.unwrap_or(0));
+                metrics
+                    .tokens_out
+                    .inc_by(self.completion_tokens.unwrap_or(0));
+                Metrics::observe(&metrics.request_duration, self.received.elapsed());
+            }
+            Ending::Failed => {
+                Metrics::observe(&metrics.request_duration, self.received.elapsed());
+            }
+            Ending::Cancelled => {
+                metrics.cancellations.inc();
+            }
+        }
+        if let Some(session) = &self.exchange.session {
+            let used = match ending {
+                Ending::Completed => {
+                    self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0)
+                }
+                Ending::Failed | Ending::Cancelled => 0,
+            };
+            self.state.sessions.end_turn(session, used, Instant::now());
+        }
+        if let Some(Placement {
+            pool,
+            lease: Some(lease),
+            ..
+        }) = placement
+        {
+            lease.release_detached(match ending {
+                Ending::Completed => ReleaseOutcome::Completed,
+                Ending::Failed => ReleaseOutcome::Failed,
+                Ending::Cancelled => ReleaseOutcome::Cancelled,
+            });
+            let held_for = self
+                .engine_started
+                .map_or(Duration::ZERO, |at| at.elapsed());
+            let session = self.exchange.session.clone().map(|session| (session, pool));
+            self.state.scheduler.served(session, held_for);
+        }
+    }
+}
+
+impl Drop for Lifecycle {
+    /// The client went away (or the caller gave up) before the end.
+    fn drop(&mut self) {
+        self.finish(Ending::Cancelled);
+    }
+}
+
+/// A ready pool for a request that takes no slot, straight from the registry mirror.
+fn unleased_placement(state: &AppState, exchange: &Exchange) -> Result<Placement, ApiError> {
+    let mirror = state.mirror.borrow();
+    if !mirror.connected {
+        return Err(ApiError::PoolUnavailable {
+            retry_after: crate::error::POOL_MANAGER_RETRY_AFTER,
+        });
+    }
+    let wanted = Wanted {
+        model: &exchange.model,
+        api: exchange.api,
+        slots: SlotNeed::ONE,
+        hints: &exchange.hints,
+    };
+    let pool = placement::choose_unleased(&mirror.snapshot, &wanted).map_err(|why| match why {
+        NoPlacement::UnknownModel => ApiError::ModelNotFound(exchange.model.clone()),
+        NoPlacement::ApiNotServed => ApiError::EndpointNotServed {
+            model: exchange.model.clone(),
+            path: exchange.api.path(),
+        },
+        NoPlacement::TooManyParallel { .. }
+        | NoPlacement::NoneReady
+        | NoPlacement::Busy
+        | NoPlacement::OutOfService => ApiError::PoolUnready(exchange.model.clone()),
+    })?;
+    let snapshot = mirror
+        .snapshot
+        .pool(&pool)
+        .ok_or_else(|| ApiError::Internal("placement chose a pool it cannot see".into()))?;
+    Ok(Placement {
+        pool,
+        endpoint: snapshot.endpoint.clone(),
+        engine: snapshot.engine,
+        queued_for: Duration::ZERO,
+        lease: None,
+    })
+}
+
+/// The engine request of a native task on an engine of `kind`.
+fn task_request(
+    kind: EngineKind,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> (EngineRoute, Bytes) {
+    let body = match kind {
+        EngineKind::Llamacpp => {
+            json!({"prompt": prompt, "n_predict": max_tokens, "stream": true})
+        }
+        EngineKind::Openai => json!({
+            "model": model, "prompt": prompt, "max_tokens": max_tokens,
+            "stream": true, "stream_options": {"include_usage": true},
+        }),
+    };
+    let route = match kind {
+        EngineKind::Llamacpp => EngineRoute::Completion,
+        EngineKind::Openai => EngineRoute::Completions,
+    };
+    (route, Bytes::from(body.to_string()))
+}
+
+/// An adapter failure as clients see it.
+pub fn adapter_error(error: AdapterError) -> ApiError {
+    match error {
+        AdapterError::WorkerReset { detail } => {
+            tracing::warn!(%detail, "engine request failed");
+            ApiError::WorkerReset(detail)
+        }
+        AdapterError::DecodeTimeout { after } => ApiError::DecodeTimeout(after),
+        AdapterError::EngineRejected { status, body } => ApiError::from_engine(status, &body),
+        AdapterError::Cancelled => ApiError::ShuttingDown,
+        error @ AdapterError::UnsupportedRoute { .. } => ApiError::Internal(error.to_string()),
+    }
+}
+
+/// The token counts of a whole answer's `usage`, in OpenAI's names or Anthropic's and the
+/// Responses API's.
+fn usage_of(body: &[u8]) -> (Option<u64>, Option<u64>) {
+    #[derive(Deserialize)]
+    struct Usage {
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    let Ok(top) = TopLevel::parse(body) else {
+        return (None, None);
+    };
+    match top.parse_member::<Usage>("usage") {
+        Some(Ok(usage)) => (
+            usage.prompt_tokens.or(usage.input_tokens),
+            usage.completion_tokens.or(usage.output_tokens),
+        ),
+        Some(Err(_)) | None => (None, None),
+    }
+}
+
+/// How a request's answer goes back to the client.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply {
+    /// Relayed event by event; an OpenAI stream's usage chunk only when `include_usage`.
+    Stream {
+        format: StreamFormat,
+        include_usage: bool,
+    },
+    /// The engine's answer as it came, its top-level `model` set to the id the client asked for.
+    Whole,
+}
+
+/// Runs `exchange` to its end and answers the client: the whole life of one HTTP request.
+pub async fn serve(
+    state: &AppState,
+    exchange: Exchange,
+    shape: ErrorShape,
+    reply: Reply,
+) -> Response {
+    let model = exchange.model.clone();
+    let mut life = match Lifecycle::admit(state, exchange).await {
+        Ok(life) => life,
+        Err(error) => return error.response(shape),
+    };
+    match reply {
+        Reply::Whole => {
+            if let Err(error) = life.placed().await {
+                return error.response(shape);
+            }
+            match life.whole().await {
+                Ok(answer) => whole_response(answer, &model),
+                Err(error) => error.response(shape),
+            }
+        }
+        Reply::Stream {
+            format,
+            include_usage,
+        } => {
+            // Quick outcomes keep their HTTP status (an engine's own refusal too); a long wait
+            // turns into a stream with keep-alives.
+            let keepalive = state.config.get().keepalive;
+            match tokio::time::timeout(keepalive, life.placed()).await {
+                Ok(Err(error)) => return error.response(shape),
+                Ok(Ok(())) => {
+                    if let Err(error) = life.open_stream().await {
+                        return error.response(shape);
+                    }
+                }
+                Err(_) => {}
+            }
+            let relay = Relay {
+                life,
+                format,
+                include_usage,
+                keepalive,
+            };
+            sse::response(futures_util::stream::unfold(
+                relay,
+                |mut relay| async move {
+                    relay
+                        .next_frame()
+                        .await
+                        .map(|frame| (Ok::<Bytes, Infallible>(frame), relay))
+                },
+            ))
+        }
+    }
+}
+
+/// A whole answer as the client gets it: the engine's status, content type and body, with the
+/// body's top-level `model` set to what the client asked for.
+fn whole_response(answer: WholeAnswer, model: &str) -> Response {
+    let body = with_model(answer.body, model);
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    let content_type = answer
+        .content_type
+        .unwrap_or(HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
+    response
+}
+
+/// `body` with its top-level `model` string replaced by `model`; unchanged when it has none, names
+/// it already, or is not a JSON object.
+fn with_model(body: Bytes, model: &str) -> Bytes {
+    let Ok(mut top) = TopLevel::parse(&body) else {
+        return body;
+    };
+    let named = match top.parse_member::<String>("model") {
+        Some(Ok(named)) => named,
+        Some(Err(_)) | None => return body,
+    };
+    if named == model {
+        return body;
+    }
+    let Ok(quoted) = serde_json::to_string(model)
+        .map_err(|_| ())
+        .and_then(|text| json_object::raw(text).map_err(|_| ()))
+    else {
+        return body;
+    };
+    top.set("model", quoted);
+    Bytes::from(top.to_vec())
+}
+
+/// The body of a streaming response: waits for the lease (sending keep-alives), opens the engine
+/// stream, relays its events as they came, and ends with the engine's terminator or one error
+/// event in the stream's format. Dropping it (the client went away) drops the lifecycle, which
+/// closes the engine connection and releases the lease.
+struct Relay {
+    life: Lifecycle,
+    format: StreamFormat,
+    include_usage: bool,
+    keepalive: Duration,
+}
+
+impl Relay {
+    /// The next bytes for the client, or `None` at the end. Every await leaves the request's
+    /// state in `life`, so a client that leaves mid-await is seen by its `Drop`.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if self.life.ticket().is_some() {
+            match tokio::time::timeout(self.keepalive, self.life.placed()).await {
+                Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
+                Ok(Err(error)) => return Some(error_event(&error, self.format)),
+                Ok(Ok(())) => {}
+            }
+        }
+        if matches!(self.life.phase, Phase::Placed(_)) {
+            if let Err(error) = self.life.open_stream().await {
+                return Some(error_event(&error, self.format));
+            }
+        }
+        match self.life.next_event().await? {
+            Ok(EngineEvent::Chunk { frame, .. }) => Some(frame),
+            Ok(EngineEvent::Done {
+                usage_frame,
+                terminator,
+                ..
+            }) => match usage_frame.filter(|_| self.include_usage) {
+                Some(usage) => {
+                    let mut tail = Vec::with_capacity(usage.len() + terminator.len());
+                    tail.extend_from_slice(&usage);
+                    tail.extend_from_slice(&terminator);
+                    Some(Bytes::from(tail))
+                }
+                None => Some(terminator),
+            },
+            Err(error) => Some(error_event(&error, self.format)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_answer_names_the_model_asked_for_and_keeps_every_other_byte() {
+        let body = Bytes::from_static(
+            br#"{"id":"x","model":"engine.gguf","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3}}"#,
+        );
+        assert_eq!(
+            &with_model(body, "tiny")[..],
+            &br#"{"id":"x","model":"tiny","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3}}"#[..]
+        );
+        let same = Bytes::from_static(br#"{"model":"tiny", "a": 1}"#);
+        assert_eq!(with_model(same.clone(), "tiny"), same);
+        let none = Bytes::from_static(br#"{"input_tokens":3}"#);
+        assert_eq!(with_model(none.clone(), "tiny"), none);
+        let not_json = Bytes::from_static(b"[1]");
+        assert_eq!(with_model(not_json.clone(), "tiny"), not_json);
+    }
+
+    #[test]
+    fn usage_is_read_in_every_apis_names() {
+        assert_eq!(
+            usage_of(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
+            (Some(3), Some(4))
+        );
+        assert_eq!(
+            usage_of(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
+            (Some(5), Some(6))
+        );
+        assert_eq!(
+            usage_of(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
+            (Some(8), None)
+        );
+        assert_eq!(usage_of(br#"{"data":[]}"#), (None, None));
+    }
+}
