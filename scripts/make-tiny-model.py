@@ -2,6 +2,7 @@
 """Write a tiny random-weight LLaMA-architecture GGUF that llama.cpp really loads and runs.
 
     python3 scripts/make-tiny-model.py OUT.gguf [--seed N] [--eos] [--ctx N] [--width N] [--layers N]
+                                       [--chat-template hermes] [--rerank]
 
 Needs the PyPI packages pinned in scripts/requirements-model.txt (gguf, numpy):
 
@@ -30,6 +31,25 @@ timeouts): e.g. --width 512 --layers 8 (~90 MB). Defaults give the tiny model ab
 
 The same --seed gives byte-identical files; different seeds give different models (e.g. for reload
 tests that need to tell two models apart).
+
+Without --chat-template the file has no chat template (llama-server then falls back to plain ChatML,
+which cannot describe tools). --chat-template hermes embeds a ChatML template with Hermes-style tool
+calls (Qwen2.5's, without its default system prompt): tools are listed in the system turn and a call
+is written `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. llama-server's chat
+parser learns those markers from the template itself (common/chat.cpp, the differential autoparser),
+so tool_choice "required" makes its grammar force exactly one such call. The vocabulary gains
+<|im_start|> and <|im_end|> (control tokens; llama.cpp makes <|im_end|> the end-of-turn token) and
+<tool_call>, </tool_call> (user-defined, as in Qwen2.5), all with the blocking bias: free text never
+contains them, while a grammar that allows only them (or the byte tokens that spell them) still
+completes. Forced parts cost one token per byte: the tools prompt is ~500-700 tokens and a call
+~40-80 tokens, so use --ctx 2048 or more. Keep tool parameters enums or bounded numbers: a free
+string would be filled with words (they outweigh the closing quote) until max_tokens.
+
+Embeddings need nothing special: llama-server --embeddings --pooling mean serves /v1/embeddings from
+any of these models. --rerank writes a reranker instead: Qwen3 architecture (LLaMA plus per-head
+q/k RMS norms, which it requires), a 2-row classifier head `cls.output` labelled ["yes", "no"], and
+pooling type "rank"; llama-server --reranking then scores a document as the softmax probability of
+"yes" computed from the last token of "<s> query document".
 """
 
 from __future__ import annotations
@@ -73,9 +93,70 @@ went men read need land different home us move try kind hand picture again chang
 air away animal house point page letter mother answer found study still learn should world high
 """.split()
 
+# --chat-template hermes: Qwen2.5-7B-Instruct's template (ChatML turns, Hermes-style tool calls)
+# without its default "You are Qwen ..." system prompt, to keep prompts short.
+HERMES_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- elif messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+# The special tokens that template needs, appended after the words (so no other token id moves).
+HERMES_TOKENS = [
+    ("<|im_start|>", gguf.TokenType.CONTROL),
+    ("<|im_end|>", gguf.TokenType.CONTROL),
+    ("<tool_call>", gguf.TokenType.USER_DEFINED),
+    ("</tool_call>", gguf.TokenType.USER_DEFINED),
+]
+RERANK_LABELS = ["yes", "no"]
 
-def build_vocab(eos: bool):
-    """Returns (tokens, scores, types, bias) for a SentencePiece-style vocabulary."""
+
+def build_vocab(eos: bool, extra_tokens=()):
+    """Returns (tokens, scores, types, bias) for a SentencePiece-style vocabulary; extra_tokens,
+    (text, type) pairs, come last and get the blocking bias."""
     tokens: list[str] = ["<unk>", "<s>", "</s>"]
     types: list[int] = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     scores: list[float] = [0.0, 0.0, 0.0]
@@ -115,11 +196,17 @@ def build_vocab(eos: bool):
         types.append(gguf.TokenType.NORMAL)
         scores.append(float(len(p)) - 0.5)
         bias.append(BLOCK_BIAS)
+    for text, token_type in extra_tokens:
+        tokens.append(text)
+        types.append(token_type)
+        scores.append(0.0)
+        bias.append(BLOCK_BIAS)
     return tokens, scores, types, np.array(bias, dtype=np.float32)
 
 
-def build_tensors(n_vocab: int, bias: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Numpy shapes are (rows=out, cols=in); gguf stores them as llama.cpp expects (ne reversed)."""
+def build_tensors(n_vocab: int, bias: np.ndarray, seed: int, rerank: bool) -> dict[str, np.ndarray]:
+    """Numpy shapes are (rows=out, cols=in); gguf stores them as llama.cpp expects (ne reversed).
+    With rerank, the Qwen3 extras: per-head q/k norms and the classifier head."""
     rng = np.random.default_rng(seed)
 
     def rand(*shape, scale):
@@ -141,6 +228,9 @@ def build_tensors(n_vocab: int, bias: np.ndarray, seed: int) -> dict[str, np.nda
         wo = rand(N_EMBD, N_HEAD * HEAD_DIM, scale=0.5 / np.sqrt(N_EMBD))
         wo[BIAS_CH, :] = 0.0  # ... and never write it
         t[p + "attn_output.weight"] = wo
+        if rerank:
+            t[p + "attn_q_norm.weight"] = np.ones(HEAD_DIM, dtype=np.float32)
+            t[p + "attn_k_norm.weight"] = np.ones(HEAD_DIM, dtype=np.float32)
         t[p + "ffn_norm.weight"] = layer_norm.copy()
         t[p + "ffn_gate.weight"] = rand(N_FF, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
         t[p + "ffn_up.weight"] = rand(N_FF, N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
@@ -157,6 +247,12 @@ def build_tensors(n_vocab: int, bias: np.ndarray, seed: int) -> dict[str, np.nda
     out -= (SELF_PENALTY * width_factor) * embd
     out[:, BIAS_CH] = bias  # the per-token logit bias
     t["output.weight"] = out
+    if rerank:
+        # One row per label over the final-normed last hidden state (each channel ~1): logits of
+        # std ~1, so documents get clearly different scores; the constant bias channel is ignored.
+        cls = rand(len(RERANK_LABELS), N_EMBD, scale=1.0 / np.sqrt(N_EMBD))
+        cls[:, BIAS_CH] = 0.0
+        t["cls.output.weight"] = cls
     return t
 
 
@@ -171,6 +267,10 @@ def main() -> int:
                     help=f"embedding width, a multiple of {N_HEAD} (default {N_EMBD}); wider is slower")
     ap.add_argument("--layers", type=int, default=N_LAYER, help=f"block count (default {N_LAYER})")
     ap.add_argument("--name", default=None, help="general.name (default tiny-random-llama-s<seed>)")
+    ap.add_argument("--chat-template", choices=["hermes"], default=None,
+                    help="embed a chat template (hermes: ChatML with Hermes-style tool calls) and its tokens")
+    ap.add_argument("--rerank", action="store_true",
+                    help="a reranker (Qwen3 architecture with a yes/no classifier head) for llama-server --reranking")
     args = ap.parse_args()
     if args.ctx < 8:
         ap.error("--ctx must be at least 8")
@@ -179,11 +279,11 @@ def main() -> int:
     N_EMBD, N_LAYER = args.width, args.layers
     HEAD_DIM, N_FF, BIAS_CH = N_EMBD // N_HEAD, 2 * N_EMBD, N_EMBD - 1
 
-    tokens, scores, types, bias = build_vocab(args.eos)
-    tensors = build_tensors(len(tokens), bias, args.seed)
+    tokens, scores, types, bias = build_vocab(args.eos, HERMES_TOKENS if args.chat_template == "hermes" else ())
+    tensors = build_tensors(len(tokens), bias, args.seed, args.rerank)
 
     tmp = args.out + ".tmp"
-    w = gguf.GGUFWriter(tmp, arch="llama")
+    w = gguf.GGUFWriter(tmp, arch="qwen3" if args.rerank else "llama")
     w.add_name(args.name or f"tiny-random-llama-s{args.seed}{'-eos' if args.eos else ''}")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_context_length(args.ctx)
@@ -206,6 +306,11 @@ def main() -> int:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
+    if args.chat_template == "hermes":
+        w.add_chat_template(HERMES_TEMPLATE)
+    if args.rerank:
+        w.add_pooling_type(gguf.PoolingType.RANK)
+        w.add_classifier_output_labels(RERANK_LABELS)
     for name, arr in tensors.items():
         w.add_tensor(name, arr)
     w.write_header_to_file()
@@ -218,7 +323,9 @@ def main() -> int:
     print(
         f"wrote {args.out}: {os.path.getsize(args.out)} bytes, vocab {len(tokens)} "
         f"({n_words} words), {N_LAYER} layers, width {N_EMBD}, ctx {args.ctx}, seed {args.seed}, "
-        f"eos {'on' if args.eos else 'off'}",
+        f"eos {'on' if args.eos else 'off'}"
+        + (f", chat template {args.chat_template}" if args.chat_template else "")
+        + (", reranker (qwen3)" if args.rerank else ""),
         file=sys.stderr,
     )
     return 0
