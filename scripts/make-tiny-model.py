@@ -35,15 +35,18 @@ tests that need to tell two models apart).
 Without --chat-template the file has no chat template (llama-server then falls back to plain ChatML,
 which cannot describe tools). --chat-template hermes embeds a ChatML template with Hermes-style tool
 calls (Qwen2.5's, without its default system prompt): tools are listed in the system turn and a call
-is written `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. llama-server's chat
-parser learns those markers from the template itself (common/chat.cpp, the differential autoparser),
-so tool_choice "required" makes its grammar force exactly one such call. The vocabulary gains
-<|im_start|> and <|im_end|> (control tokens; llama.cpp makes <|im_end|> the end-of-turn token) and
-<tool_call>, </tool_call> (user-defined, as in Qwen2.5), all with the blocking bias: free text never
-contains them, while a grammar that allows only them (or the byte tokens that spell them) still
-completes. Forced parts cost one token per byte: the tools prompt is ~500-700 tokens and a call
-~40-80 tokens, so use --ctx 2048 or more. Keep tool parameters enums or bounded numbers: a free
-string would be filled with words (they outweigh the closing quote) until max_tokens.
+is written `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. llama-server (--jinja,
+its default) learns those markers from the template itself (common/chat.cpp, the differential
+autoparser) and, for tool_choice "required", constrains the output with a grammar that still allows
+free text before the first call. The vocabulary gains <|im_start|> and <|im_end|> (control tokens;
+llama.cpp makes <|im_end|> the end-of-turn token) and <tool_call>, </tool_call> (user-defined, as
+in Qwen2.5), all blocked in free text; and the model is wired (wire_tool_calls) to open a call when
+the prompt offers tools and to end its turn after </tool_call>: with tool_choice "required" or
+"auto" the answer is exactly one complete call, with arguments the schema allows. Without tools it
+writes word salad like the default model. The SPM space prefix is off in this vocabulary (it would
+also go after every special token). Forced text costs a token per byte: the tools prompt of one
+small tool is ~700 tokens and a call ~100, so use --ctx 2048 or more. Keep tool parameters enums
+or bounded numbers: a free string would be filled with words until max_tokens.
 
 Embeddings need nothing special: llama-server --embeddings --pooling mean serves /v1/embeddings from
 any of these models. --rerank writes a reranker instead: Qwen3 architecture (LLaMA plus per-head
@@ -152,6 +155,11 @@ HERMES_TOKENS = [
     ("</tool_call>", gguf.TokenType.USER_DEFINED),
 ]
 RERANK_LABELS = ["yes", "no"]
+# Tool-call wiring of the hermes model (see wire_tool_calls): logit boosts, and the attention score
+# with which the last position finds a <tool_call> token in the prompt.
+TOOL_BOOST = 70.0
+CLOSE_BIAS = -20.0  # </tool_call>: still never in free text, but preferred to spelling it in bytes
+MARKER_SCORE = 40.0
 
 
 def build_vocab(eos: bool, extra_tokens=()):
@@ -256,6 +264,75 @@ def build_tensors(n_vocab: int, bias: np.ndarray, seed: int, rerank: bool) -> di
     return t
 
 
+def wire_tool_calls(t: dict[str, np.ndarray], call: int, call_end: int, im_end: int, newline: int) -> None:
+    """Makes the hermes model call a tool whenever the prompt offers tools, and end its turn after
+    the call. llama-server's grammar for tool_choice "required" still allows free text before the
+    first <tool_call> (common/chat-auto-parser-generator.cpp: optional(content(until(marker)))), and
+    words, with their positive bias, would fill max_tokens; so the wish to call must come from the
+    model. Three more channels work like the bias channel (no layer reads or writes them, except as
+    said here):
+
+    - MARK: 1 in the embedding of <tool_call>, which the template's tools prompt contains (and so, in
+      the last position, 1 right after the model wrote <tool_call>);
+    - TOOLS: written only by layer 0, head 0, whose query is constant (it reads the bias channel)
+      and whose key is large only at MARK tokens: every position attends to the <tool_call> tokens
+      before it, if any (score ~MARKER_SCORE against 0; the pair of dimensions used rotates least
+      under RoPE, and the rope base is 1e6), and copies their MARK value; so TOOLS is ~1 after a
+      tools prompt and exactly 0 without one;
+    - CALL_END: 1 in the embedding of </tool_call>.
+
+    Logits: <tool_call> gains TOOL_BOOST * (TOOLS - MARK - CALL_END), the newline byte
+    TOOL_BOOST * MARK, <|im_end|> TOOL_BOOST * CALL_END. So with tools the first token is
+    <tool_call>, then a newline (the grammar wants "<tool_call>\n"; any other text would still be
+    content), then the grammar forces the call (the arguments are whatever the random weights pick
+    among what the schema allows), and right after </tool_call> the turn ends, even where the
+    grammar would allow a second call. Without tools nothing changes: word salad as before."""
+    tools_ch, mark_ch, call_end_ch = N_EMBD - 2, N_EMBD - 3, N_EMBD - 4
+    special = [tools_ch, mark_ch, call_end_ch]
+
+    embd = t["token_embd.weight"]
+    embd[:, special] = 0.0
+    embd[call, mark_ch] = 1.0
+    embd[call_end, call_end_ch] = 1.0
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        for norm in ("attn_norm.weight", "ffn_norm.weight"):
+            t[p + norm][special] = 0.0
+        t[p + "attn_output.weight"][special, :] = 0.0
+        t[p + "ffn_down.weight"][special, :] = 0.0
+
+    # Layer 0, head 0 (rows 0..HEAD_DIM-1 of q, k, v). RoPE (LLaMA: adjacent pairs) turns the pair
+    # (HEAD_DIM-2, HEAD_DIM-1) slowest, so a query and a key put there keep their dot product
+    # ~A*B*cos(distance * 1e6^(-(HEAD_DIM-2)/HEAD_DIM)): cos > 0.97 for distances up to 32k.
+    p = "blk.0."
+    t[p + "attn_norm.weight"][[BIAS_CH, mark_ch]] = 1.0  # this layer's norm passes both ...
+    wq, wk, wv, wo = (t[p + name] for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"))
+    for w in (wq, wk, wv):
+        w[:, [BIAS_CH, mark_ch]] = 0.0  # ... and only the weights set below read them
+    wq[:HEAD_DIM, :] = 0.0
+    wk[:HEAD_DIM, :] = 0.0
+    r = HEAD_DIM - 2
+    # The norm divides each position by its RMS; undo that for the marker token, so its key is
+    # exactly `scaled` and its value exactly 1 (the query side varies by ~10% with the token).
+    marker_rms = float(np.sqrt(np.mean(embd[call] ** 2) + RMS_EPS))
+    scaled = np.sqrt(MARKER_SCORE * np.sqrt(HEAD_DIM))  # attention scores are q.k / sqrt(HEAD_DIM)
+    wq[r, BIAS_CH] = scaled
+    wk[r, mark_ch] = scaled * marker_rms
+    wv[r, :] = 0.0
+    wv[r, mark_ch] = marker_rms
+    wo[:, r] = 0.0
+    wo[tools_ch, r] = 1.0
+
+    out = t["output.weight"]
+    out[:, special] = 0.0
+    out[call, tools_ch] = TOOL_BOOST
+    out[call, call_end_ch] = -TOOL_BOOST
+    out[call, mark_ch] = -TOOL_BOOST
+    out[newline, mark_ch] = TOOL_BOOST
+    out[im_end, call_end_ch] = TOOL_BOOST
+    out[call_end, BIAS_CH] = CLOSE_BIAS
+
+
 def main() -> int:
     global N_EMBD, N_LAYER, HEAD_DIM, N_FF, BIAS_CH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -276,11 +353,15 @@ def main() -> int:
         ap.error("--ctx must be at least 8")
     if args.width < 16 or args.width % (2 * N_HEAD) or args.layers < 1:
         ap.error(f"--width must be a multiple of {2 * N_HEAD} (>= 16) and --layers >= 1")
+    if args.rerank and args.chat_template:
+        ap.error("--rerank and --chat-template don't go together")  # wire_tool_calls assumes LLaMA's RoPE
     N_EMBD, N_LAYER = args.width, args.layers
     HEAD_DIM, N_FF, BIAS_CH = N_EMBD // N_HEAD, 2 * N_EMBD, N_EMBD - 1
 
     tokens, scores, types, bias = build_vocab(args.eos, HERMES_TOKENS if args.chat_template == "hermes" else ())
     tensors = build_tensors(len(tokens), bias, args.seed, args.rerank)
+    if args.chat_template == "hermes":
+        wire_tool_calls(tensors, *(tokens.index(text) for text in ("<tool_call>", "</tool_call>", "<|im_end|>", "<0x0A>")))
 
     tmp = args.out + ".tmp"
     w = gguf.GGUFWriter(tmp, arch="qwen3" if args.rerank else "llama")
@@ -293,7 +374,7 @@ def main() -> int:
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
     w.add_rope_dimension_count(HEAD_DIM)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(1e6 if args.chat_template == "hermes" else 10000.0)
     w.add_layer_norm_rms_eps(RMS_EPS)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("llama")
@@ -305,7 +386,10 @@ def main() -> int:
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
+    # The SPM tokenizer's space prefix goes before every text that follows a special token too
+    # ("<|im_start|>assistant" -> "<|im_start|> assistant"), which would break the template's
+    # turns (and llama-server's check of the tool-call grammar against the generation prompt).
+    w.add_add_space_prefix(args.chat_template is None)
     if args.chat_template == "hermes":
         w.add_chat_template(HERMES_TEMPLATE)
     if args.rerank:
