@@ -361,7 +361,8 @@ def main() -> int:
     tokens, scores, types, bias = build_vocab(args.eos, HERMES_TOKENS if args.chat_template == "hermes" else ())
     tensors = build_tensors(len(tokens), bias, args.seed, args.rerank)
     if args.chat_template == "hermes":
-        wire_tool_calls(tensors, *(tokens.index(text) for text in ("<tool_call>", "</tool_call>", "<|im_end|>", "<0x0A>")))
+        ids = [tokens.index(text) for text in ("<tool_call>", "</tool_call>", "<|im_end|>", "<0x0A>")]
+        wire_tool_calls(tensors, *ids)
 
     tmp = args.out + ".tmp"
     w = gguf.GGUFWriter(tmp, arch="qwen3" if args.rerank else "llama")
