@@ -303,10 +303,10 @@ def wire_tool_calls(t: dict[str, np.ndarray], call: int, call_end: int, im_end: 
 
     # Layer 0, head 0 (rows 0..HEAD_DIM-1 of q, k, v). RoPE (LLaMA: adjacent pairs) turns the pair
     # (HEAD_DIM-2, HEAD_DIM-1) slowest, so a query and a key put there keep their dot product
-    # ~A*B*cos(distance * 1e6^(-(HEAD_DIM-2)/HEAD_DIM)): cos > 0.97 for distances up to 32k.
+    # ~q*k*cos(distance * 1e6^(-(HEAD_DIM-2)/HEAD_DIM)): cos > 0.98 for distances up to 32k.
     p = "blk.0."
     t[p + "attn_norm.weight"][[BIAS_CH, mark_ch]] = 1.0  # this layer's norm passes both ...
-    wq, wk, wv, wo = (t[p + name] for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"))
+    wq, wk, wv, wo = (t[p + f"attn_{name}.weight"] for name in ("q", "k", "v", "output"))
     for w in (wq, wk, wv):
         w[:, [BIAS_CH, mark_ch]] = 0.0  # ... and only the weights set below read them
     wq[:HEAD_DIM, :] = 0.0
@@ -343,7 +343,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=N_EMBD,
                     help=f"embedding width, a multiple of {N_HEAD} (default {N_EMBD}); wider is slower")
     ap.add_argument("--layers", type=int, default=N_LAYER, help=f"block count (default {N_LAYER})")
-    ap.add_argument("--name", default=None, help="general.name (default tiny-random-llama-s<seed>)")
+    ap.add_argument("--name", default=None, help="general.name (default tiny-random-llama-s<seed>, ...)")
     ap.add_argument("--chat-template", choices=["hermes"], default=None,
                     help="embed a chat template (hermes: ChatML with Hermes-style tool calls) and its tokens")
     ap.add_argument("--rerank", action="store_true",
@@ -366,7 +366,8 @@ def main() -> int:
 
     tmp = args.out + ".tmp"
     w = gguf.GGUFWriter(tmp, arch="qwen3" if args.rerank else "llama")
-    w.add_name(args.name or f"tiny-random-llama-s{args.seed}{'-eos' if args.eos else ''}")
+    kind = "qwen3-rerank" if args.rerank else "llama" + (f"-{args.chat_template}" if args.chat_template else "")
+    w.add_name(args.name or f"tiny-random-{kind}-s{args.seed}{'-eos' if args.eos else ''}")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_context_length(args.ctx)
     w.add_embedding_length(N_EMBD)
