@@ -4,7 +4,7 @@
 # LAST line of stdout (progress goes to stderr):
 #
 #     PY=$(scripts/python-env.sh model | tail -n1)/bin/python     # gguf + numpy (the model generator)
-#     PY=$(scripts/python-env.sh test | tail -n1)/bin/python      # + openai SDK + llama-cpp-python[server]
+#     PY=$(scripts/python-env.sh test | tail -n1)/bin/python      # + openai/anthropic SDKs + llama-cpp-python[server]
 #
 # The venv lives in $POOL_PYTHON_CACHE (default $HOME/.cache/pool-orchestrator/python) under
 # NAME-<hash>, the hash covering the requirements file, the Python version, the machine and the
@@ -23,7 +23,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 requirements="$here/requirements-$name.txt"
 case "$name" in
     model) imports="import gguf, numpy" ;;
-    test) imports="import gguf, numpy, openai, httpx, llama_cpp, llama_cpp.server.app" ;;
+    test) imports="import gguf, numpy, openai, anthropic, httpx, httpx2, llama_cpp, llama_cpp.server.app" ;;
     *) die "usage: $0 model|test" ;;
 esac
 [ -f "$requirements" ] || die "missing $requirements"
