@@ -140,32 +140,80 @@ pub fn llama_pool(
     parallel: u32,
     ctx: u32,
 ) -> String {
-    let host = if listen == "unix" {
-        "{socket}"
-    } else {
-        "{host}"
-    };
-    format!(
-        r#"
+    LlamaPool {
+        id,
+        model,
+        model_path,
+        listen,
+        parallel,
+        ctx,
+        flags: &[],
+        endpoints: &[],
+    }
+    .toml()
+}
+
+/// A `[[pool]]` running llama-server, with more engine flags and the APIs it serves.
+#[derive(Debug, Clone, Copy)]
+pub struct LlamaPool<'a> {
+    pub id: &'a str,
+    /// The model id clients ask for (and llama-server's `--alias`).
+    pub model: &'a str,
+    pub model_path: &'a Path,
+    /// `tcp` or `unix`.
+    pub listen: &'a str,
+    /// Slots (`-np`); the context is `parallel * ctx`.
+    pub parallel: u32,
+    pub ctx: u32,
+    /// More llama-server flags (`--embeddings`, `--reranking`, ...).
+    pub flags: &'a [&'a str],
+    /// The pool's `endpoints` (APIs); empty for the engine kind's default.
+    pub endpoints: &'a [&'a str],
+}
+
+impl LlamaPool<'_> {
+    pub fn toml(&self) -> String {
+        let host = if self.listen == "unix" {
+            "{socket}"
+        } else {
+            "{host}"
+        };
+        let flags: String = self
+            .flags
+            .iter()
+            .map(|flag| format!(", {flag:?}"))
+            .collect();
+        let endpoints = if self.endpoints.is_empty() {
+            String::new()
+        } else {
+            format!("endpoints = {:?}\n", self.endpoints)
+        };
+        format!(
+            r#"
 [[pool]]
 id = "{id}"
 model = "{model}"
 engine = "llamacpp"
 command = [{server:?}, "-m", "{{model}}", "--host", "{host}", "--port", "{{port}}", "--alias", "{model}",
-           "-np", "{parallel}", "-c", "{total_ctx}", "--threads", "1", "--metrics"]
+           "-np", "{parallel}", "-c", "{total_ctx}", "--threads", "1", "--metrics"{flags}]
 model_path = {model_path:?}
 listen = "{listen}"
-startup_timeout_ms = 60000
+{endpoints}startup_timeout_ms = 60000
 stop_grace_ms = 3000
 [pool.probe]
 interval_ms = 200
 [pool.reload]
 drain_deadline_ms = 30000
 "#,
-        server = llama_server().display().to_string(),
-        total_ctx = parallel * ctx,
-        model_path = model_path.display().to_string(),
-    )
+            id = self.id,
+            model = self.model,
+            listen = self.listen,
+            parallel = self.parallel,
+            server = llama_server().display().to_string(),
+            total_ctx = self.parallel * self.ctx,
+            model_path = self.model_path.display().to_string(),
+        )
+    }
 }
 
 pub struct Stack {
