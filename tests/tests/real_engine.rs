@@ -271,14 +271,11 @@ fn tiny_model_openai_sdk_and_curl_through_real_llama_servers_on_tcp_and_unix_soc
     .unwrap();
     assert_eq!(ours["choices"][0]["text"], direct["choices"][0]["text"]);
     assert_eq!(ours["choices"][0]["finish_reason"], "length");
-    assert_eq!(
-        ours["usage"],
-        json!({
-            "prompt_tokens": direct["usage"]["prompt_tokens"],
-            "completion_tokens": 7,
-            "total_tokens": direct["usage"]["total_tokens"],
-        })
-    );
+    // The engine's own answer (how much of the prompt its cache held may differ between the two).
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(ours["usage"][field], direct["usage"][field], "{field}");
+    }
+    assert_eq!(ours["usage"]["completion_tokens"], 7);
     assert_eq!(ours["model"], "tiny-a");
 
     // Nothing held afterwards: every lease back, every slot idle.
