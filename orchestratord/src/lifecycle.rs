@@ -183,10 +183,10 @@ impl Lifecycle {
         };
         let placed = match (&mut ticket.placed).await {
             Ok(Ok(placed)) => placed,
-            Ok(Err(error)) => return Err(self.fail_before_start(error)),
+            Ok(Err(error)) => return Err(self.fail_before_start(error).await),
             Err(_) => {
                 let error = ApiError::Internal("the scheduler dropped a request".into());
-                return Err(self.fail_before_start(error));
+                return Err(self.fail_before_start(error).await);
             }
         };
         let Placed { lease, queued_for } = placed;
@@ -239,7 +239,7 @@ impl Lifecycle {
             }
             Err(error) => {
                 let error = adapter_error(error);
-                self.finish(Ending::Failed);
+                self.finish(Ending::Failed).await;
                 Err(error)
             }
         }
@@ -266,17 +266,17 @@ impl Lifecycle {
                     } => {
                         self.prompt_tokens = prompt_tokens.map(u64::from);
                         self.completion_tokens = completion_tokens.map(u64::from);
-                        self.finish(Ending::Completed);
+                        self.finish(Ending::Completed).await;
                     }
                 }
                 Some(Ok(event))
             }
             Some(Err(error)) => {
-                self.finish(Ending::Failed);
+                self.finish(Ending::Failed).await;
                 Some(Err(adapter_error(error)))
             }
             None => {
-                self.finish(Ending::Failed);
+                self.finish(Ending::Failed).await;
                 Some(Err(ApiError::WorkerReset(
                     "the engine stream ended early".into(),
                 )))
@@ -316,24 +316,24 @@ impl Lifecycle {
                     self.prompt_tokens = prompt;
                     self.completion_tokens = completion;
                 }
-                self.finish(Ending::Completed);
+                self.finish(Ending::Completed).await;
                 Ok(answer)
             }
             Err(AdapterError::DecodeTimeout { after }) => {
-                self.finish(Ending::Failed);
+                self.finish(Ending::Failed).await;
                 Err(ApiError::ResponseTimeout(after))
             }
             Err(error) => {
-                self.finish(Ending::Failed);
+                self.finish(Ending::Failed).await;
                 Err(adapter_error(error))
             }
         }
     }
 
     /// Ends a request that never reached its engine (its wait in the queue ended in `error`).
-    fn fail_before_start(&mut self, error: ApiError) -> ApiError {
+    async fn fail_before_start(&mut self, error: ApiError) -> ApiError {
         self.state.metrics.reject(error.code());
-        self.finish(Ending::Failed);
+        self.finish(Ending::Failed).await;
         error
     }
 
@@ -353,10 +353,23 @@ impl Lifecycle {
     }
 
     /// Gives back everything the request holds, once: the engine connection first (so the engine
-    /// sees its client leave), then the lease; records the metrics and charges the session.
-    fn finish(&mut self, ending: Ending) {
+    /// sees its client leave), then the lease, released and confirmed before the caller says
+    /// anything more to the client (so a client that saw the end sees its slot free); records the
+    /// metrics and charges the session.
+    async fn finish(&mut self, ending: Ending) {
+        if let Some((lease, outcome)) = self.settle(ending) {
+            let pool = lease.lease().pool.clone();
+            if let Err(error) = lease.release(outcome).await {
+                tracing::warn!(%pool, %error, "lease release failed; the connection's close returns it");
+            }
+        }
+    }
+
+    /// Everything [`finish`](Self::finish) does but the release itself: returns the lease to
+    /// release, if the request held one.
+    fn settle(&mut self, ending: Ending) -> Option<(LeaseGuard, ReleaseOutcome)> {
         let placement = match std::mem::replace(&mut self.phase, Phase::Finished) {
-            Phase::Finished => return,
+            Phase::Finished => return None,
             Phase::Queued(ticket) => {
                 drop(ticket);
                 None
@@ -395,30 +408,34 @@ impl Lifecycle {
             };
             self.state.sessions.end_turn(session, used, Instant::now());
         }
-        if let Some(Placement {
+        let Placement {
             pool,
             lease: Some(lease),
             ..
-        }) = placement
-        {
-            lease.release_detached(match ending {
-                Ending::Completed => ReleaseOutcome::Completed,
-                Ending::Failed => ReleaseOutcome::Failed,
-                Ending::Cancelled => ReleaseOutcome::Cancelled,
-            });
-            let held_for = self
-                .engine_started
-                .map_or(Duration::ZERO, |at| at.elapsed());
-            let session = self.exchange.session.clone().map(|session| (session, pool));
-            self.state.scheduler.served(session, held_for);
-        }
+        } = placement?
+        else {
+            return None;
+        };
+        let held_for = self
+            .engine_started
+            .map_or(Duration::ZERO, |at| at.elapsed());
+        let session = self.exchange.session.clone().map(|session| (session, pool));
+        self.state.scheduler.served(session, held_for);
+        let outcome = match ending {
+            Ending::Completed => ReleaseOutcome::Completed,
+            Ending::Failed => ReleaseOutcome::Failed,
+            Ending::Cancelled => ReleaseOutcome::Cancelled,
+        };
+        Some((lease, outcome))
     }
 }
 
 impl Drop for Lifecycle {
-    /// The client went away (or the caller gave up) before the end.
+    /// The client went away (or the caller gave up) before the end: nobody waits for the release.
     fn drop(&mut self) {
-        self.finish(Ending::Cancelled);
+        if let Some((lease, outcome)) = self.settle(Ending::Cancelled) {
+            lease.release_detached(outcome);
+        }
     }
 }
 

@@ -325,6 +325,190 @@ fn api_keys_guard_everything_but_the_open_paths() {
     assert_eq!(status, 200);
 }
 
+/// The engine double's counters and the last generation request's headers.
+fn engine_stats(stack: &Stack) -> Value {
+    let engine = stack.sidecar_status()["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http::get(&engine, "/control/stats", WAIT).unwrap().json()
+}
+
+#[test]
+fn bad_input_on_every_endpoint_gets_a_clear_error_in_its_apis_shape_and_is_never_queued() {
+    let stack = stack(
+        1,
+        &[],
+        "[body_limits]\ngeneration_bytes = 4096\nembeddings_bytes = 8192\n",
+    );
+    let addr = stack.addr();
+    let big = "x".repeat(9000);
+    // (path, a valid body for model "double" or "nope", whether its API is Anthropic's)
+    let endpoints: [(&str, Value, bool); 10] = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            false,
+        ),
+        ("/v1/completions", json!({"prompt": "x"}), false),
+        ("/v1/embeddings", json!({"input": ["x"]}), false),
+        (
+            "/v1/rerank",
+            json!({"query": "x", "documents": ["a"]}),
+            false,
+        ),
+        (
+            "/v1/reranking",
+            json!({"query": "x", "documents": ["a"]}),
+            false,
+        ),
+        ("/v1/responses", json!({"input": "x"}), false),
+        ("/v1/responses/input_tokens", json!({"input": "x"}), false),
+        (
+            "/v1/chat/completions/input_tokens",
+            json!({"messages": [{"role": "user"}]}),
+            false,
+        ),
+        (
+            "/v1/messages",
+            json!({"max_tokens": 4, "messages": [{"role": "user"}]}),
+            true,
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"messages": [{"role": "user"}]}),
+            true,
+        ),
+    ];
+    for (path, valid, anthropic) in endpoints {
+        let with = |model: Value| {
+            let mut body = valid.clone();
+            body["model"] = model;
+            body.to_string()
+        };
+        let cases: [(String, u16); 5] = [
+            ("{\"model\": ".to_owned(), 400),
+            (valid.to_string(), 400),
+            (with(json!("nope")), 404),
+            (with(json!(3)), 400),
+            (with(json!(big)), 413),
+        ];
+        for (body, expected) in cases {
+            let reply = http::request_with_headers(
+                &addr,
+                "POST",
+                path,
+                &[],
+                Some(("application/json", body.as_bytes())),
+                WAIT,
+            )
+            .unwrap();
+            let error: Value = serde_json::from_slice(&reply.body)
+                .unwrap_or_else(|_| panic!("{path}: not JSON: {}", reply.text()));
+            assert_eq!(reply.status, expected, "{path} {body:.60}: {error}");
+            if anthropic {
+                assert_eq!(error["type"], "error", "{path}: {error}");
+                assert!(error["error"]["type"].is_string(), "{path}: {error}");
+            } else {
+                assert!(error["error"]["type"].is_string(), "{path}: {error}");
+                assert!(error["error"]["code"].is_string(), "{path}: {error}");
+            }
+            let message = error["error"]["message"].as_str().unwrap_or_default();
+            assert!(!message.is_empty(), "{path}: {error}");
+        }
+    }
+    // A model that is served, on an API its pool does not serve: 404 before any queueing.
+    let (mut reader, status, _) = post(
+        &addr,
+        "/v1/embeddings",
+        &json!({"model": "double", "input": "x"}),
+        &[],
+    );
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    assert_eq!(status, 404, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "endpoint_not_served", "{text}");
+    let stats = engine_stats(&stack);
+    assert_eq!(stats["completed"], 0, "{stats}");
+    assert_eq!(
+        stats["last_headers"],
+        Value::Null,
+        "nothing reached the engine"
+    );
+    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+}
+
+#[test]
+fn anthropic_keys_request_ids_and_forwarded_headers_reach_the_engine_but_credentials_never() {
+    let keys = temp_dir();
+    let key_file = keys.path().join("keys");
+    std::fs::write(&key_file, "secret-key-number-one\n").unwrap();
+    let stack = stack(
+        1,
+        &[],
+        &format!(
+            "api_keys_file = {:?}\nforward_headers = [\"X-Tenant\"]\n",
+            key_file.display().to_string()
+        ),
+    );
+    let addr = stack.addr();
+    let (mut reader, status, head) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat(2, false),
+        &[
+            ("x-api-key", "secret-key-number-one"),
+            ("X-Request-Id", "req-123"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("anthropic-version", "2023-06-01"),
+            ("X-Tenant", "blue"),
+            ("X-Not-Forwarded", "no"),
+        ],
+    );
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    assert_eq!(status, 200, "{head}{text}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("x-correlation-id: req-123"), "{head}");
+    assert!(head.contains("x-request-id: req-123"), "{head}");
+    let seen = &engine_stats(&stack)["last_headers"];
+    assert_eq!(seen["x-correlation-id"], "req-123", "{seen}");
+    assert_eq!(
+        seen["traceparent"],
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    );
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert_eq!(seen["x-tenant"], "blue");
+    for never in [
+        "x-api-key",
+        "authorization",
+        "x-not-forwarded",
+        "x-request-id",
+    ] {
+        assert!(
+            seen.get(never).is_none(),
+            "{never} reached the engine: {seen}"
+        );
+    }
+    // A wrong key on Anthropic's API is a 401 in Anthropic's shape.
+    let (mut reader, status, _) = post(
+        &addr,
+        "/v1/messages",
+        &json!({"model": "double", "max_tokens": 4, "messages": [{"role": "user"}]}),
+        &[("x-api-key", "not-the-key-at-all")],
+    );
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    assert_eq!(status, 401, "{text}");
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "authentication_error");
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let stack = stack(

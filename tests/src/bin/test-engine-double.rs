@@ -9,7 +9,8 @@
 //! once (`--refuse`), and a crash with a chosen exit code, on a timer (`--exit-after-ms`) or mid-stream
 //! (`--crash-after-tokens`). `--model FILE` may carry the same knobs as JSON, so a supervisor that only
 //! passes a model path can still choose the fault. Tests gate generation deterministically with
-//! `POST /control/hold` / `POST /control/release` and read counters from `GET /control/stats`.
+//! `POST /control/hold` / `POST /control/release` and read counters (and the last generation
+//! request's headers) from `GET /control/stats`.
 //!
 //! Layout: `Args` (flags) + `Knobs` (the model file) → `Profile` (the immutable behaviour of this
 //! run) → `Engine` (the profile plus the little mutable state: busy slots, counters, the hold gate)
@@ -44,7 +45,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::{Listener, ListenerExt as _};
@@ -287,6 +288,9 @@ struct Counters {
     completed: u64,
     cancelled: u64,
     tokens: u64,
+    /// The headers of the last generation request (names lower-cased), for tests of what a
+    /// gateway forwards.
+    last_headers: Value,
 }
 
 /// The profile plus the run's mutable state, shared by every handler.
@@ -314,6 +318,7 @@ impl Engine {
                 completed: 0,
                 cancelled: 0,
                 tokens: 0,
+                last_headers: Value::Null,
             }),
             hold: watch::Sender::new(false),
             crashing: AtomicBool::new(false),
@@ -325,6 +330,17 @@ impl Engine {
     fn counters(&self) -> MutexGuard<'_, Counters> {
         // Counters are plain integers updated in one step; a panic elsewhere leaves them usable.
         self.counters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remember_headers(&self, headers: &HeaderMap) {
+        let seen: serde_json::Map<String, Value> = headers
+            .iter()
+            .map(|(name, value)| {
+                let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), Value::String(text))
+            })
+            .collect();
+        self.counters().last_headers = Value::Object(seen);
     }
 
     /// Waits for a free slot (in arrival order) and claims it for one generation.
@@ -554,6 +570,7 @@ async fn stats(State(engine): Shared) -> axum::Json<Value> {
         "completed": counters.completed,
         "cancelled": counters.cancelled,
         "tokens": counters.tokens,
+        "last_headers": counters.last_headers,
     }))
 }
 
@@ -561,15 +578,30 @@ async fn not_found() -> EngineError {
     EngineError::NotFound
 }
 
-async fn native_completion(State(engine): Shared, body: Bytes) -> Result<Response, EngineError> {
+async fn native_completion(
+    State(engine): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, EngineError> {
+    engine.remember_headers(&headers);
     generate(engine, Api::Native, &body).await
 }
 
-async fn text_completion(State(engine): Shared, body: Bytes) -> Result<Response, EngineError> {
+async fn text_completion(
+    State(engine): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, EngineError> {
+    engine.remember_headers(&headers);
     generate(engine, Api::Text, &body).await
 }
 
-async fn chat_completion(State(engine): Shared, body: Bytes) -> Result<Response, EngineError> {
+async fn chat_completion(
+    State(engine): Shared,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, EngineError> {
+    engine.remember_headers(&headers);
     generate(engine, Api::Chat, &body).await
 }
 
