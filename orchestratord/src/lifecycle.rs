@@ -19,7 +19,7 @@ use crate::adapters::{
     AdapterError, EngineEvent, EngineRequest, EngineRoute, EngineStream, WholeAnswer, WholeRequest,
 };
 use crate::admission::Priority;
-use crate::app::AppState;
+use crate::app::{AppState, Inbound};
 use crate::error::{ApiError, ErrorShape, error_event};
 use crate::json_object::{self, TopLevel};
 use crate::metrics::Metrics;
@@ -54,6 +54,31 @@ pub struct Exchange {
     /// Client headers forwarded to the engine.
     pub headers: HeaderMap,
     pub correlation_id: String,
+}
+
+impl Exchange {
+    /// An interactive request of the OpenAI or Anthropic API, as `inbound` brought it.
+    pub fn interactive(
+        inbound: &Inbound,
+        queue_deadline: Duration,
+        model: String,
+        api: ApiEndpoint,
+        call: EngineCall,
+        slots: Option<SlotNeed>,
+    ) -> Exchange {
+        Exchange {
+            model,
+            api,
+            call,
+            slots,
+            priority: Priority::Interactive,
+            session: None,
+            hints: PlacementHints::default(),
+            queue_deadline,
+            headers: inbound.forward.clone(),
+            correlation_id: inbound.correlation_id.clone(),
+        }
+    }
 }
 
 /// What the engine is asked.
@@ -152,11 +177,7 @@ impl Lifecycle {
             deadline: Instant::now() + exchange.queue_deadline,
             correlation_id: exchange.correlation_id.clone(),
         };
-        let submitted = state.scheduler.submit(demand).await;
-        if let (Err(_), Some(session)) = (&submitted, &exchange.session) {
-            state.sessions.end_turn(session, 0, Instant::now());
-        }
-        submitted.map(Phase::Queued)
+        state.scheduler.submit(demand).await.map(Phase::Queued)
     }
 
     /// The queue ticket while the request waits (position, predicted start).

@@ -314,15 +314,29 @@ impl Stack {
 
     /// llama-server's own count of the tokens it generated (`llamacpp:tokens_predicted_total`).
     pub fn engine_tokens_predicted(&self, pool: &str) -> u64 {
+        self.engine_metric(pool, "llamacpp:tokens_predicted_total") as u64
+    }
+
+    /// One of llama-server's own Prometheus values (pools run it with `--metrics`).
+    pub fn engine_metric(&self, pool: &str, name: &str) -> f64 {
         let reply = http::get(&http_address(&self.endpoint(pool)), "/metrics", WAIT).unwrap();
-        let text = reply.text();
-        text.lines()
-            .find_map(|line| line.strip_prefix("llamacpp:tokens_predicted_total "))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .map(|value| value as u64)
-            .unwrap_or_else(|| {
-                panic!("no tokens_predicted_total in llama-server's metrics: {text}")
-            })
+        prometheus_value(&reply.text(), name)
+    }
+
+    /// One of orchestratord's Prometheus values (a counter's `_total`, a histogram's `_count`).
+    pub fn metric(&self, name: &str) -> f64 {
+        let reply = http::get(&self.api(), "/metrics", WAIT).unwrap();
+        prometheus_value(&reply.text(), name)
+    }
+
+    /// How many of the engine's slots are processing (llama-server's `GET /slots`).
+    pub fn busy_slots(&self, pool: &str) -> usize {
+        self.engine_get(pool, "/slots")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|slot| slot["is_processing"] == true)
+            .count()
     }
 
     /// The pid pool-managerd recorded for the pool's engine.
@@ -386,4 +400,12 @@ impl Stack {
         );
         output
     }
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+pub fn prometheus_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }

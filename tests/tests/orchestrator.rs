@@ -325,13 +325,15 @@ fn api_keys_guard_everything_but_the_open_paths() {
     assert_eq!(status, 200);
 }
 
-/// The engine double's counters and the last generation request's headers.
-fn engine_stats(stack: &Stack) -> Value {
+/// The engine double's `/control/{what}` (`stats`: counters; `last-request`: its headers).
+fn engine_control(stack: &Stack, what: &str) -> Value {
     let engine = stack.sidecar_status()["endpoint"]
         .as_str()
         .unwrap()
         .to_owned();
-    http::get(&engine, "/control/stats", WAIT).unwrap().json()
+    http::get(&engine, &format!("/control/{what}"), WAIT)
+        .unwrap()
+        .json()
 }
 
 #[test]
@@ -429,13 +431,10 @@ fn bad_input_on_every_endpoint_gets_a_clear_error_in_its_apis_shape_and_is_never
     assert_eq!(status, 404, "{text}");
     let error: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(error["error"]["code"], "endpoint_not_served", "{text}");
-    let stats = engine_stats(&stack);
+    let stats = engine_control(&stack, "stats");
     assert_eq!(stats["completed"], 0, "{stats}");
-    assert_eq!(
-        stats["last_headers"],
-        Value::Null,
-        "nothing reached the engine"
-    );
+    let last = engine_control(&stack, "last-request");
+    assert_eq!(last["headers"], Value::Null, "nothing reached the engine");
     assert_eq!(stack.sidecar_status()["active_leases"], 0);
 }
 
@@ -475,7 +474,7 @@ fn anthropic_keys_request_ids_and_forwarded_headers_reach_the_engine_but_credent
     let head = head.to_ascii_lowercase();
     assert!(head.contains("x-correlation-id: req-123"), "{head}");
     assert!(head.contains("x-request-id: req-123"), "{head}");
-    let seen = &engine_stats(&stack)["last_headers"];
+    let seen = &engine_control(&stack, "last-request")["headers"];
     assert_eq!(seen["x-correlation-id"], "req-123", "{seen}");
     assert_eq!(
         seen["traceparent"],

@@ -281,15 +281,7 @@ fn tiny_model_openai_sdk_and_curl_through_real_llama_servers_on_tcp_and_unix_soc
     // Nothing held afterwards: every lease back, every slot idle.
     for pool in ["tcp", "uds"] {
         stack.wait_for_leases(pool, 0);
-        let slots = stack.engine_get(pool, "/slots");
-        assert!(
-            slots
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|s| s["is_processing"] == false),
-            "{slots}"
-        );
+        assert_eq!(stack.busy_slots(pool), 0, "{pool}: a slot still busy");
     }
 }
 
@@ -309,24 +301,12 @@ fn tiny_model_client_closing_mid_stream_frees_the_llama_server_slot_and_the_leas
     for _ in 0..5 {
         assert!(http::next_sse_data(&mut reader).is_some());
     }
-    let slots = stack.engine_get("p", "/slots");
-    let busy: Vec<&Value> = slots
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["is_processing"] == true)
-        .collect();
-    assert_eq!(busy.len(), 1, "{slots}");
+    assert_eq!(stack.busy_slots("p"), 1);
     assert_eq!(stack.pool_status("p")["active_leases"], 1);
     drop(reader);
     let closed = Instant::now();
     stack.wait_for("llama-server to stop generating", || {
-        stack
-            .engine_get("p", "/slots")
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["is_processing"] == false)
+        stack.busy_slots("p") == 0
     });
     let idle_after = closed.elapsed();
     stack.wait_for_leases("p", 0);

@@ -18,9 +18,7 @@
 )]
 
 use e2e::http;
-use e2e::real_engine::{
-    API_KEY, LlamaPool, Stack, WAIT, http_address, make_model, python, repo_root, stack,
-};
+use e2e::real_engine::{API_KEY, LlamaPool, Stack, make_model, python, repo_root, stack};
 use e2e::temp_dir;
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
@@ -41,16 +39,6 @@ fn post(stack: &Stack, path: &str, headers: &[(&str, &str)], body: &Value) -> (u
     .unwrap();
     let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
     (reply.status, json)
-}
-
-/// One of orchestratord's Prometheus values (a counter's `_total`, a histogram's `_count`).
-fn metric(stack: &Stack, name: &str) -> f64 {
-    let reply = http::get(&stack.api(), "/metrics", WAIT).unwrap();
-    let text = reply.text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in orchestratord's metrics:\n{text}"))
 }
 
 #[test]
@@ -149,9 +137,9 @@ fn tiny_models_every_api_through_orchestratord_answers_as_the_real_llama_server_
     );
 
     // A non-streaming request moves the metrics as a streaming one does.
-    let tokens_in = metric(&stack, "orchestratord_tokens_in_total");
-    let tokens_out = metric(&stack, "orchestratord_tokens_out_total");
-    let finished = metric(&stack, "orchestratord_request_duration_seconds_count");
+    let tokens_in = stack.metric("orchestratord_tokens_in_total");
+    let tokens_out = stack.metric("orchestratord_tokens_out_total");
+    let finished = stack.metric("orchestratord_request_duration_seconds_count");
     let request = json!({
         "model": "tiny-hermes",
         "messages": [{"role": "user", "content": "Tell me about the river."}],
@@ -164,18 +152,18 @@ fn tiny_models_every_api_through_orchestratord_answers_as_the_real_llama_server_
     let prompt = usage["prompt_tokens"].as_f64().unwrap();
     assert_eq!(usage["completion_tokens"], 7);
     assert_eq!(
-        metric(&stack, "orchestratord_tokens_in_total") - tokens_in,
+        stack.metric("orchestratord_tokens_in_total") - tokens_in,
         prompt
     );
     assert_eq!(
-        metric(&stack, "orchestratord_tokens_out_total") - tokens_out,
+        stack.metric("orchestratord_tokens_out_total") - tokens_out,
         7.0
     );
     assert_eq!(
-        metric(&stack, "orchestratord_request_duration_seconds_count") - finished,
+        stack.metric("orchestratord_request_duration_seconds_count") - finished,
         1.0
     );
-    assert_eq!(metric(&stack, "orchestratord_in_flight"), 0.0);
+    assert_eq!(stack.metric("orchestratord_in_flight"), 0.0);
 
     // Engine errors keep their status and message, in the shape of the API asked.
     let (status, error) = post(
@@ -225,28 +213,6 @@ fn tiny_models_every_api_through_orchestratord_answers_as_the_real_llama_server_
     }
 }
 
-/// How many of the engine's slots are processing (`GET /slots`).
-fn busy_slots(stack: &Stack, pool: &str) -> usize {
-    let reply = http::get(&http_address(&stack.endpoint(pool)), "/slots", WAIT).unwrap();
-    let slots: Value = reply.json();
-    slots
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|slot| slot["is_processing"] == true)
-        .count()
-}
-
-/// One of llama-server's own Prometheus values (`--metrics`).
-fn engine_metric(stack: &Stack, pool: &str, name: &str) -> f64 {
-    let reply = http::get(&http_address(&stack.endpoint(pool)), "/metrics", WAIT).unwrap();
-    let text = reply.text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in llama-server's metrics:\n{text}"))
-}
-
 #[test]
 fn tiny_model_n2_holds_two_slots_and_a_waiting_request_reaches_the_engine_only_when_they_are_free()
 {
@@ -289,7 +255,7 @@ fn tiny_model_n2_holds_two_slots_and_a_waiting_request_reaches_the_engine_only_w
     std::thread::scope(|scope| {
         let both = scope.spawn(|| post(&stack, "/v1/chat/completions", &[], &chat(2, 300)));
         stack.wait_for("n = 2 running on both engine slots", || {
-            busy_slots(&stack, "two") == 2
+            stack.busy_slots("two") == 2
         });
         assert_eq!(stack.pool_status("two")["active_leases"], 2);
         let waiting = scope.spawn(|| post(&stack, "/v1/chat/completions", &[], &chat(1, 20)));
@@ -301,8 +267,8 @@ fn tiny_model_n2_holds_two_slots_and_a_waiting_request_reaches_the_engine_only_w
         while !both.is_finished() {
             assert!(Instant::now() < deadline, "n = 2 never finished");
             let leased_before = stack.pool_status("two")["active_leases"].as_u64().unwrap();
-            let busy = busy_slots(&stack, "two") as u64;
-            let deferred = engine_metric(&stack, "two", "llamacpp:requests_deferred");
+            let busy = stack.busy_slots("two") as u64;
+            let deferred = stack.engine_metric("two", "llamacpp:requests_deferred");
             let leased_after = stack.pool_status("two")["active_leases"].as_u64().unwrap();
             assert!(leased_before <= 2 && leased_after <= 2);
             assert_eq!(

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::{AdapterError, EngineEvent};
+use super::{AdapterError, EngineEvent, TokenUsage};
 
 #[derive(Debug, Deserialize)]
 struct Event {
@@ -19,13 +19,13 @@ struct Event {
     #[serde(default)]
     delta: Option<Delta>,
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<TokenUsage>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Message {
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<TokenUsage>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,14 +38,6 @@ struct Delta {
     thinking: Option<String>,
     #[serde(default)]
     stop_reason: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Usage {
-    #[serde(default)]
-    input_tokens: Option<u32>,
-    #[serde(default)]
-    output_tokens: Option<u32>,
 }
 
 /// What a Messages stream has said so far that [`EngineEvent::Done`] reports.

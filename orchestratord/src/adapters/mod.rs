@@ -201,6 +201,15 @@ pub enum AdapterError {
     },
 }
 
+/// Token usage as Anthropic's and the Responses API's events report it.
+#[derive(Debug, serde::Deserialize)]
+struct TokenUsage {
+    #[serde(default)]
+    input_tokens: Option<u32>,
+    #[serde(default)]
+    output_tokens: Option<u32>,
+}
+
 /// An error with its whole `source()` chain, for [`AdapterError::WorkerReset`] details.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::{AdapterError, EngineEvent};
+use super::{AdapterError, EngineEvent, TokenUsage};
 
 #[derive(Debug, Deserialize)]
 struct Event {
@@ -35,15 +35,7 @@ struct Response {
     #[serde(default)]
     status: Option<String>,
     #[serde(default)]
-    usage: Option<Usage>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Usage {
-    #[serde(default)]
-    input_tokens: Option<u32>,
-    #[serde(default)]
-    output_tokens: Option<u32>,
+    usage: Option<TokenUsage>,
 }
 
 /// Turns one event (`data` payload, whole `frame`) into an event.

@@ -5,12 +5,11 @@
 //! key as `x-api-key`, which `app` accepts like a bearer token.
 
 use crate::adapters::EngineRoute;
-use crate::admission::Priority;
 use crate::api::validate;
 use crate::app::{AppState, Inbound};
 use crate::error::{ApiError, ErrorShape};
 use crate::lifecycle::{self, EngineCall, Exchange, Reply};
-use crate::placement::{PlacementHints, SlotNeed};
+use crate::placement::SlotNeed;
 use crate::sse::StreamFormat;
 use axum::extract::State;
 use axum::response::Response;
@@ -53,18 +52,7 @@ fn exchange(
         };
         (api, call, Some(SlotNeed::ONE), Reply::Whole)
     };
-    let exchange = Exchange {
-        model,
-        api,
-        call,
-        slots,
-        priority: Priority::Interactive,
-        session: None,
-        hints: PlacementHints::default(),
-        queue_deadline,
-        headers: inbound.forward.clone(),
-        correlation_id: inbound.correlation_id.clone(),
-    };
+    let exchange = Exchange::interactive(inbound, queue_deadline, model, api, call, slots);
     Ok((exchange, reply))
 }
 

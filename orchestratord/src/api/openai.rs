@@ -11,13 +11,12 @@
 //! OpenAI's shape.
 
 use crate::adapters::EngineRoute;
-use crate::admission::Priority;
 use crate::api::validate::{self, invalid};
 use crate::app::{AppState, Inbound};
 use crate::error::{ApiError, ErrorShape};
 use crate::json_object::{self, TopLevel};
 use crate::lifecycle::{self, EngineCall, Exchange, Reply};
-use crate::placement::{self, PlacementHints, SlotNeed};
+use crate::placement::{self, SlotNeed};
 use crate::sse::StreamFormat;
 use axum::Json;
 use axum::body::Bytes;
@@ -47,18 +46,7 @@ impl Context {
         call: EngineCall,
         slots: Option<SlotNeed>,
     ) -> Exchange {
-        Exchange {
-            model,
-            api,
-            call,
-            slots,
-            priority: Priority::Interactive,
-            session: None,
-            hints: PlacementHints::default(),
-            queue_deadline: self.queue_deadline,
-            headers: self.inbound.forward.clone(),
-            correlation_id: self.inbound.correlation_id.clone(),
-        }
+        Exchange::interactive(&self.inbound, self.queue_deadline, model, api, call, slots)
     }
 }
 

@@ -9,8 +9,8 @@
 //! once (`--refuse`), and a crash with a chosen exit code, on a timer (`--exit-after-ms`) or mid-stream
 //! (`--crash-after-tokens`). `--model FILE` may carry the same knobs as JSON, so a supervisor that only
 //! passes a model path can still choose the fault. Tests gate generation deterministically with
-//! `POST /control/hold` / `POST /control/release` and read counters (and the last generation
-//! request's headers) from `GET /control/stats`.
+//! `POST /control/hold` / `POST /control/release`, read counters from `GET /control/stats` and the
+//! last generation request's headers from `GET /control/last-request`.
 //!
 //! Layout: `Args` (flags) + `Knobs` (the model file) → `Profile` (the immutable behaviour of this
 //! run) → `Engine` (the profile plus the little mutable state: busy slots, counters, the hold gate)
@@ -516,6 +516,7 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/control/hold", post(hold))
         .route("/control/release", post(release))
         .route("/control/stats", get(stats))
+        .route("/control/last-request", get(last_request))
         .fallback(not_found)
         .with_state(engine)
 }
@@ -570,8 +571,12 @@ async fn stats(State(engine): Shared) -> axum::Json<Value> {
         "completed": counters.completed,
         "cancelled": counters.cancelled,
         "tokens": counters.tokens,
-        "last_headers": counters.last_headers,
     }))
+}
+
+/// The headers of the last generation request (names lower-cased), `null` before the first.
+async fn last_request(State(engine): Shared) -> axum::Json<Value> {
+    axum::Json(json!({"headers": engine.counters().last_headers}))
 }
 
 async fn not_found() -> EngineError {
