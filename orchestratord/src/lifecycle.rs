@@ -140,6 +140,7 @@ impl Lifecycle {
     /// Admits `exchange` (or says at once why not: queue full, unknown model or API, pool-manager
     /// down, session over budget). A request that takes no slot is placed on a ready pool here.
     pub async fn admit(state: &AppState, exchange: Exchange) -> Result<Lifecycle, ApiError> {
+        let received = Instant::now();
         let admitted = Self::place_or_queue(state, &exchange).await;
         let phase = match admitted {
             Ok(phase) => phase,
@@ -151,7 +152,7 @@ impl Lifecycle {
         Ok(Lifecycle {
             state: state.clone(),
             exchange,
-            received: Instant::now(),
+            received,
             phase,
             engine_started: None,
             last_token: None,
