@@ -391,18 +391,7 @@ pub fn engine_kind_variant(kind: &EngineKind) -> &'static str {
 }
 
 pub fn api_endpoint_variant(api: &ApiEndpoint) -> &'static str {
-    match api {
-        ApiEndpoint::ChatCompletions => "chat_completions",
-        ApiEndpoint::Completions => "completions",
-        ApiEndpoint::Embeddings => "embeddings",
-        ApiEndpoint::Rerank => "rerank",
-        ApiEndpoint::Messages => "messages",
-        ApiEndpoint::MessagesCountTokens => "messages_count_tokens",
-        ApiEndpoint::Responses => "responses",
-        ApiEndpoint::ResponsesInputTokens => "responses_input_tokens",
-        ApiEndpoint::ChatCompletionsInputTokens => "chat_completions_input_tokens",
-        ApiEndpoint::Models => "models",
-    }
+    api.name()
 }
 
 pub fn endpoint_variant(endpoint: &Endpoint) -> &'static str {
