@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 pub const CORRELATION_HEADER: HeaderName = HeaderName::from_static("x-correlation-id");
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -132,11 +133,7 @@ async fn correlate(mut request: Request, next: Next) -> Response {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     request.extensions_mut().insert(CorrelationId(id.clone()));
     let span = tracing::info_span!("request", correlation_id = %id, method = %request.method(), path = %request.uri().path());
-    let mut response = {
-        let _entered = span.enter();
-        next.run(request)
-    }
-    .await;
+    let mut response = next.run(request).instrument(span).await;
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(CORRELATION_HEADER, value);

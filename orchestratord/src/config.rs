@@ -137,16 +137,25 @@ impl BodyLimits {
     }
 }
 
-/// Headers that carry credentials or describe the connection: never forwarded to an engine.
-const NEVER_FORWARDED: [&str; 8] = [
+/// Headers that carry credentials, describe the connection (hop-by-hop) or change the body's
+/// encoding: never forwarded to an engine.
+const NEVER_FORWARDED: [&str; 16] = [
     "authorization",
     "x-api-key",
     "cookie",
     "proxy-authorization",
     "host",
     "content-length",
+    "content-type",
     "transfer-encoding",
     "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "accept-encoding",
 ];
 
 impl RawConfig {
@@ -293,7 +302,7 @@ fn forwardable(name: &str) -> Result<HeaderName, ConfigError> {
     })?;
     if NEVER_FORWARDED.contains(&header.as_str()) {
         return Err(ConfigError::Invalid(format!(
-            "forward_headers: {name:?} is never forwarded to engines (credentials and connection headers stay here)"
+            "forward_headers: {name:?} is never forwarded to engines (credentials, connection and encoding headers stay here)"
         )));
     }
     Ok(header)
@@ -337,7 +346,14 @@ mod tests {
 
     #[test]
     fn credentials_can_never_be_forwarded_and_limits_follow_the_endpoint_family() {
-        for name in ["Authorization", "x-api-key", "Cookie", "not a header"] {
+        for name in [
+            "Authorization",
+            "x-api-key",
+            "Cookie",
+            "TE",
+            "Accept-Encoding",
+            "not a header",
+        ] {
             let raw = RawConfig {
                 forward_headers: Some(vec![name.into()]),
                 ..RawConfig::default()

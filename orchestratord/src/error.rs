@@ -58,14 +58,19 @@ pub enum ApiError {
     DecodeTimeout(Duration),
     #[error("the engine did not answer within {0:?}")]
     ResponseTimeout(Duration),
-    /// The engine answered with an error status: its status and message (and, when it sent one,
-    /// its own `error` object, passed on unchanged to clients of the same API shape).
+    /// The engine refused the request for a reason about the request (a 4xx other than a refusal
+    /// of orchestratord's own credentials, 501 for an API it was not started for, 503 while
+    /// busy): its status and message (and, when it sent one, its own `error` object, passed on
+    /// unchanged to clients of the same API shape).
     #[error("{message}")]
     EngineRejected {
         status: u16,
         message: String,
         detail: Option<Value>,
     },
+    /// The engine failed the request (any other status); the detail (its body) is for logs only.
+    #[error("the engine failed the request")]
+    EngineFailed(String),
     #[error("the task was cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -128,23 +133,34 @@ impl From<ClientError> for ApiError {
             | ClientError::VersionMismatch { .. }
             | ClientError::Frame(_)
             | ClientError::Read(_)
-            | ClientError::Write(_)
-            | ClientError::UnexpectedFrame(_)
-            | ClientError::UnexpectedResponse { .. }
-            | ClientError::AcquireNeedsGuard => {
+            | ClientError::Write(_) => {
                 tracing::warn!(%error, "pool-managerd did not take the request");
                 ApiError::PoolUnavailable {
                     retry_after: POOL_MANAGER_RETRY_AFTER,
                 }
             }
+            ClientError::UnexpectedFrame(_)
+            | ClientError::UnexpectedResponse { .. }
+            | ClientError::AcquireNeedsGuard => ApiError::Internal(error.to_string()),
         }
     }
 }
 
 impl ApiError {
-    /// An engine's error answer: its status, and its message from a JSON error body in OpenAI's
-    /// or Anthropic's shape (both put it in `error.message`), else a generic one.
+    /// An engine's error answer. A refusal about the request keeps its status and its message
+    /// from a JSON error body in OpenAI's or Anthropic's shape (both put it in `error.message`);
+    /// anything else (a 5xx, a refusal of orchestratord's credentials, an unexpected status) is
+    /// a 502 whose detail only the log sees.
     pub fn from_engine(status: u16, body: &str) -> ApiError {
+        let about_the_request = match status {
+            401 | 403 | 407 => false,
+            400..=499 | 501 | 503 => true,
+            _ => false,
+        };
+        if !about_the_request {
+            let shown: String = body.chars().take(1024).collect();
+            return ApiError::EngineFailed(format!("engine answered {status}: {shown}"));
+        }
         let detail = serde_json::from_str::<Value>(body)
             .ok()
             .and_then(|json| json.get("error").filter(|error| error.is_object()).cloned());
@@ -194,7 +210,7 @@ impl ApiError {
                 | ErrorCode::Internal
                 | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             },
-            ApiError::WorkerReset(_) => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerReset(_) | ApiError::EngineFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::EngineRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -235,8 +251,12 @@ impl ApiError {
             ApiError::WorkerReset(_) => "WORKER_RESET",
             ApiError::DecodeTimeout(_) => "DECODE_TIMEOUT",
             ApiError::ResponseTimeout(_) => "RESPONSE_TIMEOUT",
-            ApiError::EngineRejected { status, .. } if *status < 500 => "INVALID_PARAMS",
-            ApiError::EngineRejected { .. } => "ENGINE_ERROR",
+            ApiError::EngineRejected {
+                status: 429 | 503, ..
+            } => "ENGINE_BUSY",
+            ApiError::EngineRejected { status: 501, .. } => "UNSUPPORTED",
+            ApiError::EngineRejected { .. } => "INVALID_PARAMS",
+            ApiError::EngineFailed(_) => "ENGINE_ERROR",
             ApiError::Cancelled => "CANCELLED",
             ApiError::SessionBudget(_) => "SESSION_BUDGET_EXCEEDED",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
@@ -267,6 +287,7 @@ impl ApiError {
             | ApiError::DecodeTimeout(_)
             | ApiError::ResponseTimeout(_)
             | ApiError::EngineRejected { .. }
+            | ApiError::EngineFailed(_)
             | ApiError::Cancelled
             | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => None,
@@ -281,6 +302,7 @@ impl ApiError {
             | ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
             | ApiError::WorkerReset(_)
+            | ApiError::EngineFailed(_)
             | ApiError::DecodeTimeout(_)
             | ApiError::ShuttingDown => true,
             ApiError::PoolManagerRefused { .. } => self.status() == StatusCode::SERVICE_UNAVAILABLE,
@@ -327,6 +349,7 @@ impl ApiError {
             | ApiError::PoolUnavailable { .. }
             | ApiError::PoolManagerRefused { .. }
             | ApiError::WorkerReset(_)
+            | ApiError::EngineFailed(_)
             | ApiError::DecodeTimeout(_)
             | ApiError::ResponseTimeout(_)
             | ApiError::EngineRejected { .. }
@@ -399,8 +422,10 @@ impl ApiError {
 
     /// The response in the API's error shape, with `Retry-After` where a retry may succeed.
     pub fn response(&self, shape: ErrorShape) -> Response {
-        if let ApiError::Internal(detail) = self {
-            tracing::error!(%detail, "internal error");
+        match self {
+            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            ApiError::EngineFailed(detail) => tracing::warn!(%detail, "engine failed a request"),
+            _ => {}
         }
         let mut response = (self.status(), axum::Json(self.body(shape))).into_response();
         if let Some(after) = self.retry_after() {
@@ -497,11 +522,24 @@ mod tests {
         );
         let unreadable = ApiError::from_engine(501, "<html>");
         assert_eq!(unreadable.status().as_u16(), 501);
-        assert_eq!(unreadable.code(), "ENGINE_ERROR");
+        assert_eq!(unreadable.code(), "UNSUPPORTED");
         assert_eq!(
             unreadable.openai_body()["error"]["message"],
             "the engine refused the request"
         );
+        // What is not about the request stays in the log: a crash, a refusal of our credentials.
+        for status in [500, 401, 302] {
+            let failed = ApiError::from_engine(
+                status,
+                r#"{"error":{"message":"/srv/models/x.gguf: internal detail"}}"#,
+            );
+            assert_eq!(failed.status(), StatusCode::BAD_GATEWAY, "{status}");
+            assert_eq!(failed.code(), "ENGINE_ERROR");
+            assert_eq!(
+                failed.openai_body()["error"]["message"],
+                "the engine failed the request"
+            );
+        }
     }
 
     #[test]
@@ -573,6 +611,7 @@ mod tests {
             ApiError::DecodeTimeout(Duration::from_secs(1)),
             ApiError::ResponseTimeout(Duration::from_secs(1)),
             ApiError::from_engine(400, "{}"),
+            ApiError::EngineFailed("x".into()),
             ApiError::Cancelled,
             ApiError::SessionBudget("s".into()),
             ApiError::ShuttingDown,

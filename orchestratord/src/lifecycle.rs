@@ -134,6 +134,9 @@ pub struct Lifecycle {
     last_token: Option<Instant>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    /// The lease of a request that ended, until [`Lifecycle::release`] has it confirmed (or `Drop`
+    /// releases it without waiting).
+    ending_lease: Option<(LeaseGuard, ReleaseOutcome)>,
 }
 
 impl Lifecycle {
@@ -158,6 +161,7 @@ impl Lifecycle {
             last_token: None,
             prompt_tokens: None,
             completion_tokens: None,
+            ending_lease: None,
         })
     }
 
@@ -267,8 +271,10 @@ impl Lifecycle {
         }
     }
 
-    /// The next event of an open stream; `None` after the last. The lease goes back with the
-    /// terminator or the failure, before the caller forwards it.
+    /// The next event of an open stream; `None` after the last. With the terminator or a failure
+    /// the request ends (the engine connection closes, the metrics are recorded); the caller then
+    /// has the lease's release confirmed with [`release`](Self::release) before it says anything
+    /// more to its client.
     pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ApiError>> {
         let Phase::Streaming { stream, .. } = &mut self.phase else {
             return None;
@@ -288,17 +294,17 @@ impl Lifecycle {
                     } => {
                         self.prompt_tokens = prompt_tokens.map(u64::from);
                         self.completion_tokens = completion_tokens.map(u64::from);
-                        self.finish(Ending::Completed).await;
+                        self.settle(Ending::Completed);
                     }
                 }
                 Some(Ok(event))
             }
             Some(Err(error)) => {
-                self.finish(Ending::Failed).await;
+                self.settle(Ending::Failed);
                 Some(Err(adapter_error(error)))
             }
             None => {
-                self.finish(Ending::Failed).await;
+                self.settle(Ending::Failed);
                 Some(Err(ApiError::WorkerReset(
                     "the engine stream ended early".into(),
                 )))
@@ -332,12 +338,28 @@ impl Lifecycle {
             .whole(&request, limit, &self.exchange.correlation_id)
             .await;
         match answer {
-            Ok(answer) => {
+            Ok(mut answer) => {
+                let model = self.exchange.model.clone();
+                let body = std::mem::take(&mut answer.body);
+                // A large answer (an embeddings batch) is read off the async workers.
+                let read = if body.len() > READ_OFF_THREAD_BYTES {
+                    tokio::task::spawn_blocking(move || for_client(body, &model))
+                        .await
+                        .map_err(|error| ApiError::Internal(format!("reading an answer: {error}")))
+                } else {
+                    Ok(for_client(body, &model))
+                };
+                let (body, usage) = match read {
+                    Ok(read) => read,
+                    Err(error) => {
+                        self.finish(Ending::Failed).await;
+                        return Err(error);
+                    }
+                };
                 if self.exchange.slots.is_some() {
-                    let (prompt, completion) = usage_of(&answer.body);
-                    self.prompt_tokens = prompt;
-                    self.completion_tokens = completion;
+                    (self.prompt_tokens, self.completion_tokens) = usage;
                 }
+                answer.body = body;
                 self.finish(Ending::Completed).await;
                 Ok(answer)
             }
@@ -374,12 +396,16 @@ impl Lifecycle {
         self.last_token = Some(now);
     }
 
-    /// Gives back everything the request holds, once: the engine connection first (so the engine
-    /// sees its client leave), then the lease, released and confirmed before the caller says
-    /// anything more to the client (so a client that saw the end sees its slot free); records the
-    /// metrics and charges the session.
+    /// Ends the request and has its lease's release confirmed.
     async fn finish(&mut self, ending: Ending) {
-        if let Some((lease, outcome)) = self.settle(ending) {
+        self.settle(ending);
+        self.release().await;
+    }
+
+    /// Has the release of an ended request's lease confirmed by pool-managerd, so a client that
+    /// is told the request ended sees its slot free. Nothing to do for a request without one.
+    pub async fn release(&mut self) {
+        if let Some((lease, outcome)) = self.ending_lease.take() {
             let pool = lease.lease().pool.clone();
             if let Err(error) = lease.release(outcome).await {
                 tracing::warn!(%pool, %error, "lease release failed; the connection's close returns it");
@@ -387,11 +413,12 @@ impl Lifecycle {
         }
     }
 
-    /// Everything [`finish`](Self::finish) does but the release itself: returns the lease to
-    /// release, if the request held one.
-    fn settle(&mut self, ending: Ending) -> Option<(LeaseGuard, ReleaseOutcome)> {
+    /// Gives back everything the request holds, once: the engine connection first (so the engine
+    /// sees its client leave), then the lease (kept for [`release`](Self::release)); records the
+    /// metrics and charges the session.
+    fn settle(&mut self, ending: Ending) {
         let placement = match std::mem::replace(&mut self.phase, Phase::Finished) {
-            Phase::Finished => return None,
+            Phase::Finished => return,
             Phase::Queued(ticket) => {
                 drop(ticket);
                 None
@@ -430,13 +457,13 @@ impl Lifecycle {
             };
             self.state.sessions.end_turn(session, used, Instant::now());
         }
-        let Placement {
+        let Some(Placement {
             pool,
             lease: Some(lease),
             ..
-        } = placement?
+        }) = placement
         else {
-            return None;
+            return;
         };
         let held_for = self
             .engine_started
@@ -448,14 +475,15 @@ impl Lifecycle {
             Ending::Failed => ReleaseOutcome::Failed,
             Ending::Cancelled => ReleaseOutcome::Cancelled,
         };
-        Some((lease, outcome))
+        self.ending_lease = Some((lease, outcome));
     }
 }
 
 impl Drop for Lifecycle {
     /// The client went away (or the caller gave up) before the end: nobody waits for the release.
     fn drop(&mut self) {
-        if let Some((lease, outcome)) = self.settle(Ending::Cancelled) {
+        self.settle(Ending::Cancelled);
+        if let Some((lease, outcome)) = self.ending_lease.take() {
             lease.release_detached(outcome);
         }
     }
@@ -474,6 +502,7 @@ fn unleased_placement(state: &AppState, exchange: &Exchange) -> Result<Placement
         api: exchange.api,
         slots: SlotNeed::ONE,
         hints: &exchange.hints,
+        held_back: &[],
     };
     let pool = placement::choose_unleased(&mirror.snapshot, &wanted).map_err(|why| match why {
         NoPlacement::UnknownModel => ApiError::ModelNotFound(exchange.model.clone()),
@@ -536,28 +565,6 @@ pub fn adapter_error(error: AdapterError) -> ApiError {
     }
 }
 
-/// The token counts of a whole answer's `usage`, in OpenAI's names or Anthropic's and the
-/// Responses API's.
-fn usage_of(body: &[u8]) -> (Option<u64>, Option<u64>) {
-    #[derive(Deserialize)]
-    struct Usage {
-        prompt_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-        input_tokens: Option<u64>,
-        output_tokens: Option<u64>,
-    }
-    let Ok(top) = TopLevel::parse(body) else {
-        return (None, None);
-    };
-    match top.parse_member::<Usage>("usage") {
-        Some(Ok(usage)) => (
-            usage.prompt_tokens.or(usage.input_tokens),
-            usage.completion_tokens.or(usage.output_tokens),
-        ),
-        Some(Err(_)) | None => (None, None),
-    }
-}
-
 /// How a request's answer goes back to the client.
 #[derive(Debug, Clone, Copy)]
 pub enum Reply {
@@ -577,7 +584,6 @@ pub async fn serve(
     shape: ErrorShape,
     reply: Reply,
 ) -> Response {
-    let model = exchange.model.clone();
     let mut life = match Lifecycle::admit(state, exchange).await {
         Ok(life) => life,
         Err(error) => return error.response(shape),
@@ -588,7 +594,7 @@ pub async fn serve(
                 return error.response(shape);
             }
             match life.whole().await {
-                Ok(answer) => whole_response(answer, &model),
+                Ok(answer) => whole_response(answer),
                 Err(error) => error.response(shape),
             }
         }
@@ -627,11 +633,10 @@ pub async fn serve(
     }
 }
 
-/// A whole answer as the client gets it: the engine's status, content type and body, with the
-/// body's top-level `model` set to what the client asked for.
-fn whole_response(answer: WholeAnswer, model: &str) -> Response {
-    let body = with_model(answer.body, model);
-    let mut response = Response::new(Body::from(body));
+/// A whole answer as the client gets it: the engine's status, content type and (already
+/// rewritten, see [`for_client`]) body.
+fn whole_response(answer: WholeAnswer) -> Response {
+    let mut response = Response::new(Body::from(answer.body));
     *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
     let content_type = answer
         .content_type
@@ -642,27 +647,42 @@ fn whole_response(answer: WholeAnswer, model: &str) -> Response {
     response
 }
 
-/// `body` with its top-level `model` string replaced by `model`; unchanged when it has none, names
-/// it already, or is not a JSON object.
-fn with_model(body: Bytes, model: &str) -> Bytes {
-    let Ok(mut top) = TopLevel::parse(&body) else {
-        return body;
-    };
-    let named = match top.parse_member::<String>("model") {
-        Some(Ok(named)) => named,
-        Some(Err(_)) | None => return body,
-    };
-    if named == model {
-        return body;
+/// Answers larger than this are read on a blocking thread.
+const READ_OFF_THREAD_BYTES: usize = 1024 * 1024;
+
+/// A whole answer as the client gets it, and its token counts, from one reading of its top level:
+/// the body with its top-level `model` string replaced by `model` (unchanged when it has none,
+/// names it already, or is not a JSON object; otherwise every member's value keeps its bytes), and
+/// `usage` in OpenAI's names or in Anthropic's and the Responses API's.
+fn for_client(body: Bytes, model: &str) -> (Bytes, (Option<u64>, Option<u64>)) {
+    #[derive(Deserialize)]
+    struct Usage {
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
     }
-    let Ok(quoted) = serde_json::to_string(model)
-        .map_err(|_| ())
-        .and_then(|text| json_object::raw(text).map_err(|_| ()))
-    else {
-        return body;
+    let Ok(mut top) = TopLevel::parse(&body) else {
+        return (body.clone(), (None, None));
+    };
+    let usage = match top.parse_member::<Usage>("usage") {
+        Some(Ok(usage)) => (
+            usage.prompt_tokens.or(usage.input_tokens),
+            usage.completion_tokens.or(usage.output_tokens),
+        ),
+        Some(Err(_)) | None => (None, None),
+    };
+    let renamed = match top.parse_member::<String>("model") {
+        Some(Ok(named)) if named != model => serde_json::to_string(model)
+            .ok()
+            .and_then(|text| json_object::raw(text).ok()),
+        Some(_) | None => None,
+    };
+    let Some(quoted) = renamed else {
+        return (body.clone(), usage);
     };
     top.set("model", quoted);
-    Bytes::from(top.to_vec())
+    (Bytes::from(top.to_vec()), usage)
 }
 
 /// The body of a streaming response: waits for the lease (sending keep-alives), opens the engine
@@ -692,7 +712,11 @@ impl Relay {
                 return Some(error_event(&error, self.format));
             }
         }
-        match self.life.next_event().await? {
+        let event = self.life.next_event().await?;
+        if !matches!(event, Ok(EngineEvent::Chunk { .. })) {
+            self.life.release().await;
+        }
+        match event {
             Ok(EngineEvent::Chunk { frame, .. }) => Some(frame),
             Ok(EngineEvent::Done {
                 usage_frame,
@@ -716,37 +740,44 @@ impl Relay {
 mod tests {
     use super::*;
 
+    fn body_of(text: &'static [u8]) -> Bytes {
+        Bytes::from_static(text)
+    }
+
     #[test]
-    fn a_whole_answer_names_the_model_asked_for_and_keeps_every_other_byte() {
-        let body = Bytes::from_static(
-            br#"{"id":"x","model":"engine.gguf","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3}}"#,
+    fn a_whole_answer_names_the_model_asked_for_and_keeps_every_other_value_byte_for_byte() {
+        let (body, usage) = for_client(
+            body_of(
+                br#"{"id":"x","model":"engine.gguf","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            ),
+            "tiny",
         );
         assert_eq!(
-            &with_model(body, "tiny")[..],
-            &br#"{"id":"x","model":"tiny","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3}}"#[..]
+            &body[..],
+            &br#"{"id":"x","model":"tiny","choices":[{"logprobs":{"content":[{"logprob":-0.10000000149011612}]}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#[..]
         );
-        let same = Bytes::from_static(br#"{"model":"tiny", "a": 1}"#);
-        assert_eq!(with_model(same.clone(), "tiny"), same);
-        let none = Bytes::from_static(br#"{"input_tokens":3}"#);
-        assert_eq!(with_model(none.clone(), "tiny"), none);
-        let not_json = Bytes::from_static(b"[1]");
-        assert_eq!(with_model(not_json.clone(), "tiny"), not_json);
+        assert_eq!(usage, (Some(3), Some(4)));
+        for unchanged in [
+            &br#"{"model":"tiny", "a": 1}"#[..],
+            &br#"{"input_tokens":3}"#[..],
+            &b"[1]"[..],
+        ] {
+            let body = Bytes::copy_from_slice(unchanged);
+            assert_eq!(for_client(body.clone(), "tiny").0, body);
+        }
     }
 
     #[test]
     fn usage_is_read_in_every_apis_names() {
+        let usage = |text: &'static [u8]| for_client(body_of(text), "m").1;
         assert_eq!(
-            usage_of(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
-            (Some(3), Some(4))
-        );
-        assert_eq!(
-            usage_of(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
+            usage(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
             (Some(5), Some(6))
         );
         assert_eq!(
-            usage_of(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
+            usage(br#"{"usage":{"prompt_tokens":8,"total_tokens":8}}"#),
             (Some(8), None)
         );
-        assert_eq!(usage_of(br#"{"data":[]}"#), (None, None));
+        assert_eq!(usage(br#"{"data":[]}"#), (None, None));
     }
 }

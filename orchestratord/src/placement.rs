@@ -47,6 +47,9 @@ pub struct Wanted<'a> {
     pub api: ApiEndpoint,
     pub slots: SlotNeed,
     pub hints: &'a PlacementHints,
+    /// Pools held back for an earlier request that needs more slots than they have free (see
+    /// [`pool_to_wait_for`]): this request may not take their slots.
+    pub held_back: &'a [PoolId],
 }
 
 /// A pool to lease, and how many of its slots.
@@ -94,8 +97,10 @@ impl SessionAffinity {
     }
 }
 
-fn takes_work(pool: &PoolSnapshot, slots: SlotNeed) -> bool {
-    pool.state == PoolState::Ready && pool.slots_free >= slots.on(pool.slots_total)
+fn takes_work(pool: &PoolSnapshot, wanted: &Wanted<'_>) -> bool {
+    pool.state == PoolState::Ready
+        && pool.slots_free >= wanted.slots.on(pool.slots_total)
+        && !wanted.held_back.contains(&pool.pool_id)
 }
 
 fn out_of_service(pool: &PoolSnapshot) -> bool {
@@ -157,14 +162,14 @@ pub fn choose(
     let preferred = [session_pool, wanted.hints.prefer.as_ref()];
     for wanted_pool in preferred.into_iter().flatten() {
         if let Some(pool) = candidates.iter().find(|pool| &pool.pool_id == wanted_pool)
-            && takes_work(pool, wanted.slots)
+            && takes_work(pool, wanted)
         {
             return Ok(chosen(pool, wanted.slots));
         }
     }
     let best = candidates
         .iter()
-        .filter(|pool| takes_work(pool, wanted.slots))
+        .filter(|pool| takes_work(pool, wanted))
         .max_by(|a, b| {
             let a_share = u64::from(a.slots_free) * u64::from(b.slots_total);
             let b_share = u64::from(b.slots_free) * u64::from(a.slots_total);
@@ -182,6 +187,28 @@ pub fn choose(
         }
         None => Err(NoPlacement::NoneReady),
     }
+}
+
+/// The pool a request that needs several slots and found none with enough free should wait for:
+/// the ready pool that could hold it with the most slots free already. Its slots are then held back
+/// from later requests (`Wanted::held_back`) until the request fits, so a stream of one-slot
+/// requests cannot starve it. `None` for a one-slot request (slots go in queue order anyway) or
+/// when no ready pool could ever hold it.
+pub fn pool_to_wait_for(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> Option<PoolId> {
+    let candidates = candidates(snapshot, wanted).ok()?;
+    candidates
+        .iter()
+        .filter(|pool| pool.state == PoolState::Ready && !wanted.held_back.contains(&pool.pool_id))
+        .filter(|pool| {
+            let need = wanted.slots.on(pool.slots_total);
+            need > 1 && need <= pool.slots_total
+        })
+        .max_by(|a, b| {
+            a.slots_free
+                .cmp(&b.slots_free)
+                .then_with(|| b.pool_id.cmp(&a.pool_id))
+        })
+        .map(|pool| pool.pool_id.clone())
 }
 
 /// A ready pool of `wanted.model` serving its API, for a request that occupies no slot (the token
@@ -251,6 +278,7 @@ mod tests {
             api: ApiEndpoint::ChatCompletions,
             slots: SlotNeed::ONE,
             hints,
+            held_back: &[],
         }
     }
 
@@ -466,5 +494,28 @@ mod tests {
             choose_unleased(&starting, &wanted("m", &hints)),
             Err(NoPlacement::NoneReady)
         );
+    }
+
+    #[test]
+    fn a_pool_held_back_for_a_larger_request_takes_no_smaller_one_until_it_fits() {
+        let hints = PlacementHints::default();
+        let snapshot = registry(vec![pool("a", "m", PoolState::Ready, 2, 4)]);
+        let four = Wanted {
+            slots: SlotNeed {
+                parallel: 4,
+                total: 4,
+            },
+            ..wanted("m", &hints)
+        };
+        assert_eq!(choose(&snapshot, &four, None), Err(NoPlacement::Busy));
+        let held = pool_to_wait_for(&snapshot, &four).unwrap();
+        assert_eq!(held, PoolId("a".into()));
+        let held_back = [held];
+        let one = Wanted {
+            held_back: &held_back,
+            ..wanted("m", &hints)
+        };
+        assert_eq!(choose(&snapshot, &one, None), Err(NoPlacement::Busy));
+        assert_eq!(pool_to_wait_for(&snapshot, &wanted("m", &hints)), None);
     }
 }

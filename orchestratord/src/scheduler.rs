@@ -40,12 +40,14 @@ pub struct Demand {
 }
 
 impl Demand {
-    fn wanted(&self) -> Wanted<'_> {
+    /// What the request needs of a pool; it may not use the `held_back` ones.
+    fn wanted<'a>(&'a self, held_back: &'a [PoolId]) -> Wanted<'a> {
         Wanted {
             model: &self.model,
             api: self.api,
             slots: self.slots,
             hints: &self.hints,
+            held_back,
         }
     }
 }
@@ -247,7 +249,7 @@ impl SchedulerActor {
             .session
             .as_deref()
             .and_then(|session| self.affinity.pool_of(session));
-        let choice = placement::choose(&mirror.snapshot, &demand.wanted(), session_pool);
+        let choice = placement::choose(&mirror.snapshot, &demand.wanted(&[]), session_pool);
         if let Some(error) = unservable(&choice, &demand) {
             return Err(error);
         }
@@ -321,7 +323,7 @@ impl SchedulerActor {
         let mut errors = Vec::new();
         let hopeless = self.queue.remove_where(|waiting| {
             let demand = &waiting.demand;
-            let choice = placement::choose(&mirror.snapshot, &demand.wanted(), None);
+            let choice = placement::choose(&mirror.snapshot, &demand.wanted(&[]), None);
             let error = unservable(&choice, demand);
             let doomed = error.is_some();
             errors.extend(error);
@@ -350,13 +352,26 @@ impl SchedulerActor {
                 }
                 let snapshot = &mirror.snapshot;
                 let affinity = &self.affinity;
+                // Pools whose slots wait for an earlier request that needs several at once: later
+                // requests, checked after it in service order, may not take them.
+                let mut held_back: Vec<PoolId> = Vec::new();
                 let next = self.queue.next_eligible(Instant::now(), |waiting| {
                     let session_pool = waiting
                         .demand
                         .session
                         .as_deref()
                         .and_then(|session| affinity.pool_of(session));
-                    placement::choose(snapshot, &waiting.demand.wanted(), session_pool).is_ok()
+                    let wanted = waiting.demand.wanted(&held_back);
+                    match placement::choose(snapshot, &wanted, session_pool) {
+                        Ok(_) => true,
+                        Err(NoPlacement::Busy) => {
+                            if let Some(pool) = placement::pool_to_wait_for(snapshot, &wanted) {
+                                held_back.push(pool);
+                            }
+                            false
+                        }
+                        Err(_) => false,
+                    }
                 });
                 let Some((id, waiting)) = next else {
                     return;
@@ -366,7 +381,8 @@ impl SchedulerActor {
                     .session
                     .as_deref()
                     .and_then(|session| affinity.pool_of(session));
-                match placement::choose(snapshot, &waiting.demand.wanted(), session_pool) {
+                let wanted = waiting.demand.wanted(&held_back);
+                match placement::choose(snapshot, &wanted, session_pool) {
                     Ok(choice) => (id, waiting, choice),
                     Err(_) => {
                         let _ = waiting
@@ -403,10 +419,16 @@ impl SchedulerActor {
                 Err(ClientError::Remote(error))
                     if matches!(
                         error.code,
-                        ErrorCode::NoCapacity | ErrorCode::NotReady | ErrorCode::Draining
+                        ErrorCode::NoCapacity
+                            | ErrorCode::NotReady
+                            | ErrorCode::Draining
+                            | ErrorCode::NotFound
+                            | ErrorCode::BadRequest
                     ) =>
                 {
-                    // Lost a race against the mirror: back in line; the next change retries.
+                    // Lost a race against the mirror (the slots went elsewhere, or the pool was
+                    // drained, removed or reloaded with fewer slots meanwhile): back in line; the
+                    // next change retries, and `fail_hopeless` answers a request no pool can take.
                     tracing::debug!(task = %id, %pool, %error, "lost the race for a slot");
                     let deadline = waiting.demand.deadline;
                     let priority = waiting.demand.priority;
@@ -429,8 +451,12 @@ impl SchedulerActor {
                     return;
                 }
                 Err(error) => {
+                    // pool-managerd is unreachable or refuses orchestratord itself: an operator's
+                    // problem, never the client's request.
                     tracing::warn!(task = %id, %pool, %error, "acquire failed");
-                    let _ = waiting.placed.send(Err(ApiError::from(error)));
+                    let _ = waiting.placed.send(Err(ApiError::PoolUnavailable {
+                        retry_after: crate::error::POOL_MANAGER_RETRY_AFTER,
+                    }));
                 }
             }
         }

@@ -183,8 +183,9 @@ def check_errors(api_url: str, key: str, model: str) -> int:
         raise AssertionError("a wrong key was accepted")
     except openai.AuthenticationError as error:
         assert error.status_code == 401, error
-    # n beyond every pool's slots is refused before queueing (n itself is relayed).
-    for bad in ({"max_tokens": 0}, {"n": 99}):
+    # A token limit of the wrong type, and n beyond every pool's slots, are refused before queueing
+    # (values of the right type go to the engine, which judges them: llama.cpp takes -1).
+    for bad in ({"max_tokens": "ten"}, {"n": 99}):
         try:
             client.completions.create(model=model, prompt=PROMPT, **bad)
             raise AssertionError(f"{bad} was accepted")

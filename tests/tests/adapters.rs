@@ -1,17 +1,21 @@
 //! orchestratord's engine adapters against the real test engine double, over TCP and Unix sockets:
 //! exact tokens and finish reasons for both stream dialects, usage, and every failure the adapters
-//! type (worker reset, decode timeout, engine rejection, cancellation), plus the two connection rules:
-//! a dropped stream closes its engine connection, and a stale pooled connection is retried unseen.
+//! type (worker reset, decode timeout, engine rejection, cancellation), plus the connection rules: a
+//! dropped stream closes its engine connection; a stale pooled connection, or one the engine closed
+//! while idle, is retried unseen; a request the engine may have worked on is never sent twice (a
+//! scripted engine on loopback plays the closes).
 //!
 //! Needs `cargo build --workspace --bins` first (the engine double is another binary). Waits poll the
 //! engine's `/control/stats`; there are no fixed sleeps.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use e2e::Daemon;
 use orchestratord::adapters::{
     AdapterError, EngineClients, EngineEvent, EngineRequest, EngineRoute, EngineStream,
+    WholeRequest,
 };
 use pool_ipc::registry::{Endpoint, EngineKind};
 use serde_json::{Value, json};
@@ -586,4 +590,115 @@ async fn a_stale_pooled_connection_after_an_engine_restart_is_retried_on_a_fresh
     })
     .await;
     assert_eq!(stats["cancelled"], 0, "{stats}");
+}
+
+/// A scripted HTTP/1.1 engine on 127.0.0.1: answers the first request on every connection with a
+/// small keep-alive JSON answer; on the second request of a connection it reads the request whole,
+/// waits `close_after`, and closes without a byte of answer. Counts the requests it read whole.
+async fn closing_engine(close_after: Duration) -> (String, std::sync::Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("cannot bind the scripted engine: {e}"));
+    let address = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("no local address: {e}"))
+        .to_string();
+    let received = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                for turn in 0.. {
+                    // One whole request: the head, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .and_then(|value| value.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buffer.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buffer.drain(..head_end + length);
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    if turn == 0 {
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                                      Content-Length: 11\r\n\r\n{\"ok\":true}";
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    } else {
+                        tokio::time::sleep(close_after).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address, received)
+}
+
+fn whole_request(address: &str) -> WholeRequest {
+    WholeRequest {
+        endpoint: endpoint(address),
+        path: "/v1/embeddings",
+        body: Bytes::from_static(br#"{"model":"m","input":"x"}"#),
+        headers: hyper::HeaderMap::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_request_met_by_the_close_of_an_idle_pooled_connection_is_sent_again_on_a_fresh_one() {
+    let (address, received) = closing_engine(Duration::ZERO).await;
+    let clients = EngineClients::default();
+    let first = clients
+        .whole(&whole_request(&address), STALL, "c-1")
+        .await
+        .unwrap();
+    assert_eq!(&first.body[..], br#"{"ok":true}"#);
+    // The second request goes out on the pooled connection, which the engine closes at once: it
+    // never worked on it, so it is sent again, on a fresh connection, and answered there.
+    let second = clients
+        .whole(&whole_request(&address), STALL, "c-2")
+        .await
+        .expect("an idle connection's close is not the caller's error");
+    assert_eq!(&second.body[..], br#"{"ok":true}"#);
+    assert_eq!(clients.unsent_retries(), 1);
+    assert_eq!(received.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_request_the_engine_read_and_worked_on_before_closing_is_never_sent_again() {
+    let (address, received) = closing_engine(Duration::from_millis(300)).await;
+    let clients = EngineClients::default();
+    clients
+        .whole(&whole_request(&address), STALL, "c-1")
+        .await
+        .unwrap();
+    // The engine reads the second request, "works" for 300 ms, then closes without answering: it
+    // may have acted on it, so the failure is the caller's and the request ran once.
+    let failed = clients.whole(&whole_request(&address), STALL, "c-2").await;
+    assert!(
+        matches!(failed, Err(AdapterError::WorkerReset { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(clients.unsent_retries(), 0);
+    assert_eq!(received.load(Ordering::SeqCst), 2);
 }

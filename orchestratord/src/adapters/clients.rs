@@ -16,11 +16,14 @@
 //!   acts only on a complete request (a JSON body of known length). This is how a stale pooled
 //!   Unix-socket connection often shows up;
 //! - the connection had already carried an earlier request and failed (closed, reset) before one
-//!   byte of this request's answer arrived ([`ConnectionUse`]): the engine closed a connection it
-//!   held idle and never read the request. llama-server does this after every streamed response
-//!   (it advertises `Keep-Alive` and then closes), and hyper pools the connection a moment before
-//!   the close arrives, so under load a request dispatched the instant a slot frees meets it. On
-//!   TCP the write then succeeds and the failure is the read's (EOF or reset).
+//!   byte of this request's answer arrived, at once after the request was written (within
+//!   `connection::STALE_CLOSE_WINDOW`; [`ConnectionUse::closed_while_idle`]): the engine closed a
+//!   connection it held idle and never read the request. llama-server does this after every
+//!   streamed response (it advertises `Keep-Alive` and then closes) and after 100 requests on one
+//!   connection, and hyper pools the connection a moment before the close arrives, so under load a
+//!   request dispatched the instant a slot frees meets it. On TCP the write then succeeds and the
+//!   failure is the read's (EOF or reset). A failure that comes later may be an engine that read
+//!   the request and worked on it (it answers only when done): never resent.
 //!
 //! The first three kinds have no public predicate, so each is recognised by its type in the error
 //! chain *and* its `Display` text: if an upgrade rewords one, we retry less, never more (the
@@ -210,7 +213,7 @@ fn safe_to_resend(error: &LegacyError) -> bool {
     if error
         .connect_info()
         .and_then(ConnectionUse::of)
-        .is_some_and(|usage| usage.was_reused() && usage.awaiting_answer())
+        .is_some_and(|usage| usage.closed_while_idle())
     {
         return true;
     }

@@ -6,24 +6,28 @@
 //! [`UnixEngineConnector`] (the endpoint's socket path; the request URI's authority is ignored)
 //! hand hyper [`Tracked`] streams that note, without locks, the turns of the HTTP/1 exchange: a
 //! write after a read (or the first write) starts a new request, a read that returns bytes means
-//! its answer began. hyper-util attaches each connection's `Connected` info, which carries its
-//! [`ConnectionUse`], to the error of a request that failed on it; `clients` reads it there.
+//! its answer began; and when the request's last byte was written. hyper-util attaches each
+//! connection's `Connected` info, which carries its [`ConnectionUse`], to the error of a request
+//! that failed on it; `clients` reads it there.
 //!
 //! Why this is needed: llama-server (cpp-httplib) closes the connection after every streamed
 //! response although it advertises `Keep-Alive`, and hyper returns the connection to the pool as
 //! soon as the body's terminator arrives, a moment before the close does. A request sent on it at
 //! that moment (a slot just freed, the next request dispatched) is written whole and then meets
-//! the close. An engine that closed an idle connection never read that request, so it may be sent
-//! again on a fresh connection.
+//! the close at once. An engine that closed an idle connection never read that request, so it may
+//! be sent again on a fresh connection. A connection that fails later than
+//! [`STALE_CLOSE_WINDOW`] after the request went out may have carried it to an engine that worked
+//! on it (an answer that comes only when done, a proxy's idle timeout): that one is not resent.
 //!
 //! Invariant: the bookkeeping only observes; it never changes what is read or written.
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -40,6 +44,23 @@ type Connecting<S> =
 const WRITING: u8 = 1;
 const READING: u8 = 2;
 
+/// How soon after a request was written a connection must fail for the failure to be the close of
+/// an idle connection the engine never read from. The engine's close is already on its way when we
+/// write (on loopback it follows its last chunk by microseconds), so the failure shows at the first
+/// read; this leaves room for a busy machine. An engine that read a request and worked on it fails
+/// later than this.
+pub(super) const STALE_CLOSE_WINDOW: Duration = Duration::from_millis(50);
+
+/// A fixed point to measure write times from, so they fit an atomic.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The exchange so far on one connection; shared by the stream and its `Connected` info.
 #[derive(Debug, Clone, Default)]
 pub(super) struct ConnectionUse(Arc<UseState>);
@@ -50,6 +71,8 @@ struct UseState {
     requests: AtomicU32,
     /// `WRITING` from a request's first byte until its answer's first byte, then `READING`.
     turn: AtomicU8,
+    /// When a byte was last written ([`epoch`]-relative nanoseconds).
+    last_write: AtomicU64,
 }
 
 impl ConnectionUse {
@@ -70,7 +93,23 @@ impl ConnectionUse {
         self.0.turn.load(Ordering::Relaxed) == WRITING
     }
 
+    /// How long ago the last byte was written.
+    pub(super) fn since_last_write(&self) -> Duration {
+        let written = self.0.last_write.load(Ordering::Relaxed);
+        Duration::from_nanos(nanos_since_epoch().saturating_sub(written))
+    }
+
+    /// The engine closed this connection while it was idle and never read the current request:
+    /// an earlier request was answered on it, no byte of this one's answer came, and it failed at
+    /// once after being written.
+    pub(super) fn closed_while_idle(&self) -> bool {
+        self.was_reused() && self.awaiting_answer() && self.since_last_write() <= STALE_CLOSE_WINDOW
+    }
+
     fn wrote(&self) {
+        self.0
+            .last_write
+            .store(nanos_since_epoch(), Ordering::Relaxed);
         if self.0.turn.swap(WRITING, Ordering::Relaxed) != WRITING {
             self.0.requests.fetch_add(1, Ordering::Relaxed);
         }
@@ -235,5 +274,7 @@ mod tests {
         usage.wrote();
         assert!(usage.was_reused());
         assert!(usage.awaiting_answer());
+        assert!(usage.closed_while_idle());
+        assert!(usage.since_last_write() < STALE_CLOSE_WINDOW);
     }
 }

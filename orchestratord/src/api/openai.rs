@@ -100,9 +100,8 @@ fn generation(context: &Context, body: &Bytes, chat: bool) -> Result<ValidReques
         )?
     };
     let stream = validate::stream(&top)?;
-    for field in ["max_tokens", "max_completion_tokens", "n_predict"] {
-        validate::positive(&top, field)?;
-    }
+    // Integers: llama.cpp takes -1 for "until the context is full"; the engine judges the value.
+    validate::integers(&top, &["max_tokens", "max_completion_tokens", "n_predict"])?;
     let parallel = parallel(&top)?;
     let slots = SlotNeed {
         parallel,
@@ -185,8 +184,13 @@ fn rerank(context: &Context, body: &Bytes, path: &'static str) -> Result<ValidRe
 fn responses_input(top: &TopLevel<'_>) -> Result<(), ApiError> {
     match top.get("input").map(|raw| raw.get()) {
         None | Some("null") => Err(invalid("'input' is required")),
-        Some("[]") => Err(invalid("'input' must not be empty")),
-        Some(text) if text.starts_with('"') || text.starts_with('[') => Ok(()),
+        Some(text) if text.starts_with('"') => Ok(()),
+        Some(text) if text.starts_with('[') => {
+            match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text) {
+                Ok(items) if !items.is_empty() => Ok(()),
+                _ => Err(invalid("'input' must not be empty")),
+            }
+        }
         Some(_) => Err(invalid("'input' must be a string or an array")),
     }
 }
@@ -345,7 +349,7 @@ mod tests {
             ),
             (r#"{"model":"m","messages":[]}"#, true, "non-empty array"),
             (
-                r#"{"model":"m","messages":[{}],"max_tokens":-1}"#,
+                r#"{"model":"m","messages":[{}],"max_tokens":"ten"}"#,
                 true,
                 "max_tokens",
             ),
@@ -450,5 +454,13 @@ mod tests {
         .unwrap();
         assert_eq!(count.exchange.slots, None);
         assert!(responses(&context(), &body(r#"{"model":"m","input":7}"#)).is_err());
+        assert!(responses(&context(), &body(r#"{"model":"m","input":[ ]}"#)).is_err());
+        assert!(
+            responses(
+                &context(),
+                &body(r#"{"model":"m","input":[{"role":"user"}]}"#)
+            )
+            .is_ok()
+        );
     }
 }

@@ -214,6 +214,8 @@ async fn generate(life: &mut Lifecycle, handle: &TaskHandle) -> Result<(), ApiEr
                 );
                 let decode_ms = started.elapsed().as_millis() as u64;
                 handle.push("end", json!({"tokens_out": index, "decode_ms": decode_ms}));
+                // After `end`: a cancel arriving now cannot turn a finished task into a failed one.
+                life.release().await;
                 return Ok(());
             }
         }
