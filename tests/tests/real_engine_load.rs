@@ -55,15 +55,19 @@ fn stream_once(api: &str, model: &str, outcome: &Mutex<Outcome>) {
         Some(("application/json", body.as_bytes())),
         READ_TIMEOUT,
     );
+    let started = std::time::Instant::now();
     let (mut reader, status, head) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            outcome.lock().unwrap().refused.push(error.to_string());
+            let failed = format!("after {:?}: {error}", started.elapsed());
+            outcome.lock().unwrap().refused.push(failed);
             return;
         }
     };
     if status != 200 {
-        outcome.lock().unwrap().refused.push(head);
+        let mut body = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut body);
+        outcome.lock().unwrap().refused.push(format!("{head}{body}"));
         return;
     }
     let mut content_chunks = 0;
