@@ -67,7 +67,11 @@ fn stream_once(api: &str, model: &str, outcome: &Mutex<Outcome>) {
     if status != 200 {
         let mut body = String::new();
         let _ = std::io::Read::read_to_string(&mut reader, &mut body);
-        outcome.lock().unwrap().refused.push(format!("{head}{body}"));
+        outcome
+            .lock()
+            .unwrap()
+            .refused
+            .push(format!("{head}{body}"));
         return;
     }
     let mut content_chunks = 0;
