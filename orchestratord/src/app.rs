@@ -208,8 +208,10 @@ impl FromRequest<AppState> for Inbound {
             .map(|id| id.0.clone())
             .unwrap_or_default();
         let forward = forwarded_headers(request.headers(), &config);
-        let body = axum::body::to_bytes(request.into_body(), limit)
+        let read = axum::body::to_bytes(request.into_body(), limit);
+        let body = tokio::time::timeout(config.body_timeout, read)
             .await
+            .map_err(|_| ApiError::BodyTimeout(config.body_timeout).response(shape))?
             .map_err(|error| {
                 let too_large = std::error::Error::source(&error)
                     .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());

@@ -6,6 +6,7 @@
 use crate::admission::{AdmissionConfig, FullPolicy};
 use crate::sessions::SessionPolicy;
 use axum::http::HeaderName;
+use pool_ipc::http_server::HttpLimits;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub non_streaming: RawNonStreaming,
     #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
     pub admission: RawAdmission,
     #[serde(default)]
     pub streaming: RawStreaming,
@@ -62,6 +65,22 @@ pub struct RawBodyLimits {
     pub generation_bytes: Option<usize>,
     /// Embeddings and rerank (default 64 MiB: large batches).
     pub embeddings_bytes: Option<usize>,
+}
+
+/// Limits on clients' connections: they bound reading requests and idle connections, never the
+/// answer (a request waiting for a slot or streaming keeps its connection).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Connections served at once, all clients together (behind a load balancer every client has
+    /// one address); more wait in the kernel's backlog. Default 10,000, and never more than three
+    /// quarters of the file descriptor limit.
+    pub max_connections: Option<usize>,
+    /// A request head must arrive within this, and so must the next one on an idle keep-alive
+    /// connection (default 10 s).
+    pub header_timeout_ms: Option<u64>,
+    /// A request body must arrive within this (default 60 s): 408 otherwise.
+    pub body_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +135,8 @@ pub struct Config {
     pub answer_timeout: Duration,
     pub keepalive: Duration,
     pub sessions: SessionPolicy,
+    pub http: HttpLimits,
+    pub body_timeout: Duration,
 }
 
 /// How large a request body may be, by endpoint family.
@@ -254,6 +275,22 @@ impl RawConfig {
                 self.streaming.keepalive_ms,
                 10_000,
             )?,
+            http: HttpLimits::within_fd_limit(
+                match self.http.max_connections {
+                    Some(0) => {
+                        return Err(ConfigError::Invalid(
+                            "http.max_connections must be positive".into(),
+                        ));
+                    }
+                    value => value.unwrap_or(10_000),
+                },
+                millis(
+                    "http.header_timeout_ms",
+                    self.http.header_timeout_ms,
+                    10_000,
+                )?,
+            ),
+            body_timeout: millis("http.body_timeout_ms", self.http.body_timeout_ms, 60_000)?,
             sessions: SessionPolicy {
                 ttl: millis("sessions.ttl_ms", self.sessions.ttl_ms, 1_800_000)?,
                 max_turns: self.sessions.max_turns.unwrap_or(0),

@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::sessions::SessionStore;
 use pool_ipc::client::{ClientConfig, PoolClient};
+use pool_ipc::http_server;
 use pool_ipc::socket_path::resolve_socket_path;
 use pool_ipc::systemd::{self, NotifyState};
 use std::io::Write;
@@ -32,8 +33,6 @@ pub enum DaemonError {
     Socket(String),
     #[error("cannot read the bound address: {0}")]
     Address(std::io::Error),
-    #[error("server failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// Serves until `shutdown` is cancelled; each configuration received on `reloads` replaces the
@@ -86,34 +85,34 @@ pub async fn run(
     systemd::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     tokio::spawn(systemd::keep_watchdog_fed(cut_off.clone()));
 
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
-            systemd::notify(&[
-                NotifyState::Stopping,
-                NotifyState::Status("stopping: letting running requests finish"),
-            ]);
-            draining.store(true, Ordering::Relaxed);
-            tokio::spawn(async move {
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-                tracing::warn!("shutdown grace period over; cutting off running requests");
-                cut_off.cancel();
-            });
-        })
-        .await
-        .map_err(DaemonError::Serve)
+    let limits = state.config.get().http;
+    let phased = async move {
+        shutdown.cancelled().await;
+        systemd::notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping: letting running requests finish"),
+        ]);
+        draining.store(true, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tracing::warn!("shutdown grace period over; cutting off running requests");
+            cut_off.cancel();
+        });
+    };
+    http_server::serve(listener, router(state), limits, phased).await;
+    Ok(())
 }
 
 fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config) {
     let old = live.get();
-    if new.listen != old.listen || new.socket != old.socket || new.sessions != old.sessions {
-        tracing::warn!("listen, socket and [sessions] apply at the next restart");
+    if new.listen != old.listen
+        || new.socket != old.socket
+        || new.sessions != old.sessions
+        || new.http != old.http
+    {
+        tracing::warn!(
+            "listen, socket, [sessions] and [http] connection limits apply at the next restart"
+        );
     }
     scheduler.reconfigure(new.admission.clone());
     live.replace(new);

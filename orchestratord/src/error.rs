@@ -24,6 +24,8 @@ pub enum ApiError {
     InvalidParams(String),
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("a valid API key is required")]
     Unauthorized,
     #[error("model {0:?} is not served here")]
@@ -182,6 +184,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParams(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
@@ -224,6 +227,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidParams(_) | ApiError::BodyTooLarge { .. } => "INVALID_PARAMS",
+            ApiError::BodyTimeout(_) => "REQUEST_TIMEOUT",
             ApiError::Unauthorized => "UNAUTHORIZED",
             ApiError::ModelNotFound(_) => "MODEL_NOT_FOUND",
             ApiError::EndpointNotServed { .. } => "ENDPOINT_NOT_SERVED",
@@ -273,6 +277,7 @@ impl ApiError {
             ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
+            | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
@@ -309,6 +314,7 @@ impl ApiError {
             ApiError::EngineRejected { status, .. } => *status == 503 || *status == 429,
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
+            | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
@@ -329,6 +335,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
+            | ApiError::BodyTimeout(_)
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
             | ApiError::RouteNotFound { .. }
@@ -581,6 +588,7 @@ mod tests {
         let all = [
             ApiError::InvalidParams("x".into()),
             ApiError::BodyTooLarge { limit: 1 },
+            ApiError::BodyTimeout(Duration::from_secs(1)),
             ApiError::Unauthorized,
             ApiError::ModelNotFound("m".into()),
             ApiError::EndpointNotServed {

@@ -29,6 +29,7 @@
 //! ```
 
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
+use pool_ipc::http_server::HttpLimits;
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -90,6 +91,11 @@ enum GroupSpec {
 struct RawDebugHttp {
     listen: Option<String>,
     token_file: Option<PathBuf>,
+    /// Connections served at once (default 64; at most 3/4 of the file descriptor limit).
+    max_connections: Option<usize>,
+    /// A request head, and the next one on an idle keep-alive connection, must arrive within
+    /// this (default 10 s).
+    header_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +277,7 @@ pub struct DebugHttpConfig {
     /// `None`: the shim is off.
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
+    pub limits: HttpLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -430,7 +437,23 @@ fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
         Some(text) => Some(parse_listen(text)?),
         None => Some(parse_listen(DEFAULT_DEBUG_LISTEN)?),
     };
-    let config = DebugHttpConfig { listen, token };
+    let max_connections = match raw.max_connections {
+        Some(0) => return Err("debug_http.max_connections must be positive".into()),
+        value => value.unwrap_or(64),
+    };
+    let header_timeout = match raw.header_timeout_ms {
+        Some(ms) if !(1..=86_400_000).contains(&ms) => {
+            return Err(format!(
+                "debug_http.header_timeout_ms must be between 1 and 86400000, got {ms}"
+            ));
+        }
+        value => Duration::from_millis(value.unwrap_or(10_000)),
+    };
+    let config = DebugHttpConfig {
+        listen,
+        token,
+        limits: HttpLimits::within_fd_limit(max_connections, header_timeout),
+    };
     config.check_exposure()?;
     Ok(config)
 }

@@ -302,11 +302,8 @@ pub async fn run(
             token: config.debug_http.token.as_deref().map(Arc::from),
         };
         let stop = shutdown.clone();
-        tracker.spawn(async move {
-            if let Err(error) = debug_http::serve(listener, state, stop).await {
-                tracing::error!(%error, "debug HTTP shim failed");
-            }
-        });
+        let limits = config.debug_http.limits;
+        tracker.spawn(debug_http::serve(listener, state, limits, stop));
     }
     let context = Arc::new(IpcContext {
         gpus,

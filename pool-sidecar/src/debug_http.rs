@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pool_ipc::error_code::ErrorCode;
+use pool_ipc::http_server::{self, HttpLimits};
 use pool_ipc::registry::{PoolId, PoolState};
 use pool_ipc::wire::Request as WireRequest;
 use serde::Deserialize;
@@ -51,20 +52,14 @@ pub fn router(state: DebugState) -> Router {
         .with_state(state)
 }
 
+/// Serves the shim on `listener` within `limits` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     state: DebugState,
+    limits: HttpLimits,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+) {
+    http_server::serve(listener, router(state), limits, shutdown.cancelled_owned()).await;
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {

@@ -7,6 +7,9 @@
 //! - [`client`]: the async client (one shared connection, pipelining, reconnect, registry mirror).
 //! - [`socket_path`]: where the socket lives when nobody says.
 //!
+//! And the plumbing both daemons share: [`systemd`] (socket activation, sd_notify, signals) and
+//! [`http_server`] (their HTTP listeners, with connection and header-time limits).
+//!
 //! Wire evolution rule: enum variants are only ever appended, never reordered or removed, because
 //! bincode encodes the variant index; `PROTOCOL_VERSION` changes when that rule cannot be kept.
 
@@ -14,6 +17,7 @@ pub mod client;
 pub mod codec;
 pub mod error_code;
 pub mod framed;
+pub mod http_server;
 mod outbox;
 pub mod registry;
 pub mod socket_path;

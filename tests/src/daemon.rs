@@ -161,6 +161,24 @@ impl DaemonBuilder {
     }
 
     /// The name used in echoed output and panic messages (useful with several instances).
+    /// Runs the daemon under `wrapper` (e.g. `prlimit --nofile=128 --`, `unshare -n`), which must
+    /// exec the daemon so that the pid the harness holds stays the daemon's.
+    pub fn wrapped<S: AsRef<OsStr>>(
+        mut self,
+        wrapper: impl Into<PathBuf>,
+        wrapper_args: &[S],
+    ) -> Self {
+        let mut args: Vec<OsString> = wrapper_args
+            .iter()
+            .map(|arg| arg.as_ref().to_owned())
+            .collect();
+        args.push(self.program.into_os_string());
+        args.append(&mut self.args);
+        self.program = wrapper.into();
+        self.args = args;
+        self
+    }
+
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self

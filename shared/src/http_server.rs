@@ -1,0 +1,115 @@
+//! Serving HTTP/1.1 on a TCP listener for both daemons (orchestratord's API, pool-managerd's debug
+//! shim), with the limits a hostile or broken client meets:
+//! - at most [`HttpLimits::max_connections`] connections at once; further ones wait in the kernel's
+//!   accept backlog, which costs this process no file descriptor, and are accepted as others close;
+//! - a request head must arrive whole within [`HttpLimits::header_timeout`], and so must the next
+//!   one on an idle keep-alive connection (hyper's header read timeout: one timer for both), so a
+//!   client that sends half a head, or nothing, holds its connection only that long;
+//! - `TCP_NODELAY` on every connection.
+//!
+//! These bound reading requests and idle connections, never the answer: a request that is waiting
+//! for a slot, or streaming, keeps its connection as long as it needs. Reading a request's body has
+//! its own limit where the body is read (orchestratord's `Inbound`).
+//!
+//! When `shutdown` completes, nothing more is accepted, idle connections close, and every
+//! connection finishes the request it is serving; [`serve`] returns once all have closed.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What one HTTP server allows its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    /// For a whole request head, and for the next head on an idle keep-alive connection.
+    pub header_timeout: Duration,
+}
+
+impl HttpLimits {
+    /// `max_connections`, but never more than three quarters of this process's file descriptor
+    /// limit (`RLIMIT_NOFILE`), so connections cannot take the descriptors engines, sockets and
+    /// logs need.
+    pub fn within_fd_limit(max_connections: usize, header_timeout: Duration) -> HttpLimits {
+        let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(u64::MAX, |(soft, _)| soft);
+        let room = usize::try_from(fd_limit / 4 * 3)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        HttpLimits {
+            max_connections: max_connections.min(room).max(1),
+            header_timeout,
+        }
+    }
+}
+
+/// Serves `service` on `listener` within `limits` until `shutdown` completes (module header).
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(error) => {
+                // Out of descriptors (or a connection reset before it was accepted): back off
+                // briefly rather than spin; what is open keeps being served.
+                tracing::warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(service.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

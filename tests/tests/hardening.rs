@@ -1,0 +1,146 @@
+//! Hostile clients against the real daemons: connections that never finish a request head
+//! (slowloris) must not take every file descriptor. Each daemon runs under a low descriptor limit
+//! (`prlimit --nofile=128`, util-linux); 140 connections each send half a request head and stall,
+//! and a well-behaved client must still be served once the header timeout has closed them
+//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::sidecar::{sidecar_command, socket_path, write_config};
+use e2e::{DaemonBuilder, binary, http, temp_dir};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const STALLED: usize = 140;
+
+/// Opens `STALLED` connections to `addr` that each send half a request head and then nothing.
+fn stall(addr: &str) -> Vec<TcpStream> {
+    (0..STALLED)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Typ")
+                .unwrap();
+            stream
+        })
+        .collect()
+}
+
+/// A well-behaved GET answered 200 within `within`, retried on timeouts.
+fn served(addr: &str, path: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match http::get(addr, path, Duration::from_millis(500)) {
+            Ok(reply) if reply.status == 200 => return started.elapsed(),
+            outcome => assert!(
+                started.elapsed() < within,
+                "{path} not served within {within:?} while connections stall: {:?}",
+                outcome.map(|reply| reply.status)
+            ),
+        }
+    }
+}
+
+/// Every stalled connection was closed by the daemon (EOF, or an error answer then EOF).
+fn all_closed(stalled: Vec<TcpStream>, within: Duration) {
+    let deadline = Instant::now() + within;
+    for mut stream in stalled {
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut rest = Vec::new();
+        let read = stream.read_to_end(&mut rest);
+        assert!(
+            read.is_ok(),
+            "a stalled connection was still open after {within:?}: {read:?}"
+        );
+    }
+}
+
+#[test]
+fn half_sent_request_heads_cannot_starve_orchestratord_of_descriptors() {
+    let dir = temp_dir();
+    // Default limits (10 s for a head; connections capped below the descriptor limit). No
+    // pool-managerd: /livez does not need one.
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(dir.path().join("absent.sock"))
+        .wrapped("prlimit", &["--nofile=128:128", "--"])
+        .start();
+    let addr = orchestrator.ready("listen").to_owned();
+    let stalled = stall(&addr);
+    let waited = served(&addr, "/livez", Duration::from_secs(30));
+    eprintln!("orchestratord served /livez {waited:?} after {STALLED} stalled connections");
+    all_closed(stalled, Duration::from_secs(30));
+    served(&addr, "/livez", Duration::from_secs(2));
+}
+
+#[test]
+fn half_sent_request_heads_cannot_starve_the_pool_managerd_shim_of_descriptors() {
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "[debug_http]\nmax_connections = 16\nheader_timeout_ms = 1000\n",
+        &[],
+    );
+    let sidecar = sidecar_command(dir.path(), &config)
+        .wrapped("prlimit", &["--nofile=128:128", "--"])
+        .start();
+    assert!(socket_path(dir.path()).exists());
+    let addr = sidecar.ready("debug_http").to_owned();
+    let stalled = stall(&addr);
+    let waited = served(&addr, "/health", Duration::from_secs(10));
+    eprintln!("pool-managerd's shim served /health {waited:?} after {STALLED} stalled connections");
+    all_closed(stalled, Duration::from_secs(10));
+    served(&addr, "/health", Duration::from_secs(2));
+}
+
+#[test]
+fn a_request_body_that_stalls_gets_408_in_its_apis_shape_and_the_connection_back() {
+    let dir = temp_dir();
+    let config = dir.path().join("orchestratord.toml");
+    std::fs::write(&config, "[http]\nbody_timeout_ms = 500\n").unwrap();
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(dir.path().join("absent.sock"))
+        .start();
+    let addr = orchestrator.ready("listen").to_owned();
+    let mut stream = TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"model\":",
+        )
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = [0u8; 4096];
+    let read = stream.read(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer[..read]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains(r#""type":"error""#),
+        "Anthropic's shape: {text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
