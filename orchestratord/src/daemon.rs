@@ -16,6 +16,7 @@ use pool_ipc::http_server;
 use pool_ipc::socket_path::resolve_socket_path;
 use pool_ipc::systemd::{self, NotifyState};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -33,6 +34,10 @@ pub enum DaemonError {
     Socket(String),
     #[error("cannot read the bound address: {0}")]
     Address(std::io::Error),
+    #[error(
+        "refusing to serve on {0} (not a loopback address) without API keys: set api_keys_file"
+    )]
+    OpenToTheNetwork(std::net::SocketAddr),
 }
 
 /// Serves until `shutdown` is cancelled; each configuration received on `reloads` replaces the
@@ -48,6 +53,10 @@ pub async fn run(
     let socket = resolve_socket_path(config.socket.clone())
         .map_err(|error| DaemonError::Socket(error.to_string()))?;
     let local = listener.local_addr().map_err(DaemonError::Address)?;
+    // Judged on the socket really served: one systemd handed over is not in the config.
+    if !local.ip().is_loopback() && config.api_keys.is_empty() {
+        return Err(DaemonError::OpenToTheNetwork(local));
+    }
     let cut_off = CancellationToken::new();
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
@@ -75,7 +84,7 @@ pub async fn run(
     };
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
-            apply_reload(&live, &scheduler, new);
+            apply_reload(&live, &scheduler, new, local);
         }
     });
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
@@ -103,7 +112,17 @@ pub async fn run(
     Ok(())
 }
 
-fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config) {
+fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config, local: SocketAddr) {
+    if !local.ip().is_loopback() && new.api_keys.is_empty() {
+        tracing::error!(%local, "reload refused: it removes every API key while serving a non-loopback address; nothing changed");
+        systemd::notify(&[
+            NotifyState::Ready,
+            NotifyState::Status(
+                "reload refused: no API keys on a public listener; nothing changed",
+            ),
+        ]);
+        return;
+    }
     let old = live.get();
     if new.listen != old.listen
         || new.socket != old.socket

@@ -462,10 +462,20 @@ impl DebugHttpConfig {
     /// A shim reachable from other hosts must demand a token.
     pub fn check_exposure(&self) -> Result<(), String> {
         match self.listen {
-            Some(addr) if !addr.ip().is_loopback() && self.token.is_none() => Err(format!(
-                "debug_http.listen {addr} is not a loopback address; set debug_http.token_file to require a bearer token"
-            )),
-            _ => Ok(()),
+            Some(addr) => self.check_exposure_of(addr),
+            None => Ok(()),
+        }
+    }
+
+    /// The same rule for the address a shim really serves on (a socket systemd handed over
+    /// included).
+    pub fn check_exposure_of(&self, addr: SocketAddr) -> Result<(), String> {
+        if addr.ip().is_loopback() || self.token.is_some() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the debug HTTP shim would serve on {addr}, not a loopback address, without a token; set debug_http.token_file"
+            ))
         }
     }
 }

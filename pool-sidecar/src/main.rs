@@ -137,10 +137,14 @@ fn start(
         }
     };
     let debug_addr = match &debug_http {
-        Some(listener) => listener
-            .local_addr()
-            .map(|addr| addr.to_string())
-            .unwrap_or_else(|_| "?".into()),
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|error| format!("cannot read the shim's address: {error}"))?;
+            // Judged on the socket really served, inherited ones included.
+            config.debug_http.check_exposure_of(addr)?;
+            addr.to_string()
+        }
         None => "off".into(),
     };
 

@@ -2,7 +2,9 @@
 //! (slowloris) must not take every file descriptor. Each daemon runs under a low descriptor limit
 //! (`prlimit --nofile=128`, util-linux); 140 connections each send half a request head and stall,
 //! and a well-behaved client must still be served once the header timeout has closed them
-//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short).
+//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short). And
+//! exposure is judged on the socket really served: a non-loopback socket handed over as systemd
+//! does (inside a network namespace of the test's own) without keys or a token is refused.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,7 +12,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{sidecar_command, socket_path, write_config};
+use e2e::sidecar::{sidecar_command, write_config};
 use e2e::{DaemonBuilder, binary, http, temp_dir};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -95,7 +97,6 @@ fn half_sent_request_heads_cannot_starve_the_pool_managerd_shim_of_descriptors()
     let sidecar = sidecar_command(dir.path(), &config)
         .wrapped("prlimit", &["--nofile=128:128", "--"])
         .start();
-    assert!(socket_path(dir.path()).exists());
     let addr = sidecar.ready("debug_http").to_owned();
     let stalled = stall(&addr);
     let waited = served(&addr, "/health", Duration::from_secs(10));
@@ -143,4 +144,72 @@ fn a_request_body_that_stalls_gets_408_in_its_apis_shape_and_the_connection_back
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Runs `daemon_args` under `socket-holder --once`, inside a network namespace of its own, on a TCP
+/// socket bound to 0.0.0.0 (nothing can reach it from outside the namespace), named `tcp_name`;
+/// returns the daemon's stderr once it exited. `None` without root (`unshare -n` needs it).
+fn refused_on_an_inherited_public_socket(
+    tcp_name: &str,
+    daemon_args: &[&std::ffi::OsStr],
+) -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: unshare -n needs root (CI runs as root)");
+        return None;
+    }
+    let dir = temp_dir();
+    let holder = binary("socket-holder");
+    let mut daemon = DaemonBuilder::new(&holder)
+        .name("socket-holder")
+        .arg("--unix")
+        .arg(dir.path().join("ipc.sock"))
+        .args(["--tcp", "0.0.0.0:0", "--once", "--names"])
+        .arg(format!("ipc:{tcp_name}"))
+        .arg("--")
+        .args(daemon_args)
+        .wrapped("unshare", &["-n", "--"])
+        .start();
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("the daemon refused and exited");
+    assert!(!status.success(), "{}", daemon.stderr());
+    Some(daemon.stderr())
+}
+
+#[test]
+fn orchestratord_refuses_an_inherited_public_socket_without_api_keys() {
+    let dir = temp_dir();
+    let program = binary("orchestratord");
+    let socket = dir.path().join("absent.sock");
+    let Some(stderr) = refused_on_an_inherited_public_socket(
+        "http",
+        &[program.as_os_str(), "--socket".as_ref(), socket.as_os_str()],
+    ) else {
+        return;
+    };
+    assert!(stderr.contains("refusing to serve on 0.0.0.0"), "{stderr}");
+}
+
+#[test]
+fn pool_managerd_refuses_an_inherited_public_shim_socket_without_a_token() {
+    let dir = temp_dir();
+    let config = write_config(dir.path(), "", &[]);
+    let program = binary("pool-managerd");
+    let socket = dir.path().join("pool.sock");
+    let state = dir.path().join("state");
+    let Some(stderr) = refused_on_an_inherited_public_socket(
+        "debug-http",
+        &[
+            program.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+        ],
+    ) else {
+        return;
+    };
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
 }

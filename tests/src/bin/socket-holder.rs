@@ -1,8 +1,10 @@
 //! `socket-holder`: plays systemd's part for tests of socket activation across restarts. It
-//! binds a Unix socket and a loopback TCP socket once, hands both to a child as LISTEN_FDS
-//! (fds 3 and 4, named by LISTEN_FDNAMES) and, like `Restart=always`, starts the child again
-//! whenever it exits, on the same sockets. Prints `READY socket=… tcp=…` once, then
-//! `CHILD pid=N` for every child it starts. Stops (and stops its child) on SIGTERM.
+//! binds a Unix socket and a TCP socket (loopback unless `--tcp` says otherwise: tests bind
+//! anything else only inside a network namespace of their own) once, hands both to a child as
+//! LISTEN_FDS (fds 3 and 4, named by LISTEN_FDNAMES) and, like `Restart=always`, starts the child
+//! again whenever it exits, on the same sockets; with `--once` it exits with the child's status
+//! instead. Prints `READY socket=… tcp=…` once, then `CHILD pid=N` for every child it starts.
+//! Stops (and stops its child) on SIGTERM.
 
 use clap::Parser;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -21,6 +23,12 @@ struct Args {
     /// Names for the two sockets, as LISTEN_FDNAMES.
     #[arg(long, default_value = "ipc:debug-http")]
     names: String,
+    /// The TCP address to bind (passed second, as fd 4).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    tcp: String,
+    /// Start the child once and exit with its status, instead of restarting it.
+    #[arg(long)]
+    once: bool,
     /// The child's command line.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -54,7 +62,8 @@ fn run(args: Args) -> Result<(), String> {
     let _ = std::fs::remove_file(&args.unix);
     let unix = std::os::unix::net::UnixListener::bind(&args.unix)
         .map_err(|e| format!("bind {}: {e}", args.unix.display()))?;
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind tcp: {e}"))?;
+    let tcp = std::net::TcpListener::bind(&args.tcp)
+        .map_err(|e| format!("bind tcp {}: {e}", args.tcp))?;
     let tcp_addr = tcp.local_addr().map_err(|e| e.to_string())?;
     // The child inherits exactly fds 3 and 4: the sockets, without close-on-exec.
     dup2(&unix, &mut slots[0]).map_err(|e| format!("dup2: {e}"))?;
@@ -85,7 +94,14 @@ fn run(args: Args) -> Result<(), String> {
         let _ = writeln!(stdout, "CHILD pid={}", child.id());
         let _ = stdout.flush();
         loop {
-            if let Ok(Some(_)) = child.try_wait() {
+            if let Ok(Some(status)) = child.try_wait() {
+                if args.once {
+                    let _ = std::fs::remove_file(&args.unix);
+                    return match status.code() {
+                        Some(0) => Ok(()),
+                        code => Err(format!("the child exited with {code:?}")),
+                    };
+                }
                 break;
             }
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
