@@ -5,11 +5,12 @@
 use crate::api::{anthropic, control, health, openai, tasks};
 use crate::config::{Config, LiveConfig};
 use crate::error::{ApiError, ErrorShape};
+use crate::keys::{Caller, Role};
 use crate::scheduler::Scheduler;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -17,7 +18,6 @@ use pool_ipc::client::{PoolClient, RegistryMirror};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
@@ -153,35 +153,63 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>`, compared in
-/// constant time; configured open paths pass without one.
-async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
+/// configured open paths pass without one. The caller's role must allow the route: the
+/// operator's routes (drain, reload) need an admin key. POSTs to the native API must say they
+/// carry JSON: a browser cannot send that cross-site without asking first, so a web page cannot
+/// drive a daemon on the visitor's host.
+async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let config = state.config.get();
-    let keys = &config.api_keys;
     let path = request.uri().path();
-    if keys.is_empty() || config.open_paths.iter().any(|open| open == path) {
+    let shape = ErrorShape::of_path(path);
+    if request.method() == Method::POST
+        && path.starts_with("/v2/")
+        && !declares_json(request.headers())
+    {
+        return ApiError::NotJson.response(shape);
+    }
+    let caller = if config.api_keys.is_empty() {
+        Caller::HOST
+    } else if config.open_paths.iter().any(|open| open == path) {
         return next.run(request).await;
-    }
-    let headers = request.headers();
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .or_else(|| {
-            headers
-                .get(&API_KEY_HEADER)
-                .and_then(|value| value.to_str().ok())
-        })
-        .unwrap_or("");
-    // Every key is compared, so the time taken does not tell which one nearly matched.
-    let matched = keys.iter().fold(0u8, |found, key| {
-        found | presented.as_bytes().ct_eq(key.as_bytes()).unwrap_u8()
-    });
-    if matched == 1 {
-        next.run(request).await
     } else {
-        ApiError::Unauthorized.response(ErrorShape::of_path(path))
+        let headers = request.headers();
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .or_else(|| {
+                headers
+                    .get(&API_KEY_HEADER)
+                    .and_then(|value| value.to_str().ok())
+            })
+            .unwrap_or("");
+        match config.api_keys.caller(presented) {
+            Some(caller) => caller,
+            None => return ApiError::Unauthorized.response(shape),
+        }
+    };
+    if caller.role != Role::Admin && is_operators(request.method(), path) {
+        return ApiError::AdminOnly.response(shape);
     }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// The operator's routes: draining and reloading pools.
+fn is_operators(method: &Method, path: &str) -> bool {
+    method == Method::POST
+        && path.starts_with("/v2/pools/")
+        && (path.ends_with("/drain") || path.ends_with("/reload"))
+}
+
+/// `Content-Type: application/json` (with or without parameters).
+fn declares_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// What an API handler takes from a request besides the shared state: the body, read within the

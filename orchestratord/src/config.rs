@@ -4,6 +4,7 @@
 //! Headers the operator allows to be forwarded to engines can never be credentials.
 
 use crate::admission::{AdmissionConfig, FullPolicy};
+use crate::keys::KeyRing;
 use crate::sessions::SessionPolicy;
 use axum::http::HeaderName;
 use pool_ipc::http_server::HttpLimits;
@@ -34,7 +35,7 @@ pub struct RawConfig {
     pub listen: Option<String>,
     /// pool-managerd's socket.
     pub socket: Option<PathBuf>,
-    /// One API key per line; blank lines and `#` comments ignored.
+    /// The API keys, one per line: `<name> <role> <key>` or a bare key (see `keys`).
     pub api_keys_file: Option<PathBuf>,
     /// Paths reachable without a key (default: /livez, /readyz, /metrics).
     pub open_paths: Option<Vec<String>>,
@@ -125,7 +126,7 @@ pub struct RawStreaming {
 pub struct Config {
     pub listen: SocketAddr,
     pub socket: Option<PathBuf>,
-    pub api_keys: Vec<String>,
+    pub api_keys: KeyRing,
     pub open_paths: Vec<String>,
     pub body_limits: BodyLimits,
     pub forward_headers: Vec<HeaderName>,
@@ -198,8 +199,8 @@ impl RawConfig {
             ConfigError::Invalid(format!("listen {listen_text:?} is not an ip:port address"))
         })?;
         let api_keys = match &self.api_keys_file {
-            None => Vec::new(),
-            Some(path) => read_keys(path)?,
+            None => KeyRing::default(),
+            Some(path) => KeyRing::read(path)?,
         };
         if !listen.ip().is_loopback() && api_keys.is_empty() {
             return Err(ConfigError::Invalid(format!(
@@ -343,28 +344,6 @@ fn forwardable(name: &str) -> Result<HeaderName, ConfigError> {
         )));
     }
     Ok(header)
-}
-
-fn read_keys(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        what: "API key file",
-        path: path.to_owned(),
-        source,
-    })?;
-    let keys: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(str::to_owned)
-        .collect();
-    if let Some(short) = keys.iter().find(|key| key.len() < 16) {
-        return Err(ConfigError::Invalid(format!(
-            "API key file {}: keys must be at least 16 characters (one is {})",
-            path.display(),
-            short.len()
-        )));
-    }
-    Ok(keys)
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub enum ApiError {
     BodyTimeout(Duration),
     #[error("a valid API key is required")]
     Unauthorized,
+    #[error("this operation needs an admin key")]
+    AdminOnly,
+    #[error("the request must be sent with Content-Type: application/json")]
+    NotJson,
     #[error("model {0:?} is not served here")]
     ModelNotFound(String),
     #[error("model {model:?} is served here, but no pool of it serves {path}")]
@@ -186,6 +190,8 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::AdminOnly => StatusCode::FORBIDDEN,
+            ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
             | ApiError::RouteNotFound { .. }
@@ -229,6 +235,8 @@ impl ApiError {
             ApiError::InvalidParams(_) | ApiError::BodyTooLarge { .. } => "INVALID_PARAMS",
             ApiError::BodyTimeout(_) => "REQUEST_TIMEOUT",
             ApiError::Unauthorized => "UNAUTHORIZED",
+            ApiError::AdminOnly => "FORBIDDEN",
+            ApiError::NotJson => "UNSUPPORTED_MEDIA_TYPE",
             ApiError::ModelNotFound(_) => "MODEL_NOT_FOUND",
             ApiError::EndpointNotServed { .. } => "ENDPOINT_NOT_SERVED",
             ApiError::RouteNotFound { .. } => "NOT_FOUND",
@@ -279,6 +287,8 @@ impl ApiError {
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
+            | ApiError::AdminOnly
+            | ApiError::NotJson
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
             | ApiError::RouteNotFound { .. }
@@ -316,6 +326,8 @@ impl ApiError {
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
+            | ApiError::AdminOnly
+            | ApiError::NotJson
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
             | ApiError::RouteNotFound { .. }
@@ -336,6 +348,7 @@ impl ApiError {
             ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
+            | ApiError::NotJson
             | ApiError::ModelNotFound(_)
             | ApiError::EndpointNotServed { .. }
             | ApiError::RouteNotFound { .. }
@@ -343,6 +356,7 @@ impl ApiError {
             | ApiError::SessionNotFound(_)
             | ApiError::PoolNotFound(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
+            ApiError::AdminOnly => "permission_error",
             ApiError::PoolManagerRefused { .. } | ApiError::EngineRejected { .. }
                 if self.status().is_client_error() =>
             {
@@ -590,6 +604,8 @@ mod tests {
             ApiError::BodyTooLarge { limit: 1 },
             ApiError::BodyTimeout(Duration::from_secs(1)),
             ApiError::Unauthorized,
+            ApiError::AdminOnly,
+            ApiError::NotJson,
             ApiError::ModelNotFound("m".into()),
             ApiError::EndpointNotServed {
                 model: "m".into(),

@@ -3,7 +3,7 @@
 //! `lifecycle` (one request's life, the same for every endpoint), `scheduler` (the queue's owner:
 //! admission → placement → lease), `admission` (the pure queue), `placement` (choosing a pool
 //! from the registry mirror), `adapters` (talking to engines), `json_object` (top-level JSON edits
-//! that keep every other byte), `config`, `error` (every failure's status and shape).
+//! that keep every other byte), `keys` (API keys and their roles), `config`, `error` (every failure's status and shape).
 
 pub mod adapters;
 pub mod admission;
@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod json_object;
+pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod placement;

@@ -77,6 +77,9 @@ struct RawServer {
     socket_group: Option<GroupSpec>,
     max_frame_bytes: Option<u32>,
     state_dir: Option<PathBuf>,
+    /// Where `reload` may load models from (absolute directories). Default: the directories of
+    /// the configured pools' model files.
+    model_dirs: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -251,6 +254,50 @@ pub struct ServerConfig {
     pub max_frame_bytes: u32,
     /// Engine records (for adoption), engine logs and engine sockets live here.
     pub state_dir: Option<PathBuf>,
+    pub model_dirs: ModelDirs,
+}
+
+/// The directories a reload may load a model from, canonical (symbolic links resolved), so that
+/// an admin request cannot make an engine open an arbitrary file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelDirs(Vec<PathBuf>);
+
+impl ModelDirs {
+    /// Directories as given: absolute ones, resolved where they exist.
+    fn new(dirs: impl IntoIterator<Item = PathBuf>) -> Result<ModelDirs, String> {
+        let mut canonical = Vec::new();
+        for dir in dirs {
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "server.model_dirs: {} is not an absolute path",
+                    dir.display()
+                ));
+            }
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            if !canonical.contains(&dir) {
+                canonical.push(dir);
+            }
+        }
+        Ok(ModelDirs(canonical))
+    }
+
+    /// `model` resolved, if it is a file inside one of the directories; why not otherwise.
+    pub fn admit(&self, model: &str) -> Result<PathBuf, String> {
+        let resolved =
+            std::fs::canonicalize(model).map_err(|error| format!("model {model:?}: {error}"))?;
+        if !resolved.is_file() {
+            return Err(format!("model {model:?} is not a file"));
+        }
+        if self.0.iter().any(|dir| resolved.starts_with(dir)) {
+            Ok(resolved)
+        } else {
+            let dirs: Vec<String> = self.0.iter().map(|dir| dir.display().to_string()).collect();
+            Err(format!(
+                "model {model:?} is outside server.model_dirs ({})",
+                dirs.join(", ")
+            ))
+        }
+    }
 }
 
 /// The SO_PEERCRED allowlist.
@@ -367,7 +414,8 @@ impl Config {
             path: origin.to_owned(),
             message,
         };
-        let server = validate_server(raw.server).map_err(invalid)?;
+        let explicit_model_dirs = raw.server.model_dirs.clone();
+        let mut server = validate_server(raw.server).map_err(invalid)?;
         let debug_http = validate_debug_http(raw.debug_http).map_err(invalid)?;
         let mut seen = HashSet::new();
         let mut pools = Vec::with_capacity(raw.pools.len());
@@ -381,6 +429,20 @@ impl Config {
             }
             pools.push(pool);
         }
+        let model_dirs = match explicit_model_dirs {
+            Some(dirs) => dirs,
+            None => pools
+                .iter()
+                .filter_map(|pool| pool.managed())
+                .filter_map(|managed| {
+                    Path::new(&managed.model_path)
+                        .parent()
+                        .map(Path::to_path_buf)
+                })
+                .filter(|dir| dir.is_absolute())
+                .collect(),
+        };
+        server.model_dirs = ModelDirs::new(model_dirs).map_err(invalid)?;
         Ok(Config {
             server,
             debug_http,
@@ -423,6 +485,7 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
         },
         socket_group,
         max_frame_bytes,
+        model_dirs: ModelDirs::default(),
         state_dir: raw.state_dir,
     })
 }

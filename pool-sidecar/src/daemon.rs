@@ -293,6 +293,7 @@ pub async fn run(
         tracing::warn!("not every pool answered its first probe in time; serving anyway");
     }
 
+    let model_dirs = Arc::new(config.server.model_dirs.clone());
     if let Some(listener) = listeners.debug_http {
         let state = DebugState {
             gpus: Arc::clone(&gpus),
@@ -300,6 +301,7 @@ pub async fn run(
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
             token: config.debug_http.token.as_deref().map(Arc::from),
+            model_dirs: Arc::clone(&model_dirs),
         };
         let stop = shutdown.clone();
         let limits = config.debug_http.limits;
@@ -312,6 +314,7 @@ pub async fn run(
         access: config.server.access.clone(),
         max_frame_bytes: config.server.max_frame_bytes,
         metrics,
+        model_dirs,
     });
     tracker.spawn(server::serve(
         listeners.ipc,

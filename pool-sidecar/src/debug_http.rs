@@ -35,6 +35,8 @@ pub struct DebugState {
     pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,
+    /// Where `reload` may load models from.
+    pub model_dirs: Arc<crate::config::ModelDirs>,
 }
 
 pub fn router(state: DebugState) -> Router {
@@ -207,7 +209,14 @@ async fn admin(state: DebugState, request: WireRequest) -> Response {
     }
     let op = request.name();
     tracing::info!(op, "admin request on the debug shim");
-    match forward_admin(&state.engines, &state.registry.snapshot(), request).await {
+    match forward_admin(
+        &state.engines,
+        &state.registry.snapshot(),
+        &state.model_dirs,
+        request,
+    )
+    .await
+    {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
         Err(failure) => {
             let status = match failure.code {

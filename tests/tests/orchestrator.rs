@@ -1207,3 +1207,56 @@ fn sighup_rereads_the_api_keys_without_a_restart() {
     assert_eq!(with_key("second-key-second-key"), 200);
     assert_eq!(stack.orchestrator.pid(), pid);
 }
+
+#[test]
+fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
+    let keys = temp_dir();
+    let key_file = keys.path().join("keys");
+    std::fs::write(
+        &key_file,
+        "# name role key\nalice inference alice-key-0123456789\nops admin ops-key-0123456789abc\nlegacy-key-0123456789\n",
+    )
+    .unwrap();
+    let stack = stack(
+        1,
+        &[],
+        &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
+    );
+    let addr = stack.addr();
+    let drain = |key: &str, content_type: &str| {
+        let auth = format!("Bearer {key}");
+        http::request_with_headers(
+            &addr,
+            "POST",
+            "/v2/pools/p/drain",
+            &[("Authorization", auth.as_str())],
+            Some((content_type, b"{\"deadline_ms\": 1000}")),
+            WAIT,
+        )
+        .unwrap()
+    };
+    for key in ["alice-key-0123456789", "legacy-key-0123456789"] {
+        let reply = drain(key, "application/json");
+        assert_eq!(reply.status, 403, "{}", reply.text());
+        assert_eq!(reply.json()["code"], "FORBIDDEN");
+    }
+    assert_eq!(
+        stack.sidecar_status()["state"],
+        "ready",
+        "an inference key changed nothing"
+    );
+    // A cross-site form can only send text/plain: refused before anything else.
+    let reply = drain("ops-key-0123456789abc", "text/plain");
+    assert_eq!(reply.status, 415, "{}", reply.text());
+    assert_eq!(stack.sidecar_status()["state"], "ready");
+    // Inference keys still do inference; the admin key drains.
+    let (_, status, _) = post(
+        &addr,
+        "/v1/chat/completions",
+        &chat(2, false),
+        &[("Authorization", "Bearer alice-key-0123456789")],
+    );
+    assert_eq!(status, 200);
+    let reply = drain("ops-key-0123456789abc", "application/json");
+    assert_eq!(reply.status, 202, "{}", reply.text());
+}

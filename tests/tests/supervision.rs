@@ -766,3 +766,51 @@ async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
     );
     assert!(alive(main));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_loads_only_files_inside_the_model_directories_by_their_resolved_path() {
+    let stack = managed(Options::default());
+    let client = stack.client().await;
+    let mut mirror = client.subscribe().await.unwrap();
+    let before = wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    // The pool's model file lies in the test's directory, which is therefore the model directory
+    // (server.model_dirs' default). A file elsewhere, directly or through a link, is refused.
+    let elsewhere = temp_dir();
+    let outside = model_file(elsewhere.path(), "outside", &serde_json::json!({}));
+    let link = stack.path().join("looks-inside.json");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    for path in [
+        outside.to_str().unwrap(),
+        link.to_str().unwrap(),
+        "/etc/passwd",
+        "relative/../../nothing",
+    ] {
+        let refused = client.reload(&pool(), path).await.unwrap_err();
+        let ClientError::Remote(error) = refused else {
+            panic!("{path}: {refused:?}");
+        };
+        assert_eq!(
+            error.code,
+            pool_ipc::ErrorCode::BadRequest,
+            "{path}: {error}"
+        );
+    }
+    assert_eq!(
+        client
+            .snapshot()
+            .await
+            .unwrap()
+            .pool(&pool())
+            .unwrap()
+            .endpoint,
+        before.endpoint,
+        "nothing was reloaded"
+    );
+    // A file inside is loaded.
+    let inside = model_file(stack.path(), "inside", &serde_json::json!({}));
+    client
+        .reload(&pool(), inside.to_str().unwrap())
+        .await
+        .unwrap();
+    wait_for_pool(&mut mirror, "swapped", |p| p.endpoint != before.endpoint).await;
+}

@@ -316,12 +316,12 @@ impl Session {
             "admin request"
         );
         let engines = Arc::clone(&self.context.engines);
+        let model_dirs = Arc::clone(&self.context.model_dirs);
         let snapshot = self.context.registry.snapshot();
         let replies = self.admin_replies.clone();
         tokio::spawn(async move {
-            let forwarded =
-                tokio::time::timeout(ADMIN_TIMEOUT, forward_admin(&engines, &snapshot, request))
-                    .await;
+            let forwarding = forward_admin(&engines, &snapshot, &model_dirs, request);
+            let forwarded = tokio::time::timeout(ADMIN_TIMEOUT, forwarding).await;
             let result = match forwarded {
                 Ok(result) => result.map(|()| Response::Accepted),
                 Err(_) => Err(IpcError::new(
@@ -496,6 +496,7 @@ impl Session {
 pub async fn forward_admin(
     engines: &std::sync::RwLock<crate::ipc::server::EngineControls>,
     snapshot: &pool_ipc::registry::RegistrySnapshot,
+    model_dirs: &crate::config::ModelDirs,
     request: Request,
 ) -> Result<(), IpcError> {
     let (pool, make): (PoolId, Box<dyn FnOnce(_) -> AdminCommand + Send>) = match request {
@@ -520,12 +521,15 @@ pub async fn forward_admin(
                     "reload needs a model path",
                 ));
             }
+            // Only a file inside the configured model directories, by its resolved path.
+            let model_path = model_dirs
+                .admit(&model)
+                .map_err(|message| IpcError::new(ErrorCode::BadRequest, message))?
+                .display()
+                .to_string();
             (
                 pool,
-                Box::new(move |reply| AdminCommand::Reload {
-                    model_path: model,
-                    reply,
-                }),
+                Box::new(move |reply| AdminCommand::Reload { model_path, reply }),
             )
         }
         Request::Restart { pool } => (pool, Box::new(|reply| AdminCommand::Restart { reply })),

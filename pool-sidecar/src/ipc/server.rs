@@ -26,6 +26,8 @@ pub struct IpcContext {
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
     pub metrics: Arc<Metrics>,
+    /// Where `reload` may load models from.
+    pub model_dirs: Arc<crate::config::ModelDirs>,
 }
 
 pub async fn serve(
