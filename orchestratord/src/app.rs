@@ -9,7 +9,7 @@ use crate::keys::{Caller, Role};
 use crate::scheduler::Scheduler;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -220,6 +220,7 @@ pub struct Inbound {
     pub body: Bytes,
     pub correlation_id: String,
     pub forward: HeaderMap,
+    pub caller: Caller,
 }
 
 impl FromRequest<AppState> for Inbound {
@@ -236,6 +237,7 @@ impl FromRequest<AppState> for Inbound {
             .map(|id| id.0.clone())
             .unwrap_or_default();
         let forward = forwarded_headers(request.headers(), &config);
+        let caller = caller_of(request.extensions());
         let read = axum::body::to_bytes(request.into_body(), limit);
         let body = tokio::time::timeout(config.body_timeout, read)
             .await
@@ -254,7 +256,28 @@ impl FromRequest<AppState> for Inbound {
             body,
             correlation_id,
             forward,
+            caller,
         })
+    }
+}
+
+/// Who the key check said is calling; on an open path (no key asked) an anonymous inference
+/// caller.
+fn caller_of(extensions: &axum::http::Extensions) -> Caller {
+    extensions.get::<Caller>().cloned().unwrap_or(Caller {
+        key: None,
+        role: Role::Inference,
+    })
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &AppState,
+    ) -> Result<Caller, Self::Rejection> {
+        Ok(caller_of(&parts.extensions))
     }
 }
 

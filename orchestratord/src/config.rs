@@ -101,6 +101,8 @@ pub struct RawSessions {
     pub max_turns: Option<u32>,
     /// Prompt plus generated tokens per session; 0 or absent: unlimited.
     pub max_tokens: Option<u64>,
+    /// Sessions remembered at once (default 10,000); the least recently used are forgotten first.
+    pub max_sessions: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +297,12 @@ impl RawConfig {
             sessions: SessionPolicy {
                 ttl: millis("sessions.ttl_ms", self.sessions.ttl_ms, 1_800_000)?,
                 max_turns: self.sessions.max_turns.unwrap_or(0),
+                max_sessions: std::num::NonZeroUsize::new(
+                    self.sessions.max_sessions.unwrap_or(10_000),
+                )
+                .ok_or_else(|| {
+                    ConfigError::Invalid("sessions.max_sessions must be positive".into())
+                })?,
                 max_tokens: self.sessions.max_tokens.unwrap_or(0),
             },
         })

@@ -22,6 +22,7 @@ use crate::admission::Priority;
 use crate::app::{AppState, Inbound};
 use crate::error::{ApiError, ErrorShape, error_event};
 use crate::json_object::{self, TopLevel};
+use crate::keys::Caller;
 use crate::metrics::Metrics;
 use crate::placement::{self, NoPlacement, PlacementHints, SlotNeed, Wanted};
 use crate::scheduler::{Demand, Placed, Ticket};
@@ -54,6 +55,8 @@ pub struct Exchange {
     /// Client headers forwarded to the engine.
     pub headers: HeaderMap,
     pub correlation_id: String,
+    /// Who asked (the key's name and role): a session is its creator's.
+    pub caller: Caller,
 }
 
 impl Exchange {
@@ -77,6 +80,7 @@ impl Exchange {
             queue_deadline,
             headers: inbound.forward.clone(),
             correlation_id: inbound.correlation_id.clone(),
+            caller: inbound.caller.clone(),
         }
     }
 }
@@ -169,9 +173,14 @@ impl Lifecycle {
         let Some(slots) = exchange.slots else {
             return unleased_placement(state, exchange).map(Phase::Placed);
         };
-        if let Some(session) = &exchange.session {
-            state.sessions.begin_turn(session, Instant::now())?;
-        }
+        let turn = match &exchange.session {
+            Some(session) => Some(state.sessions.begin_turn(
+                session,
+                &exchange.caller,
+                Instant::now(),
+            )?),
+            None => None,
+        };
         let demand = Demand {
             model: exchange.model.clone(),
             api: exchange.api,
@@ -182,7 +191,12 @@ impl Lifecycle {
             deadline: Instant::now() + exchange.queue_deadline,
             correlation_id: exchange.correlation_id.clone(),
         };
-        state.scheduler.submit(demand).await.map(Phase::Queued)
+        let submitted = state.scheduler.submit(demand).await;
+        if let (Err(_), Some(session), Some(turn)) = (&submitted, &exchange.session, turn) {
+            // A refused request leaves no session behind.
+            state.sessions.forget_new(session, turn);
+        }
+        submitted.map(Phase::Queued)
     }
 
     /// The queue ticket while the request waits (position, predicted start).

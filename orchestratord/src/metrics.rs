@@ -33,6 +33,7 @@ pub struct Metrics {
     pub tokens_in: Counter,
     pub tokens_out: Counter,
     pub sidecar_connected: Gauge,
+    pub sessions: Gauge,
 }
 
 /// 100 µs to ~100 s in 16 doubling steps.
@@ -63,6 +64,7 @@ impl Metrics {
             tokens_in: Counter::default(),
             tokens_out: Counter::default(),
             sidecar_connected: Gauge::default(),
+            sessions: Gauge::default(),
         };
         registry.register(
             "queue_depth",
@@ -123,6 +125,11 @@ impl Metrics {
             "sidecar_connected",
             "1 while connected to pool-managerd",
             metrics.sidecar_connected.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Native sessions remembered (bounded by sessions.max_sessions)",
+            metrics.sessions.clone(),
         );
         Metrics {
             registry,

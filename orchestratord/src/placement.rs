@@ -4,8 +4,9 @@
 //! on the next mirror update. Never picks a pool that is not Ready, is draining, serves another
 //! model or not the request's API, or has fewer free slots than the request will occupy.
 
+use lru::LruCache;
 use pool_ipc::registry::{ApiEndpoint, PoolId, PoolSnapshot, PoolState, RegistrySnapshot};
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 
 /// Client hints from the native API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,23 +78,26 @@ pub enum NoPlacement {
     OutOfService,
 }
 
-/// Remembers which pool holds a session's KV cache.
-#[derive(Debug, Default)]
+/// Remembers which pool holds a session's KV cache, for at most `capacity` sessions (clients
+/// choose session ids): the least recently served are forgotten first.
+#[derive(Debug)]
 pub struct SessionAffinity {
-    pools: HashMap<String, PoolId>,
+    pools: LruCache<String, PoolId>,
 }
 
 impl SessionAffinity {
+    pub fn new(capacity: NonZeroUsize) -> SessionAffinity {
+        SessionAffinity {
+            pools: LruCache::new(capacity),
+        }
+    }
+
     pub fn pool_of(&self, session: &str) -> Option<&PoolId> {
-        self.pools.get(session)
+        self.pools.peek(session)
     }
 
     pub fn remember(&mut self, session: &str, pool: &PoolId) {
-        self.pools.insert(session.to_owned(), pool.clone());
-    }
-
-    pub fn forget(&mut self, session: &str) {
-        self.pools.remove(session);
+        self.pools.put(session.to_owned(), pool.clone());
     }
 }
 

@@ -104,11 +104,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// Starts the scheduler; it remembers the pools of at most `sessions` sessions.
     pub fn start(
         client: PoolClient,
         mirror: watch::Receiver<RegistryMirror>,
         config: AdmissionConfig,
         metrics: Arc<Metrics>,
+        sessions: std::num::NonZeroUsize,
     ) -> Scheduler {
         let (commands, inbox) = mpsc::unbounded_channel();
         let actor = SchedulerActor {
@@ -117,7 +119,7 @@ impl Scheduler {
             mirror,
             inbox,
             handle: commands.clone(),
-            affinity: SessionAffinity::default(),
+            affinity: SessionAffinity::new(sessions),
             next_id: 1,
             metrics,
             pool_states: Vec::new(),

@@ -1260,3 +1260,96 @@ fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
     let reply = drain("ops-key-0123456789abc", "application/json");
     assert_eq!(reply.status, 202, "{}", reply.text());
 }
+
+#[test]
+fn sessions_are_their_creators_and_client_chosen_ids_cannot_grow_the_store() {
+    let keys = temp_dir();
+    let key_file = keys.path().join("keys");
+    std::fs::write(
+        &key_file,
+        "alice inference alice-key-0123456789\nmallory inference mallory-key-0123456789\n",
+    )
+    .unwrap();
+    let stack = stack(
+        2,
+        &[],
+        &format!(
+            "api_keys_file = {:?}\n[sessions]\nmax_sessions = 50\n",
+            key_file.display().to_string()
+        ),
+    );
+    let addr = stack.addr();
+    let as_key = |key: &str, method: &str, path: &str, body: Option<&Value>| {
+        let auth = format!("Bearer {key}");
+        let body = body.map(Value::to_string);
+        http::request_with_headers(
+            &addr,
+            method,
+            path,
+            &[("Authorization", auth.as_str())],
+            body.as_deref()
+                .map(|text| ("application/json", text.as_bytes())),
+            WAIT,
+        )
+        .unwrap()
+    };
+    let task = |model: &str, session: &str| json!({"model": model, "prompt": "a b", "max_tokens": 1, "session_id": session});
+    let alice = "alice-key-0123456789";
+    let mallory = "mallory-key-0123456789";
+    let created = as_key(alice, "POST", "/v2/tasks", Some(&task("double", "alices")));
+    assert_eq!(created.status, 202, "{}", created.text());
+    assert_eq!(
+        as_key(alice, "GET", "/v2/sessions/alices", None).status,
+        200
+    );
+    // Another key can neither read, delete nor use it.
+    assert_eq!(
+        as_key(mallory, "GET", "/v2/sessions/alices", None).status,
+        404
+    );
+    assert_eq!(
+        as_key(mallory, "DELETE", "/v2/sessions/alices", None).status,
+        404
+    );
+    let used = as_key(
+        mallory,
+        "POST",
+        "/v2/tasks",
+        Some(&task("double", "alices")),
+    );
+    assert_eq!(used.status, 400, "{}", used.text());
+    assert_eq!(
+        as_key(alice, "GET", "/v2/sessions/alices", None).status,
+        200
+    );
+
+    // Refused requests leave no session behind; admitted ones are bounded by max_sessions.
+    let sessions = || {
+        let metrics = http::get(&addr, "/metrics", WAIT).unwrap().text();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("orchestratord_sessions "))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no orchestratord_sessions: {metrics}"))
+    };
+    for i in 0..500 {
+        let refused = as_key(
+            mallory,
+            "POST",
+            "/v2/tasks",
+            Some(&task("nope", &format!("x-{i}"))),
+        );
+        assert_eq!(refused.status, 404);
+    }
+    assert_eq!(sessions(), 1, "only alice's");
+    for i in 0..120 {
+        let accepted = as_key(
+            mallory,
+            "POST",
+            "/v2/tasks",
+            Some(&task("double", &format!("y-{i}"))),
+        );
+        assert_eq!(accepted.status, 202, "{}", accepted.text());
+    }
+    assert_eq!(sessions(), 50);
+}

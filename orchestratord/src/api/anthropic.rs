@@ -85,6 +85,7 @@ mod tests {
             body: Bytes::copy_from_slice(body.as_bytes()),
             correlation_id: "c".into(),
             forward: HeaderMap::new(),
+            caller: crate::keys::Caller::HOST,
         }
     }
 

@@ -39,6 +39,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let connected = state.mirror.borrow().connected;
     state.metrics.sidecar_connected.set(i64::from(connected));
+    let sessions = state.sessions.remembered();
+    state
+        .metrics
+        .sessions
+        .set(i64::try_from(sessions).unwrap_or(i64::MAX));
     (
         [(
             axum::http::header::CONTENT_TYPE,

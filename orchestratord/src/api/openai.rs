@@ -328,6 +328,7 @@ mod tests {
                 body: Bytes::new(),
                 correlation_id: "c".into(),
                 forward: HeaderMap::new(),
+                caller: crate::keys::Caller::HOST,
             },
             queue_deadline: std::time::Duration::from_secs(1),
         }

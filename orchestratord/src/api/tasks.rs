@@ -9,6 +9,7 @@ use crate::adapters::EngineEvent;
 use crate::admission::Priority;
 use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
+use crate::keys::Caller;
 use crate::lifecycle::{EngineCall, Exchange, Lifecycle};
 use crate::placement::{PlacementHints, SlotNeed};
 use crate::sse;
@@ -133,6 +134,7 @@ pub async fn create(State(state): State<AppState>, inbound: Inbound) -> Response
         queue_deadline: task.queue_deadline,
         headers: inbound.forward,
         correlation_id: inbound.correlation_id,
+        caller: inbound.caller,
     };
     let life = match Lifecycle::admit(&state, exchange).await {
         Ok(life) => life,
@@ -275,16 +277,24 @@ pub async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Re
 }
 
 /// `GET /v2/sessions/{id}`: turns and tokens used, limits, time left.
-pub async fn session(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.sessions.view(&id, Instant::now()) {
+pub async fn session(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Response {
+    match state.sessions.view(&id, &caller, Instant::now()) {
         Some(view) => Json(view).into_response(),
         None => session_not_found(&id),
     }
 }
 
 /// `DELETE /v2/sessions/{id}`: forgets the session (its budget starts afresh).
-pub async fn delete_session(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    if state.sessions.delete(&id) {
+pub async fn delete_session(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Response {
+    if state.sessions.delete(&id, &caller) {
         StatusCode::NO_CONTENT.into_response()
     } else {
         session_not_found(&id)
