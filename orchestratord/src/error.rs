@@ -60,6 +60,9 @@ pub enum ApiError {
     /// The detail (an engine-side io error) is for logs only.
     #[error("the engine connection failed")]
     WorkerReset(String),
+    /// pool-managerd took the request's slots back (its engine failed, its pool was removed).
+    #[error("the engine serving the request failed; its slots were taken back")]
+    LeaseRevoked,
     #[error("the engine stopped producing tokens for {0:?}")]
     DecodeTimeout(Duration),
     #[error("the engine did not answer within {0:?}")]
@@ -219,7 +222,9 @@ impl ApiError {
                 | ErrorCode::Internal
                 | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             },
-            ApiError::WorkerReset(_) | ApiError::EngineFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerReset(_) | ApiError::EngineFailed(_) | ApiError::LeaseRevoked => {
+                StatusCode::BAD_GATEWAY
+            }
             ApiError::EngineRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -261,6 +266,7 @@ impl ApiError {
                 ErrorCode::ShuttingDown => "SHUTTING_DOWN",
             },
             ApiError::WorkerReset(_) => "WORKER_RESET",
+            ApiError::LeaseRevoked => "LEASE_REVOKED",
             ApiError::DecodeTimeout(_) => "DECODE_TIMEOUT",
             ApiError::ResponseTimeout(_) => "RESPONSE_TIMEOUT",
             ApiError::EngineRejected {
@@ -299,6 +305,7 @@ impl ApiError {
             | ApiError::DroppedFromQueue
             | ApiError::DeadlineUnmet
             | ApiError::WorkerReset(_)
+            | ApiError::LeaseRevoked
             | ApiError::DecodeTimeout(_)
             | ApiError::ResponseTimeout(_)
             | ApiError::EngineRejected { .. }
@@ -317,6 +324,7 @@ impl ApiError {
             | ApiError::PoolUnready(_)
             | ApiError::PoolUnavailable { .. }
             | ApiError::WorkerReset(_)
+            | ApiError::LeaseRevoked
             | ApiError::EngineFailed(_)
             | ApiError::DecodeTimeout(_)
             | ApiError::ShuttingDown => true,
@@ -370,6 +378,7 @@ impl ApiError {
             | ApiError::PoolUnavailable { .. }
             | ApiError::PoolManagerRefused { .. }
             | ApiError::WorkerReset(_)
+            | ApiError::LeaseRevoked
             | ApiError::EngineFailed(_)
             | ApiError::DecodeTimeout(_)
             | ApiError::ResponseTimeout(_)
@@ -632,6 +641,7 @@ mod tests {
                 message: "x".into(),
             },
             ApiError::WorkerReset("x".into()),
+            ApiError::LeaseRevoked,
             ApiError::DecodeTimeout(Duration::from_secs(1)),
             ApiError::ResponseTimeout(Duration::from_secs(1)),
             ApiError::from_engine(400, "{}"),

@@ -35,6 +35,7 @@ use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId, ReleaseOutco
 use serde::Deserialize;
 use serde_json::json;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A validated request, ready to be admitted: only these reach the queue.
@@ -290,10 +291,20 @@ impl Lifecycle {
     /// has the lease's release confirmed with [`release`](Self::release) before it says anything
     /// more to its client.
     pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ApiError>> {
-        let Phase::Streaming { stream, .. } = &mut self.phase else {
+        let Phase::Streaming { stream, placement } = &mut self.phase else {
             return None;
         };
-        match stream.next().await {
+        let revocation = revoked(placement);
+        let next = tokio::select! {
+            biased;
+            next = stream.next() => Some(next),
+            () = revocation => None,
+        };
+        let Some(next) = next else {
+            self.settle(Ending::Failed);
+            return Some(Err(ApiError::LeaseRevoked));
+        };
+        match next {
             Some(Ok(event)) => {
                 match &event {
                     EngineEvent::Chunk { tokens, .. } => {
@@ -344,13 +355,19 @@ impl Lifecycle {
             body: body.clone(),
             headers: self.exchange.headers.clone(),
         };
+        let revocation = revoked(placement);
         self.engine_began();
         let limit = self.state.config.get().answer_timeout;
-        let answer = self
-            .state
-            .engines
-            .whole(&request, limit, &self.exchange.correlation_id)
-            .await;
+        let engines = Arc::clone(&self.state.engines);
+        let answer = tokio::select! {
+            biased;
+            answer = engines.whole(&request, limit, &self.exchange.correlation_id) => Some(answer),
+            () = revocation => None,
+        };
+        let Some(answer) = answer else {
+            self.finish(Ending::Failed).await;
+            return Err(ApiError::LeaseRevoked);
+        };
         match answer {
             Ok(mut answer) => {
                 let model = self.exchange.model.clone();
@@ -499,6 +516,17 @@ impl Drop for Lifecycle {
         self.settle(Ending::Cancelled);
         if let Some((lease, outcome)) = self.ending_lease.take() {
             lease.release_detached(outcome);
+        }
+    }
+}
+
+/// Completes when the placement's lease is revoked; never for a request without a lease.
+fn revoked(placement: &Placement) -> impl Future<Output = ()> + use<> {
+    let revocation = placement.lease.as_ref().map(LeaseGuard::revoked);
+    async move {
+        match revocation {
+            Some(revocation) => revocation.await,
+            None => std::future::pending().await,
         }
     }
 }

@@ -148,6 +148,9 @@ struct Shared {
     next_id: AtomicU64,
     /// Every lease this client holds, as it re-asserts them after a reconnect.
     held: Mutex<HashMap<LeaseId, HeldLease>>,
+    /// Cancelled when the server revokes the lease ([`LeaseGuard::revoked`]); an entry lives as
+    /// long as the lease is in `held`.
+    revocations: Mutex<HashMap<LeaseId, CancellationToken>>,
     subscribed: AtomicBool,
     mirror: watch::Sender<RegistryMirror>,
     state: watch::Sender<ConnectionState>,
@@ -216,6 +219,7 @@ impl PoolClient {
             mirror: watch::Sender::new(RegistryMirror::default()),
             state: watch::Sender::new(ConnectionState::Connecting),
             revoked: broadcast::Sender::new(256),
+            revocations: Mutex::new(HashMap::new()),
         });
         PoolClient {
             shared,
@@ -407,11 +411,18 @@ pub struct LeaseGuard {
     lease: Lease,
     shared: Arc<Shared>,
     released: bool,
+    revoked: CancellationToken,
 }
 
 impl LeaseGuard {
     pub fn lease(&self) -> &Lease {
         &self.lease
+    }
+
+    /// Completes when pool-managerd revokes this lease (its engine failed, its pool was
+    /// removed, a reconnect could not re-create it): whatever runs under it must stop.
+    pub fn revoked(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.revoked.clone().cancelled_owned()
     }
 
     /// Releases the lease with `outcome` without waiting for the server's answer (the slots come
@@ -426,7 +437,7 @@ impl LeaseGuard {
     /// back (revoked, or dropped with a lost connection) counts as released.
     pub async fn release(mut self, outcome: ReleaseOutcome) -> Result<(), ClientError> {
         self.released = true;
-        if lock(&self.shared.held).remove(&self.lease.id).is_none() {
+        if !forget_lease(&self.shared, self.lease.id) {
             return Ok(());
         }
         let (sender, receiver) = oneshot::channel();
@@ -467,10 +478,29 @@ impl std::fmt::Debug for LeaseGuard {
     }
 }
 
+/// Stops tracking a lease this client gives back; `false` if it no longer held it.
+fn forget_lease(shared: &Shared, lease: LeaseId) -> bool {
+    lock(&shared.revocations).remove(&lease);
+    lock(&shared.held).remove(&lease).is_some()
+}
+
+/// A lease the server took back: it is no longer held, its holder is told
+/// ([`LeaseGuard::revoked`]) and so are [`PoolClient::revocations`] subscribers.
+fn revoke_lease(shared: &Shared, lease: LeaseId, pool: PoolId, reason: String) {
+    if let Some(token) = lock(&shared.revocations).remove(&lease) {
+        token.cancel();
+    }
+    let _ = shared.revoked.send(LeaseRevoked {
+        lease,
+        pool,
+        reason,
+    });
+}
+
 /// Releases a lease nobody will wait for; without a connection there is nothing to release,
 /// because the server dropped the lease with the connection and it is no longer re-asserted.
 fn release_in_background(shared: &Shared, lease: LeaseId, outcome: ReleaseOutcome) {
-    if lock(&shared.held).remove(&lease).is_none() {
+    if !forget_lease(shared, lease) {
         return;
     }
     let request = Request::Release { lease, outcome };
@@ -697,13 +727,10 @@ fn settle_reasserted_leases(shared: &Shared, welcome: &Welcome) {
         }
     }
     for (lease, error) in &welcome.rejected {
-        if let Some(held) = lock(&shared.held).remove(lease) {
+        let held = lock(&shared.held).remove(lease);
+        if let Some(held) = held {
             tracing::warn!(%lease, pool = %held.pool, %error, "pool-managerd did not re-create a held lease");
-            let _ = shared.revoked.send(LeaseRevoked {
-                lease: *lease,
-                pool: held.pool,
-                reason: error.to_string(),
-            });
+            revoke_lease(shared, *lease, held.pool, error.to_string());
         }
     }
 }
@@ -736,10 +763,13 @@ fn deliver_reply(shared: &Arc<Shared>, id: u64, result: Result<Response, IpcErro
                     slots: lease.slots,
                 },
             );
+            let revoked = CancellationToken::new();
+            lock(&shared.revocations).insert(lease_id, revoked.clone());
             let guard = LeaseGuard {
                 lease,
                 shared: Arc::clone(shared),
                 released: false,
+                revoked,
             };
             // If the caller is gone, the guard comes back and dropping it releases the lease.
             match pending {
@@ -786,13 +816,10 @@ fn apply_change(shared: &Shared, epoch: u64, change: Change) {
     } = &change
     {
         for lease in leases {
-            if lock(&shared.held).remove(lease).is_some() {
+            let held = lock(&shared.held).remove(lease).is_some();
+            if held {
                 tracing::warn!(%lease, %pool, %reason, "lease revoked by pool-managerd");
-                let _ = shared.revoked.send(LeaseRevoked {
-                    lease: *lease,
-                    pool: pool.clone(),
-                    reason: reason.clone(),
-                });
+                revoke_lease(shared, *lease, pool.clone(), reason.clone());
             }
         }
         return;

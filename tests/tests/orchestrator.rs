@@ -1353,3 +1353,41 @@ fn sessions_are_their_creators_and_client_chosen_ids_cannot_grow_the_store() {
     }
     assert_eq!(sessions(), 50);
 }
+
+#[test]
+fn a_revoked_lease_ends_its_stream_at_once_with_a_typed_error() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "50"],
+        "[streaming]\ndecode_stall_ms = 60000\n",
+    );
+    let addr = stack.addr();
+    let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(400, true), &[]);
+    assert_eq!(status, 200, "{head}");
+    for _ in 0..3 {
+        assert!(http::next_sse_data(&mut reader).is_some());
+    }
+    // A frozen engine: its probes fail, pool-managerd marks it unhealthy and revokes the lease.
+    // Without acting on that, the stream would wait for the 60 s stall limit.
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(e2e::sidecar::state_dir(stack.path()).join("engines/p.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(record["pid"].as_i64().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, e2e::Signal::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    let mut last = None;
+    while let Some(data) = http::next_sse_data(&mut reader) {
+        last = Some(data);
+    }
+    let ended = frozen.elapsed();
+    let _ = nix::sys::signal::kill(pid, e2e::Signal::SIGCONT);
+    let last: Value = serde_json::from_str(&last.unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "lease_revoked", "{last}");
+    assert!(
+        ended < Duration::from_secs(15),
+        "the stream ended {ended:?} after the freeze"
+    );
+    eprintln!("a revoked lease ended its stream {ended:?} after the engine froze");
+}
