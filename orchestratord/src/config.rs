@@ -50,6 +50,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub http: RawHttp,
     #[serde(default)]
+    pub tasks: RawTasks,
+    #[serde(default)]
     pub admission: RawAdmission,
     #[serde(default)]
     pub streaming: RawStreaming,
@@ -66,6 +68,14 @@ pub struct RawBodyLimits {
     pub generation_bytes: Option<usize>,
     /// Embeddings and rerank (default 64 MiB: large batches).
     pub embeddings_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTasks {
+    /// A native task whose events nobody has read for this long (since it was created or its
+    /// last reader left) is cancelled (default 30 s).
+    pub unattended_grace_ms: Option<u64>,
 }
 
 /// Limits on clients' connections: they bound reading requests and idle connections, never the
@@ -140,6 +150,7 @@ pub struct Config {
     pub sessions: SessionPolicy,
     pub http: HttpLimits,
     pub body_timeout: Duration,
+    pub unattended_grace: Duration,
 }
 
 /// How large a request body may be, by endpoint family.
@@ -294,6 +305,11 @@ impl RawConfig {
                 )?,
             ),
             body_timeout: millis("http.body_timeout_ms", self.http.body_timeout_ms, 60_000)?,
+            unattended_grace: millis(
+                "tasks.unattended_grace_ms",
+                self.tasks.unattended_grace_ms,
+                30_000,
+            )?,
             sessions: SessionPolicy {
                 ttl: millis("sessions.ttl_ms", self.sessions.ttl_ms, 1_800_000)?,
                 max_turns: self.sessions.max_turns.unwrap_or(0),

@@ -82,6 +82,8 @@ pub enum ApiError {
     EngineFailed(String),
     #[error("the task was cancelled")]
     Cancelled,
+    #[error("the task was cancelled: nobody read its events for {0:?}")]
+    Unattended(Duration),
     #[error("{0}")]
     SessionBudget(String),
     #[error("orchestratord is shutting down")]
@@ -229,7 +231,9 @@ impl ApiError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             // 499 is nginx's "client closed request"; nobody is listening by then anyway.
-            ApiError::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            ApiError::Cancelled | ApiError::Unattended(_) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -275,7 +279,7 @@ impl ApiError {
             ApiError::EngineRejected { status: 501, .. } => "UNSUPPORTED",
             ApiError::EngineRejected { .. } => "INVALID_PARAMS",
             ApiError::EngineFailed(_) => "ENGINE_ERROR",
-            ApiError::Cancelled => "CANCELLED",
+            ApiError::Cancelled | ApiError::Unattended(_) => "CANCELLED",
             ApiError::SessionBudget(_) => "SESSION_BUDGET_EXCEEDED",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
             ApiError::Internal(_) => "INTERNAL",
@@ -311,6 +315,7 @@ impl ApiError {
             | ApiError::EngineRejected { .. }
             | ApiError::EngineFailed(_)
             | ApiError::Cancelled
+            | ApiError::Unattended(_)
             | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => None,
         }
@@ -345,6 +350,7 @@ impl ApiError {
             | ApiError::DeadlineUnmet
             | ApiError::ResponseTimeout(_)
             | ApiError::Cancelled
+            | ApiError::Unattended(_)
             | ApiError::SessionBudget(_)
             | ApiError::Internal(_) => false,
         }
@@ -384,6 +390,7 @@ impl ApiError {
             | ApiError::ResponseTimeout(_)
             | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
+            | ApiError::Unattended(_)
             | ApiError::ShuttingDown
             | ApiError::Internal(_) => "server_error",
         }
@@ -647,6 +654,7 @@ mod tests {
             ApiError::from_engine(400, "{}"),
             ApiError::EngineFailed("x".into()),
             ApiError::Cancelled,
+            ApiError::Unattended(Duration::from_secs(1)),
             ApiError::SessionBudget("s".into()),
             ApiError::ShuttingDown,
             ApiError::Internal("x".into()),

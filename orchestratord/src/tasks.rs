@@ -5,6 +5,9 @@
 //!
 //! Event order is fixed: `queued`? → `started` → `token`* → `metrics`? → (`end` | `error`), and
 //! nothing after `end` or `error`.
+//!
+//! A task nobody reads is not left to run for ever: the runner is told when no reader has been
+//! attached for a grace period ([`TaskHandle::unattended_for`]) and cancels it.
 
 use crate::error::ApiError;
 use serde::Serialize;
@@ -12,7 +15,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 /// How long a finished task stays visible.
@@ -50,6 +53,20 @@ pub struct TaskHandle {
     record: Mutex<TaskRecord>,
     changed: Notify,
     pub cancel: CancellationToken,
+    /// How many clients are reading the task's events right now.
+    readers: watch::Sender<usize>,
+}
+
+/// A client reading a task's events; dropping it (the client left) detaches it.
+#[derive(Debug)]
+pub struct Reader(Arc<TaskHandle>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0
+            .readers
+            .send_modify(|readers| *readers = readers.saturating_sub(1));
+    }
 }
 
 fn lock(handle: &TaskHandle) -> MutexGuard<'_, TaskRecord> {
@@ -92,6 +109,28 @@ impl TaskHandle {
 
     pub fn fail(&self, error: &ApiError) {
         self.push("error", error.envelope());
+    }
+
+    /// Counts a client reading the events until the returned [`Reader`] is dropped.
+    pub fn attach(self: &Arc<Self>) -> Reader {
+        self.readers.send_modify(|readers| *readers += 1);
+        Reader(Arc::clone(self))
+    }
+
+    /// Completes once no reader has been attached for `grace` in a row (from now, or from when
+    /// the last one left).
+    pub async fn unattended_for(&self, grace: Duration) {
+        let mut readers = self.readers.subscribe();
+        loop {
+            if *readers.borrow_and_update() == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => return,
+                    changed = readers.changed() => if changed.is_err() { return },
+                }
+            } else if readers.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The events from `from` on, and whether the task has ended; waits for news when there
@@ -145,6 +184,7 @@ impl TaskStore {
             }),
             changed: Notify::new(),
             cancel: CancellationToken::new(),
+            readers: watch::Sender::new(0),
         });
         self.tasks().insert(id.to_owned(), Arc::clone(&handle));
         handle
@@ -183,6 +223,25 @@ mod tests {
         assert_eq!(names, ["started", "token", "end"]);
         assert_eq!(task.status("t1")["state"], "done");
         assert_eq!(task.status("t1")["tokens_out"], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_is_unattended_only_after_the_grace_with_no_reader() {
+        let store = TaskStore::default();
+        let task = store.create("t3", "m");
+        let grace = Duration::from_secs(30);
+        let reader = task.attach();
+        let waiting = {
+            let task = Arc::clone(&task);
+            tokio::spawn(async move { task.unattended_for(grace).await })
+        };
+        tokio::time::sleep(grace * 2).await;
+        assert!(!waiting.is_finished(), "a reader is attached");
+        drop(reader);
+        tokio::time::sleep(grace / 2).await;
+        assert!(!waiting.is_finished(), "the grace has not passed");
+        tokio::time::sleep(grace).await;
+        waiting.await.unwrap();
     }
 
     #[tokio::test]

@@ -1391,3 +1391,36 @@ fn a_revoked_lease_ends_its_stream_at_once_with_a_typed_error() {
     );
     eprintln!("a revoked lease ended its stream {ended:?} after the engine froze");
 }
+
+#[test]
+fn a_task_nobody_reads_is_cancelled_after_the_grace_and_frees_its_slot() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "50"],
+        "[tasks]\nunattended_grace_ms = 500\n",
+    );
+    let addr = stack.addr();
+    let (status, accepted) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "a b", "max_tokens": 400}),
+    );
+    assert_eq!(status, 202, "{accepted}");
+    let task = accepted["task_id"].as_str().unwrap().to_owned();
+    stack.wait_for_leases(1);
+    // 400 tokens at 50 ms would take 20 s; nobody reads, so it ends after the 500 ms grace.
+    let started = Instant::now();
+    stack.wait_for_leases(0);
+    let freed = started.elapsed();
+    let status = http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(status["state"], "cancelled", "{status}");
+    assert!(freed < Duration::from_secs(5), "slot freed after {freed:?}");
+    // A task that is read runs to its end.
+    let (_, accepted) = submit(
+        &addr,
+        &json!({"model": "double", "prompt": "a b", "max_tokens": 30}),
+    );
+    let events = task_events(&addr, accepted["task_id"].as_str().unwrap());
+    assert_eq!(events.last().unwrap().0, "end", "{events:?}");
+}

@@ -152,15 +152,16 @@ pub async fn create(State(state): State<AppState>, inbound: Inbound) -> Response
         "streams": {"events": format!("/v2/tasks/{id}/events")},
     });
     state.tasks.sweep();
-    tokio::spawn(run(life, handle));
+    tokio::spawn(run(life, handle, state.config.get().unattended_grace));
     (StatusCode::ACCEPTED, Json(reply)).into_response()
 }
 
 /// Runs an admitted task to its end, whether or not anyone reads its events; a cancel ends it
 /// at once (dropping `life` closes the engine connection and releases the lease).
-async fn run(mut life: Lifecycle, handle: Arc<TaskHandle>) {
+async fn run(mut life: Lifecycle, handle: Arc<TaskHandle>, grace: Duration) {
     let outcome = tokio::select! {
         () = handle.cancel.cancelled() => Err(ApiError::Cancelled),
+        () = handle.unattended_for(grace) => Err(ApiError::Unattended(grace)),
         outcome = generate(&mut life, &handle) => outcome,
     };
     drop(life);
@@ -232,16 +233,17 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
         return ApiError::TaskNotFound(id).native_response();
     };
     let keepalive = state.config.get().keepalive;
+    let reader = handle.attach();
     let stream = futures_util::stream::unfold(
-        (handle, 0usize, false),
-        move |(handle, from, ended)| async move {
+        (handle, 0usize, false, reader),
+        move |(handle, from, ended, reader)| async move {
             if ended {
                 return None;
             }
             match tokio::time::timeout(keepalive, handle.events_from(from)).await {
                 Err(_) => Some((
                     Ok::<Bytes, Infallible>(Bytes::from_static(sse::KEEP_ALIVE)),
-                    (handle, from, false),
+                    (handle, from, false, reader),
                 )),
                 Ok((events, ended)) => {
                     let mut frame = String::new();
@@ -249,7 +251,7 @@ pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Re
                         sse::push_named(&mut frame, event.name, &event.data.to_string());
                     }
                     let next = from + events.len();
-                    Some((Ok(Bytes::from(frame)), (handle, next, ended)))
+                    Some((Ok(Bytes::from(frame)), (handle, next, ended, reader)))
                 }
             }
         },
