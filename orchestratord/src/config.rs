@@ -303,6 +303,13 @@ impl RawConfig {
                     self.http.header_timeout_ms,
                     10_000,
                 )?,
+                // A client that stops reading is cut off after the stall limit, as a silent
+                // engine is.
+                millis(
+                    "streaming.decode_stall_ms",
+                    self.streaming.decode_stall_ms,
+                    30_000,
+                )?,
             ),
             body_timeout: millis("http.body_timeout_ms", self.http.body_timeout_ms, 60_000)?,
             unattended_grace: millis(

@@ -515,7 +515,11 @@ fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
     let config = DebugHttpConfig {
         listen,
         token,
-        limits: HttpLimits::within_fd_limit(max_connections, header_timeout),
+        limits: HttpLimits::within_fd_limit(
+            max_connections,
+            header_timeout,
+            Duration::from_secs(30),
+        ),
     };
     config.check_exposure()?;
     Ok(config)

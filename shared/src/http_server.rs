@@ -5,7 +5,10 @@
 //! - a request head must arrive whole within [`HttpLimits::header_timeout`], and so must the next
 //!   one on an idle keep-alive connection (hyper's header read timeout: one timer for both), so a
 //!   client that sends half a head, or nothing, holds its connection only that long;
-//! - `TCP_NODELAY` on every connection.
+//! - `TCP_NODELAY` on every connection, and `TCP_USER_TIMEOUT` at
+//!   [`HttpLimits::unread_timeout`]: a client that stops reading while we have bytes for it (its
+//!   receive window stays shut) is disconnected by the kernel after that long, which ends the
+//!   request it was being answered (a stream's engine connection and lease go with it).
 //!
 //! These bound reading requests and idle connections, never the answer: a request that is waiting
 //! for a slot, or streaming, keeps its connection as long as it needs. Reading a request's body has
@@ -33,13 +36,19 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// For a whole request head, and for the next head on an idle keep-alive connection.
     pub header_timeout: Duration,
+    /// How long sent bytes may stay unacknowledged (or unsent for a shut receive window).
+    pub unread_timeout: Duration,
 }
 
 impl HttpLimits {
     /// `max_connections`, but never more than three quarters of this process's file descriptor
     /// limit (`RLIMIT_NOFILE`), so connections cannot take the descriptors engines, sockets and
     /// logs need.
-    pub fn within_fd_limit(max_connections: usize, header_timeout: Duration) -> HttpLimits {
+    pub fn within_fd_limit(
+        max_connections: usize,
+        header_timeout: Duration,
+        unread_timeout: Duration,
+    ) -> HttpLimits {
         let fd_limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(u64::MAX, |(soft, _)| soft);
         let room = usize::try_from(fd_limit / 4 * 3)
@@ -48,6 +57,7 @@ impl HttpLimits {
         HttpLimits {
             max_connections: max_connections.min(room).max(1),
             header_timeout,
+            unread_timeout,
         }
     }
 }
@@ -97,6 +107,14 @@ pub async fn serve<S, B>(
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let unread_ms = u32::try_from(limits.unread_timeout.as_millis()).unwrap_or(u32::MAX);
+        if let Err(error) = nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::TcpUserTimeout,
+            &unread_ms,
+        ) {
+            tracing::debug!(%error, "cannot set TCP_USER_TIMEOUT");
         }
         let connection = builder.serve_connection(
             TokioIo::new(stream),

@@ -213,3 +213,93 @@ fn pool_managerd_refuses_an_inherited_public_shim_socket_without_a_token() {
     };
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
+
+#[test]
+fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
+    let dir = temp_dir();
+    let model = dir.path().join("model.json");
+    std::fs::write(&model, "{}").unwrap();
+    let pools = format!(
+        r#"
+[[pool]]
+id = "p"
+model = "double"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}",
+           "--ctx", "4000000", "--token-delay-ms", "0"]
+model_path = {model:?}
+listen = "unix"
+[pool.probe]
+interval_ms = 100
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+        model = model.display().to_string(),
+    );
+    let config = dir.path().join("pools.toml");
+    std::fs::write(&config, pools).unwrap();
+    let sidecar = e2e::sidecar::start_sidecar(dir.path(), &config);
+    let orchestrator_config = dir.path().join("orchestratord.toml");
+    std::fs::write(
+        &orchestrator_config,
+        "[streaming]\ndecode_stall_ms = 2000\n",
+    )
+    .unwrap();
+    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
+        .name("orchestratord")
+        .arg("--config")
+        .arg(&orchestrator_config)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--socket")
+        .arg(e2e::sidecar::socket_path(dir.path()))
+        .start();
+    let addr = orchestrator.ready("listen").to_owned();
+    let shim = sidecar.ready("debug_http").to_owned();
+    let leases = || {
+        http::get(&shim, "/pools/p/status", Duration::from_secs(5))
+            .unwrap()
+            .json()["active_leases"]
+            .clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http::get(&addr, "/readyz", Duration::from_secs(5))
+        .unwrap()
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A stream far larger than the sockets' buffers, from a client that never reads it.
+    let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2000000,"stream":true}"#;
+    let mut client = TcpStream::connect(&addr).unwrap();
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leases() != 1 {
+        assert!(Instant::now() < deadline, "the stream never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The buffers fill, the client's window stays shut, and after the stall limit the kernel
+    // drops the connection: the stream ends and its slot comes back.
+    let stopped_reading = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(leases(), 1, "a 2,000,000-token stream is still running a second later");
+    let deadline = stopped_reading + Duration::from_secs(60);
+    while leases() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading still holds its slot after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "the slot came back {:?} after the client stopped reading",
+        stopped_reading.elapsed()
+    );
+    drop(client);
+}
