@@ -93,7 +93,11 @@ pub async fn run(
     let _ = writeln!(stdout, "READY listen={local}");
     let _ = stdout.flush();
     systemd::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    tokio::spawn(systemd::keep_watchdog_fed(cut_off.clone()));
+    let watched = state.scheduler.clone();
+    tokio::spawn(systemd::keep_watchdog_fed(cut_off.clone(), move || {
+        let scheduler = watched.clone();
+        async move { scheduler.ping().await }
+    }));
 
     let limits = state.config.get().http;
     let phased = async move {

@@ -95,6 +95,8 @@ enum Command {
         held_for: Duration,
     },
     Reconfigure(AdmissionConfig),
+    /// Answered at once: the actor is alive and working through its inbox.
+    Ping(oneshot::Sender<()>),
 }
 
 /// The handle handlers use.
@@ -124,7 +126,10 @@ impl Scheduler {
             metrics,
             pool_states: Vec::new(),
         };
-        tokio::spawn(actor.run());
+        tokio::spawn(pool_ipc::systemd::core_task(
+            "the scheduler",
+            tokio::spawn(actor.run()),
+        ));
         Scheduler { commands }
     }
 
@@ -135,6 +140,12 @@ impl Scheduler {
             .send(Command::Submit { demand, reply })
             .map_err(|_| ApiError::ShuttingDown)?;
         answer.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// Whether the scheduler answers: it is alive and not stuck (the systemd watchdog asks).
+    pub async fn ping(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Ping(reply)).is_ok() && answer.await.is_ok()
     }
 
     /// Applies the admission limits of a reloaded configuration.
@@ -226,6 +237,9 @@ impl SchedulerActor {
                 if self.queue.remove(id).is_some() {
                     tracing::debug!(task = %id, "cancelled while queued");
                 }
+            }
+            Command::Ping(reply) => {
+                let _ = reply.send(());
             }
             Command::Reconfigure(config) => {
                 tracing::info!(capacity = config.capacity, policy = ?config.full_policy, "admission limits reloaded");

@@ -246,6 +246,7 @@ pub async fn run(
     let lease_id_base = u64::from(rand::random::<u32>()) << 32;
     let (registry, registry_task) =
         spawn_registry(&config.pools, lease_id_base, Arc::clone(&metrics));
+    let registry_task = tokio::spawn(systemd::core_task("the registry", registry_task));
     let tracker = TaskTracker::new();
     let engines = Arc::new(RwLock::new(EngineControls::new()));
     let (retired_tx, mut retired) = mpsc::unbounded_channel();
@@ -339,7 +340,11 @@ pub async fn run(
     );
     on_ready();
     tracker.spawn(report_status(registry.watch_snapshot(), shutdown.clone()));
-    tracker.spawn(systemd::keep_watchdog_fed(shutdown.clone()));
+    let watched = registry.clone();
+    tracker.spawn(systemd::keep_watchdog_fed(shutdown.clone(), move || {
+        let registry = watched.clone();
+        async move { registry.ping().await }
+    }));
 
     loop {
         tokio::select! {

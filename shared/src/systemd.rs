@@ -87,18 +87,49 @@ pub fn notify(states: &[NotifyState]) {
     }
 }
 
-/// With WatchdogSec= set, sends WATCHDOG=1 at half the interval until `stop`.
-pub async fn keep_watchdog_fed(stop: CancellationToken) {
+/// With WatchdogSec= set, sends WATCHDOG=1 at half the interval until `stop` — each time only
+/// once `alive()` has answered `true` within that half interval. A daemon whose core task is
+/// dead or stuck therefore stops feeding the watchdog, says so in its log, and systemd restarts it
+/// when the interval runs out (a timer alone would keep a broken daemon looking alive).
+pub async fn keep_watchdog_fed<F, Fut>(stop: CancellationToken, alive: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return;
     }
-    let mut ticker = tokio::time::interval(Duration::from_micros(usec / 2));
+    let half = Duration::from_micros(usec / 2);
+    let mut ticker = tokio::time::interval(half);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = ticker.tick() => notify(&[NotifyState::Watchdog]),
+            _ = ticker.tick() => {
+                match tokio::time::timeout(half, alive()).await {
+                    Ok(true) => notify(&[NotifyState::Watchdog]),
+                    Ok(false) => tracing::error!("a core task is dead: not feeding the watchdog"),
+                    Err(_) => tracing::error!(
+                        "a core task did not answer within {half:?}: not feeding the watchdog"
+                    ),
+                }
+            }
         }
+    }
+}
+
+/// Watches a core task (one the daemon cannot work without): if it panics, says so and ends the
+/// process at once (exit status 70), so that systemd restarts the daemon instead of leaving one
+/// that looks alive and answers 503 for ever. Returns what the task returned otherwise.
+pub async fn core_task<T>(name: &'static str, task: tokio::task::JoinHandle<T>) -> Option<T> {
+    match task.await {
+        Ok(value) => Some(value),
+        Err(error) if error.is_panic() => {
+            tracing::error!(task = name, %error, "a core task panicked; exiting so the daemon is restarted");
+            eprintln!("{name} panicked ({error}); exiting so the daemon is restarted");
+            std::process::exit(70);
+        }
+        Err(_) => None,
     }
 }
 

@@ -58,6 +58,10 @@ enum Command {
     AddPool(Box<PoolConfig>),
     ReplacePool(Box<PoolConfig>),
     RemovePool(PoolId),
+    /// Answered at once: the actor is alive and working through its inbox.
+    Ping {
+        reply: Reply<()>,
+    },
 }
 
 /// One published change, and the connections that must see it even without subscribing.
@@ -126,6 +130,11 @@ impl RegistryHandle {
     ) -> Result<ReassertOutcome, IpcError> {
         self.ask(|reply| Command::Reassert { owner, held, reply })
             .await
+    }
+
+    /// Whether the actor answers: it is alive and not stuck (the systemd watchdog asks).
+    pub async fn ping(&self) -> bool {
+        self.ask(|reply| Command::Ping { reply }).await.is_ok()
     }
 
     /// Hands back every lease of a closed connection; callable from `Drop`.
@@ -220,6 +229,9 @@ impl RegistryActor {
 
     fn apply(&mut self, command: Command) {
         match command {
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
             Command::Acquire {
                 owner,
                 target,
