@@ -124,6 +124,9 @@ impl Sidecar {
     /// Starts pool-managerd again on the same socket and state (after the test killed it), so
     /// it adopts the engines its predecessor left; nothing is cleaned up in between.
     pub fn restart(&mut self, dir: &Path, config: &Path) {
+        // The caller stopped or killed it: wait until it is gone (reaped), as systemd does
+        // before it starts the service again.
+        self.daemon.wait_exit(std::time::Duration::from_secs(15));
         self.daemon = sidecar_command(dir, config).start();
     }
 }

@@ -288,7 +288,11 @@ interval_ms = 100
     // drops the connection: the stream ends and its slot comes back.
     let stopped_reading = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(leases(), 1, "a 2,000,000-token stream is still running a second later");
+    assert_eq!(
+        leases(),
+        1,
+        "a 2,000,000-token stream is still running a second later"
+    );
     let deadline = stopped_reading + Duration::from_secs(60);
     while leases() != 0 {
         assert!(

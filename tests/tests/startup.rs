@@ -210,3 +210,25 @@ fn a_peer_whose_uid_is_not_allowed_is_refused_and_an_allowed_group_is_admitted()
         "{stderr}"
     );
 }
+
+#[test]
+fn a_daemon_restarted_while_a_dying_holder_keeps_the_lock_waits_for_it_instead_of_failing() {
+    let dir = temp_dir();
+    let config = write_config(dir.path(), "", &[]);
+    let socket = socket_path(dir.path());
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let mut lock_name = socket.as_os_str().to_owned();
+    lock_name.push(".lock");
+    // What a crashed daemon's child between fork and exec looks like: the lock held, nothing
+    // served on the socket. It lets go a second later.
+    let file = std::fs::File::create(&lock_name).unwrap();
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, errno)| panic!("cannot take the lock: {errno}"));
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(held);
+    });
+    let daemon = sidecar_command(dir.path(), &config).start();
+    assert!(daemon.ready("socket").ends_with("pool.sock"));
+    releaser.join().unwrap();
+}

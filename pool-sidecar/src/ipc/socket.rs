@@ -2,9 +2,11 @@
 //!
 //! The socket lives in a directory of mode 0750 (created if missing) and is itself mode 0660,
 //! optionally owned by a client group. A lock file beside it (`<socket>.lock`, flock) makes two
-//! daemons starting at once exclude each other; an existing socket file is probed: a live one is
-//! never taken over, a stale one (nobody listening) is replaced. Anything at the path that is
-//! not a socket is left alone and reported.
+//! daemons starting at once exclude each other; a daemon restarted right after a crash waits a
+//! few seconds for a lock whose holder serves nothing (a child of the crashed daemon between fork
+//! and exec can hold it for a moment). An existing socket file is probed: a live one is never
+//! taken over, a stale one (nobody listening) is replaced. Anything at the path that is not a
+//! socket is left alone and reported.
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{Gid, chown};
@@ -62,6 +64,30 @@ impl Drop for SocketFile {
     }
 }
 
+/// How long a daemon waits for the lock when its holder is not a pool-managerd serving the socket:
+/// right after a crash, a child between fork and exec (or a dying process) may still hold it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The socket's lock. Refused at once when another pool-managerd answers on the socket; otherwise
+/// retried for up to [`LOCK_WAIT`], since a holder that serves nothing is on its way out.
+fn take_lock(file: File, lock_path: &Path, socket: &Path) -> Result<Flock<File>, SocketError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, _)) => file = returned,
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return Err(SocketError::AlreadyServing(socket.to_owned()));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(SocketError::Locked(lock_path.to_owned()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Binds the socket at `path` (see the module docs for the rules).
 pub fn bind_socket(
     path: &Path,
@@ -90,8 +116,7 @@ pub fn bind_socket(
         .mode(0o600)
         .open(&lock_path)
         .map_err(io("cannot open lock file", &lock_path))?;
-    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SocketError::Locked(lock_path.clone()))?;
+    let lock = take_lock(lock_file, &lock_path, path)?;
 
     match std::fs::symlink_metadata(path) {
         Ok(metadata) if !metadata.file_type().is_socket() => {
