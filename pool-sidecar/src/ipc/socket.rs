@@ -202,9 +202,10 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let path = temp.path().join("pool.sock");
         let (listener, first) = bind_socket(&path, None).unwrap();
+        // The lock's holder serves the socket: refused at once.
         assert!(matches!(
             bind_socket(&path, None),
-            Err(SocketError::Locked(_))
+            Err(SocketError::AlreadyServing(_))
         ));
         // A listener without the lock (e.g. started by hand elsewhere) is still detected live.
         std::mem::forget(first);

@@ -177,9 +177,7 @@ impl EngineSupervisor {
         self.stop_side_engines().await;
         let path = self.record_file();
         let record = read_record(&path)?;
-        let same_process =
-            super::record::process_start_ticks(record.pid) == Some(record.start_ticks);
-        if !same_process {
+        if !record.is_running() {
             tracing::info!(pool = %self.pool.id, pid = record.pid, "recorded engine is gone; starting afresh");
             remove_record(&path);
             return None;
@@ -285,6 +283,7 @@ impl EngineSupervisor {
             fingerprint: fingerprint(&self.pool, &self.engine),
             model_path: model_path.to_owned(),
             restarts: self.restarts,
+            boot_id: super::record::current_boot_id(),
         };
         if let Err(error) = write_record(path, &record) {
             tracing::warn!(pool = %self.pool.id, %error, "cannot write the engine record; this engine cannot be adopted");
@@ -295,7 +294,7 @@ impl EngineSupervisor {
     async fn stop_side_engines(&self) {
         for path in side_records(&self.paths.state_dir, self.pool.id.as_str()) {
             if let Some(record) = read_record(&path)
-                && super::record::process_start_ticks(record.pid) == Some(record.start_ticks)
+                && record.is_running()
             {
                 tracing::info!(pool = %self.pool.id, pid = record.pid, "stopping an engine left over from an interrupted reload");
                 EngineProcess::adopted(record.pid, record.start_ticks)

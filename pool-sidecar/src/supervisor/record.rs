@@ -1,7 +1,9 @@
 //! Engine records in the state directory, so a restarted pool-managerd can adopt engines that
-//! outlived it. A record names the process (pid and its start time in clock ticks since boot, so
-//! a recycled pid never matches), where it listens, and the exact configuration it was started
-//! with (a canonical JSON fingerprint: a changed config means the engine is stopped, not adopted).
+//! outlived it. A record names the process (pid, its start time in clock ticks since boot and the
+//! boot it belongs to, so neither a recycled pid nor the same pid after a reboot ever matches),
+//! where it listens, and the exact configuration it was started with (a canonical JSON
+//! fingerprint: a changed config means the engine is stopped, not adopted). Records are written
+//! durably: temp file synced, renamed, directory synced.
 
 use pool_ipc::registry::Endpoint;
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,29 @@ pub struct EngineRecord {
     /// Which model file it serves (changes with a reload).
     pub model_path: String,
     pub restarts: u32,
+    /// The kernel's boot id when it was written (`None` in records of older versions).
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+impl EngineRecord {
+    /// Whether the recorded process is still the one it was written for: the same boot, the same
+    /// pid started at the same tick.
+    pub fn is_running(&self) -> bool {
+        let same_boot = self
+            .boot_id
+            .as_deref()
+            .is_none_or(|recorded| current_boot_id().as_deref() == Some(recorded));
+        same_boot && process_start_ticks(self.pid) == Some(self.start_ticks)
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn current_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 pub fn record_path(state_dir: &Path, pool: &str) -> PathBuf {
@@ -48,15 +73,20 @@ pub fn side_records(state_dir: &Path, pool: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Writes the record atomically (temp file + rename).
+/// Writes the record atomically and durably: the temp file is synced before the rename, and the
+/// directory after it, so a crash or power loss leaves the old record or the new one, whole.
 pub fn write_record(path: &Path, record: &EngineRecord) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let text = serde_json::to_string_pretty(record).map_err(std::io::Error::other)?;
     let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, text)?;
-    std::fs::rename(&temp, path)
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 pub fn read_record(path: &Path) -> Option<EngineRecord> {
@@ -115,10 +145,33 @@ mod tests {
             fingerprint: "{}".into(),
             model_path: "/m".into(),
             restarts: 2,
+            boot_id: current_boot_id(),
         };
         write_record(&path, &record).unwrap();
         assert_eq!(read_record(&path), Some(record));
         remove_record(&path);
         assert_eq!(read_record(&path), None);
+    }
+
+    #[test]
+    fn a_record_from_another_boot_never_matches_a_live_process() {
+        let me = std::process::id();
+        let ticks = process_start_ticks(me).unwrap();
+        let mut record = EngineRecord {
+            pid: me,
+            start_ticks: ticks,
+            endpoint: Endpoint::Unix {
+                path: "/run/e.sock".into(),
+            },
+            fingerprint: "{}".into(),
+            model_path: "/m".into(),
+            restarts: 0,
+            boot_id: current_boot_id(),
+        };
+        assert!(record.is_running());
+        record.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+        assert!(!record.is_running(), "same pid and ticks, another boot");
+        record.boot_id = None;
+        assert!(record.is_running(), "a record of an older version: judged by pid and ticks");
     }
 }
