@@ -172,6 +172,9 @@ mod tests {
         record.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
         assert!(!record.is_running(), "same pid and ticks, another boot");
         record.boot_id = None;
-        assert!(record.is_running(), "a record of an older version: judged by pid and ticks");
+        assert!(
+            record.is_running(),
+            "a record of an older version: judged by pid and ticks"
+        );
     }
 }
