@@ -1424,3 +1424,44 @@ fn a_task_nobody_reads_is_cancelled_after_the_grace_and_frees_its_slot() {
     let events = task_events(&addr, accepted["task_id"].as_str().unwrap());
     assert_eq!(events.last().unwrap().0, "end", "{events:?}");
 }
+
+#[test]
+fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
+    let stack = stack(
+        1,
+        &["--ctx", "4000000", "--token-delay-ms", "0"],
+        "[streaming]\ndecode_stall_ms = 2000\n",
+    );
+    // A stream far larger than the sockets' buffers, from a client that never reads it.
+    let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2000000,"stream":true}"#;
+    let mut client = TcpStream::connect(stack.addr()).unwrap();
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stack.wait_for_leases(1);
+    let stopped_reading = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        stack.sidecar_status()["active_leases"],
+        1,
+        "a 2,000,000-token stream is still running a second later"
+    );
+    // The buffers fill, the client's window stays shut, and after the stall limit the kernel
+    // drops the connection (TCP_USER_TIMEOUT): the stream ends and its slot comes back.
+    let deadline = stopped_reading + Duration::from_secs(60);
+    while stack.sidecar_status()["active_leases"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that stopped reading still holds its slot after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "the slot came back {:?} after the client stopped reading",
+        stopped_reading.elapsed()
+    );
+    drop(client);
+}
