@@ -35,6 +35,7 @@ use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId, ReleaseOutco
 use serde::Deserialize;
 use serde_json::json;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,8 +116,20 @@ enum Phase {
     Streaming {
         stream: EngineStream,
         placement: Placement,
+        /// Made once per stream and polled only while the engine is silent, so waiting for a
+        /// revocation costs nothing per relayed event.
+        revocation: Revocation,
     },
     Finished,
+}
+
+/// Completes when the request's lease is revoked (see [`revoked`]).
+struct Revocation(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocation")
+    }
 }
 
 /// How a request ended, for the lease's release and the metrics.
@@ -274,7 +287,12 @@ impl Lifecycle {
                 if let Phase::Placed(placement) =
                     std::mem::replace(&mut self.phase, Phase::Finished)
                 {
-                    self.phase = Phase::Streaming { stream, placement };
+                    let revocation = Revocation(Box::pin(revoked(&placement)));
+                    self.phase = Phase::Streaming {
+                        stream,
+                        placement,
+                        revocation,
+                    };
                 }
                 Ok(())
             }
@@ -291,14 +309,16 @@ impl Lifecycle {
     /// has the lease's release confirmed with [`release`](Self::release) before it says anything
     /// more to its client.
     pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ApiError>> {
-        let Phase::Streaming { stream, placement } = &mut self.phase else {
+        let Phase::Streaming {
+            stream, revocation, ..
+        } = &mut self.phase
+        else {
             return None;
         };
-        let revocation = revoked(placement);
         let next = tokio::select! {
             biased;
             next = stream.next() => Some(next),
-            () = revocation => None,
+            () = &mut revocation.0 => None,
         };
         let Some(next) = next else {
             self.settle(Ending::Failed);
@@ -455,7 +475,9 @@ impl Lifecycle {
                 None
             }
             Phase::Placed(placement) => Some(placement),
-            Phase::Streaming { stream, placement } => {
+            Phase::Streaming {
+                stream, placement, ..
+            } => {
                 drop(stream);
                 Some(placement)
             }

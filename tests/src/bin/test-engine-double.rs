@@ -588,8 +588,7 @@ async fn native_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, EngineError> {
-    engine.remember_headers(&headers);
-    generate(engine, Api::Native, &body).await
+    generate(engine, Api::Native, &headers, &body).await
 }
 
 async fn text_completion(
@@ -597,8 +596,7 @@ async fn text_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, EngineError> {
-    engine.remember_headers(&headers);
-    generate(engine, Api::Text, &body).await
+    generate(engine, Api::Text, &headers, &body).await
 }
 
 async fn chat_completion(
@@ -606,8 +604,7 @@ async fn chat_completion(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, EngineError> {
-    engine.remember_headers(&headers);
-    generate(engine, Api::Chat, &body).await
+    generate(engine, Api::Chat, &headers, &body).await
 }
 
 /// Which generation endpoint a request came in on; decides the request fields and reply shapes.
@@ -911,7 +908,13 @@ impl Reply {
 
 /// Validates, waits for a slot, then streams or answers in one piece. Every error is answered before
 /// any stream byte.
-async fn generate(engine: Arc<Engine>, api: Api, body: &[u8]) -> Result<Response, EngineError> {
+async fn generate(
+    engine: Arc<Engine>,
+    api: Api,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, EngineError> {
+    engine.remember_headers(headers);
     engine.profile.ensure_loaded()?;
     let request = GenRequest::parse(api, body, engine.profile.n_ctx)?;
     let generation = engine.admit().await?;
