@@ -123,6 +123,10 @@ pub struct RawAdmission {
     pub batch_max_wait_ms: Option<u64>,
     /// How long a request may wait in the queue unless it says otherwise.
     pub queue_deadline_ms: Option<u64>,
+    /// How many times a request whose engine failed before its answer began (connection refused
+    /// or reset, a 5xx, its lease revoked) is placed again on another ready pool of its model
+    /// (default 2; 0: never).
+    pub max_retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +148,8 @@ pub struct Config {
     pub forward_headers: Vec<HeaderName>,
     pub admission: AdmissionConfig,
     pub queue_deadline: Duration,
+    /// Placements on another pool after an engine failed before the answer began.
+    pub max_retries: u32,
     pub decode_stall: Duration,
     pub answer_timeout: Duration,
     pub keepalive: Duration,
@@ -274,6 +280,7 @@ impl RawConfig {
                 self.admission.queue_deadline_ms,
                 60_000,
             )?,
+            max_retries: self.admission.max_retries.unwrap_or(2),
             decode_stall: millis(
                 "streaming.decode_stall_ms",
                 self.streaming.decode_stall_ms,

@@ -23,12 +23,12 @@ use crate::app::{AppState, Inbound};
 use crate::error::{ApiError, ErrorShape, error_event};
 use crate::json_object::{self, TopLevel};
 use crate::keys::Caller;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::placement::{self, NoPlacement, PlacementHints, SlotNeed, Wanted};
 use crate::scheduler::{Demand, Placed, Ticket};
 use crate::sse::{self, StreamFormat};
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use pool_ipc::client::LeaseGuard;
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId, ReleaseOutcome};
@@ -132,6 +132,26 @@ impl std::fmt::Debug for Revocation {
     }
 }
 
+/// What opening a placed request's engine stream came to.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Streaming,
+    /// The engine failed before answering and the request waits for another pool: wait with
+    /// [`Lifecycle::placed`] and open again.
+    Requeued,
+}
+
+/// What a stream's next step brought.
+#[must_use]
+#[derive(Debug)]
+pub enum Next {
+    Event(EngineEvent),
+    /// The engine failed before the first event and the request waits for another pool, as after
+    /// [`Opened::Requeued`].
+    Requeued,
+}
+
 /// How a request ended, for the lease's release and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
@@ -155,6 +175,10 @@ pub struct Lifecycle {
     /// The lease of a request that ended, until [`Lifecycle::release`] has it confirmed (or `Drop`
     /// releases it without waiting).
     ending_lease: Option<(LeaseGuard, ReleaseOutcome)>,
+    /// Times the request was placed again after an engine failed before answering.
+    retries: u32,
+    /// Set once an engine event has gone to the caller: from then on a failure is final.
+    answer_began: bool,
 }
 
 impl Lifecycle {
@@ -180,12 +204,14 @@ impl Lifecycle {
             prompt_tokens: None,
             completion_tokens: None,
             ending_lease: None,
+            retries: 0,
+            answer_began: false,
         })
     }
 
     async fn place_or_queue(state: &AppState, exchange: &Exchange) -> Result<Phase, ApiError> {
         let Some(slots) = exchange.slots else {
-            return unleased_placement(state, exchange).map(Phase::Placed);
+            return unleased_placement(state, exchange, &exchange.hints).map(Phase::Placed);
         };
         let turn = match &exchange.session {
             Some(session) => Some(state.sessions.begin_turn(
@@ -229,6 +255,12 @@ impl Lifecycle {
         }
     }
 
+    /// How many times the request was placed again on another pool after an engine failed before
+    /// answering.
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
     /// Waits until the request holds its lease. Cancel-safe: a caller may give up waiting (to send
     /// a keep-alive) and call again.
     pub async fn placed(&mut self) -> Result<(), ApiError> {
@@ -255,8 +287,9 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Opens the engine stream of a placed request.
-    pub async fn open_stream(&mut self) -> Result<(), ApiError> {
+    /// Opens the engine stream of a placed request; an engine that fails to answer may send the
+    /// request back to the queue for another pool (see [`Opened`]).
+    pub async fn open_stream(&mut self) -> Result<Opened, ApiError> {
         let Phase::Placed(placement) = &self.phase else {
             return Err(ApiError::Internal(
                 "a stream opened before placement".into(),
@@ -294,10 +327,13 @@ impl Lifecycle {
                         revocation,
                     };
                 }
-                Ok(())
+                Ok(Opened::Streaming)
             }
             Err(error) => {
                 let error = adapter_error(error);
+                if self.retry_elsewhere(&error).await {
+                    return Ok(Opened::Requeued);
+                }
                 self.finish(Ending::Failed).await;
                 Err(error)
             }
@@ -308,7 +344,7 @@ impl Lifecycle {
     /// the request ends (the engine connection closes, the metrics are recorded); the caller then
     /// has the lease's release confirmed with [`release`](Self::release) before it says anything
     /// more to its client.
-    pub async fn next_event(&mut self) -> Option<Result<EngineEvent, ApiError>> {
+    pub async fn next_event(&mut self) -> Option<Result<Next, ApiError>> {
         let Phase::Streaming {
             stream, revocation, ..
         } = &mut self.phase
@@ -320,45 +356,84 @@ impl Lifecycle {
             next = stream.next() => Some(next),
             () = &mut revocation.0 => None,
         };
-        let Some(next) = next else {
-            self.settle(Ending::Failed);
-            return Some(Err(ApiError::LeaseRevoked));
+        let failure = match next {
+            None => ApiError::LeaseRevoked,
+            Some(Some(Err(error))) => adapter_error(error),
+            Some(None) => ApiError::WorkerReset("the engine stream ended early".into()),
+            Some(Some(Ok(event))) => return Some(Ok(Next::Event(self.relayed(event)))),
         };
-        match next {
-            Some(Ok(event)) => {
-                match &event {
-                    EngineEvent::Chunk { tokens, .. } => {
-                        if *tokens > 0 {
-                            self.token_seen();
-                        }
-                    }
-                    EngineEvent::Done {
-                        prompt_tokens,
-                        completion_tokens,
-                        ..
-                    } => {
-                        self.prompt_tokens = prompt_tokens.map(u64::from);
-                        self.completion_tokens = completion_tokens.map(u64::from);
-                        self.settle(Ending::Completed);
-                    }
-                }
-                Some(Ok(event))
-            }
-            Some(Err(error)) => {
-                self.settle(Ending::Failed);
-                Some(Err(adapter_error(error)))
-            }
-            None => {
-                self.settle(Ending::Failed);
-                Some(Err(ApiError::WorkerReset(
-                    "the engine stream ended early".into(),
-                )))
-            }
+        if self.retry_elsewhere(&failure).await {
+            return Some(Ok(Next::Requeued));
         }
+        self.settle(Ending::Failed);
+        Some(Err(failure))
     }
 
-    /// Sends a placed non-streaming request and reads the engine's whole answer.
+    /// Accounts for an engine event going to the caller: the answer has begun.
+    fn relayed(&mut self, event: EngineEvent) -> EngineEvent {
+        self.answer_began = true;
+        match &event {
+            EngineEvent::Chunk { tokens, .. } => {
+                if *tokens > 0 {
+                    self.token_seen();
+                }
+            }
+            EngineEvent::Done {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                self.prompt_tokens = prompt_tokens.map(u64::from);
+                self.completion_tokens = completion_tokens.map(u64::from);
+                self.settle(Ending::Completed);
+            }
+        }
+        event
+    }
+
+    /// Waits for the lease, sends the non-streaming request and reads the engine's whole answer.
+    /// An engine that fails before answering may send the request to another pool first.
     pub async fn whole(&mut self) -> Result<WholeAnswer, ApiError> {
+        let mut answer = loop {
+            self.placed().await?;
+            match self.whole_attempt().await {
+                Ok(answer) => break answer,
+                Err(error) => {
+                    if self.retry_elsewhere(&error).await {
+                        continue;
+                    }
+                    self.finish(Ending::Failed).await;
+                    return Err(error);
+                }
+            }
+        };
+        let model = self.exchange.model.clone();
+        let body = std::mem::take(&mut answer.body);
+        // A large answer (an embeddings batch) is read off the async workers.
+        let read = if body.len() > READ_OFF_THREAD_BYTES {
+            tokio::task::spawn_blocking(move || for_client(body, &model))
+                .await
+                .map_err(|error| ApiError::Internal(format!("reading an answer: {error}")))
+        } else {
+            Ok(for_client(body, &model))
+        };
+        let (body, usage) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.finish(Ending::Failed).await;
+                return Err(error);
+            }
+        };
+        if self.exchange.slots.is_some() {
+            (self.prompt_tokens, self.completion_tokens) = usage;
+        }
+        answer.body = body;
+        self.finish(Ending::Completed).await;
+        Ok(answer)
+    }
+
+    /// One engine's answer to a placed non-streaming request.
+    async fn whole_attempt(&mut self) -> Result<WholeAnswer, ApiError> {
         let Phase::Placed(placement) = &self.phase else {
             return Err(ApiError::Internal(
                 "a whole request sent before placement".into(),
@@ -379,50 +454,111 @@ impl Lifecycle {
         self.engine_began();
         let limit = self.state.config.get().answer_timeout;
         let engines = Arc::clone(&self.state.engines);
-        let answer = tokio::select! {
+        tokio::select! {
             biased;
-            answer = engines.whole(&request, limit, &self.exchange.correlation_id) => Some(answer),
-            () = revocation => None,
-        };
-        let Some(answer) = answer else {
-            self.finish(Ending::Failed).await;
-            return Err(ApiError::LeaseRevoked);
-        };
-        match answer {
-            Ok(mut answer) => {
-                let model = self.exchange.model.clone();
-                let body = std::mem::take(&mut answer.body);
-                // A large answer (an embeddings batch) is read off the async workers.
-                let read = if body.len() > READ_OFF_THREAD_BYTES {
-                    tokio::task::spawn_blocking(move || for_client(body, &model))
-                        .await
-                        .map_err(|error| ApiError::Internal(format!("reading an answer: {error}")))
-                } else {
-                    Ok(for_client(body, &model))
-                };
-                let (body, usage) = match read {
-                    Ok(read) => read,
-                    Err(error) => {
-                        self.finish(Ending::Failed).await;
-                        return Err(error);
-                    }
-                };
-                if self.exchange.slots.is_some() {
-                    (self.prompt_tokens, self.completion_tokens) = usage;
-                }
-                answer.body = body;
-                self.finish(Ending::Completed).await;
-                Ok(answer)
+            answer = engines.whole(&request, limit, &self.exchange.correlation_id) => {
+                answer.map_err(|error| match error {
+                    AdapterError::DecodeTimeout { after } => ApiError::ResponseTimeout(after),
+                    error => adapter_error(error),
+                })
             }
-            Err(AdapterError::DecodeTimeout { after }) => {
-                self.finish(Ending::Failed).await;
-                Err(ApiError::ResponseTimeout(after))
-            }
-            Err(error) => {
-                self.finish(Ending::Failed).await;
-                Err(adapter_error(error))
-            }
+            () = revocation => Err(ApiError::LeaseRevoked),
         }
+    }
+
+    /// After the engine of a placed or streaming request failed with `error` before the answer
+    /// began: places the request again, on another ready pool of its model, when the failure is
+    /// the engine's (its connection refused or reset, a 5xx, a 503 busy, its lease revoked),
+    /// `admission.max_retries` allows one more and such a pool exists. The failed attempt's
+    /// engine connection and lease are given back (`Failed`) and its pool avoided from then on.
+    /// `false`: nothing changed, the failure is final.
+    async fn retry_elsewhere(&mut self, error: &ApiError) -> bool {
+        let worth_another_pool = matches!(
+            error,
+            ApiError::WorkerReset(_)
+                | ApiError::LeaseRevoked
+                | ApiError::EngineFailed(_)
+                | ApiError::EngineRejected { status: 503, .. }
+        );
+        if self.answer_began
+            || !worth_another_pool
+            || self.retries >= self.state.config.get().max_retries
+        {
+            return false;
+        }
+        let failed_pool = match &self.phase {
+            Phase::Placed(placement) | Phase::Streaming { placement, .. } => placement.pool.clone(),
+            Phase::Queued(_) | Phase::Finished => return false,
+        };
+        let mut hints = self.exchange.hints.clone();
+        hints.avoid.push(failed_pool.clone());
+        let replaced = match self.exchange.slots {
+            None => match unleased_placement(&self.state, &self.exchange, &hints) {
+                Ok(placement) => Phase::Placed(placement),
+                Err(_) => return false,
+            },
+            Some(slots) => {
+                let wanted = Wanted {
+                    model: &self.exchange.model,
+                    api: self.exchange.api,
+                    slots,
+                    hints: &hints,
+                    held_back: &[],
+                };
+                if !placement::another_ready(&self.state.mirror.borrow().snapshot, &wanted) {
+                    return false;
+                }
+                let demand = Demand {
+                    model: self.exchange.model.clone(),
+                    api: self.exchange.api,
+                    slots,
+                    priority: self.exchange.priority,
+                    session: self.exchange.session.clone(),
+                    hints: hints.clone(),
+                    deadline: Instant::now() + self.exchange.queue_deadline,
+                    correlation_id: self.exchange.correlation_id.clone(),
+                };
+                match self.state.scheduler.submit(demand).await {
+                    Ok(ticket) => Phase::Queued(ticket),
+                    Err(_) => return false,
+                }
+            }
+        };
+        let failed_lease = match std::mem::replace(&mut self.phase, replaced) {
+            Phase::Placed(placement) => placement.lease,
+            Phase::Streaming {
+                stream, placement, ..
+            } => {
+                drop(stream);
+                placement.lease
+            }
+            Phase::Queued(_) | Phase::Finished => None,
+        };
+        if self.engine_started.take().is_some() {
+            self.state.metrics.in_flight.dec();
+        }
+        self.retries += 1;
+        self.exchange.hints = hints;
+        self.state
+            .metrics
+            .engine_retries
+            .get_or_create(&ReasonLabels {
+                reason: error.code(),
+            })
+            .inc();
+        tracing::warn!(
+            pool = %failed_pool,
+            %error,
+            retry = self.retries,
+            correlation_id = %self.exchange.correlation_id,
+            "the engine failed before answering; the request goes to another pool"
+        );
+        if let Some(lease) = failed_lease
+            && let Err(release_error) = lease.release(ReleaseOutcome::Failed).await
+        {
+            tracing::warn!(pool = %failed_pool, %release_error, "lease release failed; the connection's close returns it");
+        }
+        true
     }
 
     /// Ends a request that never reached its engine (its wait in the queue ended in `error`).
@@ -553,8 +689,13 @@ fn revoked(placement: &Placement) -> impl Future<Output = ()> + use<> {
     }
 }
 
-/// A ready pool for a request that takes no slot, straight from the registry mirror.
-fn unleased_placement(state: &AppState, exchange: &Exchange) -> Result<Placement, ApiError> {
+/// A ready pool for a request that takes no slot, straight from the registry mirror, as `hints`
+/// allow.
+fn unleased_placement(
+    state: &AppState,
+    exchange: &Exchange,
+    hints: &PlacementHints,
+) -> Result<Placement, ApiError> {
     let mirror = state.mirror.borrow();
     if !mirror.connected {
         return Err(ApiError::PoolUnavailable {
@@ -565,7 +706,7 @@ fn unleased_placement(state: &AppState, exchange: &Exchange) -> Result<Placement
         model: &exchange.model,
         api: exchange.api,
         slots: SlotNeed::ONE,
-        hints: &exchange.hints,
+        hints,
         held_back: &[],
     };
     let pool = placement::choose_unleased(&mirror.snapshot, &wanted).map_err(|why| match why {
@@ -652,16 +793,11 @@ pub async fn serve(
         Ok(life) => life,
         Err(error) => return error.response(shape),
     };
-    match reply {
-        Reply::Whole => {
-            if let Err(error) = life.placed().await {
-                return error.response(shape);
-            }
-            match life.whole().await {
-                Ok(answer) => whole_response(answer),
-                Err(error) => error.response(shape),
-            }
-        }
+    let response = match reply {
+        Reply::Whole => match life.whole().await {
+            Ok(answer) => whole_response(answer),
+            Err(error) => error.response(shape),
+        },
         Reply::Stream {
             format,
             include_usage,
@@ -669,22 +805,26 @@ pub async fn serve(
             // Quick outcomes keep their HTTP status (an engine's own refusal too); a long wait
             // turns into a stream with keep-alives.
             let keepalive = state.config.get().keepalive;
-            match tokio::time::timeout(keepalive, life.placed()).await {
-                Ok(Err(error)) => return error.response(shape),
-                Ok(Ok(())) => {
-                    if let Err(error) = life.open_stream().await {
-                        return error.response(shape);
-                    }
+            loop {
+                match tokio::time::timeout(keepalive, life.placed()).await {
+                    Ok(Err(error)) => return with_retries(error.response(shape), life.retries()),
+                    Ok(Ok(())) => match life.open_stream().await {
+                        Err(error) => return with_retries(error.response(shape), life.retries()),
+                        Ok(Opened::Requeued) => continue,
+                        Ok(Opened::Streaming) => {}
+                    },
+                    Err(_) => {}
                 }
-                Err(_) => {}
+                break;
             }
+            let retries = life.retries();
             let relay = Relay {
                 life,
                 format,
                 include_usage,
                 keepalive,
             };
-            sse::response(futures_util::stream::unfold(
+            let response = sse::response(futures_util::stream::unfold(
                 relay,
                 |mut relay| async move {
                     relay
@@ -692,9 +832,22 @@ pub async fn serve(
                         .await
                         .map(|frame| (Ok::<Bytes, Infallible>(frame), relay))
                 },
-            ))
+            ));
+            return with_retries(response, retries);
         }
+    };
+    with_retries(response, life.retries())
+}
+
+/// Says on a response how many times its request went to another pool after an engine failed
+/// before answering (nothing when it never did).
+fn with_retries(mut response: Response, retries: u32) -> Response {
+    if retries > 0 {
+        response
+            .headers_mut()
+            .insert(ENGINE_RETRIES_HEADER, HeaderValue::from(retries));
     }
+    response
 }
 
 /// A whole answer as the client gets it: the engine's status, content type and (already
@@ -710,6 +863,9 @@ fn whole_response(answer: WholeAnswer) -> Response {
         .insert(header::CONTENT_TYPE, content_type);
     response
 }
+
+/// The response header [`with_retries`] sets.
+pub const ENGINE_RETRIES_HEADER: HeaderName = HeaderName::from_static("x-engine-retries");
 
 /// Answers larger than this are read on a blocking thread.
 const READ_OFF_THREAD_BYTES: usize = 1024 * 1024;
@@ -764,19 +920,27 @@ impl Relay {
     /// The next bytes for the client, or `None` at the end. Every await leaves the request's
     /// state in `life`, so a client that leaves mid-await is seen by its `Drop`.
     async fn next_frame(&mut self) -> Option<Bytes> {
-        if self.life.ticket().is_some() {
-            match tokio::time::timeout(self.keepalive, self.life.placed()).await {
-                Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
-                Ok(Err(error)) => return Some(error_event(&error, self.format)),
-                Ok(Ok(())) => {}
+        let event = loop {
+            if self.life.ticket().is_some() {
+                match tokio::time::timeout(self.keepalive, self.life.placed()).await {
+                    Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
+                    Ok(Err(error)) => return Some(error_event(&error, self.format)),
+                    Ok(Ok(())) => {}
+                }
             }
-        }
-        if matches!(self.life.phase, Phase::Placed(_)) {
-            if let Err(error) = self.life.open_stream().await {
-                return Some(error_event(&error, self.format));
+            if matches!(self.life.phase, Phase::Placed(_)) {
+                match self.life.open_stream().await {
+                    Err(error) => return Some(error_event(&error, self.format)),
+                    Ok(Opened::Requeued) => continue,
+                    Ok(Opened::Streaming) => {}
+                }
             }
-        }
-        let event = self.life.next_event().await?;
+            match self.life.next_event().await? {
+                Ok(Next::Requeued) => continue,
+                Ok(Next::Event(event)) => break Ok(event),
+                Err(error) => break Err(error),
+            }
+        };
         if !matches!(event, Ok(EngineEvent::Chunk { .. })) {
             self.life.release().await;
         }

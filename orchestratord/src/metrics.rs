@@ -29,6 +29,7 @@ pub struct Metrics {
     pub dispatch: Histogram,
     pub rejections: Family<ReasonLabels, Counter>,
     pub cancellations: Counter,
+    pub engine_retries: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
     pub tokens_in: Counter,
     pub tokens_out: Counter,
@@ -60,6 +61,7 @@ impl Metrics {
             dispatch: seconds_histogram(),
             rejections: Family::default(),
             cancellations: Counter::default(),
+            engine_retries: Family::default(),
             in_flight: Gauge::default(),
             tokens_in: Counter::default(),
             tokens_out: Counter::default(),
@@ -105,6 +107,11 @@ impl Metrics {
             "cancellations",
             "Requests whose client went away or cancelled",
             metrics.cancellations.clone(),
+        );
+        registry.register(
+            "engine_retries",
+            "Requests placed again on another pool after their engine failed before answering, by the failure",
+            metrics.engine_retries.clone(),
         );
         registry.register(
             "in_flight",

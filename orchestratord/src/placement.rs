@@ -215,6 +215,14 @@ pub fn pool_to_wait_for(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> Opt
         .map(|pool| pool.pool_id.clone())
 }
 
+/// Whether a request whose engine failed could go elsewhere: a pool other than the avoided ones
+/// (the failed one among them) serves its model and API and is ready. Never for a pinned request.
+pub fn another_ready(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> bool {
+    wanted.hints.pin.is_none()
+        && candidates(snapshot, wanted)
+            .is_ok_and(|pools| pools.iter().any(|pool| pool.state == PoolState::Ready))
+}
+
 /// A ready pool of `wanted.model` serving its API, for a request that occupies no slot (the token
 /// counters): the one with the most free slots, busy or not.
 pub fn choose_unleased(
@@ -322,6 +330,52 @@ mod tests {
             choose(&snapshot, &wanted("m", &hints), Some(&home)),
             on("b")
         );
+    }
+
+    #[test]
+    fn a_failed_request_may_go_only_to_another_ready_pool_of_its_model_and_never_when_pinned() {
+        let failed_on_a = PlacementHints {
+            avoid: vec![PoolId("a".into())],
+            ..Default::default()
+        };
+        let with = |b: PoolState| {
+            registry(vec![
+                pool("a", "m", PoolState::Ready, 1, 1),
+                pool("b", "m", b, 0, 1),
+                pool("c", "other", PoolState::Ready, 1, 1),
+            ])
+        };
+        // Busy is fine: the request waits in the queue for it.
+        assert!(another_ready(
+            &with(PoolState::Ready),
+            &wanted("m", &failed_on_a)
+        ));
+        for not_ready in [
+            PoolState::Starting,
+            PoolState::Unhealthy,
+            PoolState::Draining,
+            PoolState::Failed,
+        ] {
+            assert!(!another_ready(&with(not_ready), &wanted("m", &failed_on_a)));
+        }
+        let pinned = PlacementHints {
+            pin: Some(PoolId("a".into())),
+            avoid: vec![PoolId("a".into())],
+            ..Default::default()
+        };
+        assert!(!another_ready(
+            &with(PoolState::Ready),
+            &wanted("m", &pinned)
+        ));
+        let mut other_api = wanted("m", &failed_on_a);
+        other_api.api = ApiEndpoint::Embeddings;
+        let mut b_serves_chat_only = pool("b", "m", PoolState::Ready, 1, 1);
+        b_serves_chat_only.api_endpoints = vec![ApiEndpoint::ChatCompletions];
+        let snapshot = registry(vec![
+            pool("a", "m", PoolState::Ready, 1, 1),
+            b_serves_chat_only,
+        ]);
+        assert!(!another_ready(&snapshot, &other_api));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod http;
 pub mod real_engine;
 pub mod sidecar;
+pub mod stack;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;

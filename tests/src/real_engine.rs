@@ -7,21 +7,21 @@
 //! (a bare `cargo test`), the scripts are run once per test binary to find or build them (both
 //! cache outside the repository; a cold build takes several minutes and says so on stderr).
 //!
-//! [`Stack`] is the product in front of them: pool-managerd running the pools of a TOML snippet
-//! ([`llama_pool`] writes one for llama-server) and orchestratord with one API key ([`API_KEY`]).
+//! [`stack`] puts the product in front of them (the shared [`Stack`]): pool-managerd running the
+//! pools of a TOML snippet ([`llama_pool`] writes one for llama-server) and orchestratord with one
+//! API key ([`API_KEY`]).
 
 #![expect(
     clippy::unwrap_used,
     reason = "test harness: a panic with the failing call is the report"
 )]
 
-use crate::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
-use crate::{Daemon, DaemonBuilder, binary, http};
-use serde_json::Value;
+use crate::http;
+pub use crate::stack::{Stack, WAIT, http_address, prometheus_value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tempfile::TempDir;
 
 /// The repository's root (the parent of this package).
@@ -115,17 +115,6 @@ pub fn make_model(out: &Path, args: &[&str]) -> PathBuf {
     out.to_path_buf()
 }
 
-/// Where a pool's engine listens, as pool-managerd reports it (`http://127.0.0.1:PORT` or a
-/// socket path), turned into an address [`crate::http`] connects to.
-pub fn http_address(endpoint: &str) -> String {
-    endpoint
-        .strip_prefix("http://")
-        .unwrap_or(endpoint)
-        .trim_end_matches('/')
-        .to_owned()
-}
-
-pub const WAIT: Duration = Duration::from_secs(30);
 /// How long engines may take to load (llama-cpp-python's server imports for a few seconds; a
 /// busy 2-core CI machine is slower).
 pub const STARTUP: Duration = Duration::from_secs(90);
@@ -216,102 +205,24 @@ drain_deadline_ms = 30000
     }
 }
 
-pub struct Stack {
-    pub orchestrator: Daemon,
-    pub sidecar: Sidecar,
-    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
-    pub dir: TempDir,
-}
-
-/// pool-managerd with `pools` (TOML), orchestratord in front of it with one API key; returns once
-/// every pool is Ready in orchestratord's view.
+/// pool-managerd with `pools` (TOML), orchestratord in front of it with one API key
+/// ([`API_KEY`]); returns once every pool is Ready in orchestratord's view.
 pub fn stack(dir: TempDir, pools: &str) -> Stack {
     stack_with(dir, pools, "")
 }
 
 /// [`stack`], with `orchestratord_config` (TOML; empty for none) as orchestratord's config file.
 pub fn stack_with(dir: TempDir, pools: &str, orchestratord_config: &str) -> Stack {
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, pools).unwrap();
-    let sidecar = start_sidecar(dir.path(), &config);
-    let keys = dir.path().join("api-keys");
-    std::fs::write(&keys, format!("{API_KEY}\n")).unwrap();
-    let mut orchestrator = DaemonBuilder::new(binary("orchestratord"))
-        .name("orchestratord")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--socket")
-        .arg(socket_path(dir.path()))
-        .arg("--api-keys-file")
-        .arg(&keys);
-    if !orchestratord_config.is_empty() {
-        let path = dir.path().join("orchestratord.toml");
-        std::fs::write(&path, orchestratord_config).unwrap();
-        orchestrator = orchestrator.arg("--config").arg(path);
-    }
-    let orchestrator = orchestrator.start();
-    let stack = Stack {
-        orchestrator,
-        sidecar,
-        dir,
-    };
-    let deadline = Instant::now() + STARTUP;
-    loop {
-        let pools = stack.get("/v2/pools");
-        let all = pools["pools"].as_array().unwrap();
-        if !all.is_empty() && all.iter().all(|pool| pool["ready"] == true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pools never ready: {pools}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    stack
+    Stack::builder()
+        .pool(pools)
+        .orchestrator(orchestratord_config)
+        .api_key(API_KEY)
+        .startup(STARTUP)
+        .start_in(dir)
 }
 
+/// What only real llama-servers answer (their metrics, slots) and the Python SDK checks.
 impl Stack {
-    pub fn api(&self) -> String {
-        self.orchestrator.ready("listen").to_owned()
-    }
-
-    pub fn get(&self, path: &str) -> Value {
-        let auth = format!("Bearer {API_KEY}");
-        let reply = http::request_with_headers(
-            &self.api(),
-            "GET",
-            path,
-            &[("Authorization", &auth)],
-            None,
-            WAIT,
-        )
-        .unwrap();
-        assert_eq!(reply.status, 200, "GET {path}: {}", reply.text());
-        reply.json()
-    }
-
-    pub fn pool_status(&self, pool: &str) -> Value {
-        http::get(
-            self.sidecar.ready("debug_http"),
-            &format!("/pools/{pool}/status"),
-            WAIT,
-        )
-        .unwrap()
-        .json()
-    }
-
-    /// The engine's address as pool-managerd reports it (`http://…` or a socket path).
-    pub fn endpoint(&self, pool: &str) -> String {
-        self.pool_status(pool)["endpoint"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    pub fn engine_get(&self, pool: &str, path: &str) -> Value {
-        let reply = http::get(&http_address(&self.endpoint(pool)), path, WAIT).unwrap();
-        assert_eq!(reply.status, 200, "engine GET {path}: {}", reply.text());
-        reply.json()
-    }
-
     /// llama-server's own count of the tokens it generated (`llamacpp:tokens_predicted_total`).
     pub fn engine_tokens_predicted(&self, pool: &str) -> u64 {
         self.engine_metric(pool, "llamacpp:tokens_predicted_total") as u64
@@ -323,12 +234,6 @@ impl Stack {
         prometheus_value(&reply.text(), name)
     }
 
-    /// One of orchestratord's Prometheus values (a counter's `_total`, a histogram's `_count`).
-    pub fn metric(&self, name: &str) -> f64 {
-        let reply = http::get(&self.api(), "/metrics", WAIT).unwrap();
-        prometheus_value(&reply.text(), name)
-    }
-
     /// How many of the engine's slots are processing (llama-server's `GET /slots`).
     pub fn busy_slots(&self, pool: &str) -> usize {
         self.engine_get(pool, "/slots")
@@ -337,46 +242,6 @@ impl Stack {
             .iter()
             .filter(|slot| slot["is_processing"] == true)
             .count()
-    }
-
-    /// The pid pool-managerd recorded for the pool's engine.
-    pub fn engine_pid(&self, pool: &str) -> i32 {
-        let record = state_dir(self.dir.path())
-            .join("engines")
-            .join(format!("{pool}.json"));
-        let text = std::fs::read_to_string(&record).unwrap();
-        let record: Value = serde_json::from_str(&text).unwrap();
-        i32::try_from(record["pid"].as_i64().unwrap()).unwrap()
-    }
-
-    pub fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn wait_for_leases(&self, pool: &str, leases: u64) {
-        self.wait_for(&format!("{leases} leases on {pool}"), || {
-            self.pool_status(pool)["active_leases"] == leases
-        });
-    }
-
-    /// Runs `pool-managerd ARGS --socket …` (an operator command) and asserts it succeeded.
-    pub fn operator(&self, args: &[&str]) {
-        let output = Command::new(binary("pool-managerd"))
-            .args(args)
-            .arg("--socket")
-            .arg(socket_path(self.dir.path()))
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "pool-managerd {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
     }
 
     pub fn python(&self, args: &[&str]) -> Output {
@@ -400,12 +265,4 @@ impl Stack {
         );
         output
     }
-}
-
-/// The value of the unlabelled sample `name` in a Prometheus text exposition.
-pub fn prometheus_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }

@@ -7,129 +7,31 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{Sidecar, socket_path, start_sidecar};
-use e2e::{Daemon, DaemonBuilder, binary, http, temp_dir};
+use e2e::stack::{Stack, double_pool};
+use e2e::{DaemonBuilder, binary, http, temp_dir};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Stack {
-    orchestrator: Daemon,
-    sidecar: Sidecar,
-    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
-    dir: TempDir,
-}
-
-/// One managed pool `p` serving model `double` with `slots` slots; `engine_flags` go to the
-/// engine double; `orchestrator_toml` is orchestratord's config.
+/// One managed pool `p` serving model `double` with `slots` slots (the engine double with
+/// `engine_flags`), orchestratord configured by `orchestrator_toml`.
 fn stack(slots: u32, engine_flags: &[&str], orchestrator_toml: &str) -> Stack {
-    let dir = temp_dir();
-    let model = dir.path().join("model.json");
-    std::fs::write(&model, "{}").unwrap();
-    let flags: String = engine_flags.iter().map(|f| format!(", {f:?}")).collect();
-    let config = format!(
-        r#"
-[[pool]]
-id = "p"
-model = "double"
-engine = "llamacpp"
-command = [{engine:?}, "--listen", "{{socket}}", "--slots", "{slots}", "--model", "{{model}}"{flags}]
-model_path = {model:?}
-listen = "unix"
-startup_timeout_ms = 5000
-stop_grace_ms = 500
-[pool.probe]
-interval_ms = 100
-"#,
-        engine = binary("test-engine-double").display().to_string(),
-        model = model.display().to_string(),
-    );
-    let config_path = dir.path().join("config.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let sidecar = start_sidecar(dir.path(), &config_path);
-    let orchestrator_config = dir.path().join("orchestratord.toml");
-    std::fs::write(&orchestrator_config, orchestrator_toml).unwrap();
-    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
-        .name("orchestratord")
-        .arg("--config")
-        .arg(&orchestrator_config)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--socket")
-        .arg(socket_path(dir.path()))
-        .start();
-    let stack = Stack {
-        dir,
-        sidecar,
-        orchestrator,
-    };
-    stack.wait_ready();
-    stack
+    Stack::builder()
+        .pool(&double_pool("p", "double", slots, engine_flags))
+        .orchestrator(orchestrator_toml)
+        .start()
 }
 
-impl Stack {
-    fn addr(&self) -> String {
-        self.orchestrator.ready("listen").to_owned()
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let reply = http::get(&self.addr(), "/readyz", WAIT).unwrap();
-            if reply.status == 200 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "never ready: {}", reply.text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn sidecar_status(&self) -> Value {
-        let reply = http::get(self.sidecar.ready("debug_http"), "/pools/p/status", WAIT).unwrap();
-        reply.json()
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Waits until the engine double counts one generation cancelled and none running.
-    fn wait_for_engine_cancel(&self) {
-        let engine = self.sidecar_status()["endpoint"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
-            if stats["cancelled"] == 1 && stats["active"] == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the engine never saw its request closed: {stats}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits until pool-managerd shows `leases` live leases on the pool.
-    fn wait_for_leases(&self, leases: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.sidecar_status()["active_leases"] != leases {
-            assert!(
-                Instant::now() < deadline,
-                "never {leases} leases: {}",
-                self.sidecar_status()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+/// Waits until the engine double of pool `p` counts one generation cancelled and none running.
+fn wait_for_engine_cancel(stack: &Stack) {
+    let engine = stack.endpoint("p");
+    stack.wait_for("the engine to see its request closed", || {
+        let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
+        stats["cancelled"] == 1 && stats["active"] == 0
+    });
 }
 
 /// A JSON POST; returns the connection positioned after the response head, the status and the
@@ -166,7 +68,7 @@ fn chat(max_tokens: u32, stream: bool) -> Value {
 fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
     let stack = stack(2, &["--token-delay-ms", "30"], "");
     let (mut reader, status, head) =
-        post(&stack.addr(), "/v1/chat/completions", &chat(8, true), &[]);
+        post(&stack.api(), "/v1/chat/completions", &chat(8, true), &[]);
     assert_eq!(status, 200, "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -207,9 +109,9 @@ fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
     // Not buffered: 8 tokens 30 ms apart are spread over well over 100 ms.
     let spread = arrivals.last().unwrap().duration_since(arrivals[0]);
     assert!(spread >= Duration::from_millis(120), "{spread:?}");
-    let status = stack.sidecar_status();
+    let status = stack.pool_status("p");
     assert_eq!(status["active_leases"], 0, "{status}");
-    let metrics = http::get(&stack.addr(), "/metrics", WAIT).unwrap().text();
+    let metrics = http::get(&stack.api(), "/metrics", WAIT).unwrap().text();
     for line in [
         "orchestratord_tokens_out_total 8",
         "orchestratord_tokens_in_total 3",
@@ -224,7 +126,7 @@ fn a_streamed_chat_arrives_chunk_by_chunk_with_usage_and_done() {
 #[test]
 fn non_streaming_chat_and_completions_carry_usage_and_finish_reason() {
     let stack = stack(2, &[], "");
-    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(5, false), &[]);
+    let (mut reader, status, _) = post(&stack.api(), "/v1/chat/completions", &chat(5, false), &[]);
     assert_eq!(status, 200);
     let mut body = String::new();
     reader.read_to_string(&mut body).unwrap();
@@ -237,7 +139,7 @@ fn non_streaming_chat_and_completions_carry_usage_and_finish_reason() {
     assert_eq!(content.split_whitespace().count(), 5, "{content}");
 
     let request = json!({"model": "double", "prompt": "one two", "max_tokens": 4});
-    let (mut reader, status, _) = post(&stack.addr(), "/v1/completions", &request, &[]);
+    let (mut reader, status, _) = post(&stack.api(), "/v1/completions", &request, &[]);
     assert_eq!(status, 200);
     let mut body = String::new();
     reader.read_to_string(&mut body).unwrap();
@@ -250,7 +152,7 @@ fn non_streaming_chat_and_completions_carry_usage_and_finish_reason() {
 #[test]
 fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
     let stack = stack(1, &[], "[body_limits]\ngeneration_bytes = 4096\n");
-    let addr = stack.addr();
+    let addr = stack.api();
     let models = http::get(&addr, "/v1/models", WAIT).unwrap().json();
     assert_eq!(models["data"][0]["id"], "double");
 
@@ -293,7 +195,7 @@ fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
     raw.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("invalid JSON"), "{text}");
-    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert_eq!(stack.pool_status("p")["active_leases"], 0);
 }
 
 #[test]
@@ -306,7 +208,7 @@ fn api_keys_guard_everything_but_the_open_paths() {
         &[],
         &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     assert_eq!(http::get(&addr, "/livez", WAIT).unwrap().status, 200);
     assert_eq!(http::get(&addr, "/v1/models", WAIT).unwrap().status, 401);
     let (_, status, _) = post(
@@ -327,7 +229,7 @@ fn api_keys_guard_everything_but_the_open_paths() {
 
 /// The engine double's `/control/{what}` (`stats`: counters; `last-request`: its headers).
 fn engine_control(stack: &Stack, what: &str) -> Value {
-    let engine = stack.sidecar_status()["endpoint"]
+    let engine = stack.pool_status("p")["endpoint"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -343,7 +245,7 @@ fn bad_input_on_every_endpoint_gets_a_clear_error_in_its_apis_shape_and_is_never
         &[],
         "[body_limits]\ngeneration_bytes = 4096\nembeddings_bytes = 8192\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let big = "x".repeat(9000);
     // (path, a valid body for model "double" or "nope", whether its API is Anthropic's)
     let endpoints: [(&str, Value, bool); 10] = [
@@ -435,7 +337,7 @@ fn bad_input_on_every_endpoint_gets_a_clear_error_in_its_apis_shape_and_is_never
     assert_eq!(stats["completed"], 0, "{stats}");
     let last = engine_control(&stack, "last-request");
     assert_eq!(last["headers"], Value::Null, "nothing reached the engine");
-    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert_eq!(stack.pool_status("p")["active_leases"], 0);
 }
 
 #[test]
@@ -451,7 +353,7 @@ fn anthropic_keys_request_ids_and_forwarded_headers_reach_the_engine_but_credent
             key_file.display().to_string()
         ),
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let (mut reader, status, head) = post(
         &addr,
         "/v1/chat/completions",
@@ -515,13 +417,13 @@ fn a_full_queue_answers_429_with_retry_after() {
         &["--token-delay-ms", "200"],
         "[admission]\ncapacity = 1\nfull_policy = \"reject\"\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     // One request holds the only slot, one waits in the queue; the third finds it full.
     let holder = std::thread::spawn({
         let addr = addr.clone();
         move || post(&addr, "/v1/chat/completions", &chat(10, true), &[])
     });
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     let queued = std::thread::spawn({
         let addr = addr.clone();
         move || post(&addr, "/v1/chat/completions", &chat(1, false), &[])
@@ -548,14 +450,13 @@ fn a_full_queue_answers_429_with_retry_after() {
 #[test]
 fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
     let stack = stack(1, &["--token-delay-ms", "50"], "");
-    let (mut reader, status, _) =
-        post(&stack.addr(), "/v1/chat/completions", &chat(200, true), &[]);
+    let (mut reader, status, _) = post(&stack.api(), "/v1/chat/completions", &chat(200, true), &[]);
     assert_eq!(status, 200);
     assert!(http::next_sse_data(&mut reader).is_some());
-    assert_eq!(stack.sidecar_status()["active_leases"], 1);
+    assert_eq!(stack.pool_status("p")["active_leases"], 1);
     let left = Instant::now();
     drop(reader);
-    while stack.sidecar_status()["active_leases"] != 0 {
+    while stack.pool_status("p")["active_leases"] != 0 {
         assert!(
             left.elapsed() < Duration::from_secs(1),
             "the lease was not released"
@@ -563,7 +464,7 @@ fn a_client_that_leaves_mid_stream_frees_the_engine_and_the_slot() {
         std::thread::sleep(Duration::from_millis(2));
     }
     eprintln!("slot free {:?} after the client left", left.elapsed());
-    stack.wait_for_engine_cancel();
+    wait_for_engine_cancel(&stack);
     let _ = stack.path();
 }
 
@@ -604,7 +505,7 @@ fn submit(addr: &str, body: &Value) -> (u16, Value) {
 #[test]
 fn a_native_task_streams_started_tokens_metrics_then_end() {
     let stack = stack(2, &[], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let (status, accepted) = submit(
         &addr,
         &json!({"model": "double", "prompt": "hello there", "max_tokens": 6}),
@@ -642,13 +543,13 @@ fn a_native_task_streams_started_tokens_metrics_then_end() {
     assert_eq!(status["state"], "done");
     // A second reader sees the same, complete history.
     assert_eq!(task_events(&addr, &task).len(), 9);
-    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert_eq!(stack.pool_status("p")["active_leases"], 0);
 }
 
 #[test]
 fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
     let stack = stack(1, &["--token-delay-ms", "50"], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let (_, accepted) = submit(
         &addr,
         &json!({"model": "double", "prompt": "go", "max_tokens": 500}),
@@ -671,7 +572,7 @@ fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
     assert_eq!(last, "error");
     assert_eq!(error["code"], "CANCELLED");
     assert_eq!(events.iter().filter(|(n, _)| n == "error").count(), 1);
-    while stack.sidecar_status()["active_leases"] != 0 {
+    while stack.pool_status("p")["active_leases"] != 0 {
         assert!(
             cancelled.elapsed() < Duration::from_secs(1),
             "the slot did not come back"
@@ -682,7 +583,7 @@ fn cancelling_a_running_task_ends_it_with_one_error_and_frees_the_slot() {
         "slot free {:?} after the cancel request",
         cancelled.elapsed()
     );
-    stack.wait_for_engine_cancel();
+    wait_for_engine_cancel(&stack);
     assert_eq!(
         http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
             .unwrap()
@@ -707,7 +608,7 @@ fn interactive_tasks_overtake_batch_ones_and_batch_ones_still_finish() {
         &["--token-delay-ms", "20"],
         "[admission]\ncapacity = 8\nbatch_max_wait_ms = 60000\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let task = |priority: &str, tokens: u32| {
         let (status, accepted) = submit(
             &addr,
@@ -761,12 +662,12 @@ fn drop_lru_sheds_the_oldest_batch_task_with_its_own_error() {
         &["--token-delay-ms", "20"],
         "[admission]\ncapacity = 1\nfull_policy = \"drop-lru\"\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let (_, holder) = submit(
         &addr,
         &json!({"model": "double", "prompt": "x", "max_tokens": 30}),
     );
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     let (_, victim) = submit(
         &addr,
         &json!({"model": "double", "prompt": "x", "max_tokens": 2, "priority": "batch"}),
@@ -799,7 +700,7 @@ fn drop_lru_sheds_the_oldest_batch_task_with_its_own_error() {
 #[test]
 fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
     let stack = stack(1, &[], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let pools = http::get(&addr, "/v2/pools", WAIT).unwrap();
     assert_eq!(pools.status, 200);
     let text = pools.text();
@@ -829,8 +730,8 @@ fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
     );
     assert_eq!(status, 202);
     let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["state"] != "stopped" {
-        assert!(Instant::now() < deadline, "{}", stack.sidecar_status());
+    while stack.pool_status("p")["state"] != "stopped" {
+        assert!(Instant::now() < deadline, "{}", stack.pool_status("p"));
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 503);
@@ -839,12 +740,12 @@ fn pools_are_listed_without_engine_addresses_and_drain_is_forwarded() {
 #[test]
 fn requests_for_a_drained_model_get_pool_unready_at_once_even_those_already_queued() {
     let stack = stack(1, &["--token-delay-ms", "20"], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let holder = std::thread::spawn({
         let addr = addr.clone();
         move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     // Queued behind the holder (the only slot), with a long deadline.
     let queued = std::thread::spawn({
         let addr = addr.clone();
@@ -883,19 +784,19 @@ fn requests_for_a_drained_model_get_pool_unready_at_once_even_those_already_queu
     );
     let body: Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(body["error"]["code"], "pool_unready", "{body}");
-    assert_eq!(stack.sidecar_status()["state"], "stopped");
+    assert_eq!(stack.pool_status("p")["state"], "stopped");
     // New requests too, without queueing.
     let asked = Instant::now();
     let (_, status, _) = post(&addr, "/v1/chat/completions", &chat(5, false), &[]);
     assert_eq!(status, 503);
     assert!(asked.elapsed() < Duration::from_secs(2));
-    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert_eq!(stack.pool_status("p")["active_leases"], 0);
 }
 
 #[test]
 fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
     let stack = stack(1, &[], "[sessions]\nmax_turns = 2\n");
-    let addr = stack.addr();
+    let addr = stack.api();
     let turn = || {
         submit(
             &addr,
@@ -944,7 +845,7 @@ fn drain_stream(mut reader: BufReader<http::Stream>) -> (usize, bool) {
 #[test]
 fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
     let mut stack = stack(2, &["--token-delay-ms", "20"], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let streams: Vec<_> = (0..2)
         .map(|_| {
             let addr = addr.clone();
@@ -955,7 +856,7 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
             })
         })
         .collect();
-    stack.wait_for_leases(2);
+    stack.wait_for_leases("p", 2);
 
     stack.sidecar.kill_with(e2e::Signal::SIGKILL);
     // Once orchestratord has noticed (readyz says so), new requests are refused at once; a request
@@ -1004,7 +905,7 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = stack.sidecar_status();
+    let status = stack.pool_status("p");
     assert_eq!(status["active_leases"], 0, "a lease leaked: {status}");
     assert_eq!(
         status["restarts"], 0,
@@ -1015,12 +916,12 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
 #[test]
 fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     let stack = stack(1, &["--token-delay-ms", "20"], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let holder = std::thread::spawn({
         let addr = addr.clone();
         move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     // Queued behind the holder, then gone.
     let mut queued = TcpStream::connect(&addr).unwrap();
     let body = chat(5, false).to_string();
@@ -1046,7 +947,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     }
     drop(queued);
     assert!(holder.join().unwrap().1);
-    let engine = stack.sidecar_status()["endpoint"]
+    let engine = stack.pool_status("p")["endpoint"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -1056,18 +957,18 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
         stats["completed"], 1,
         "the departed client's request reached the engine: {stats}"
     );
-    assert_eq!(stack.sidecar_status()["active_leases"], 0);
+    assert_eq!(stack.pool_status("p")["active_leases"], 0);
     assert!(metrics("orchestratord_queue_depth{class=\"interactive\"}").ends_with(" 0"));
 }
 
 #[test]
 fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
     let mut stack = stack(1, &["--token-delay-ms", "20"], "");
-    let addr = stack.addr();
+    let addr = stack.api();
     let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(40, true), &[]);
     assert_eq!(status, 200);
     let stream = std::thread::spawn(move || drain_stream(reader));
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     stack.orchestrator.kill_with(e2e::Signal::SIGTERM);
     assert_eq!(
         stream.join().unwrap(),
@@ -1080,7 +981,7 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
         .expect("orchestratord did not exit");
     assert_eq!(status.code(), Some(0));
     let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 0 {
+    while stack.pool_status("p")["active_leases"] != 0 {
         assert!(Instant::now() < deadline, "a lease outlived orchestratord");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -1089,7 +990,7 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
 #[test]
 fn an_engine_dying_mid_stream_ends_the_stream_with_one_worker_reset_error() {
     let stack = stack(1, &["--crash-after-tokens", "3", "--exit-code", "9"], "");
-    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(20, true), &[]);
+    let (mut reader, status, _) = post(&stack.api(), "/v1/chat/completions", &chat(20, true), &[]);
     assert_eq!(status, 200);
     let mut payloads = Vec::new();
     while let Some(data) = http::next_sse_data(&mut reader) {
@@ -1106,10 +1007,138 @@ fn an_engine_dying_mid_stream_ends_the_stream_with_one_worker_reset_error() {
         "no engine detail reaches clients: {last}"
     );
     let deadline = Instant::now() + WAIT;
-    while stack.sidecar_status()["active_leases"] != 0 {
+    while stack.pool_status("p")["active_leases"] != 0 {
         assert!(Instant::now() < deadline, "the lease was not returned");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Pools `a` and `b` of model `double`, one slot each; an idle request goes to `a` (ties go to
+/// the lowest id).
+fn two_pools(a_flags: &[&str]) -> Stack {
+    Stack::builder()
+        .pool(&double_pool("a", "double", 1, a_flags))
+        .pool(&double_pool("b", "double", 1, &[]))
+        .start()
+}
+
+/// Holds generation on pool `pool`'s engine double: requests reach it and get no token.
+fn hold_engine(stack: &Stack, pool: &str) {
+    let reply = http::request(&stack.endpoint(pool), "POST", "/control/hold", None, WAIT).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// Waits until `pool`'s engine runs one request (held before its first token), then SIGKILLs it.
+fn kill_engine_once_it_holds_a_request(stack: &Stack, pool: &str) {
+    let engine = stack.endpoint(pool);
+    stack.wait_for("the request to reach the held engine", || {
+        http::get(&engine, "/control/stats", WAIT).unwrap().json()["active"] == 1
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stack.engine_pid(pool)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+/// The sum of `orchestratord_engine_retries_total` over its reasons.
+fn engine_retries(stack: &Stack) -> f64 {
+    let text = http::get(&stack.api(), "/metrics", WAIT).unwrap().text();
+    text.lines()
+        .filter(|line| line.starts_with("orchestratord_engine_retries_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_stream_whose_engine_dies_before_its_first_token_is_answered_by_the_other_pool_through_the_sdk()
+{
+    let stack = two_pools(&[]);
+    hold_engine(&stack, "a");
+    let sdk = r#"
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0)
+stream = client.chat.completions.create(
+    model="double", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+print("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices))
+"#;
+    let api = format!("http://{}/v1", stack.api());
+    let client = std::thread::spawn(move || {
+        std::process::Command::new(e2e::real_engine::python())
+            .args(["-c", sdk, &api])
+            .output()
+            .unwrap()
+    });
+    kill_engine_once_it_holds_a_request(&stack, "a");
+    let output = client.join().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the SDK saw a failure: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        stack.orchestrator.stderr()
+    );
+    assert_eq!(stdout.split_whitespace().count(), 4, "{stdout}");
+    let b = http::get(&stack.endpoint("b"), "/control/stats", WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(b["completed"], 1, "pool b answered it: {b}");
+    assert_eq!(engine_retries(&stack), 1.0);
+    stack.wait_for_leases("b", 0);
+}
+
+#[test]
+fn a_whole_answer_whose_engine_dies_before_answering_comes_from_the_other_pool_and_says_so() {
+    let stack = two_pools(&[]);
+    hold_engine(&stack, "a");
+    let client = std::thread::spawn({
+        let api = stack.api();
+        move || http::post_json(&api, "/v1/chat/completions", &chat(3, false), WAIT).unwrap()
+    });
+    kill_engine_once_it_holds_a_request(&stack, "a");
+    let reply = client.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-engine-retries"), Some("1"));
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn a_stream_whose_engine_dies_after_its_first_token_ends_with_one_error_and_is_not_retried() {
+    let stack = two_pools(&["--crash-after-tokens", "2", "--exit-code", "9"]);
+    let (mut reader, status, head) =
+        post(&stack.api(), "/v1/chat/completions", &chat(20, true), &[]);
+    assert_eq!(status, 200);
+    assert!(
+        !head.to_ascii_lowercase().contains("x-engine-retries"),
+        "{head}"
+    );
+    let mut payloads = Vec::new();
+    while let Some(data) = http::next_sse_data(&mut reader) {
+        payloads.push(data);
+    }
+    let (last, relayed) = payloads.split_last().unwrap();
+    let last: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(last["error"]["code"], "worker_reset", "{payloads:?}");
+    assert_eq!(
+        relayed
+            .iter()
+            .filter(|data| {
+                let chunk: Value = serde_json::from_str(data).unwrap();
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|text| !text.is_empty())
+            })
+            .count(),
+        2,
+        "the tokens before the crash, then the error: {payloads:?}"
+    );
+    assert!(!payloads.iter().any(|data| data == "[DONE]"));
+    let b = http::get(&stack.endpoint("b"), "/control/stats", WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(b["completed"], 0, "nothing was sent to pool b: {b}");
+    assert_eq!(engine_retries(&stack), 0.0);
 }
 
 #[test]
@@ -1121,7 +1150,7 @@ fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
     );
     // The second request queues behind the first for a while: keep-alive comments flow.
     let first = std::thread::spawn({
-        let addr = stack.addr();
+        let addr = stack.api();
         move || {
             let (mut reader, _, _) = post(&addr, "/v1/chat/completions", &chat(3, true), &[]);
             let mut payloads = Vec::new();
@@ -1136,7 +1165,7 @@ fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
     assert_eq!(last["error"]["code"], "decode_timeout", "{payloads:?}");
 
     let stack = stack_with_hold();
-    let (mut reader, status, _) = post(&stack.addr(), "/v1/chat/completions", &chat(1, true), &[]);
+    let (mut reader, status, _) = post(&stack.api(), "/v1/chat/completions", &chat(1, true), &[]);
     assert_eq!(status, 200);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -1155,11 +1184,11 @@ fn stack_with_hold() -> Stack {
         &["--token-delay-ms", "100"],
         "[streaming]\nkeepalive_ms = 50\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     std::thread::spawn(move || {
         drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     stack
 }
 
@@ -1182,7 +1211,7 @@ fn sighup_rereads_the_api_keys_without_a_restart() {
         &[],
         &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let with_key = |key: &str| {
         post(
             &addr,
@@ -1222,7 +1251,7 @@ fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
         &[],
         &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let drain = |key: &str, content_type: &str| {
         let auth = format!("Bearer {key}");
         http::request_with_headers(
@@ -1241,14 +1270,14 @@ fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
         assert_eq!(reply.json()["code"], "FORBIDDEN");
     }
     assert_eq!(
-        stack.sidecar_status()["state"],
+        stack.pool_status("p")["state"],
         "ready",
         "an inference key changed nothing"
     );
     // A cross-site form can only send text/plain: refused before anything else.
     let reply = drain("ops-key-0123456789abc", "text/plain");
     assert_eq!(reply.status, 415, "{}", reply.text());
-    assert_eq!(stack.sidecar_status()["state"], "ready");
+    assert_eq!(stack.pool_status("p")["state"], "ready");
     // Inference keys still do inference; the admin key drains.
     let (_, status, _) = post(
         &addr,
@@ -1278,7 +1307,7 @@ fn sessions_are_their_creators_and_client_chosen_ids_cannot_grow_the_store() {
             key_file.display().to_string()
         ),
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let as_key = |key: &str, method: &str, path: &str, body: Option<&Value>| {
         let auth = format!("Bearer {key}");
         let body = body.map(Value::to_string);
@@ -1361,7 +1390,7 @@ fn a_revoked_lease_ends_its_stream_at_once_with_a_typed_error() {
         &["--token-delay-ms", "50"],
         "[streaming]\ndecode_stall_ms = 60000\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(400, true), &[]);
     assert_eq!(status, 200, "{head}");
     for _ in 0..3 {
@@ -1399,17 +1428,17 @@ fn a_task_nobody_reads_is_cancelled_after_the_grace_and_frees_its_slot() {
         &["--token-delay-ms", "50"],
         "[tasks]\nunattended_grace_ms = 500\n",
     );
-    let addr = stack.addr();
+    let addr = stack.api();
     let (status, accepted) = submit(
         &addr,
         &json!({"model": "double", "prompt": "a b", "max_tokens": 400}),
     );
     assert_eq!(status, 202, "{accepted}");
     let task = accepted["task_id"].as_str().unwrap().to_owned();
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     // 400 tokens at 50 ms would take 20 s; nobody reads, so it ends after the 500 ms grace.
     let started = Instant::now();
-    stack.wait_for_leases(0);
+    stack.wait_for_leases("p", 0);
     let freed = started.elapsed();
     let status = http::get(&addr, &format!("/v2/tasks/{task}"), WAIT)
         .unwrap()
@@ -1434,25 +1463,25 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
     );
     // A stream far larger than the sockets' buffers, from a client that never reads it.
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2000000,"stream":true}"#;
-    let mut client = TcpStream::connect(stack.addr()).unwrap();
+    let mut client = TcpStream::connect(stack.api()).unwrap();
     write!(
         client,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
-    stack.wait_for_leases(1);
+    stack.wait_for_leases("p", 1);
     let stopped_reading = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        stack.sidecar_status()["active_leases"],
+        stack.pool_status("p")["active_leases"],
         1,
         "a 2,000,000-token stream is still running a second later"
     );
     // The buffers fill, the client's window stays shut, and after the stall limit the kernel
     // drops the connection (TCP_USER_TIMEOUT): the stream ends and its slot comes back.
     let deadline = stopped_reading + Duration::from_secs(60);
-    while stack.sidecar_status()["active_leases"] != 0 {
+    while stack.pool_status("p")["active_leases"] != 0 {
         assert!(
             Instant::now() < deadline,
             "a client that stopped reading still holds its slot after 60 s"

@@ -1,7 +1,8 @@
 //! The native task API: `POST /v2/tasks` (202 with the task id, queue position, predicted
 //! start and the event stream's URL), `GET /v2/tasks/{id}/events` (SSE: `started`, `token
 //! {t,i}`, `metrics`, then `end {tokens_out, decode_ms}` or `error {code, message, retriable,
-//! retry_after_ms}`), `POST /v2/tasks/{id}/cancel` and `GET /v2/tasks/{id}`. A task runs once
+//! retry_after_ms}`; `retry {retries}` and `started` again when an engine failed before the
+//! first token and the task went to another pool), `POST /v2/tasks/{id}/cancel` and `GET /v2/tasks/{id}`. A task runs once
 //! admitted, whether or not its events are read; cancelling it (or its deadline passing in the
 //! queue) ends it with one `error` event and releases its slot at once.
 
@@ -10,7 +11,7 @@ use crate::admission::Priority;
 use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
 use crate::keys::Caller;
-use crate::lifecycle::{EngineCall, Exchange, Lifecycle};
+use crate::lifecycle::{EngineCall, Exchange, Lifecycle, Next, Opened};
 use crate::placement::{PlacementHints, SlotNeed};
 use crate::sse;
 use crate::tasks::TaskHandle;
@@ -172,19 +173,19 @@ async fn run(mut life: Lifecycle, handle: Arc<TaskHandle>, grace: Duration) {
 
 /// Waits for the slot, then streams the generation into the task's events.
 async fn generate(life: &mut Lifecycle, handle: &TaskHandle) -> Result<(), ApiError> {
-    life.placed().await?;
-    if let Some(placement) = life.placement() {
-        handle.push(
-            "started",
-            json!({"queue_ms": placement.queued_for.as_millis() as u64, "pool_id": placement.pool}),
-        );
-    }
-    let started = Instant::now();
+    let mut started = begin(life, handle).await?;
     let mut first_token = None;
-    life.open_stream().await?;
     let mut index = 0u32;
     while let Some(event) = life.next_event().await {
-        match event? {
+        let event = match event? {
+            Next::Event(event) => event,
+            Next::Requeued => {
+                handle.push("retry", json!({"retries": life.retries()}));
+                started = begin(life, handle).await?;
+                continue;
+            }
+        };
+        match event {
             EngineEvent::Chunk {
                 token_text, tokens, ..
             } => {
@@ -226,6 +227,26 @@ async fn generate(life: &mut Lifecycle, handle: &TaskHandle) -> Result<(), ApiEr
     Err(ApiError::WorkerReset(
         "the engine stream ended early".into(),
     ))
+}
+
+/// Waits for the slot (`started` says where) and opens the engine stream; an engine that fails
+/// before answering sends the task to another pool (`retry`, then `started` again). The stream's
+/// opening time.
+async fn begin(life: &mut Lifecycle, handle: &TaskHandle) -> Result<Instant, ApiError> {
+    loop {
+        life.placed().await?;
+        if let Some(placement) = life.placement() {
+            handle.push(
+                "started",
+                json!({"queue_ms": placement.queued_for.as_millis() as u64, "pool_id": placement.pool}),
+            );
+        }
+        let opening = Instant::now();
+        match life.open_stream().await? {
+            Opened::Streaming => return Ok(opening),
+            Opened::Requeued => handle.push("retry", json!({"retries": life.retries()})),
+        }
+    }
 }
 
 pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Response {
