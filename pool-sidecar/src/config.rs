@@ -113,8 +113,8 @@ struct RawPool {
     command: Option<Vec<String>>,
     /// What `{model}` expands to (a model file); required with `command`.
     model_path: Option<String>,
-    #[serde(default)]
-    listen: ListenKind,
+    /// Default: `unix` for llamacpp engines, `tcp` for openai ones.
+    listen: Option<ListenKind>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     working_dir: Option<PathBuf>,
@@ -135,13 +135,14 @@ struct RawPool {
 }
 
 /// How a managed engine listens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenKind {
-    /// A free port on 127.0.0.1, chosen at every start.
-    #[default]
+    /// A free port on 127.0.0.1, chosen at every start: any local user can connect to it.
     Tcp,
-    /// A socket `<runtime dir>/engines/<pool>.sock` (llama-server: `--host` ending in `.sock`).
+    /// A socket `<runtime dir>/engines/<pool>.sock` (llama-server: `--host` ending in `.sock`),
+    /// in a directory only pool-managerd and the socket group can enter. The default for
+    /// llama.cpp engines.
     Unix,
 }
 
@@ -661,10 +662,15 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
                     "restart needs 0 < initial_ms <= max_ms, multiplier >= 1, 0 <= jitter < 1, window_ms > 0".into(),
                 ));
             }
+            let listen = raw.listen.unwrap_or(match raw.engine {
+                EngineKind::Llamacpp => ListenKind::Unix,
+                EngineKind::Openai => ListenKind::Tcp,
+            });
+            check_listen_placeholders(&command, listen).map_err(context)?;
             EngineSource::Managed(ManagedEngine {
                 model_path,
                 command,
-                listen: raw.listen,
+                listen,
                 env: raw.env,
                 working_dir: raw.working_dir,
                 gpus: raw.gpus,
@@ -736,6 +742,26 @@ fn parse_api_endpoints(names: &[String]) -> Result<Vec<ApiEndpoint>, String> {
 }
 
 const PLACEHOLDERS: [&str; 5] = ["{model}", "{host}", "{port}", "{socket}", "{slots}"];
+
+/// The command must tell the engine where to listen: `{host}` or `{socket}` for a Unix socket
+/// (llama-server takes a `--host` ending in `.sock`), `{port}` for TCP. Otherwise the engine would
+/// listen somewhere pool-managerd never probes.
+fn check_listen_placeholders(command: &[String], listen: ListenKind) -> Result<(), String> {
+    let uses = |placeholder: &str| {
+        command
+            .iter()
+            .any(|argument| argument.contains(placeholder))
+    };
+    match listen {
+        ListenKind::Unix if !uses("{host}") && !uses("{socket}") => Err(
+            "the engine listens on a Unix socket (listen = \"unix\", the default for llamacpp) but its command has no {socket} or {host}: pass it, e.g. \"--host\", \"{socket}\", or set listen = \"tcp\"".into(),
+        ),
+        ListenKind::Tcp if !uses("{port}") => Err(
+            "the engine listens on TCP (listen = \"tcp\") but its command has no {port}".into(),
+        ),
+        ListenKind::Unix | ListenKind::Tcp => Ok(()),
+    }
+}
 
 /// Every `{…}` in the command must be a known placeholder, so a typo fails at start-up.
 fn check_placeholders(command: &[String]) -> Result<(), String> {
@@ -843,10 +869,37 @@ mod tests {
     "#;
 
     #[test]
+    fn engines_listen_on_unix_sockets_unless_tcp_is_asked_for_and_the_command_must_say_where() {
+        let openai = MANAGED.replace("\"llamacpp\"", "\"openai\"\n        slots = 1");
+        let engine = parse(&openai).unwrap().pools[0].managed().unwrap().clone();
+        assert_eq!(
+            engine.listen,
+            ListenKind::Tcp,
+            "OpenAI-compatible servers: TCP"
+        );
+        let tcp = format!("{MANAGED}        listen = \"tcp\"\n");
+        let engine = parse(&tcp).unwrap().pools[0].managed().unwrap().clone();
+        assert_eq!(engine.listen, ListenKind::Tcp);
+        let port_only = MANAGED.replace("\"--host\", \"{host}\", ", "");
+        let error = parse(&port_only).unwrap_err().to_string();
+        assert!(error.contains("no {socket} or {host}"), "{error}");
+        let socket_only = format!(
+            "{}        listen = \"tcp\"\n",
+            MANAGED.replace("\"--port\", \"{port}\"", "\"--x\", \"{socket}\"")
+        );
+        let error = parse(&socket_only).unwrap_err().to_string();
+        assert!(error.contains("has no {port}"), "{error}");
+    }
+
+    #[test]
     fn a_managed_pool_gets_supervision_defaults() {
         let config = parse(MANAGED).unwrap();
         let engine = config.pools[0].managed().unwrap();
-        assert_eq!(engine.listen, ListenKind::Tcp);
+        assert_eq!(
+            engine.listen,
+            ListenKind::Unix,
+            "llama.cpp engines get a Unix socket"
+        );
         assert_eq!(engine.restart, RestartPolicy::default());
         assert_eq!(engine.startup_timeout_ms, 120_000);
         assert_eq!(

@@ -7,7 +7,7 @@ use pool_ipc::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopS
 use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
-use pool_sidecar::ipc::socket::bind_socket;
+use pool_sidecar::ipc::socket::{bind_socket, prepare_engine_directory};
 use pool_sidecar::supervisor::EnginePaths;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,10 @@ fn start(
     runtime: &tokio::runtime::Runtime,
     mut inherited: InheritedSockets,
 ) -> Result<(), String> {
+    // As pool-managerd.service's UMask=0007, when started by hand too: what it and its engines
+    // create (engine sockets above all) is never open to other users, and the socket group
+    // keeps read and write.
+    nix::sys::stat::umask(nix::sys::stat::Mode::S_IRWXO);
     let mut config = Config::load(&args.config).map_err(|error| error.to_string())?;
     if let Some(listen) = &args.debug_listen {
         config.debug_http.listen = match listen.as_str() {
@@ -158,6 +162,8 @@ fn start(
     if let Some(dir) = socket_path.parent() {
         paths.socket_dir = dir.join("engines");
     }
+    prepare_engine_directory(&paths.socket_dir, config.server.socket_group)
+        .map_err(|error| error.to_string())?;
 
     let shutdown = CancellationToken::new();
     let signals = StopSignals::install()

@@ -4,7 +4,8 @@
 //! and a well-behaved client must still be served once the header timeout has closed them
 //! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short). And
 //! exposure is judged on the socket really served: a non-loopback socket handed over as systemd
-//! does (inside a network namespace of the test's own) without keys or a token is refused.
+//! does (inside a network namespace of the test's own) without keys or a token is refused. And a
+//! managed engine is out of other local users' reach.
 
 #![allow(
     clippy::unwrap_used,
@@ -13,9 +14,11 @@
 )]
 
 use e2e::sidecar::{sidecar_command, write_config};
+use e2e::stack::Stack;
 use e2e::{DaemonBuilder, binary, http, temp_dir};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 const STALLED: usize = 140;
@@ -212,4 +215,84 @@ fn pool_managerd_refuses_an_inherited_public_shim_socket_without_a_token() {
         return;
     };
     assert!(stderr.contains("not a loopback address"), "{stderr}");
+}
+
+/// Tries to connect to `endpoint` (`http://HOST:PORT` or a Unix socket path) as the user `nobody`
+/// (`setpriv`, util-linux) and as root: whether each connected. Debian's own Python, which every
+/// user can run.
+fn connects_as_nobody_and_as_root(endpoint: &str) -> (bool, bool) {
+    let probe = r#"
+import socket, sys
+target = sys.argv[1]
+if target.startswith("http://"):
+    host, port = target[len("http://"):].rstrip("/").rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=5)
+else:
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(target)
+"#;
+    let attempt = |as_nobody: bool| {
+        let mut command = if as_nobody {
+            let mut command = std::process::Command::new("setpriv");
+            command.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                "/usr/bin/python3",
+            ]);
+            command
+        } else {
+            std::process::Command::new("/usr/bin/python3")
+        };
+        command
+            .args(["-c", probe, endpoint])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    (attempt(true), attempt(false))
+}
+
+#[test]
+fn a_managed_llamacpp_engine_listens_where_other_local_users_cannot_connect() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching to another user needs root (CI runs as root)");
+        return;
+    }
+    // No `listen`: the default for llama.cpp engines. The test's own directories are open to
+    // everyone, so only what pool-managerd creates can keep other users out.
+    let dir = temp_dir();
+    let open = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(dir.path(), open.clone()).unwrap();
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    std::fs::set_permissions(dir.path().join("run"), open).unwrap();
+    let pool = format!(
+        r#"
+[[pool]]
+id = "p"
+model = "double"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}"]
+model_path = "{{dir}}/double-model.json"
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+    );
+    let open_to_all = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let control = format!("http://{}", open_to_all.local_addr().unwrap());
+    assert_eq!(
+        connects_as_nobody_and_as_root(&control),
+        (true, true),
+        "the probe itself works as nobody"
+    );
+    let stack = Stack::builder().pool(&pool).start_in(dir);
+    let endpoint = stack.endpoint("p");
+    assert!(endpoint.starts_with('/'), "a Unix socket: {endpoint}");
+    let (as_nobody, as_root) = connects_as_nobody_and_as_root(&endpoint);
+    assert!(as_root, "pool-managerd's own user reaches the engine");
+    assert!(
+        !as_nobody,
+        "another local user reached the engine at {endpoint}"
+    );
 }

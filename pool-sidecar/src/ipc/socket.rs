@@ -6,13 +6,15 @@
 //! few seconds for a lock whose holder serves nothing (a child of the crashed daemon between fork
 //! and exec can hold it for a moment). An existing socket file is probed: a live one is never
 //! taken over, a stale one (nobody listening) is replaced. Anything at the path that is not a
-//! socket is left alone and reported.
+//! socket is left alone and reported. Engines' Unix sockets get a directory of their own beside
+//! the socket ([`prepare_engine_directory`]) that nobody but pool-managerd and the client group
+//! can enter.
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{Gid, chown};
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -181,9 +183,73 @@ fn prepare_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> 
     }
 }
 
+/// The directory of the engines' Unix sockets: mode 0750, and with a client group, owned by it
+/// and setgid so every socket in it belongs to the group too. Connecting to a socket needs search
+/// permission on its directory, so other local users cannot reach an engine whatever its socket's
+/// mode. An existing directory of ours that others can enter is closed to them.
+pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> {
+    let setgid = if group.is_some() { 0o2000 } else { 0 };
+    match std::fs::metadata(dir) {
+        Ok(metadata) => {
+            let mode = metadata.permissions().mode() & 0o7777;
+            if mode & 0o007 == 0 {
+                return Ok(());
+            }
+            if metadata.uid() != nix::unistd::geteuid().as_raw() {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the engines' socket directory is accessible to everyone and not ours to change; 0750 is needed");
+                return Ok(());
+            }
+            tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "closing the engines' socket directory to other users");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o007))
+                .map_err(io("cannot set the engines' socket directory mode", dir))
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(io("cannot create the engines' socket directory", dir))?;
+            if let Some(gid) = group {
+                chown(dir, None, Some(Gid::from_raw(gid))).map_err(|errno| {
+                    io("cannot chown the engines' socket directory", dir)(errno.into())
+                })?;
+            }
+            // After the chown, which clears setgid; the mode given to mkdir is filtered by the
+            // umask besides.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750 | setgid))
+                .map_err(io("cannot set the engines' socket directory mode", dir))
+        }
+        Err(error) => Err(io("cannot inspect the engines' socket directory", dir)(
+            error,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engines_socket_directory_is_closed_to_other_users_even_when_it_existed() {
+        let temp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let fresh = temp.path().join("run/engines");
+        prepare_engine_directory(&fresh, None).unwrap();
+        assert_eq!(mode(&fresh), 0o750);
+        let grouped = temp.path().join("grouped/engines");
+        let own_group = nix::unistd::getegid().as_raw();
+        prepare_engine_directory(&grouped, Some(own_group)).unwrap();
+        assert_eq!(
+            mode(&grouped),
+            0o2750,
+            "setgid: sockets inside get the group"
+        );
+        let open = temp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        prepare_engine_directory(&open, None).unwrap();
+        assert_eq!(mode(&open), 0o770);
+    }
 
     #[test]
     fn a_fresh_socket_gets_a_private_directory_and_mode_0660() {

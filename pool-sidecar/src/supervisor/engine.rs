@@ -4,7 +4,7 @@
 //! registry and never touches registry state itself; the only registry state it reads is the
 //! published snapshot (to see a draining pool's leases reach zero).
 
-use super::process::{EngineProcess, log_tail, plan_launch, spawn};
+use super::process::{EngineProcess, log_tail, plan_launch, port_served_by, spawn};
 use super::record::{
     EngineRecord, read_record, record_path, remove_record, side_record_path, side_records,
     write_record,
@@ -41,6 +41,25 @@ pub enum AdminCommand {
     Restart {
         reply: oneshot::Sender<Result<(), IpcError>>,
     },
+}
+
+/// Why a ready-looking TCP engine is not ours: another process serves the port it was given
+/// (see [`port_served_by`]). `None` for our own engine and for Unix sockets.
+fn port_taken_by_another(endpoint: &Endpoint, pid: u32) -> Option<String> {
+    let Endpoint::Http { authority } = endpoint else {
+        return None;
+    };
+    let port = authority.rsplit(':').next()?.parse::<u16>().ok()?;
+    match port_served_by(port, pid) {
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "port {port} is served by another process, not the engine; starting again on another port"
+        )),
+        Err(error) => {
+            tracing::warn!(port, %error, "cannot check who serves the engine's port");
+            None
+        }
+    }
 }
 
 /// Where a managed engine's files go.
@@ -390,6 +409,9 @@ impl EngineSupervisor {
                 probe = check(&http, &self.pool) => probe,
             };
             if probe.result.is_ok() {
+                if let Some(taken) = port_taken_by_another(&running.endpoint, running.process.pid) {
+                    return Err(NotStarted::Failed(taken));
+                }
                 let props = engine_props(&http, &self.pool).await;
                 let Some(slots) = self.pool.slots.or(props.total_slots) else {
                     return Err(NotStarted::Failed(
@@ -615,7 +637,10 @@ impl EngineSupervisor {
                 () = self.shutdown.cancelled() => break Err("pool-managerd is stopping".into()),
                 probe = check(&http, &self.pool) => {
                     if probe.result.is_ok() {
-                        break Ok(());
+                        break match port_taken_by_another(&candidate.endpoint, candidate.process.pid) {
+                            Some(taken) => Err(taken),
+                            None => Ok(()),
+                        };
                     }
                     tokio::time::sleep(self.pool.probe.interval()).await;
                 }

@@ -89,13 +89,49 @@ pub fn plan_launch(
     Ok(Launch { argv, endpoint })
 }
 
-/// A port free right now on 127.0.0.1 (the engine binds it a moment later; a clash shows up
-/// as an engine that exits at once, and is restarted like any other failure).
+/// A port free right now on 127.0.0.1. The engine binds it a moment later, so another process
+/// may take it in between: the engine then exits at once (restarted like any other failure, on a
+/// new port), or, if the other process answers the probes, [`port_served_by`] tells it apart.
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .map_err(|error| format!("cannot find a free port: {error}"))
+}
+
+/// Whether the listener on TCP `port` belongs to the process group `pgid` (the engine and what it
+/// started): a process that took the engine's port must never be mistaken for the engine.
+pub fn port_served_by(port: u16, pgid: u32) -> Result<bool, String> {
+    let unreadable = |error: procfs::ProcError| format!("cannot read the socket tables: {error}");
+    let mut entries = procfs::net::tcp().map_err(unreadable)?;
+    entries.extend(procfs::net::tcp6().map_err(unreadable)?);
+    let listeners: Vec<u64> = entries
+        .iter()
+        .filter(|entry| {
+            entry.local_address.port() == port && entry.state == procfs::net::TcpState::Listen
+        })
+        .map(|entry| entry.inode)
+        .collect();
+    if listeners.is_empty() {
+        return Ok(false);
+    }
+    let processes = procfs::process::all_processes()
+        .map_err(|error| format!("cannot list processes: {error}"))?;
+    let in_group = processes.filter_map(Result::ok).filter(|process| {
+        process
+            .stat()
+            .is_ok_and(|stat| u32::try_from(stat.pgrp).is_ok_and(|group| group == pgid))
+    });
+    for process in in_group {
+        let Ok(fds) = process.fd() else { continue };
+        let owns_listener = fds.filter_map(Result::ok).any(|fd| {
+            matches!(fd.target, procfs::process::FDTarget::Socket(inode) if listeners.contains(&inode))
+        });
+        if owns_listener {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A running engine, started by us or adopted from a previous sidecar.
@@ -263,6 +299,22 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_served_by_the_process_group_holding_its_listener_and_by_no_other() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let own_group = u32::try_from(nix::unistd::getpgrp().as_raw()).unwrap();
+        assert_eq!(port_served_by(port, own_group), Ok(true));
+        let other_group = own_group.wrapping_add(1_000_000);
+        assert_eq!(port_served_by(port, other_group), Ok(false));
+        drop(listener);
+        assert_eq!(
+            port_served_by(port, own_group),
+            Ok(false),
+            "nobody listens now"
+        );
+    }
     use crate::config::{ReloadPolicy, RestartPolicy};
 
     fn engine(listen: ListenKind) -> ManagedEngine {
