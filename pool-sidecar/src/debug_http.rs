@@ -2,7 +2,7 @@
 //! metrics for operators, from the published snapshot only, so it can never slow the registry
 //! down. With a token configured every route demands `Authorization: Bearer <token>` (compared
 //! in constant time), and the admin routes (drain, reload, restart) exist; without one they
-//! answer 403.
+//! answer 403, and pool views leave out the engines' log lines (every local user can read them).
 
 use crate::gpu::GpuProbe;
 use crate::ipc::connection::forward_admin;
@@ -111,13 +111,24 @@ async fn health(State(state): State<DebugState>) -> Json<serde_json::Value> {
 }
 
 async fn pools(State(state): State<DebugState>) -> Json<RegistryView> {
-    Json(RegistryView::from(&*state.registry.snapshot()))
+    let view = RegistryView::from(&*state.registry.snapshot());
+    Json(match state.token {
+        Some(_) => view,
+        None => view.without_engine_output(),
+    })
 }
 
 async fn pool_status(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
     let snapshot = state.registry.snapshot();
     match snapshot.pool(&PoolId(id.clone())) {
-        Some(pool) => Json(PoolStatusView::from(pool)).into_response(),
+        Some(pool) => {
+            let view = PoolStatusView::from(pool);
+            Json(match state.token {
+                Some(_) => view,
+                None => view.without_engine_output(),
+            })
+            .into_response()
+        }
         None => error(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -2,6 +2,7 @@
 //! `pool-managerd status --json`, and the table printed by `pool-managerd status`. One view for
 //! both, so the two never disagree.
 
+use crate::supervisor::process::LOG_TAIL_MARKER;
 use pool_ipc::registry::{GpuInventory, PoolSnapshot, PoolState, RegistrySnapshot};
 use serde::Serialize;
 
@@ -56,10 +57,39 @@ impl From<&PoolSnapshot> for PoolStatusView {
     }
 }
 
+impl PoolStatusView {
+    /// The view without the engine's own output (the log lines `last_error` carries), for
+    /// readers who may not see the engine's log: the debug shim without a token, open to every
+    /// local user.
+    pub fn without_engine_output(mut self) -> PoolStatusView {
+        if let Some(error) = &mut self.last_error
+            && let Some(at) = error.find(LOG_TAIL_MARKER)
+        {
+            error.truncate(at);
+            error.push_str(" (engine output: `pool-managerd status` or the engine's log)");
+        }
+        self
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistryView {
     pub epoch: u64,
     pub pools: Vec<PoolStatusView>,
+}
+
+impl RegistryView {
+    /// Every pool [`without_engine_output`](PoolStatusView::without_engine_output).
+    pub fn without_engine_output(self) -> RegistryView {
+        RegistryView {
+            epoch: self.epoch,
+            pools: self
+                .pools
+                .into_iter()
+                .map(PoolStatusView::without_engine_output)
+                .collect(),
+        }
+    }
 }
 
 impl From<&RegistrySnapshot> for RegistryView {

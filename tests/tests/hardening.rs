@@ -13,7 +13,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{sidecar_command, write_config};
+use e2e::sidecar::{Sidecar, sidecar_command, socket_path, write_config};
 use e2e::stack::Stack;
 use e2e::{DaemonBuilder, binary, http, temp_dir};
 use std::io::{Read, Write};
@@ -294,5 +294,56 @@ model_path = "{{dir}}/double-model.json"
     assert!(
         !as_nobody,
         "another local user reached the engine at {endpoint}"
+    );
+}
+
+#[test]
+fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output() {
+    let dir = temp_dir();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[pool]]
+id = "p"
+model = "m"
+engine = "llamacpp"
+command = ["/bin/sh", "-c", "echo a-users-prompt-text; exit 3", "sh", "{socket}"]
+model_path = "/dev/null"
+[pool.restart]
+initial_ms = 60000
+max_ms = 60000
+"#,
+    )
+    .unwrap();
+    let sidecar = Sidecar::from_daemon(sidecar_command(dir.path(), &config).start(), dir.path());
+    let shim = sidecar.ready("debug_http").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let shown = loop {
+        let status = http::get(&shim, "/pools/p/status", Duration::from_secs(5))
+            .unwrap()
+            .json();
+        if let Some(error) = status["last_error"].as_str() {
+            break error.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no failure reported: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(shown.contains("exited with status 3"), "{shown}");
+    assert!(!shown.contains("a-users-prompt-text"), "{shown}");
+    let pools = http::get(&shim, "/pools", Duration::from_secs(5)).unwrap();
+    assert!(
+        !pools.text().contains("a-users-prompt-text"),
+        "{}",
+        pools.text()
+    );
+    let operator = DaemonBuilder::new(binary("pool-managerd"))
+        .args(["status", "p", "--json", "--socket"])
+        .arg(socket_path(dir.path()))
+        .run_to_exit(Duration::from_secs(10));
+    assert!(
+        operator.stdout.contains("a-users-prompt-text"),
+        "an allowed peer of the socket sees it: {}",
+        operator.stdout
     );
 }

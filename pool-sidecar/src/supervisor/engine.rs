@@ -4,7 +4,7 @@
 //! registry and never touches registry state itself; the only registry state it reads is the
 //! published snapshot (to see a draining pool's leases reach zero).
 
-use super::process::{EngineProcess, log_tail, plan_launch, port_served_by, spawn};
+use super::process::{EngineProcess, plan_launch, port_served_by, spawn, with_log_tail};
 use super::record::{
     EngineRecord, read_record, record_path, remove_record, side_record_path, side_records,
     write_record,
@@ -397,9 +397,9 @@ impl EngineSupervisor {
                 }
                 reason = running.process.wait_exit() => {
                     running.process.kill_leftovers();
-                    return Err(NotStarted::Failed(format!(
-                        "{reason} while starting; last output: {}",
-                        log_tail(&log, 3)
+                    return Err(NotStarted::Failed(with_log_tail(
+                        &format!("{reason} while starting"),
+                        &log,
                     )));
                 }
                 () = tokio::time::sleep_until(deadline) => {
@@ -454,7 +454,7 @@ impl EngineSupervisor {
                     remove_record(&self.record_file());
                     tracing::warn!(pool = %self.pool.id, pid = running.process.pid, %reason, "engine died");
                     return Step::Failed {
-                        reason: format!("{reason}; last output: {}", log_tail(&log, 3)),
+                        reason: with_log_tail(&reason, &log),
                         ran_for: running.since.elapsed(),
                     };
                 }
