@@ -428,7 +428,12 @@ fn a_full_queue_answers_429_with_retry_after() {
         let addr = addr.clone();
         move || post(&addr, "/v1/chat/completions", &chat(1, false), &[])
     });
-    std::thread::sleep(Duration::from_millis(200));
+    stack.wait_for("the second request to queue", || {
+        http::get(&addr, "/metrics", WAIT)
+            .unwrap()
+            .text()
+            .contains("orchestratord_queue_depth{class=\"interactive\"} 1")
+    });
     let (mut reader, status, head) = post(&addr, "/v1/chat/completions", &chat(1, false), &[]);
     let mut body = String::new();
     let _ = reader.read_to_string(&mut body);
@@ -951,6 +956,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
         .as_str()
         .unwrap()
         .to_owned();
+    // A check that something does not happen: nothing to poll for, so give it time to.
     std::thread::sleep(Duration::from_millis(300));
     let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();
     assert_eq!(
@@ -1472,6 +1478,7 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
     .unwrap();
     stack.wait_for_leases("p", 1);
     let stopped_reading = Instant::now();
+    // A check that something does not happen (the stream is not cut early): give it time to.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         stack.pool_status("p")["active_leases"],
