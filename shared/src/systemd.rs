@@ -188,3 +188,49 @@ pub fn notify_reloading() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the copy of this test binary that runs the panicking task.
+    const CHILD: &str = "POOL_IPC_CORE_TASK_PANIC_CHILD";
+
+    #[test]
+    fn a_panicked_core_task_ends_the_process_with_status_70_and_names_the_task() {
+        if std::env::var_os(CHILD).is_some() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let task = tokio::spawn(async { panic!("injected") });
+                core_task("the scheduler", task).await;
+            });
+            // Reached only if the panic did not end the process: the parent sees status 0.
+            std::process::exit(0);
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "systemd::tests::a_panicked_core_task_ends_the_process_with_status_70_and_names_the_task",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(70), "{stderr}");
+        assert!(stderr.contains("the scheduler panicked"), "{stderr}");
+    }
+
+    #[test]
+    fn a_core_task_that_ends_normally_gives_back_its_value() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let value =
+            runtime.block_on(async { core_task("the registry", tokio::spawn(async { 7 })).await });
+        assert_eq!(value, Some(7));
+    }
+}
