@@ -25,6 +25,8 @@ pub struct IpcContext {
     pub gpus: Arc<GpuProbe>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
+    /// Announced in `Welcome`; 0: leases never expire.
+    pub lease_ttl_ms: u64,
     pub metrics: Arc<Metrics>,
     /// Where `reload` may load models from.
     pub model_dirs: Arc<crate::config::ModelDirs>,
