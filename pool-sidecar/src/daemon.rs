@@ -344,6 +344,7 @@ pub async fn run(
         access: config.server.access.clone(),
         max_frame_bytes: config.server.max_frame_bytes,
         lease_ttl_ms: config.server.lease_ttl_ms.unwrap_or(0),
+        max_leased_slots_per_uid: config.server.max_leased_slots_per_uid,
         metrics,
         model_dirs,
     });

@@ -565,6 +565,22 @@ async fn a_hostile_peer_cannot_take_more_than_its_cap_however_many_connections_i
     assert_eq!(code, ErrorCode::LeaseCapReached);
     let status = monitor.pool_status(&pool()).await.unwrap();
     assert_eq!(status.slots_free, 2, "nothing changed: {status:?}");
+    // Nor can it claim more leases in a Hello than its cap has slots (each holds at least one).
+    let claims = (0..3)
+        .map(|n| HeldLease {
+            lease: LeaseId(n),
+            pool: pool(),
+            slots: 1,
+            secret: LeaseSecret([0; 16]),
+        })
+        .collect();
+    match raw_hello(&socket_path(stack.path()), claims).await.0 {
+        ServerFrame::Refused(error) => {
+            assert_eq!(error.code, ErrorCode::BadRequest, "{error}");
+            assert!(error.message.contains("at most 2"), "{error}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 
     held.release(ReleaseOutcome::Completed).await.unwrap();
     let again = third
@@ -580,9 +596,9 @@ struct RawPeer {
     _writer: tokio::net::unix::OwnedWriteHalf,
 }
 
-/// Connects, re-asserts `held` in the `Hello`, and returns the `Welcome` with the connection
-/// (kept open, so whatever it was given stays its own).
-async fn raw_hello(socket: &Path, held: Vec<HeldLease>) -> (Welcome, RawPeer) {
+/// Connects, re-asserts `held` in the `Hello`, and returns the server's answer with the
+/// connection (kept open, so whatever it was given stays its own).
+async fn raw_hello(socket: &Path, held: Vec<HeldLease>) -> (ServerFrame, RawPeer) {
     let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
     let (read, mut writer) = stream.into_split();
     let hello = ClientFrame::Hello(Hello {
@@ -601,14 +617,16 @@ async fn raw_hello(socket: &Path, held: Vec<HeldLease>) -> (Welcome, RawPeer) {
         .unwrap()
         .unwrap()
         .unwrap();
-    match decode_payload::<ServerFrame>(&payload).unwrap() {
-        ServerFrame::Welcome(welcome) => (
-            welcome,
-            RawPeer {
-                _reader: reader,
-                _writer: writer,
-            },
-        ),
+    let peer = RawPeer {
+        _reader: reader,
+        _writer: writer,
+    };
+    (decode_payload::<ServerFrame>(&payload).unwrap(), peer)
+}
+
+fn welcome(frame: ServerFrame) -> Welcome {
+    match frame {
+        ServerFrame::Welcome(welcome) => welcome,
         other => panic!("expected Welcome, got {other:?}"),
     }
 }
@@ -662,12 +680,12 @@ async fn a_peer_cannot_take_over_a_lease_by_its_id() {
 
     // While the victim holds it, and after the victim died (its lease orphaned, free to come
     // back to whoever proves it is theirs): the thief proves nothing and gets nothing.
-    let (welcome, _while_held) = raw_hello(&socket_path(stack.path()), claims()).await;
-    refused_all(&welcome);
+    let (answer, _while_held) = raw_hello(&socket_path(stack.path()), claims()).await;
+    refused_all(&welcome(answer));
     victim.kill_with(Signal::SIGKILL);
     wait_for_pool(&mut mirror, "the victim's slot back", |p| p.slots_free == 2).await;
-    let (welcome, _after_death) = raw_hello(&socket_path(stack.path()), claims()).await;
-    refused_all(&welcome);
+    let (answer, _after_death) = raw_hello(&socket_path(stack.path()), claims()).await;
+    refused_all(&welcome(answer));
     let status = monitor.pool_status(&pool()).await.unwrap();
     assert_eq!(status.slots_free, 2, "{status:?}");
     assert!(

@@ -28,12 +28,25 @@ struct Stack {
 /// One managed pool `p` serving model `double` with `slots` slots; `engine_flags` go to the
 /// engine double; `orchestrator_toml` is orchestratord's config.
 fn stack(slots: u32, engine_flags: &[&str], orchestrator_toml: &str) -> Stack {
+    stack_with_server(slots, engine_flags, orchestrator_toml, "")
+}
+
+/// [`stack`] with `server_toml` as pool-managerd's `[server]` table (empty: the defaults).
+fn stack_with_server(
+    slots: u32,
+    engine_flags: &[&str],
+    orchestrator_toml: &str,
+    server_toml: &str,
+) -> Stack {
     let dir = temp_dir();
     let model = dir.path().join("model.json");
     std::fs::write(&model, "{}").unwrap();
     let flags: String = engine_flags.iter().map(|f| format!(", {f:?}")).collect();
     let config = format!(
         r#"
+[server]
+{server_toml}
+
 [[pool]]
 id = "p"
 model = "double"
@@ -1390,6 +1403,30 @@ fn a_revoked_lease_ends_its_stream_at_once_with_a_typed_error() {
         "the stream ended {ended:?} after the freeze"
     );
     eprintln!("a revoked lease ended its stream {ended:?} after the engine froze");
+}
+
+#[test]
+fn a_frozen_orchestratord_loses_its_leases_after_the_lease_ttl() {
+    let stack = stack_with_server(1, &["--token-delay-ms", "50"], "", "lease_ttl_ms = 1000");
+    let addr = stack.addr();
+    std::thread::spawn(move || {
+        drain_stream(post(&addr, "/v1/chat/completions", &chat(400, true), &[]).0)
+    });
+    stack.wait_for_leases(1);
+    // Frozen whole, its connection to pool-managerd left open: nothing renews the lease.
+    stack.orchestrator.kill_with(e2e::Signal::SIGSTOP);
+    let frozen = Instant::now();
+    stack.wait_for_leases(0);
+    let expired_after = frozen.elapsed();
+    stack.orchestrator.kill_with(e2e::Signal::SIGCONT);
+    let metrics = http::get(stack.sidecar.ready("debug_http"), "/metrics", WAIT)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("pool_managerd_leases_ended_total{reason=\"expired\"} 1"),
+        "{metrics}"
+    );
+    eprintln!("a frozen orchestratord's lease expired {expired_after:?} after the freeze");
 }
 
 #[test]

@@ -250,6 +250,17 @@ impl Session {
     }
 
     async fn welcome(&mut self, hello: Hello) -> Result<(), Refusal> {
+        let most = self.context.max_leased_slots_per_uid;
+        if hello.held_leases.len() > most as usize {
+            self.context.metrics.record_refused("too_many_leases");
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the Hello re-asserts {} leases; one uid may hold at most {most} leased slots",
+                    hello.held_leases.len()
+                ),
+            ));
+        }
         let (reasserted, rejected) = if hello.held_leases.is_empty() {
             (Vec::new(), Vec::new())
         } else {

@@ -37,6 +37,11 @@ pub type ConnectionId = u64;
 /// secrets after a restart.
 pub const REASSERT_GRACE_MS: u64 = 60_000;
 
+/// The most orphans remembered at once; past it the oldest are forgotten first. A peer that
+/// takes leases and drops its connection in a loop could otherwise grow the list for a whole
+/// grace period; a real reconnect re-asserts within a second, long before its orphans are oldest.
+pub const MAX_ORPHANS: usize = 65_536;
+
 /// Who holds a lease: its connection, and the uid behind it (what the per-peer cap counts: a peer
 /// cannot get around it by opening more connections).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,18 +242,12 @@ impl RegistryState {
     pub fn advance(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.expire_due();
-        while let Some(&(since_ms, lease)) = self.orphaned_order.front() {
-            if since_ms.saturating_add(REASSERT_GRACE_MS) > self.now_ms {
-                break;
-            }
-            self.orphaned_order.pop_front();
-            if self
-                .orphans
-                .get(&lease)
-                .is_some_and(|orphan| orphan.since_ms == since_ms)
-            {
-                self.orphans.remove(&lease);
-            }
+        while self
+            .orphaned_order
+            .front()
+            .is_some_and(|(since_ms, _)| since_ms.saturating_add(REASSERT_GRACE_MS) <= self.now_ms)
+        {
+            self.forget_oldest_orphan();
         }
         if self.now_ms >= REASSERT_GRACE_MS && !self.adopted.is_empty() {
             // Past the grace no lease of a previous incarnation comes back anyway.
@@ -563,7 +562,21 @@ impl RegistryState {
                 self.orphaned_order.push_back((self.now_ms, *lease));
             }
         }
+        while self.orphaned_order.len() > MAX_ORPHANS {
+            self.forget_oldest_orphan();
+        }
         owned.len()
+    }
+
+    fn forget_oldest_orphan(&mut self) {
+        if let Some((since_ms, lease)) = self.orphaned_order.pop_front()
+            && self
+                .orphans
+                .get(&lease)
+                .is_some_and(|orphan| orphan.since_ms == since_ms)
+        {
+            self.orphans.remove(&lease);
+        }
     }
 
     /// Re-creates leases a reconnecting client still uses, each at its size. A lease comes back
@@ -1298,6 +1311,22 @@ mod tests {
         assert!(accepted.is_empty(), "orphaned longer than the grace");
         assert_eq!(rejected[0].1.code, ErrorCode::NotFound);
         assert_eq!(state.snapshot().pools[0].slots_free, 4);
+        state.check_invariants();
+    }
+
+    #[test]
+    fn a_peer_dropping_its_connection_in_a_loop_leaves_at_most_max_orphans() {
+        let mut state = ready_registry(&[pool("a", "m", 1)]);
+        let first = state.acquire(owner(0), &target("a"), 1).unwrap();
+        state.connection_closed(0);
+        for connection in 1..=MAX_ORPHANS as u64 {
+            state.acquire(owner(connection), &target("a"), 1).unwrap();
+            state.connection_closed(connection);
+        }
+        assert_eq!(state.orphans.len(), MAX_ORPHANS);
+        assert!(state.orphaned_order.len() <= MAX_ORPHANS);
+        let (accepted, _) = state.reassert(owner(1), &[held(first.id.0, "a", 1)]);
+        assert!(accepted.is_empty(), "the oldest orphan was forgotten");
         state.check_invariants();
     }
 
