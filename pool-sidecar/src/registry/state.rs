@@ -262,10 +262,15 @@ impl RegistryState {
 
     fn expire_due(&mut self) {
         let mut expired: BTreeMap<PoolId, (Vec<LeaseId>, Vec<ConnectionId>)> = BTreeMap::new();
-        while let Some(&(at_ms, lease)) = self.expiries.first() {
-            if at_ms > self.now_ms {
+        while self
+            .expiries
+            .first()
+            .is_some_and(|(at_ms, _)| *at_ms <= self.now_ms)
+        {
+            // Popped first: the loop ends even if an entry had no lease behind it.
+            let Some((_, lease)) = self.expiries.pop_first() else {
                 break;
-            }
+            };
             if let Some(record) = self.drop_lease(lease, LeaseEnd::Expired) {
                 let (leases, owners) = expired.entry(record.pool).or_default();
                 leases.push(lease);
