@@ -123,6 +123,7 @@ impl From<ClientError> for ApiError {
                 | ErrorCode::NotReady
                 | ErrorCode::Draining
                 | ErrorCode::NoCapacity
+                | ErrorCode::LeaseCapReached
                 | ErrorCode::Unauthorized
                 | ErrorCode::BadRequest
                 | ErrorCode::Unsupported => ApiError::PoolManagerRefused {
@@ -220,6 +221,7 @@ impl ApiError {
                 ErrorCode::NotReady
                 | ErrorCode::Draining
                 | ErrorCode::NoCapacity
+                | ErrorCode::LeaseCapReached
                 | ErrorCode::VersionMismatch
                 | ErrorCode::Internal
                 | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -268,6 +270,7 @@ impl ApiError {
                 ErrorCode::Internal => "INTERNAL",
                 ErrorCode::Unsupported => "UNSUPPORTED",
                 ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+                ErrorCode::LeaseCapReached => "LEASE_CAP_REACHED",
             },
             ApiError::WorkerReset(_) => "WORKER_RESET",
             ApiError::LeaseRevoked => "LEASE_REVOKED",
@@ -596,6 +599,11 @@ mod tests {
             StatusCode::CONFLICT
         );
         assert!(refused(ErrorCode::NoCapacity).retriable());
+        let capped = refused(ErrorCode::LeaseCapReached);
+        assert_eq!(
+            (capped.status(), capped.code(), capped.retriable()),
+            (StatusCode::SERVICE_UNAVAILABLE, "LEASE_CAP_REACHED", true)
+        );
         let gone = ApiError::from(ClientError::Unavailable);
         assert_eq!(gone.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(gone.code(), "POOL_UNAVAILABLE");

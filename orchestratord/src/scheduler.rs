@@ -436,6 +436,7 @@ impl SchedulerActor {
                     if matches!(
                         error.code,
                         ErrorCode::NoCapacity
+                            | ErrorCode::LeaseCapReached
                             | ErrorCode::NotReady
                             | ErrorCode::Draining
                             | ErrorCode::NotFound
@@ -443,8 +444,10 @@ impl SchedulerActor {
                     ) =>
                 {
                     // Lost a race against the mirror (the slots went elsewhere, or the pool was
-                    // drained, removed or reloaded with fewer slots meanwhile): back in line; the
-                    // next change retries, and `fail_hopeless` answers a request no pool can take.
+                    // drained, removed or reloaded with fewer slots meanwhile), or orchestratord
+                    // holds all the slots pool-managerd lets one uid lease: back in line; the
+                    // next change (a lease of ours ending is one) retries, and `fail_hopeless`
+                    // answers a request no pool can take.
                     tracing::debug!(task = %id, %pool, %error, "lost the race for a slot");
                     let deadline = waiting.demand.deadline;
                     let priority = waiting.demand.priority;

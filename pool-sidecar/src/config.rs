@@ -9,6 +9,8 @@
 //! allowed_gids = [990]                      # matched against the peer's primary gid
 //! admin_uids = []                           # who may drain/reload/restart; default as allowed_uids
 //! socket_group = "pool-clients"             # group owning the socket and its directory
+//! max_leased_slots_per_uid = 4096           # slots one uid's leases may hold at once
+//! lease_ttl_ms = 30000                      # a lease not renewed this long expires; 0: never
 //!
 //! [debug_http]
 //! listen = "127.0.0.1:9200"                 # "off" disables the shim
@@ -39,6 +41,17 @@ use std::time::Duration;
 
 pub const DEFAULT_DEBUG_LISTEN: &str = "127.0.0.1:9200";
 pub const MAX_SLOTS: u32 = 1024;
+/// Four pools of the largest size a pool may have ([`MAX_SLOTS`]), or sixty-four of sixteen
+/// slots: more than one client (orchestratord) of a single host drives in practice, so the cap
+/// never throttles it there, while it bounds what any one uid can take on a socket several uids
+/// share (set it lower there; a host with more slots than this sets it higher).
+pub const DEFAULT_MAX_LEASED_SLOTS_PER_UID: u32 = 4 * MAX_SLOTS;
+/// Long enough that a busy client is never close to losing a lease (it renews every 10 s, so two
+/// renewals in a row may be late), short enough that a frozen client's slots come back within
+/// half a minute.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+/// The shortest TTL accepted (tests use short ones; renewals go out every third of it).
+pub const MIN_LEASE_TTL_MS: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -80,6 +93,10 @@ struct RawServer {
     /// Where `reload` may load models from (absolute directories). Default: the directories of
     /// the configured pools' model files.
     model_dirs: Option<Vec<PathBuf>>,
+    /// The most slots the leases of one uid may hold at once, over every pool and connection.
+    max_leased_slots_per_uid: Option<u32>,
+    /// A lease its holder does not renew for this long is taken back; 0: leases never expire.
+    lease_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +273,10 @@ pub struct ServerConfig {
     /// Engine records (for adoption), engine logs and engine sockets live here.
     pub state_dir: Option<PathBuf>,
     pub model_dirs: ModelDirs,
+    /// The per-peer lease cap, in slots, counted per uid (more connections do not get around it).
+    pub max_leased_slots_per_uid: u32,
+    /// `None`: leases never expire.
+    pub lease_ttl_ms: Option<u64>,
 }
 
 /// The directories a reload may load a model from, canonical (symbolic links resolved), so that
@@ -476,6 +497,21 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
             "server.max_frame_bytes must be between 1024 and {MAX_FRAME_BYTES_CEILING}, got {max_frame_bytes}"
         ));
     }
+    let max_leased_slots_per_uid = raw
+        .max_leased_slots_per_uid
+        .unwrap_or(DEFAULT_MAX_LEASED_SLOTS_PER_UID);
+    if max_leased_slots_per_uid == 0 {
+        return Err("server.max_leased_slots_per_uid must be at least 1".into());
+    }
+    let lease_ttl_ms = match raw.lease_ttl_ms.unwrap_or(DEFAULT_LEASE_TTL_MS) {
+        0 => None,
+        ms if (MIN_LEASE_TTL_MS..=86_400_000).contains(&ms) => Some(ms),
+        ms => {
+            return Err(format!(
+                "server.lease_ttl_ms must be 0 (leases never expire) or between {MIN_LEASE_TTL_MS} and 86400000, got {ms}"
+            ));
+        }
+    };
     Ok(ServerConfig {
         socket: raw.socket,
         access: AccessPolicy {
@@ -488,6 +524,8 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
         max_frame_bytes,
         model_dirs: ModelDirs::default(),
         state_dir: raw.state_dir,
+        max_leased_slots_per_uid,
+        lease_ttl_ms,
     })
 }
 
@@ -837,6 +875,29 @@ mod tests {
             error.to_string().contains("neither an http:// URL"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn leases_are_capped_per_uid_and_expire_by_default_and_both_can_be_set() {
+        let defaults = parse(ONE_POOL).unwrap().server;
+        assert_eq!(
+            (defaults.max_leased_slots_per_uid, defaults.lease_ttl_ms),
+            (DEFAULT_MAX_LEASED_SLOTS_PER_UID, Some(DEFAULT_LEASE_TTL_MS))
+        );
+        let set = |lines: &str| parse(&format!("[server]\n{lines}\n{ONE_POOL}"));
+        let server = set("max_leased_slots_per_uid = 8\nlease_ttl_ms = 500")
+            .unwrap()
+            .server;
+        assert_eq!(
+            (server.max_leased_slots_per_uid, server.lease_ttl_ms),
+            (8, Some(500))
+        );
+        assert_eq!(set("lease_ttl_ms = 0").unwrap().server.lease_ttl_ms, None);
+        for bad in ["lease_ttl_ms = 99", "max_leased_slots_per_uid = 0"] {
+            let error = set(bad).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(error.contains(&format!("server.{key}")), "{error}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::gpu::GpuProbe;
 use crate::ipc::server::{self, EngineControls, IpcContext};
 use crate::metrics::Metrics;
 use crate::probe;
-use crate::registry::{RegistryHandle, spawn_registry};
+use crate::registry::{LeasePolicy, LeaseSigner, RegistryHandle, spawn_registry};
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
 use pool_ipc::registry::PoolId;
@@ -226,6 +226,36 @@ async fn report_status(
     }
 }
 
+/// The lease rules of this run: ids from a random point far from the last run's, secrets signed
+/// with the key kept in the state directory (a key of this run only if that fails), and the cap
+/// and TTL from the config.
+fn lease_policy(config: &Config, paths: &EnginePaths) -> LeasePolicy {
+    let signer = LeaseSigner::load_or_create(&paths.state_dir).unwrap_or_else(|error| {
+        tracing::warn!(%error, "using a lease key of this run only: clients cannot re-assert their leases after a restart");
+        LeaseSigner::ephemeral()
+    });
+    let cap = config.server.max_leased_slots_per_uid;
+    let configured: u64 = config
+        .pools
+        .iter()
+        .filter_map(|pool| pool.slots)
+        .map(u64::from)
+        .sum();
+    if configured > u64::from(cap) {
+        tracing::warn!(
+            configured_slots = configured,
+            max_leased_slots_per_uid = cap,
+            "the pools have more slots than one uid may lease: a single client (orchestratord) cannot use them all; raise server.max_leased_slots_per_uid"
+        );
+    }
+    LeasePolicy {
+        id_base: u64::from(rand::random::<u32>()) << 32,
+        signer,
+        ttl_ms: config.server.lease_ttl_ms,
+        max_slots_per_uid: cap,
+    }
+}
+
 pub struct Listeners {
     pub ipc: UnixListener,
     pub debug_http: Option<TcpListener>,
@@ -242,10 +272,9 @@ pub async fn run(
     on_ready: impl FnOnce(),
 ) {
     let metrics = Arc::new(Metrics::new());
-    // Lease ids of this incarnation start at a random point, far from the last one's.
-    let lease_id_base = u64::from(rand::random::<u32>()) << 32;
+    let lease_policy = lease_policy(&config, &paths);
     let (registry, registry_task) =
-        spawn_registry(&config.pools, lease_id_base, Arc::clone(&metrics));
+        spawn_registry(&config.pools, lease_policy, Arc::clone(&metrics));
     let registry_task = tokio::spawn(systemd::core_task("the registry", registry_task));
     let tracker = TaskTracker::new();
     let engines = Arc::new(RwLock::new(EngineControls::new()));
@@ -314,6 +343,8 @@ pub async fn run(
         registry: registry.clone(),
         access: config.server.access.clone(),
         max_frame_bytes: config.server.max_frame_bytes,
+        lease_ttl_ms: config.server.lease_ttl_ms.unwrap_or(0),
+        max_leased_slots_per_uid: config.server.max_leased_slots_per_uid,
         metrics,
         model_dirs,
     });

@@ -238,6 +238,7 @@ async fn admin(state: DebugState, request: WireRequest) -> Response {
                 ErrorCode::NotReady
                 | ErrorCode::Draining
                 | ErrorCode::NoCapacity
+                | ErrorCode::LeaseCapReached
                 | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::VersionMismatch | ErrorCode::Internal => {
                     StatusCode::INTERNAL_SERVER_ERROR

@@ -134,7 +134,7 @@ impl Metrics {
         );
         registry.register(
             "leases_ended",
-            "Leases ended, by how (completed, cancelled, failed, connection_closed, revoked)",
+            "Leases ended, by how (completed, cancelled, failed, connection_closed, revoked, expired)",
             metrics.leases_ended.clone(),
         );
         registry.register(

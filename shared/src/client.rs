@@ -5,8 +5,10 @@
 //! supervisor task reads frames and hands each reply to its caller. When the
 //! connection drops, calls in flight fail with [`ClientError::Disconnected`], and the supervisor
 //! reconnects with jittered exponential backoff, re-asserting in its `Hello` every lease this
-//! client still holds and re-subscribing, so the server's slot accounting and the local mirror
-//! survive a sidecar restart.
+//! client still holds (each with the secret it was granted with) and re-subscribing, so the
+//! server's slot accounting and the local mirror survive a sidecar restart. While it holds leases
+//! it renews them on the open connection three times per lease time-to-live the server announced
+//! in `Welcome`, so only a client that stops running (frozen, stuck) loses them to expiry.
 //!
 //! Leases never leak through this client: a granted lease reaches its caller as a [`LeaseGuard`]
 //! whose `Drop` releases it, and a grant whose caller gave up (timed out or went away) is released
@@ -34,6 +36,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 /// How to reach pool-managerd and how patient to be.
@@ -648,6 +651,13 @@ struct ActiveLink {
     reader: FrameReader<OwnedReadHalf>,
     writer_task: tokio::task::JoinHandle<()>,
     write_failed: CancellationToken,
+    /// How often to renew held leases; `None` when the server's leases never expire.
+    renew_every: Option<Duration>,
+}
+
+/// Three renewals per time-to-live: one late or lost renewal never costs a lease.
+fn renewal_period(lease_ttl_ms: u64) -> Option<Duration> {
+    (lease_ttl_ms > 0).then(|| Duration::from_millis((lease_ttl_ms / 3).max(1)))
 }
 
 /// Makes a handshaken connection the current one. Synchronous, so that `connect` returns a
@@ -678,6 +688,7 @@ fn activate(shared: &Arc<Shared>, link: Link) -> ActiveLink {
         reader,
         writer_task,
         write_failed,
+        renew_every: renewal_period(welcome.lease_ttl_ms),
     }
 }
 
@@ -687,11 +698,21 @@ async fn serve_link(shared: &Arc<Shared>, link: ActiveLink, token: &Cancellation
         mut reader,
         writer_task,
         write_failed,
+        renew_every,
     } = link;
+    let mut renewals = renew_every.map(|period| {
+        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        renewals.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        renewals
+    });
     let reason = loop {
         let frame = tokio::select! {
             () = token.cancelled() => break "client closed".to_owned(),
             () = write_failed.cancelled() => break "write to pool-managerd failed".to_owned(),
+            () = next_renewal(&mut renewals) => {
+                renew_leases(shared);
+                continue;
+            }
             frame = reader.read_frame() => frame,
         };
         match frame {
@@ -709,6 +730,26 @@ async fn serve_link(shared: &Arc<Shared>, link: ActiveLink, token: &Cancellation
     };
     writer_task.abort();
     reason
+}
+
+/// Waits for the next renewal tick; forever when leases do not expire.
+async fn next_renewal(renewals: &mut Option<Interval>) {
+    match renewals {
+        Some(renewals) => {
+            renewals.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews every lease of this connection, if it holds any; the reply only matters to the server.
+fn renew_leases(shared: &Shared) {
+    if lock(&shared.held).is_empty() {
+        return;
+    }
+    if let Err(error) = send_call(shared, Request::Renew, Pending::Internal("renew")) {
+        tracing::debug!(%error, "could not renew leases; the reconnect re-asserts them");
+    }
 }
 
 /// Leases re-asserted in `Hello` that were released while the handshake was in flight are
@@ -761,6 +802,7 @@ fn deliver_reply(shared: &Arc<Shared>, id: u64, result: Result<Response, IpcErro
                     lease: lease_id,
                     pool: lease.pool.clone(),
                     slots: lease.slots,
+                    secret: lease.secret,
                 },
             );
             let revoked = CancellationToken::new();

@@ -34,10 +34,13 @@ pub enum ErrorCode {
     Unsupported = 9,
     /// The server is shutting down and takes no new work.
     ShuttingDown = 10,
+    /// The peer's uid already holds as many leased slots as pool-managerd lets one uid hold
+    /// (`server.max_leased_slots_per_uid`); retry when one of its own leases ends.
+    LeaseCapReached = 11,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::NotFound,
         ErrorCode::NotReady,
         ErrorCode::Draining,
@@ -48,6 +51,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::Unsupported,
         ErrorCode::ShuttingDown,
+        ErrorCode::LeaseCapReached,
     ];
 
     /// The wire number of this code.
@@ -74,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::LeaseCapReached => "lease_cap_reached",
         }
     }
 }
@@ -136,12 +141,12 @@ mod tests {
             assert_eq!(ErrorCode::from_number(code.number()), Some(code));
         }
         assert_eq!(ErrorCode::from_number(0), None);
-        assert_eq!(ErrorCode::from_number(11), None);
+        assert_eq!(ErrorCode::from_number(12), None);
     }
 
     #[test]
     fn code_numbers_are_pinned() {
         let numbers: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.number()).collect();
-        assert_eq!(numbers, (1..=10).collect::<Vec<u16>>());
+        assert_eq!(numbers, (1..=11).collect::<Vec<u16>>());
     }
 }

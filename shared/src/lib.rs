@@ -28,8 +28,8 @@ pub use client::{ClientConfig, ClientError, ConnectionState, LeaseGuard, PoolCli
 pub use codec::{CodecError, DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
 pub use error_code::{ErrorCode, IpcError};
 pub use registry::{
-    AcquireTarget, ApiEndpoint, DispatchCheck, Lease, LeaseId, PoolId, PoolSnapshot, PoolState,
-    RegistrySnapshot, ReleaseOutcome,
+    AcquireTarget, ApiEndpoint, DispatchCheck, Lease, LeaseId, LeaseSecret, PoolId, PoolSnapshot,
+    PoolState, RegistrySnapshot, ReleaseOutcome,
 };
 pub use wire::{
     Call, Change, ClientFrame, Event, HeldLease, Hello, HelloPreamble, MAGIC, PROTOCOL_VERSION,

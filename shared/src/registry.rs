@@ -47,6 +47,18 @@ impl fmt::Display for LeaseId {
     }
 }
 
+/// A lease's proof of ownership: 16 bytes pool-managerd computes when it grants the lease and
+/// tells only the connection that took it. Re-asserting a lease (after a reconnect) needs it, so
+/// nobody can take over a lease by its id. Never logged or shown: `Debug` prints no bytes.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct LeaseSecret(pub [u8; 16]);
+
+impl fmt::Debug for LeaseSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LeaseSecret(..)")
+    }
+}
+
 /// Which API the engine behind a pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -355,6 +367,10 @@ pub struct Lease {
     pub endpoint: Endpoint,
     /// How many slots the lease holds (at least 1).
     pub slots: u32,
+    /// Proves the lease is this client's when it re-asserts it after a reconnect
+    /// ([`crate::wire::HeldLease`]); never serialised to JSON.
+    #[serde(skip)]
+    pub secret: LeaseSecret,
 }
 
 /// One GPU of the host, as NVML reports it.

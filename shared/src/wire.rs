@@ -10,7 +10,7 @@
 
 use crate::error_code::IpcError;
 use crate::registry::{
-    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, PoolId, PoolSnapshot,
+    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, LeaseSecret, PoolId, PoolSnapshot,
     RegistrySnapshot, ReleaseOutcome,
 };
 use bincode::{Decode, Encode};
@@ -20,8 +20,11 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 
 /// Bumped whenever the append-only rule cannot be kept. 2: leases hold several slots
 /// (`Acquire::slots`, `Lease::slots`, `HeldLease::slots`) and pools say which APIs their engine
-/// serves (`PoolSnapshot::api_endpoints`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// serves (`PoolSnapshot::api_endpoints`). 3: leases are owned and can expire: every lease comes
+/// with a secret (`Lease::secret`) that a re-assertion must show (`HeldLease::secret`), the server
+/// announces its lease time-to-live (`Welcome::lease_ttl_ms`) and clients keep their leases alive
+/// with `Request::Renew`; a peer over its lease cap gets `ErrorCode::LeaseCapReached`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Frames a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -37,7 +40,8 @@ pub struct Hello {
     pub protocol_version: u32,
     /// Shown in the server's logs (e.g. `orchestratord`, `pool-managerd status`).
     pub client_name: String,
-    /// Leases this client still uses from before a reconnect; the server re-creates them.
+    /// Leases this client still uses from before a reconnect; the server re-creates those whose
+    /// secret it recognises.
     pub held_leases: Vec<HeldLease>,
 }
 
@@ -58,6 +62,8 @@ pub struct HeldLease {
     pub pool: PoolId,
     /// The slots the lease held, so the server re-creates it at its true size.
     pub slots: u32,
+    /// The secret the lease was granted with ([`Lease::secret`]): the proof that it is ours.
+    pub secret: LeaseSecret,
 }
 
 /// One request; `id` is chosen by the client and echoed in the reply.
@@ -109,6 +115,9 @@ pub enum Request {
     },
     /// The host's GPUs (NVML).
     Gpus,
+    /// Keeps every lease of this connection alive for another `Welcome::lease_ttl_ms`; a client
+    /// holding leases sends it well within that time (the shared client: every third of it).
+    Renew,
 }
 
 impl Request {
@@ -126,6 +135,7 @@ impl Request {
             Request::Reload { .. } => "reload",
             Request::Restart { .. } => "restart",
             Request::Gpus => "gpus",
+            Request::Renew => "renew",
         }
     }
 
@@ -159,6 +169,9 @@ pub struct Welcome {
     pub reasserted: Vec<LeaseId>,
     /// Re-asserted leases it could not re-create, and why; they are gone.
     pub rejected: Vec<(LeaseId, IpcError)>,
+    /// A lease not renewed (`Request::Renew`) for this long is taken back and its holder told
+    /// (`Change::LeasesRevoked`); 0: leases never expire.
+    pub lease_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -179,6 +192,10 @@ pub enum Response {
     /// An admin request was accepted and is being carried out.
     Accepted,
     Gpus(GpuInventory),
+    /// The answer to `Renew`: this many of the connection's leases were renewed.
+    Renewed {
+        leases: u32,
+    },
 }
 
 /// A pushed registry change. Changes coalesced into one flush share an epoch.

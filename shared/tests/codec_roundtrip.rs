@@ -183,6 +183,7 @@ fn strategies_generate_every_variant() {
             "reload",
             "restart",
             "gpus",
+            "renew",
         ])
     );
     assert_eq!(
@@ -209,6 +210,7 @@ fn strategies_generate_every_variant() {
             "subscribed",
             "accepted",
             "gpus",
+            "renewed",
         ])
     );
     assert_eq!(
@@ -228,6 +230,7 @@ fn strategies_generate_every_variant() {
             "internal",
             "unsupported",
             "shutting_down",
+            "lease_cap_reached",
         ])
     );
     assert_eq!(
@@ -296,7 +299,7 @@ fn server_frames_carry_every_pool_state_api_and_error_code() {
     }
     assert_eq!(states.len(), 7, "{states:?}");
     assert_eq!(apis.len(), 10, "{apis:?}");
-    assert_eq!(codes.len(), 10, "{codes:?}");
+    assert_eq!(codes.len(), pool_ipc::ErrorCode::ALL.len(), "{codes:?}");
 }
 
 #[test]

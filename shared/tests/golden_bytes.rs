@@ -28,9 +28,9 @@ use pool_ipc::codec::{
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, CodecError, DEFAULT_MAX_FRAME_BYTES, DispatchCheck,
-    ErrorCode, Event, HeldLease, Hello, HelloPreamble, IpcError, Lease, LeaseId, MAGIC,
-    PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState, RegistrySnapshot, ReleaseOutcome, Reply,
-    Request, Response, ServerFrame, Welcome,
+    ErrorCode, Event, HeldLease, Hello, HelloPreamble, IpcError, Lease, LeaseId, LeaseSecret,
+    MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState, RegistrySnapshot, ReleaseOutcome,
+    Reply, Request, Response, ServerFrame, Welcome,
 };
 use std::fmt::Debug;
 
@@ -124,6 +124,14 @@ const POOL_SNAPSHOT: &str = "
     03 01 02 09    # api_endpoints [Completions, Embeddings, Models]
 ";
 
+/// A lease secret whose bytes read as their own positions: 00 01 … 0f.
+fn secret() -> LeaseSecret {
+    LeaseSecret(std::array::from_fn(|i| i as u8))
+}
+
+/// The bytes of [`secret`]: a fixed-size array is its bytes, with no length before them.
+const SECRET: &str = "00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f";
+
 /// Strips `# comments` so expectations can be annotated.
 fn hex(annotated: &str) -> String {
     annotated
@@ -163,7 +171,7 @@ fn the_magic_and_version_are_pinned() {
     assert_eq!(&MAGIC, b"PMGR");
     // Changing this without changing the golden bytes is a sign the bump was not deliberate; when
     // you bump it, update this line together with the expectations that changed.
-    assert_eq!(PROTOCOL_VERSION, 2);
+    assert_eq!(PROTOCOL_VERSION, 3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,20 +188,24 @@ fn client_frame_hello_is_pinned() {
             lease: LeaseId(258),
             pool: PoolId::from("p"),
             slots: 3,
+            secret: secret(),
         }],
     });
     assert_golden(
         &hello,
-        &hex("
+        &hex(&format!(
+            "
             00             # ClientFrame::Hello
             50 4d 47 52    # magic \"PMGR\" (raw, no length)
-            02             # protocol_version 2
+            03             # protocol_version 3
             04 6f 72 63 68 # client_name \"orch\"
             01             # held_leases: 1 entry
             fb 02 01       #   lease 258
             01 70          #   pool \"p\"
             03             #   slots 3
-        "),
+            {SECRET}       #   secret (16 raw bytes)
+        "
+        )),
     );
 }
 
@@ -204,12 +216,16 @@ fn held_lease_is_pinned() {
             lease: LeaseId(1),
             pool: PoolId::from("a"),
             slots: 300,
+            secret: secret(),
         },
-        &hex("
+        &hex(&format!(
+            "
             01       # lease 1
             01 61    # pool \"a\"
             fb 2c 01 # slots 300
-        "),
+            {SECRET} # secret
+        "
+        )),
     );
 }
 
@@ -376,6 +392,7 @@ fn server_frame_welcome_is_pinned() {
         max_frame_bytes: 1 << 20,
         reasserted: vec![LeaseId(1)],
         rejected: vec![(LeaseId(2), IpcError::new(ErrorCode::NotFound, "x"))],
+        lease_ttl_ms: 30_000,
     });
     assert_golden(
         &welcome,
@@ -389,6 +406,7 @@ fn server_frame_welcome_is_pinned() {
             01             # rejected: 1 entry
             02             #   lease 2
             01 01 78       #   IpcError { code NotFound (1), message \"x\" }
+            fb 30 75       # lease_ttl_ms 30000
         "),
     );
 }
@@ -515,18 +533,22 @@ fn response_acquired_is_pinned() {
         engine: EngineKind::Openai,
         endpoint: Endpoint::Unix { path: "/s".into() },
         slots: 4,
+        secret: secret(),
     });
     assert_golden(
         &lease,
-        &hex("
+        &hex(&format!(
+            "
             04                         # Response::Acquired
             fd ff ff ff ff ff ff ff ff # id u64::MAX (u64 marker)
             01 61                      # pool \"a\"
             01 6d                      # model \"m\"
             01                         # engine Openai
-            01 02 2f 73                # endpoint Unix { path \"/s\" }
+            01 02 2f 73                # endpoint Unix {{ path \"/s\" }}
             04                         # slots 4
-        "),
+            {SECRET}                   # secret
+        "
+        )),
     );
 }
 
@@ -559,6 +581,22 @@ fn response_accepted_is_pinned() {
 #[test]
 fn request_gpus_is_pinned() {
     assert_golden(&Request::Gpus, "0a");
+}
+
+#[test]
+fn request_renew_is_pinned() {
+    assert_golden(&Request::Renew, "0b");
+}
+
+#[test]
+fn response_renewed_is_pinned() {
+    assert_golden(
+        &Response::Renewed { leases: 3 },
+        &hex("
+            09 # Response::Renewed
+            03 # leases 3
+        "),
+    );
 }
 
 #[test]
@@ -671,6 +709,7 @@ fn error_codes_are_encoded_as_their_fixed_numbers() {
         (ErrorCode::Internal, "08"),
         (ErrorCode::Unsupported, "09"),
         (ErrorCode::ShuttingDown, "0a"),
+        (ErrorCode::LeaseCapReached, "0b"),
     ];
     assert_eq!(pinned.len(), ErrorCode::ALL.len(), "pin the new code here");
     for (code, expected) in pinned {
@@ -680,8 +719,8 @@ fn error_codes_are_encoded_as_their_fixed_numbers() {
 
 #[test]
 fn an_unknown_error_code_number_is_malformed() {
-    // 0 and 11 are not codes; 11 would be the next one appended.
-    for unknown in ["00", "0b", "fb 2c 01"] {
+    // 0 and 12 are not codes; 12 would be the next one appended.
+    for unknown in ["00", "0c", "fb 2c 01"] {
         assert!(matches!(
             decode_payload::<ErrorCode>(&from_hex(unknown)),
             Err(CodecError::Malformed(_))
@@ -810,7 +849,7 @@ fn a_future_hello_with_extra_fields_still_yields_its_version() {
 fn a_future_hello_with_different_later_fields_still_yields_its_version() {
     let future = RadicallyFutureClientFrame::Hello {
         magic: MAGIC,
-        protocol_version: 3,
+        protocol_version: 4,
         // 0xff is a length no real `client_name` could have in a 3-byte field: the rest does not
         // parse as today's Hello at all.
         session_key: [0xff, 0xff, 0xff],
@@ -824,7 +863,7 @@ fn a_future_hello_with_different_later_fields_still_yields_its_version() {
     let (preamble, _) = decode_payload_prefix::<HelloPreamble>(&payload).unwrap();
     assert_eq!(preamble.frame_variant, 0);
     assert_eq!(preamble.magic, MAGIC);
-    assert_eq!(preamble.protocol_version, 3);
+    assert_eq!(preamble.protocol_version, 4);
 }
 
 #[test]
@@ -852,6 +891,36 @@ fn a_version_1_hello_re_asserting_a_lease_is_refused_as_version_1() {
             frame_variant: 0,
             magic: MAGIC,
             protocol_version: 1,
+        }
+    );
+}
+
+#[test]
+fn a_version_2_hello_re_asserting_a_lease_without_a_secret_is_refused_as_version_2() {
+    // The bytes a version 2 client sends after a reconnect: its HeldLease has no `secret`. They
+    // do not decode as today's Hello (the secret is missing), yet the preamble names version 2,
+    // so the server answers VersionMismatch instead of re-creating a lease nobody proved.
+    let v2 = from_hex(&hex("
+        00             # ClientFrame::Hello
+        50 4d 47 52    # magic
+        02             # protocol_version 2
+        04 6f 72 63 68 # client_name \"orch\"
+        01             # held_leases: 1 entry
+        fb 02 01       #   lease 258
+        01 70          #   pool \"p\"
+        03             #   slots 3
+    "));
+    assert!(matches!(
+        decode_payload::<ClientFrame>(&v2),
+        Err(CodecError::Malformed(_))
+    ));
+    let (preamble, _) = decode_payload_prefix::<HelloPreamble>(&v2).unwrap();
+    assert_eq!(
+        preamble,
+        HelloPreamble {
+            frame_variant: 0,
+            magic: MAGIC,
+            protocol_version: 2,
         }
     );
 }

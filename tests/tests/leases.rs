@@ -10,15 +10,22 @@
 use e2e::sidecar::{PoolSpec, Sidecar, socket_path, start_sidecar, write_config};
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
 use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
+use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, decode_payload, frame_bytes};
 use pool_ipc::error_code::ErrorCode;
+use pool_ipc::framed::FrameReader;
 use pool_ipc::registry::{
-    AcquireTarget, ApiEndpoint, EngineKind, PoolId, PoolSnapshot, PoolState, ReleaseOutcome,
+    AcquireTarget, ApiEndpoint, EngineKind, LeaseId, LeaseSecret, PoolId, PoolSnapshot, PoolState,
+    ReleaseOutcome,
+};
+use pool_ipc::wire::{
+    ClientFrame, HeldLease, Hello, MAGIC, PROTOCOL_VERSION, ServerFrame, Welcome,
 };
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tempfile::TempDir;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -42,12 +49,17 @@ impl Stack {
 
 /// One pool `p` with `slots` slots, served by an engine double on a Unix socket.
 fn stack(slots: u32) -> Stack {
+    stack_with(slots, "")
+}
+
+/// [`stack`] with `server_extra` lines in pool-managerd's `[server]` table.
+fn stack_with(slots: u32, server_extra: &str) -> Stack {
     let dir = temp_dir();
     let engine_socket = dir.path().join("engine.sock");
     let engine = start_engine_double(&["--listen", engine_socket.to_str().unwrap()]);
     let config = write_config(
         dir.path(),
-        "",
+        server_extra,
         &[PoolSpec::new("p", engine.ready("listen"), slots)],
     );
     let sidecar = start_sidecar(dir.path(), &config);
@@ -517,4 +529,222 @@ async fn unknown_pools_and_models_are_typed_errors_everywhere() {
         parsed["pools"][0]["engine_version"],
         shim_status(&stack)["engine_version"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_cannot_take_more_than_its_cap_however_many_connections_it_opens() {
+    let stack = stack_with(4, "max_leased_slots_per_uid = 2");
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    // One uid, three connections: the cap counts the uid, not the connection.
+    let first = client(stack.path(), "hostile-1").await;
+    let second = client(stack.path(), "hostile-2").await;
+    let third = client(stack.path(), "hostile-3").await;
+    let held = first
+        .acquire(AcquireTarget::Pool(pool()), "a", None, 1)
+        .await
+        .unwrap();
+    let _also_held = second
+        .acquire(AcquireTarget::Pool(pool()), "b", None, 1)
+        .await
+        .unwrap();
+    for (who, slots) in [(&second, 1), (&third, 1), (&third, 2)] {
+        let (code, message) = remote_error(
+            who.acquire(AcquireTarget::Pool(pool()), "over", None, slots)
+                .await,
+        );
+        assert_eq!(code, ErrorCode::LeaseCapReached, "{message}");
+        assert!(message.contains("at most 2"), "{message}");
+    }
+    let (code, _) = remote_error(
+        third
+            .acquire(AcquireTarget::Model("p-model".into()), "by-model", None, 1)
+            .await,
+    );
+    assert_eq!(code, ErrorCode::LeaseCapReached);
+    let status = monitor.pool_status(&pool()).await.unwrap();
+    assert_eq!(status.slots_free, 2, "nothing changed: {status:?}");
+    // Nor can it claim more leases in a Hello than its cap has slots (each holds at least one).
+    let claims = (0..3)
+        .map(|n| HeldLease {
+            lease: LeaseId(n),
+            pool: pool(),
+            slots: 1,
+            secret: LeaseSecret([0; 16]),
+        })
+        .collect();
+    match raw_hello(&socket_path(stack.path()), claims).await.0 {
+        ServerFrame::Refused(error) => {
+            assert_eq!(error.code, ErrorCode::BadRequest, "{error}");
+            assert!(error.message.contains("at most 2"), "{error}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    held.release(ReleaseOutcome::Completed).await.unwrap();
+    let again = third
+        .acquire(AcquireTarget::Pool(pool()), "after", None, 1)
+        .await
+        .unwrap();
+    assert_eq!(again.lease().slots, 1);
+}
+
+/// A peer speaking the protocol by hand, so it can claim whatever it likes in its `Hello`.
+struct RawPeer {
+    _reader: FrameReader<tokio::net::unix::OwnedReadHalf>,
+    _writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// Connects, re-asserts `held` in the `Hello`, and returns the server's answer with the
+/// connection (kept open, so whatever it was given stays its own).
+async fn raw_hello(socket: &Path, held: Vec<HeldLease>) -> (ServerFrame, RawPeer) {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (read, mut writer) = stream.into_split();
+    let hello = ClientFrame::Hello(Hello {
+        magic: MAGIC,
+        protocol_version: PROTOCOL_VERSION,
+        client_name: "thief".into(),
+        held_leases: held,
+    });
+    writer
+        .write_all(&frame_bytes(&hello, DEFAULT_MAX_FRAME_BYTES).unwrap())
+        .await
+        .unwrap();
+    let mut reader = FrameReader::new(read, DEFAULT_MAX_FRAME_BYTES);
+    let payload = tokio::time::timeout(WAIT, reader.read_frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let peer = RawPeer {
+        _reader: reader,
+        _writer: writer,
+    };
+    (decode_payload::<ServerFrame>(&payload).unwrap(), peer)
+}
+
+fn welcome(frame: ServerFrame) -> Welcome {
+    match frame {
+        ServerFrame::Welcome(welcome) => welcome,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_take_over_a_lease_by_its_id() {
+    let stack = stack(2);
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    let victim = lease_holder(stack.path());
+    // Lease ids are no secret: they are in the logs, and this one in the victim's READY line.
+    let id = LeaseId(u64::from_str_radix(victim.ready("lease"), 16).unwrap());
+    wait_for_pool(&mut mirror, "the victim holds a slot", |p| {
+        p.slots_free == 1
+    })
+    .await;
+    let claims = || {
+        vec![
+            HeldLease {
+                lease: id,
+                pool: pool(),
+                slots: 1,
+                secret: LeaseSecret([0; 16]),
+            },
+            HeldLease {
+                lease: id,
+                pool: pool(),
+                slots: 1,
+                secret: LeaseSecret(*b"guessed a secret"),
+            },
+            // A lease nobody was ever granted.
+            HeldLease {
+                lease: LeaseId(id.0 + 1000),
+                pool: pool(),
+                slots: 1,
+                secret: LeaseSecret([7; 16]),
+            },
+        ]
+    };
+    let refused_all = |welcome: &Welcome| {
+        assert!(
+            welcome.reasserted.is_empty(),
+            "leases taken over by id alone: {:?}",
+            welcome.reasserted
+        );
+        assert_eq!(welcome.rejected.len(), 3, "{:?}", welcome.rejected);
+        for (lease, error) in &welcome.rejected {
+            assert_eq!(error.code, ErrorCode::Unauthorized, "{lease}: {error}");
+        }
+    };
+
+    // While the victim holds it, and after the victim died (its lease orphaned, free to come
+    // back to whoever proves it is theirs): the thief proves nothing and gets nothing.
+    let (answer, _while_held) = raw_hello(&socket_path(stack.path()), claims()).await;
+    refused_all(&welcome(answer));
+    victim.kill_with(Signal::SIGKILL);
+    wait_for_pool(&mut mirror, "the victim's slot back", |p| p.slots_free == 2).await;
+    let (answer, _after_death) = raw_hello(&socket_path(stack.path()), claims()).await;
+    refused_all(&welcome(answer));
+    let status = monitor.pool_status(&pool()).await.unwrap();
+    assert_eq!(status.slots_free, 2, "{status:?}");
+    assert!(
+        stack
+            .sidecar
+            .wait_for_stderr("re-asserted leases refused", WAIT)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_lease_holder_loses_its_lease_after_the_ttl_while_a_live_one_keeps_its_own() {
+    const TTL: Duration = Duration::from_millis(1000);
+    let stack = stack_with(4, &format!("lease_ttl_ms = {}", TTL.as_millis()));
+    let monitor = client(stack.path(), "monitor").await;
+    let mut mirror = monitor.subscribe().await.unwrap();
+    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    let live = client(stack.path(), "live").await;
+    let mut live_revocations = live.revocations();
+    let kept = live
+        .acquire(AcquireTarget::Pool(pool()), "kept", None, 1)
+        .await
+        .unwrap();
+    // The lease holder uses the same client as orchestratord; SIGSTOP freezes it whole, with its
+    // connection left open.
+    let mut frozen = lease_holder(stack.path());
+    wait_for_pool(&mut mirror, "both leases held", |p| p.slots_free == 2).await;
+    frozen.kill_with(Signal::SIGSTOP);
+    let stopped = Instant::now();
+    wait_for_pool(&mut mirror, "the frozen holder's slot back", |p| {
+        p.slots_free == 3
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= TTL / 4,
+        "expired {:?} after the freeze: sooner than the TTL allows",
+        stopped.elapsed()
+    );
+    let metrics = http::get(&stack.shim(), "/metrics", WAIT).unwrap().text();
+    assert!(
+        metrics.contains("pool_managerd_leases_ended_total{reason=\"expired\"} 1"),
+        "{metrics}"
+    );
+
+    // Time passing is what is tested here: two more TTLs, in which only renewals keep a lease.
+    tokio::time::sleep(TTL * 2).await;
+    assert_eq!(live.held_leases(), vec![kept.lease().id]);
+    assert!(
+        live_revocations.try_recv().is_err(),
+        "the live client's lease was revoked"
+    );
+    let status = live.pool_status(&pool()).await.unwrap();
+    assert_eq!(
+        status.slots_free, 3,
+        "the live lease is still held: {status:?}"
+    );
+
+    frozen.kill_with(Signal::SIGCONT);
+    frozen.kill_with(Signal::SIGKILL);
+    frozen.wait_exit(WAIT);
+    kept.release(ReleaseOutcome::Completed).await.unwrap();
+    assert_eq!(live.pool_status(&pool()).await.unwrap().slots_free, 4);
 }

@@ -1428,6 +1428,33 @@ fn a_revoked_lease_ends_its_stream_at_once_with_a_typed_error() {
 }
 
 #[test]
+fn a_frozen_orchestratord_loses_its_leases_after_the_lease_ttl() {
+    let stack = Stack::builder()
+        .pool(&double_pool("p", "double", 1, &["--token-delay-ms", "50"]))
+        .sidecar_server("lease_ttl_ms = 1000")
+        .start();
+    let addr = stack.api();
+    std::thread::spawn(move || {
+        drain_stream(post(&addr, "/v1/chat/completions", &chat(400, true), &[]).0)
+    });
+    stack.wait_for_leases("p", 1);
+    // Frozen whole, its connection to pool-managerd left open: nothing renews the lease.
+    stack.orchestrator.kill_with(e2e::Signal::SIGSTOP);
+    let frozen = Instant::now();
+    stack.wait_for_leases("p", 0);
+    let expired_after = frozen.elapsed();
+    stack.orchestrator.kill_with(e2e::Signal::SIGCONT);
+    let metrics = http::get(stack.sidecar.ready("debug_http"), "/metrics", WAIT)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("pool_managerd_leases_ended_total{reason=\"expired\"} 1"),
+        "{metrics}"
+    );
+    eprintln!("a frozen orchestratord's lease expired {expired_after:?} after the freeze");
+}
+
+#[test]
 fn a_task_nobody_reads_is_cancelled_after_the_grace_and_frees_its_slot() {
     let stack = stack(
         1,

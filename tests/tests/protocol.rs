@@ -143,27 +143,34 @@ async fn a_client_of_another_protocol_version_is_refused_with_a_clear_error() {
 }
 
 #[tokio::test]
-async fn a_version_1_client_re_asserting_a_lease_is_refused_and_no_slot_is_taken() {
+async fn clients_of_versions_1_and_2_re_asserting_a_lease_are_refused_and_no_slot_is_taken() {
     let sidecar = sidecar();
-    // What a version 1 orchestratord sent after a sidecar restart: its HeldLease had no slots.
+    // What a version 1 orchestratord sent after a sidecar restart (its HeldLease had no slots),
+    // and what a version 2 one sends (its HeldLease has no secret: no proof the lease is its own).
     let v1_hello: &[u8] = &[
         0, b'P', b'M', b'G', b'R', 1, // Hello, magic, protocol_version 1
         3, b'o', b'l', b'd', // client_name "old"
         1, 7, 1, b'p', // held_leases: lease 7 on pool "p"
     ];
-    let mut frame = u32::try_from(v1_hello.len())
-        .unwrap()
-        .to_be_bytes()
-        .to_vec();
-    frame.extend_from_slice(v1_hello);
-    let mut stream = raw(&sidecar.socket());
-    stream.write_all(&frame).unwrap();
-    let error = refusal(&frames_until_close(&mut stream)).clone();
-    assert_eq!(error.code, ErrorCode::VersionMismatch, "{error}");
-    assert!(
-        error.message.contains("the client speaks version 1"),
-        "{error}"
-    );
+    let v2_hello: &[u8] = &[
+        0, b'P', b'M', b'G', b'R', 2, // Hello, magic, protocol_version 2
+        3, b'o', b'l', b'd', // client_name "old"
+        1, 7, 1, b'p', 1, // held_leases: lease 7 on pool "p", 1 slot
+    ];
+    for (version, hello) in [(1, v1_hello), (2, v2_hello)] {
+        let mut frame = u32::try_from(hello.len()).unwrap().to_be_bytes().to_vec();
+        frame.extend_from_slice(hello);
+        let mut stream = raw(&sidecar.socket());
+        stream.write_all(&frame).unwrap();
+        let error = refusal(&frames_until_close(&mut stream)).clone();
+        assert_eq!(error.code, ErrorCode::VersionMismatch, "{error}");
+        assert!(
+            error.message.contains(&format!(
+                "speaks protocol version {PROTOCOL_VERSION}, the client speaks version {version}"
+            )),
+            "{error}"
+        );
+    }
     let client = PoolClient::connect(ClientConfig::new(sidecar.socket(), "after"))
         .await
         .unwrap();
@@ -189,6 +196,7 @@ async fn a_server_of_another_protocol_version_gives_the_client_a_clear_error() {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             reasserted: Vec::new(),
             rejected: Vec::new(),
+            lease_ttl_ms: 0,
         });
         stream
             .write_all(&frame_bytes(&welcome, DEFAULT_MAX_FRAME_BYTES).unwrap())

@@ -8,7 +8,7 @@
 //! connection ends, its leases are handed back (`LeasesReturn`'s `Drop`).
 
 use super::server::IpcContext;
-use crate::registry::{ConnectionId, RegistryEvent};
+use crate::registry::{ConnectionId, Owner, RegistryEvent};
 use crate::supervisor::AdminCommand;
 use crate::supervisor::engine::supervisor_gone;
 use bytes::BytesMut;
@@ -224,6 +224,14 @@ impl Session {
         Ok(Some(hello))
     }
 
+    /// Whose leases this connection takes: the cap counts the uid.
+    fn owner(&self) -> Owner {
+        Owner {
+            connection: self.id,
+            uid: self.peer.uid(),
+        }
+    }
+
     fn version_mismatch(&self, client_version: u32, client_name: &str) -> Refusal {
         tracing::warn!(
             connection = self.id,
@@ -242,12 +250,23 @@ impl Session {
     }
 
     async fn welcome(&mut self, hello: Hello) -> Result<(), Refusal> {
+        let most = self.context.max_leased_slots_per_uid;
+        if hello.held_leases.len() > most as usize {
+            self.context.metrics.record_refused("too_many_leases");
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the Hello re-asserts {} leases; one uid may hold at most {most} leased slots",
+                    hello.held_leases.len()
+                ),
+            ));
+        }
         let (reasserted, rejected) = if hello.held_leases.is_empty() {
             (Vec::new(), Vec::new())
         } else {
             self.context
                 .registry
-                .reassert(self.id, hello.held_leases)
+                .reassert(self.owner(), hello.held_leases)
                 .await
                 .map_err(Refusal)?
         };
@@ -259,6 +278,7 @@ impl Session {
             max_frame_bytes: self.context.max_frame_bytes,
             reasserted,
             rejected,
+            lease_ttl_ms: self.context.lease_ttl_ms,
         });
         self.queue(&welcome)?;
         self.flush().await
@@ -380,13 +400,17 @@ impl Session {
                         format!("task_id and session must be at most {MAX_ID_LEN} bytes"),
                     ));
                 }
-                let lease = registry.acquire(self.id, target, slots).await?;
+                let lease = registry.acquire(self.owner(), target, slots).await?;
                 tracing::debug!(connection = self.id, lease = %lease.id, pool = %lease.pool, slots, %task_id, ?session, "lease granted");
                 Ok(Response::Acquired(lease))
             }
             Request::Release { lease, outcome } => {
                 registry.release(self.id, lease, outcome).await?;
                 Ok(Response::Released)
+            }
+            Request::Renew => {
+                let leases = registry.renew(self.id).await?;
+                Ok(Response::Renewed { leases })
             }
             Request::Subscribe => {
                 self.subscribed = true;

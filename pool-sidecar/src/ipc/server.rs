@@ -25,6 +25,11 @@ pub struct IpcContext {
     pub gpus: Arc<GpuProbe>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
+    /// Announced in `Welcome`; 0: leases never expire.
+    pub lease_ttl_ms: u64,
+    /// One uid's lease cap in slots; a `Hello` re-asserting more leases than this is refused
+    /// whole (each lease holds at least one slot), before any secret is checked.
+    pub max_leased_slots_per_uid: u32,
     pub metrics: Arc<Metrics>,
     /// Where `reload` may load models from.
     pub model_dirs: Arc<crate::config::ModelDirs>,

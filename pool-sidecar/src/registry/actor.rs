@@ -4,20 +4,24 @@
 //! get-then-act from outside. After each batch of queued commands the actor publishes a fresh
 //! snapshot (a `watch`, for advisory reads: CanDispatch, the debug shim, metrics) and the
 //! coalesced changes (a `broadcast`, for subscribers). The actor never awaits anything but its
-//! inbox, so one slow peer or engine can never stall the registry.
+//! inbox and the timer of the next lease expiry, so one slow peer or engine can never stall the
+//! registry. It is the registry's clock: before each batch it tells the state the time, which
+//! expires the leases whose TTL ran out.
 //!
 //! The inbox is unbounded on purpose: `Drop` paths must be able to hand back leases without
 //! awaiting, and its depth is bounded in practice because every connection waits for each reply
 //! before reading its next call.
 
-use super::state::{ConnectionId, EngineReport, ProbeReport, RegistryState};
+use super::state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport, RegistryState};
 use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{AcquireTarget, Lease, LeaseId, PoolId, RegistrySnapshot, ReleaseOutcome};
 use pool_ipc::wire::{Change, HeldLease};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 /// Commands handled in a batch before publishing; bounds how stale the snapshot can get.
 const MAX_BATCH: usize = 256;
@@ -28,7 +32,7 @@ type ReassertOutcome = (Vec<LeaseId>, Vec<(LeaseId, IpcError)>);
 
 enum Command {
     Acquire {
-        owner: ConnectionId,
+        owner: Owner,
         target: AcquireTarget,
         slots: u32,
         reply: Reply<Result<Lease, IpcError>>,
@@ -40,9 +44,13 @@ enum Command {
         reply: Reply<Result<(), IpcError>>,
     },
     Reassert {
-        owner: ConnectionId,
+        owner: Owner,
         held: Vec<HeldLease>,
         reply: Reply<ReassertOutcome>,
+    },
+    Renew {
+        owner: ConnectionId,
+        reply: Reply<u32>,
     },
     ConnectionClosed {
         owner: ConnectionId,
@@ -95,7 +103,7 @@ impl RegistryHandle {
 
     pub async fn acquire(
         &self,
-        owner: ConnectionId,
+        owner: Owner,
         target: AcquireTarget,
         slots: u32,
     ) -> Result<Lease, IpcError> {
@@ -125,11 +133,16 @@ impl RegistryHandle {
 
     pub async fn reassert(
         &self,
-        owner: ConnectionId,
+        owner: Owner,
         held: Vec<HeldLease>,
     ) -> Result<ReassertOutcome, IpcError> {
         self.ask(|reply| Command::Reassert { owner, held, reply })
             .await
+    }
+
+    /// Renews every lease of the connection for another TTL; returns how many it holds.
+    pub async fn renew(&self, owner: ConnectionId) -> Result<u32, IpcError> {
+        self.ask(|reply| Command::Renew { owner, reply }).await
     }
 
     /// Whether the actor answers: it is alive and not stuck (the systemd watchdog asks).
@@ -183,15 +196,16 @@ impl RegistryHandle {
 /// Starts the actor; it runs until every handle is dropped.
 pub fn spawn_registry(
     pools: &[PoolConfig],
-    lease_id_base: u64,
+    policy: LeasePolicy,
     metrics: Arc<Metrics>,
 ) -> (RegistryHandle, tokio::task::JoinHandle<()>) {
-    let state = RegistryState::new(pools, lease_id_base);
+    let state = RegistryState::new(pools, policy);
     let (commands, inbox) = mpsc::unbounded_channel();
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(state.snapshot()));
     let events = broadcast::Sender::new(EVENT_BUFFER);
     let actor = RegistryActor {
         state,
+        started: Instant::now(),
         inbox,
         snapshot: snapshot_tx,
         events: events.clone(),
@@ -210,6 +224,8 @@ pub fn spawn_registry(
 
 struct RegistryActor {
     state: RegistryState,
+    /// Time 0 of the state's clock.
+    started: Instant,
     inbox: mpsc::UnboundedReceiver<Command>,
     snapshot: watch::Sender<Arc<RegistrySnapshot>>,
     events: broadcast::Sender<Arc<Vec<RegistryEvent>>>,
@@ -219,7 +235,21 @@ struct RegistryActor {
 impl RegistryActor {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while self.inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        loop {
+            let next_expiry = self
+                .state
+                .next_expiry_ms()
+                .map(|at_ms| self.started + Duration::from_millis(at_ms));
+            tokio::select! {
+                received = self.inbox.recv_many(&mut batch, MAX_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                () = wait_until(next_expiry) => {}
+            }
+            let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.state.advance(now_ms);
             for command in batch.drain(..) {
                 self.apply(command);
             }
@@ -243,9 +273,11 @@ impl RegistryActor {
                     self.metrics.leases_granted.inc();
                     // The requester may have gone while we decided: then the lease goes back.
                     if reply.send(result.clone()).is_err() {
-                        let _ = self
-                            .state
-                            .release(owner, lease.id, ReleaseOutcome::Cancelled);
+                        let _ = self.state.release(
+                            owner.connection,
+                            lease.id,
+                            ReleaseOutcome::Cancelled,
+                        );
                     }
                 } else {
                     let _ = reply.send(result);
@@ -263,14 +295,21 @@ impl RegistryActor {
                 let outcome = self.state.reassert(owner, &held);
                 if !outcome.0.is_empty() {
                     tracing::info!(
-                        connection = owner,
+                        connection = owner.connection,
                         leases = outcome.0.len(),
                         "re-asserted leases re-created"
                     );
                 }
-                if reply.send(outcome).is_err() {
-                    self.state.connection_closed(owner);
+                // One line however many: a hostile Hello may carry thousands.
+                if let Some((lease, error)) = outcome.1.first() {
+                    tracing::warn!(connection = owner.connection, uid = owner.uid, refused = outcome.1.len(), first = %lease, %error, "re-asserted leases refused");
                 }
+                if reply.send(outcome).is_err() {
+                    self.state.connection_closed(owner.connection);
+                }
+            }
+            Command::Renew { owner, reply } => {
+                let _ = reply.send(self.state.renew(owner));
             }
             Command::ConnectionClosed { owner } => {
                 let released = self.state.connection_closed(owner);
@@ -336,6 +375,14 @@ impl RegistryActor {
     }
 }
 
+/// Sleeps until `deadline`; forever without one.
+async fn wait_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn log_change(change: &Change) {
     if let Change::LeasesRevoked {
         pool,
@@ -370,9 +417,21 @@ mod tests {
         }]
     }
 
-    #[tokio::test]
-    async fn a_vanished_requester_does_not_keep_its_lease() {
-        let (registry, _task) = spawn_registry(&config(), 0, Arc::new(Metrics::new()));
+    fn policy(ttl_ms: Option<u64>) -> LeasePolicy {
+        LeasePolicy {
+            id_base: 0,
+            signer: crate::registry::LeaseSigner::from_key([1; 64]),
+            ttl_ms,
+            max_slots_per_uid: 16,
+        }
+    }
+
+    fn owner(connection: ConnectionId) -> Owner {
+        Owner { connection, uid: 7 }
+    }
+
+    async fn ready_registry(ttl_ms: Option<u64>) -> RegistryHandle {
+        let (registry, _task) = spawn_registry(&config(), policy(ttl_ms), Arc::new(Metrics::new()));
         registry.record_probe(
             PoolId("a".into()),
             ProbeReport {
@@ -387,20 +446,63 @@ mod tests {
             .wait_for(|s| s.pools[0].state == PoolState::Ready)
             .await
             .unwrap();
+        registry
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_nobody_renews_expires_on_the_actors_own_timer_and_its_holder_is_told() {
+        let registry = ready_registry(Some(1000)).await;
+        let mut events = registry.subscribe_events();
+        let started = tokio::time::Instant::now();
+        let lease = registry
+            .acquire(owner(1), AcquireTarget::Pool(PoolId("a".into())), 1)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(registry.renew(1).await.unwrap(), 1);
+        assert_eq!(registry.renew(2).await.unwrap(), 0, "not connection 2's");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            registry.snapshot().pools[0].slots_free,
+            0,
+            "renewed at 600 ms: still held at 1200 ms"
+        );
+        // No command arrives from now on: only the actor's timer can expire the lease.
+        let revoked = loop {
+            let batch = events.recv().await.unwrap();
+            if let Some(event) = batch
+                .iter()
+                .find(|event| matches!(event.change, Change::LeasesRevoked { .. }))
+            {
+                break event.clone();
+            }
+        };
+        assert_eq!(started.elapsed(), Duration::from_millis(1600));
+        assert_eq!(revoked.lease_owners, vec![1]);
+        assert!(
+            matches!(&revoked.change, Change::LeasesRevoked { leases, reason, .. } if leases == &vec![lease.id] && reason.contains("1000 ms")),
+            "{revoked:?}"
+        );
+        assert_eq!(registry.snapshot().pools[0].slots_free, 1);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_requester_does_not_keep_its_lease() {
+        let registry = ready_registry(None).await;
         // The requester gives up before the actor answers.
         let (reply, answer) = oneshot::channel();
         drop(answer);
         registry
             .commands
             .send(Command::Acquire {
-                owner: 1,
+                owner: owner(1),
                 target: AcquireTarget::Pool(PoolId("a".into())),
                 slots: 1,
                 reply,
             })
             .unwrap();
         let lease = registry
-            .acquire(2, AcquireTarget::Pool(PoolId("a".into())), 1)
+            .acquire(owner(2), AcquireTarget::Pool(PoolId("a".into())), 1)
             .await;
         assert!(lease.is_ok(), "the abandoned lease came back: {lease:?}");
     }

@@ -2,7 +2,9 @@
 //! only code that mutates it; everyone else holds a [`RegistryHandle`].
 
 pub mod actor;
+pub mod signer;
 pub mod state;
 
 pub use actor::{RegistryEvent, RegistryHandle, spawn_registry};
-pub use state::{ConnectionId, EngineReport, ProbeReport};
+pub use signer::LeaseSigner;
+pub use state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport};

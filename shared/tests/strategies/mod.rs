@@ -13,8 +13,8 @@
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
-    IpcError, Lease, LeaseId, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot, PoolState,
-    RegistrySnapshot, ReleaseOutcome, Reply, Request, Response, ServerFrame, Welcome,
+    IpcError, Lease, LeaseId, LeaseSecret, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot,
+    PoolState, RegistrySnapshot, ReleaseOutcome, Reply, Request, Response, ServerFrame, Welcome,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -137,16 +137,22 @@ pub fn lease() -> BoxedStrategy<Lease> {
         engine_kind(),
         endpoint(),
         any::<u32>(),
+        lease_secret(),
     )
-        .prop_map(|(id, pool, model, engine, endpoint, slots)| Lease {
+        .prop_map(|(id, pool, model, engine, endpoint, slots, secret)| Lease {
             id,
             pool,
             model,
             engine,
             endpoint,
             slots,
+            secret,
         })
         .boxed()
+}
+
+pub fn lease_secret() -> BoxedStrategy<LeaseSecret> {
+    any::<[u8; 16]>().prop_map(LeaseSecret).boxed()
 }
 
 pub fn acquire_target() -> BoxedStrategy<AcquireTarget> {
@@ -178,6 +184,7 @@ pub fn error_code() -> BoxedStrategy<ErrorCode> {
         Just(ErrorCode::Internal),
         Just(ErrorCode::Unsupported),
         Just(ErrorCode::ShuttingDown),
+        Just(ErrorCode::LeaseCapReached),
     ]
     .boxed()
 }
@@ -214,6 +221,7 @@ pub fn request() -> BoxedStrategy<Request> {
         (pool_id(), text()).prop_map(|(pool, model)| Request::Reload { pool, model }),
         pool_id().prop_map(|pool| Request::Restart { pool }),
         Just(Request::Gpus),
+        Just(Request::Renew),
     ]
     .boxed()
 }
@@ -238,11 +246,14 @@ pub fn hello() -> BoxedStrategy<Hello> {
     let magic = prop_oneof![Just(MAGIC), any::<[u8; 4]>()];
     let version = prop_oneof![Just(PROTOCOL_VERSION), any::<u32>()];
     let held = vec(
-        (lease_id(), pool_id(), any::<u32>()).prop_map(|(lease, pool, slots)| HeldLease {
-            lease,
-            pool,
-            slots,
-        }),
+        (lease_id(), pool_id(), any::<u32>(), lease_secret()).prop_map(
+            |(lease, pool, slots, secret)| HeldLease {
+                lease,
+                pool,
+                slots,
+                secret,
+            },
+        ),
         0..3,
     );
     (magic, version, text(), held)
@@ -276,6 +287,7 @@ pub fn response() -> BoxedStrategy<Response> {
         registry_snapshot().prop_map(Response::Subscribed),
         Just(Response::Accepted),
         gpu_inventory().prop_map(Response::Gpus),
+        any::<u32>().prop_map(|leases| Response::Renewed { leases }),
     ]
     .boxed()
 }
@@ -304,6 +316,7 @@ pub fn welcome() -> BoxedStrategy<Welcome> {
         any::<u32>(),
         vec(lease_id(), 0..3),
         vec((lease_id(), ipc_error()), 0..3),
+        any::<u64>(),
     )
         .prop_map(
             |(
@@ -313,6 +326,7 @@ pub fn welcome() -> BoxedStrategy<Welcome> {
                 max_frame_bytes,
                 reasserted,
                 rejected,
+                lease_ttl_ms,
             )| Welcome {
                 protocol_version,
                 server_version,
@@ -320,6 +334,7 @@ pub fn welcome() -> BoxedStrategy<Welcome> {
                 max_frame_bytes,
                 reasserted,
                 rejected,
+                lease_ttl_ms,
             },
         )
         .boxed()
@@ -371,6 +386,7 @@ pub fn response_variant(response: &Response) -> &'static str {
         Response::Subscribed(_) => "subscribed",
         Response::Accepted => "accepted",
         Response::Gpus(_) => "gpus",
+        Response::Renewed { .. } => "renewed",
     }
 }
 
@@ -428,6 +444,7 @@ pub fn error_code_variant(code: &ErrorCode) -> &'static str {
         ErrorCode::Internal => "internal",
         ErrorCode::Unsupported => "unsupported",
         ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::LeaseCapReached => "lease_cap_reached",
     }
 }
 
@@ -456,5 +473,6 @@ pub fn request_variant(request: &Request) -> &'static str {
         Request::Reload { .. } => "reload",
         Request::Restart { .. } => "restart",
         Request::Gpus => "gpus",
+        Request::Renew => "renew",
     }
 }
