@@ -261,7 +261,7 @@ impl Stack {
             script.display(),
             args.join(" "),
             String::from_utf8_lossy(&output.stderr),
-            self.orchestrator.stderr()
+            self.orchestrator().stderr()
         );
         output
     }

@@ -1,8 +1,9 @@
 //! The product as tests run it: pool-managerd with the pools of a test (engine doubles from
 //! [`double_pool`], real llama-servers from `real_engine::llama_pool`, or any `[[pool]]` TOML)
 //! and orchestratord in front of it, started by one [`StackBuilder`] and waited for until every
-//! pool is ready in orchestratord's own view. Tests share this one builder instead of keeping
-//! their own copies of it.
+//! pool is ready in orchestratord's own view. Tests of pool-managerd alone leave orchestratord
+//! out ([`StackBuilder::without_orchestrator`]) and wait for the pool states they expect
+//! themselves. Tests share this one builder instead of keeping their own copies of it.
 
 #![expect(
     clippy::unwrap_used,
@@ -11,6 +12,7 @@
 
 use crate::sidecar::{Sidecar, sidecar_command, socket_path, state_dir};
 use crate::{Daemon, DaemonBuilder, binary, http, temp_dir};
+use pool_ipc::client::{ClientConfig, PoolClient};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,10 +52,13 @@ pub struct StackBuilder {
     orchestrator_toml: String,
     api_key: Option<String>,
     startup: Option<Duration>,
+    without_orchestrator: bool,
+    engines: Vec<Daemon>,
 }
 
 impl StackBuilder {
-    /// One more `[[pool]]` (TOML, e.g. from [`double_pool`]).
+    /// More of pool-managerd's config: a `[[pool]]` (e.g. from [`double_pool`]) or other tables.
+    /// `{dir}` stands for the stack's directory.
     pub fn pool(mut self, toml: &str) -> StackBuilder {
         self.pools.push_str(toml);
         self
@@ -76,6 +81,19 @@ impl StackBuilder {
     /// orchestratord's one API key (a key file of one bare key); the stack's helpers send it.
     pub fn api_key(mut self, key: &str) -> StackBuilder {
         self.api_key = Some(key.to_owned());
+        self
+    }
+
+    /// pool-managerd alone: no orchestratord, and no wait for the pools.
+    pub fn without_orchestrator(mut self) -> StackBuilder {
+        self.without_orchestrator = true;
+        self
+    }
+
+    /// An engine the test started itself (for a pool with an `endpoint`): the stack keeps it
+    /// running and stops it last.
+    pub fn engine(mut self, engine: Daemon) -> StackBuilder {
+        self.engines.push(engine);
         self
     }
 
@@ -104,6 +122,16 @@ impl StackBuilder {
         };
         std::fs::write(&config, format!("{server}{pools}")).unwrap();
         let sidecar = Sidecar::from_daemon(sidecar_command(path, &config).start(), path);
+        if self.without_orchestrator {
+            return Stack {
+                orchestrator: None,
+                sidecar,
+                engines: self.engines,
+                config,
+                api_key: None,
+                dir,
+            };
+        }
         let mut orchestrator = DaemonBuilder::new(binary("orchestratord"))
             .name("orchestratord")
             .arg("--listen")
@@ -121,8 +149,9 @@ impl StackBuilder {
             orchestrator = orchestrator.arg("--config").arg(toml);
         }
         let stack = Stack {
-            orchestrator: orchestrator.start(),
+            orchestrator: Some(orchestrator.start()),
             sidecar,
+            engines: self.engines,
             config,
             api_key: self.api_key,
             dir,
@@ -134,8 +163,10 @@ impl StackBuilder {
 
 /// pool-managerd and orchestratord, running; dropping it stops both and every engine.
 pub struct Stack {
-    pub orchestrator: Daemon,
+    orchestrator: Option<Daemon>,
     pub sidecar: Sidecar,
+    /// Engines the test started itself, stopped after pool-managerd.
+    pub engines: Vec<Daemon>,
     /// pool-managerd's config file.
     pub config: PathBuf,
     api_key: Option<String>,
@@ -148,9 +179,42 @@ impl Stack {
         StackBuilder::default()
     }
 
+    /// The running orchestratord (panics for a stack without one).
+    pub fn orchestrator(&self) -> &Daemon {
+        self.orchestrator
+            .as_ref()
+            .unwrap_or_else(|| panic!("this stack runs no orchestratord"))
+    }
+
+    /// The running orchestratord, to wait for or restart (panics for a stack without one).
+    pub fn orchestrator_mut(&mut self) -> &mut Daemon {
+        self.orchestrator
+            .as_mut()
+            .unwrap_or_else(|| panic!("this stack runs no orchestratord"))
+    }
+
     /// orchestratord's address (`127.0.0.1:PORT`).
     pub fn api(&self) -> String {
-        self.orchestrator.ready("listen").to_owned()
+        self.orchestrator().ready("listen").to_owned()
+    }
+
+    /// pool-managerd's debug shim address.
+    pub fn shim(&self) -> String {
+        self.sidecar.ready("debug_http").to_owned()
+    }
+
+    /// A new client of pool-managerd's socket, named `name` in its logs.
+    pub async fn client(&self, name: &str) -> PoolClient {
+        PoolClient::connect(ClientConfig::new(socket_path(self.path()), name))
+            .await
+            .unwrap()
+    }
+
+    /// Starts pool-managerd again on the same socket, state and config, after the test killed
+    /// it: it adopts the engines its predecessor left.
+    pub fn restart_sidecar(&mut self) {
+        let dir = self.dir.path().to_owned();
+        self.sidecar.restart(&dir, &self.config);
     }
 
     pub fn path(&self) -> &Path {
@@ -241,12 +305,20 @@ impl Stack {
 
     /// The pid pool-managerd recorded for the pool's engine.
     pub fn engine_pid(&self, pool: &str) -> i32 {
+        let pid = self
+            .recorded_engine_pid(pool)
+            .unwrap_or_else(|| panic!("no engine recorded for pool {pool}"));
+        i32::try_from(pid).unwrap()
+    }
+
+    /// The pid in the pool's engine record, if there is one.
+    pub fn recorded_engine_pid(&self, pool: &str) -> Option<u32> {
         let record = state_dir(self.path())
             .join("engines")
             .join(format!("{pool}.json"));
-        let text = std::fs::read_to_string(&record).unwrap();
-        let record: Value = serde_json::from_str(&text).unwrap();
-        i32::try_from(record["pid"].as_i64().unwrap()).unwrap()
+        let text = std::fs::read_to_string(record).ok()?;
+        let record: Value = serde_json::from_str(&text).ok()?;
+        u32::try_from(record["pid"].as_u64()?).ok()
     }
 
     /// Polls `done` every few milliseconds until it holds; panics after [`WAIT`].

@@ -975,14 +975,14 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
     assert_eq!(status, 200);
     let stream = std::thread::spawn(move || drain_stream(reader));
     stack.wait_for_leases("p", 1);
-    stack.orchestrator.kill_with(e2e::Signal::SIGTERM);
+    stack.orchestrator().kill_with(e2e::Signal::SIGTERM);
     assert_eq!(
         stream.join().unwrap(),
         (40, true),
         "the running stream was cut off"
     );
     let status = stack
-        .orchestrator
+        .orchestrator_mut()
         .wait_exit(WAIT)
         .expect("orchestratord did not exit");
     assert_eq!(status.code(), Some(0));
@@ -1083,7 +1083,7 @@ print("".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.
         output.status.success(),
         "the SDK saw a failure: {}\n{}",
         String::from_utf8_lossy(&output.stderr),
-        stack.orchestrator.stderr()
+        stack.orchestrator().stderr()
     );
     assert_eq!(stdout.split_whitespace().count(), 4, "{stdout}");
     let b = http::get(&stack.endpoint("b"), "/control/stats", WAIT)
@@ -1229,18 +1229,18 @@ fn sighup_rereads_the_api_keys_without_a_restart() {
     };
     assert_eq!(with_key("first-key-first-key"), 200);
     std::fs::write(&key_file, "second-key-second-key\n").unwrap();
-    let pid = stack.orchestrator.pid();
-    stack.orchestrator.kill_with(e2e::Signal::SIGHUP);
+    let pid = stack.orchestrator().pid();
+    stack.orchestrator().kill_with(e2e::Signal::SIGHUP);
     assert!(
         stack
-            .orchestrator
+            .orchestrator()
             .wait_for_stderr("configuration reloaded", WAIT),
         "{}",
-        stack.orchestrator.stderr()
+        stack.orchestrator().stderr()
     );
     assert_eq!(with_key("first-key-first-key"), 401);
     assert_eq!(with_key("second-key-second-key"), 200);
-    assert_eq!(stack.orchestrator.pid(), pid);
+    assert_eq!(stack.orchestrator().pid(), pid);
 }
 
 #[test]
@@ -1439,11 +1439,11 @@ fn a_frozen_orchestratord_loses_its_leases_after_the_lease_ttl() {
     });
     stack.wait_for_leases("p", 1);
     // Frozen whole, its connection to pool-managerd left open: nothing renews the lease.
-    stack.orchestrator.kill_with(e2e::Signal::SIGSTOP);
+    stack.orchestrator().kill_with(e2e::Signal::SIGSTOP);
     let frozen = Instant::now();
     stack.wait_for_leases("p", 0);
     let expired_after = frozen.elapsed();
-    stack.orchestrator.kill_with(e2e::Signal::SIGCONT);
+    stack.orchestrator().kill_with(e2e::Signal::SIGCONT);
     let metrics = http::get(stack.sidecar.ready("debug_http"), "/metrics", WAIT)
         .unwrap()
         .text();

@@ -124,7 +124,7 @@ fn tiny_models_every_api_through_orchestratord_answers_as_the_real_llama_server_
         output.status.success(),
         "api_surface_check failed:\n{stdout}\n{}\norchestratord: {}",
         String::from_utf8_lossy(&output.stderr),
-        stack.orchestrator.stderr()
+        stack.orchestrator().stderr()
     );
     let results: Vec<Value> = stdout
         .lines()

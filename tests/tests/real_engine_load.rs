@@ -161,7 +161,7 @@ fn tiny_model_64_and_256_concurrent_streams_on_16_real_llama_server_slots_never_
                 "{model} at {clients} concurrent: refused {:?}\nbroken {:?}\norchestratord: {}",
                 outcome.refused.iter().take(3).collect::<Vec<_>>(),
                 outcome.broken.iter().take(3).collect::<Vec<_>>(),
-                stack.orchestrator.stderr()
+                stack.orchestrator().stderr()
             );
             assert_eq!(outcome.complete, clients * per_client);
         }
