@@ -27,7 +27,7 @@ mod connection;
 mod llamacpp;
 mod openai;
 mod responses;
-mod sse;
+pub mod sse;
 mod stream;
 
 use std::fmt;

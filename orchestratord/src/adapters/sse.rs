@@ -13,15 +13,18 @@
 //! Invariant: an event's payload and frame are zero-copy slices of the bytes pushed whenever the
 //! event did not straddle two pushes (and, for the payload, has one `data` line); nothing is ever
 //! re-encoded.
+//!
+//! Public so that the `sse_decoder` fuzz target drives the very decoder engine streams go through;
+//! its one user in the daemon is `EngineStream`.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
 /// The largest event accepted. llama-server's native final event repeats the whole prompt, so this
 /// is generous; past it the stream is treated as malformed rather than buffered without bound.
-pub(super) const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum SseEvent {
+pub enum SseEvent {
     /// A data event: its `data` (exact payload bytes) and the whole event as sent.
     Data { data: Bytes, frame: Bytes },
     /// An `error:` event (llama-server reports a failure mid-stream this way): its value.
@@ -29,13 +32,13 @@ pub(super) enum SseEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(super) enum SseError {
+pub enum SseError {
     #[error("an SSE event exceeds {MAX_EVENT_BYTES} bytes")]
     EventTooLarge,
 }
 
 #[derive(Debug, Default)]
-pub(super) struct SseDecoder {
+pub struct SseDecoder {
     /// Bytes pushed and not yet consumed; starts at the first line of the current event.
     buf: Bytes,
     /// Offset in `buf` up to which lines are known complete and non-blank, so a partial event is not
@@ -45,7 +48,7 @@ pub(super) struct SseDecoder {
 
 impl SseDecoder {
     /// Appends bytes read from the body. Copies only when an event straddles two reads.
-    pub(super) fn push(&mut self, chunk: Bytes) {
+    pub fn push(&mut self, chunk: Bytes) {
         if chunk.is_empty() {
             return;
         }
@@ -61,12 +64,12 @@ impl SseDecoder {
     }
 
     /// Whether bytes of an unfinished event are buffered (a stream ending now was cut mid-event).
-    pub(super) fn has_partial_event(&self) -> bool {
+    pub fn has_partial_event(&self) -> bool {
         !self.buf.is_empty()
     }
 
     /// The next complete event, or `Ok(None)` until more bytes are pushed.
-    pub(super) fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+    pub fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
         loop {
             let Some(blank) = self.find_blank_line() else {
                 if self.buf.len() > MAX_EVENT_BYTES {

@@ -236,17 +236,55 @@ fn counter(context: &Context, body: &Bytes, api: ApiEndpoint) -> Result<ValidReq
     })
 }
 
-async fn serve(
-    state: AppState,
+/// The OpenAI routes whose body is checked before the request is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/rerank`.
+    Rerank,
+    /// `POST /v1/reranking` (llama.cpp's name for the same).
+    Reranking,
+    /// `POST /v1/responses`.
+    Responses,
+    /// `POST /v1/responses/input_tokens`.
+    ResponsesInputTokens,
+    /// `POST /v1/chat/completions/input_tokens`.
+    ChatInputTokens,
+}
+
+/// Checks the body `inbound` brought to `route`, exactly as that route's handler does before
+/// queueing anything: what to run and how to answer, or the typed error the client gets. Pure and
+/// total on any bytes (the `openai_validator` fuzz target drives it).
+pub fn check(
+    route: Route,
     inbound: Inbound,
-    check: impl FnOnce(&Context, &Bytes) -> Result<ValidRequest, ApiError>,
-) -> Response {
+    queue_deadline: std::time::Duration,
+) -> Result<ValidRequest, ApiError> {
     let body = inbound.body.clone();
     let context = Context {
-        queue_deadline: state.config.get().queue_deadline,
         inbound,
+        queue_deadline,
     };
-    match check(&context, &body) {
+    match route {
+        Route::ChatCompletions => generation(&context, &body, true),
+        Route::Completions => generation(&context, &body, false),
+        Route::Embeddings => embeddings(&context, &body),
+        Route::Rerank => rerank(&context, &body, "/v1/rerank"),
+        Route::Reranking => rerank(&context, &body, "/v1/reranking"),
+        Route::Responses => responses(&context, &body),
+        Route::ResponsesInputTokens => counter(&context, &body, ApiEndpoint::ResponsesInputTokens),
+        Route::ChatInputTokens => counter(&context, &body, ApiEndpoint::ChatCompletionsInputTokens),
+    }
+}
+
+async fn serve(state: AppState, inbound: Inbound, route: Route) -> Response {
+    let queue_deadline = state.config.get().queue_deadline;
+    match check(route, inbound, queue_deadline) {
         Ok(request) => {
             lifecycle::serve(&state, request.exchange, ErrorShape::OpenAi, request.reply).await
         }
@@ -255,53 +293,35 @@ async fn serve(
 }
 
 pub async fn chat_completions(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        generation(context, body, true)
-    })
-    .await
+    serve(state, inbound, Route::ChatCompletions).await
 }
 
 pub async fn completions(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        generation(context, body, false)
-    })
-    .await
+    serve(state, inbound, Route::Completions).await
 }
 
 pub async fn embeddings_handler(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, embeddings).await
+    serve(state, inbound, Route::Embeddings).await
 }
 
 pub async fn rerank_handler(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        rerank(context, body, "/v1/rerank")
-    })
-    .await
+    serve(state, inbound, Route::Rerank).await
 }
 
 pub async fn reranking_handler(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        rerank(context, body, "/v1/reranking")
-    })
-    .await
+    serve(state, inbound, Route::Reranking).await
 }
 
 pub async fn responses_handler(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, responses).await
+    serve(state, inbound, Route::Responses).await
 }
 
 pub async fn responses_input_tokens(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        counter(context, body, ApiEndpoint::ResponsesInputTokens)
-    })
-    .await
+    serve(state, inbound, Route::ResponsesInputTokens).await
 }
 
 pub async fn chat_input_tokens(State(state): State<AppState>, inbound: Inbound) -> Response {
-    serve(state, inbound, |context, body| {
-        counter(context, body, ApiEndpoint::ChatCompletionsInputTokens)
-    })
-    .await
+    serve(state, inbound, Route::ChatInputTokens).await
 }
 
 /// `GET /v1/models`: every model a pool serves; `created` is when this orchestratord first saw it.

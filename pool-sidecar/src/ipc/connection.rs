@@ -46,6 +46,62 @@ impl Refusal {
     }
 }
 
+/// Why a connection's first frame is not a Hello this server accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstFrameError {
+    /// A pool-managerd client of another protocol version (`client_name` is `?` when its Hello
+    /// could only be read as far as the version).
+    VersionMismatch {
+        client_version: u32,
+        client_name: String,
+    },
+    /// Not a pool-managerd Hello at all (another message, bad magic, malformed bytes): why.
+    NotHello(String),
+}
+
+/// Judges the payload of a connection's first frame, as the server does before anything else:
+/// a `Hello` with the right magic and this protocol version, or why not. Pure, and total on any
+/// bytes (it is what a hostile peer reaches first, and what the `hello_handshake` fuzz target
+/// drives). A first frame that does not decode as this version's `Hello` is read again as the
+/// preamble every version shares, to tell a client of another version from a stranger.
+pub fn judge_first_frame(payload: &[u8]) -> Result<Hello, FirstFrameError> {
+    let hello = match decode_payload::<ClientFrame>(payload) {
+        Ok(ClientFrame::Hello(hello)) => hello,
+        Ok(ClientFrame::Call(_)) => {
+            return Err(FirstFrameError::NotHello(
+                "the first frame must be Hello".to_owned(),
+            ));
+        }
+        Err(error) => {
+            return Err(match decode_payload_prefix::<HelloPreamble>(payload) {
+                Ok((preamble, _))
+                    if preamble.frame_variant == 0
+                        && preamble.magic == MAGIC
+                        && preamble.protocol_version != PROTOCOL_VERSION =>
+                {
+                    FirstFrameError::VersionMismatch {
+                        client_version: preamble.protocol_version,
+                        client_name: "?".to_owned(),
+                    }
+                }
+                _ => FirstFrameError::NotHello(format!("not a pool-managerd Hello: {error}")),
+            });
+        }
+    };
+    if hello.magic != MAGIC {
+        return Err(FirstFrameError::NotHello(
+            "bad magic: not a pool-managerd client".to_owned(),
+        ));
+    }
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(FirstFrameError::VersionMismatch {
+            client_version: hello.protocol_version,
+            client_name: hello.client_name,
+        });
+    }
+    Ok(hello)
+}
+
 /// Returns the connection's leases to the registry however the connection ends.
 struct LeasesReturn {
     context: Arc<IpcContext>,
@@ -188,40 +244,16 @@ impl Session {
             }
             Ok(Ok(Some(payload))) => payload,
         };
-        let hello = match decode_payload::<ClientFrame>(&first) {
-            Ok(ClientFrame::Hello(hello)) => hello,
-            Ok(ClientFrame::Call(_)) => {
-                return Err(Refusal::new(
-                    ErrorCode::BadRequest,
-                    "the first frame must be Hello",
-                ));
+        match judge_first_frame(&first) {
+            Ok(hello) => Ok(Some(hello)),
+            Err(FirstFrameError::VersionMismatch {
+                client_version,
+                client_name,
+            }) => Err(self.version_mismatch(client_version, &client_name)),
+            Err(FirstFrameError::NotHello(message)) => {
+                Err(Refusal::new(ErrorCode::BadRequest, message))
             }
-            Err(error) => {
-                return Err(match decode_payload_prefix::<HelloPreamble>(&first) {
-                    Ok((preamble, _))
-                        if preamble.frame_variant == 0
-                            && preamble.magic == MAGIC
-                            && preamble.protocol_version != PROTOCOL_VERSION =>
-                    {
-                        self.version_mismatch(preamble.protocol_version, "?")
-                    }
-                    _ => Refusal::new(
-                        ErrorCode::BadRequest,
-                        format!("not a pool-managerd Hello: {error}"),
-                    ),
-                });
-            }
-        };
-        if hello.magic != MAGIC {
-            return Err(Refusal::new(
-                ErrorCode::BadRequest,
-                "bad magic: not a pool-managerd client",
-            ));
         }
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(self.version_mismatch(hello.protocol_version, &hello.client_name));
-        }
-        Ok(Some(hello))
     }
 
     /// Whose leases this connection takes: the cap counts the uid.
@@ -600,4 +632,86 @@ fn bad_frame(error: pool_ipc::codec::CodecError) -> Refusal {
 
 fn shutting_down() -> Refusal {
     Refusal::new(ErrorCode::ShuttingDown, "pool-managerd is shutting down")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool_ipc::codec::{HEADER_BYTES, frame_bytes};
+    use pool_ipc::{DEFAULT_MAX_FRAME_BYTES, HeldLease, LeaseId};
+
+    fn payload_of(message: &ClientFrame) -> Vec<u8> {
+        frame_bytes(message, DEFAULT_MAX_FRAME_BYTES).unwrap()[HEADER_BYTES..].to_vec()
+    }
+
+    fn hello(magic: [u8; 4], protocol_version: u32) -> ClientFrame {
+        ClientFrame::Hello(Hello {
+            magic,
+            protocol_version,
+            client_name: "orchestratord".into(),
+            held_leases: vec![HeldLease {
+                lease: LeaseId(7),
+                pool: PoolId::from("p"),
+                slots: 1,
+            }],
+        })
+    }
+
+    #[test]
+    fn a_hello_of_this_version_is_accepted_as_sent() {
+        let frame = hello(MAGIC, PROTOCOL_VERSION);
+        let ClientFrame::Hello(expected) = frame.clone() else {
+            unreachable!()
+        };
+        assert_eq!(judge_first_frame(&payload_of(&frame)), Ok(expected));
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_a_version_mismatch_naming_the_client() {
+        let judged = judge_first_frame(&payload_of(&hello(MAGIC, PROTOCOL_VERSION + 1)));
+        assert_eq!(
+            judged,
+            Err(FirstFrameError::VersionMismatch {
+                client_version: PROTOCOL_VERSION + 1,
+                client_name: "orchestratord".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_foreign_hello_that_keeps_the_shared_preamble_is_a_version_mismatch() {
+        // Variant 0, the magic, version 1, then bytes this version cannot read as a Hello.
+        let mut payload = vec![0];
+        payload.extend_from_slice(&MAGIC);
+        payload.extend_from_slice(&[1, 0xff, 0xff]);
+        assert_eq!(
+            judge_first_frame(&payload),
+            Err(FirstFrameError::VersionMismatch {
+                client_version: 1,
+                client_name: "?".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_call_bad_magic_or_garbage_is_not_a_hello() {
+        let call = ClientFrame::Call(Call {
+            id: 1,
+            request: Request::Ping,
+        });
+        for payload in [
+            payload_of(&call),
+            payload_of(&hello(*b"HTTP", PROTOCOL_VERSION)),
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            Vec::new(),
+        ] {
+            assert!(
+                matches!(
+                    judge_first_frame(&payload),
+                    Err(FirstFrameError::NotHello(_))
+                ),
+                "{payload:?}"
+            );
+        }
+    }
 }
