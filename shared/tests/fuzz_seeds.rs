@@ -9,8 +9,8 @@ mod strategies;
 
 use pool_ipc::codec::{HEADER_BYTES, frame_bytes};
 use pool_ipc::{
-    Call, ClientFrame, DEFAULT_MAX_FRAME_BYTES, HeldLease, Hello, LeaseId, MAGIC, PROTOCOL_VERSION,
-    PoolId, Request,
+    Call, ClientFrame, DEFAULT_MAX_FRAME_BYTES, HeldLease, Hello, LeaseId, LeaseSecret, MAGIC,
+    PROTOCOL_VERSION, PoolId, Request,
 };
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
@@ -50,6 +50,7 @@ fn write_the_fuzz_seed_corpus() {
         lease: LeaseId(42),
         pool: PoolId::from("pool-a"),
         slots: 2,
+        secret: LeaseSecret([7; 16]),
     }];
     let ping = ClientFrame::Call(Call {
         id: 1,

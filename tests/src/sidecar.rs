@@ -46,23 +46,30 @@ fn endpoint_of(listen: &str) -> String {
     }
 }
 
-/// Writes `dir/config.toml` with `server_extra` lines in `[server]` and the pools.
-pub fn write_config(dir: &Path, server_extra: &str, pools: &[PoolSpec]) -> PathBuf {
-    let mut text = format!("[server]\n{server_extra}\n");
-    for pool in pools {
-        let _ = write!(
-            text,
+impl PoolSpec {
+    /// The pool's `[[pool]]` table.
+    pub fn toml(&self) -> String {
+        let mut text = format!(
             "\n[[pool]]\nid = {:?}\nmodel = {:?}\nengine = {:?}\nendpoint = {:?}\nslots = {}\n",
-            pool.id, pool.model, pool.engine, pool.endpoint, pool.slots,
+            self.id, self.model, self.engine, self.endpoint, self.slots,
         );
-        if let Some(endpoints) = &pool.endpoints {
+        if let Some(endpoints) = &self.endpoints {
             let _ = writeln!(text, "endpoints = {endpoints:?}");
         }
         let _ = write!(
             text,
             "[pool.probe]\ninterval_ms = {}\ntimeout_ms = {}\nfailure_threshold = {}\n",
-            pool.probe_interval_ms, pool.probe_timeout_ms, pool.failure_threshold
+            self.probe_interval_ms, self.probe_timeout_ms, self.failure_threshold
         );
+        text
+    }
+}
+
+/// Writes `dir/config.toml` with `server_extra` lines in `[server]` and the pools.
+pub fn write_config(dir: &Path, server_extra: &str, pools: &[PoolSpec]) -> PathBuf {
+    let mut text = format!("[server]\n{server_extra}\n");
+    for pool in pools {
+        text.push_str(&pool.toml());
     }
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
@@ -189,14 +196,28 @@ fn start_ticks(pid: u64) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Waits (at most 15 s) until `pool` in a registry mirror satisfies `check`; returns it then.
-/// Panics with the whole mirror when it never does.
+/// A client of the pool-managerd whose socket is under `dir`, named `name` in its logs.
+pub async fn connect_client(dir: &Path, name: &str) -> pool_ipc::client::PoolClient {
+    let config = pool_ipc::client::ClientConfig::new(socket_path(dir), name);
+    pool_ipc::client::PoolClient::connect(config)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot connect to pool-managerd under {}: {error}",
+                dir.display()
+            )
+        })
+}
+
+/// Waits (at most 15 s) until pool `pool` in a registry mirror satisfies `check`; returns it
+/// then. Panics with the whole mirror when it never does.
 pub async fn wait_for_pool(
     mirror: &mut tokio::sync::watch::Receiver<pool_ipc::client::RegistryMirror>,
-    pool: &pool_ipc::registry::PoolId,
+    pool: &str,
     what: &str,
     check: impl Fn(&pool_ipc::registry::PoolSnapshot) -> bool,
 ) -> pool_ipc::registry::PoolSnapshot {
+    let pool = &pool_ipc::registry::PoolId::from(pool);
     let reached = {
         let wait = mirror.wait_for(|m| m.snapshot.pool(pool).is_some_and(&check));
         tokio::time::timeout(std::time::Duration::from_secs(15), wait)

@@ -10,9 +10,9 @@
     reason = "test harness: a panic with the failing call is the report"
 )]
 
-use crate::sidecar::{Sidecar, sidecar_command, socket_path, state_dir};
+use crate::sidecar::{Sidecar, connect_client, sidecar_command, socket_path, state_dir};
 use crate::{Daemon, DaemonBuilder, binary, http, temp_dir};
-use pool_ipc::client::{ClientConfig, PoolClient};
+use pool_ipc::client::PoolClient;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -205,9 +205,7 @@ impl Stack {
 
     /// A new client of pool-managerd's socket, named `name` in its logs.
     pub async fn client(&self, name: &str) -> PoolClient {
-        PoolClient::connect(ClientConfig::new(socket_path(self.path()), name))
-            .await
-            .unwrap()
+        connect_client(self.path(), name).await
     }
 
     /// Starts pool-managerd again on the same socket, state and config, after the test killed

@@ -7,15 +7,17 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{PoolSpec, Sidecar, socket_path, start_sidecar, write_config};
+use e2e::sidecar::{
+    PoolSpec, connect_client, socket_path, start_sidecar, wait_for_pool, write_config,
+};
+use e2e::stack::Stack;
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
-use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
+use pool_ipc::client::{ClientError, ConnectionState};
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, decode_payload, frame_bytes};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::framed::FrameReader;
 use pool_ipc::registry::{
-    AcquireTarget, ApiEndpoint, EngineKind, LeaseId, LeaseSecret, PoolId, PoolSnapshot, PoolState,
-    ReleaseOutcome,
+    AcquireTarget, ApiEndpoint, EngineKind, LeaseId, LeaseSecret, PoolId, PoolState, ReleaseOutcome,
 };
 use pool_ipc::wire::{
     ClientFrame, HeldLease, Hello, MAGIC, PROTOCOL_VERSION, ServerFrame, Welcome,
@@ -24,30 +26,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Stack {
-    sidecar: Sidecar,
-    engine: Daemon,
-    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
-    dir: TempDir,
-}
-
-impl Stack {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn shim(&self) -> String {
-        self.sidecar.ready("debug_http").to_owned()
-    }
-}
-
-/// One pool `p` with `slots` slots, served by an engine double on a Unix socket.
+/// One pool `p` with `slots` slots, served by an engine double on a Unix socket that the test
+/// started (an engine pool-managerd does not manage).
 fn stack(slots: u32) -> Stack {
     stack_with(slots, "")
 }
@@ -57,35 +41,13 @@ fn stack_with(slots: u32, server_extra: &str) -> Stack {
     let dir = temp_dir();
     let engine_socket = dir.path().join("engine.sock");
     let engine = start_engine_double(&["--listen", engine_socket.to_str().unwrap()]);
-    let config = write_config(
-        dir.path(),
-        server_extra,
-        &[PoolSpec::new("p", engine.ready("listen"), slots)],
-    );
-    let sidecar = start_sidecar(dir.path(), &config);
-    Stack {
-        dir,
-        engine,
-        sidecar,
-    }
-}
-
-async fn client(dir: &Path, name: &str) -> PoolClient {
-    PoolClient::connect(ClientConfig::new(socket_path(dir), name))
-        .await
-        .unwrap()
-}
-
-fn pool() -> PoolId {
-    PoolId("p".into())
-}
-
-async fn wait_for_pool(
-    mirror: &mut watch::Receiver<RegistryMirror>,
-    what: &str,
-    check: impl Fn(&PoolSnapshot) -> bool,
-) -> PoolSnapshot {
-    e2e::sidecar::wait_for_pool(mirror, &pool(), what, check).await
+    let pool = PoolSpec::new("p", engine.ready("listen"), slots).toml();
+    Stack::builder()
+        .without_orchestrator()
+        .engine(engine)
+        .sidecar_server(server_extra)
+        .pool(&pool)
+        .start_in(dir)
 }
 
 fn shim_status(stack: &Stack) -> serde_json::Value {
@@ -97,7 +59,7 @@ fn shim_status(stack: &Stack) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
     let stack = stack(4);
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
     let max_leased_seen = Arc::new(AtomicU32::new(0));
     let watcher = {
@@ -106,7 +68,7 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
         tokio::spawn(async move {
             while mirror.changed().await.is_ok() {
                 let mirror = mirror.borrow_and_update();
-                if let Some(pool) = mirror.snapshot.pool(&pool()) {
+                if let Some(pool) = mirror.snapshot.pool(&PoolId::from("p")) {
                     assert!(pool.slots_free <= pool.slots_total, "{pool:?}");
                     max_leased_seen.fetch_max(pool.active_leases(), Ordering::SeqCst);
                 }
@@ -122,7 +84,7 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
         let holding = Arc::clone(&holding);
         let max_holding = Arc::clone(&max_holding);
         racers.spawn(async move {
-            let client = client(&dir, &format!("racer-{racer}")).await;
+            let client = connect_client(&dir, &format!("racer-{racer}")).await;
             let mut granted = 0;
             let mut attempts = 0;
             while granted < 4 {
@@ -130,7 +92,7 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
                 assert!(attempts < 20_000, "racer {racer} starved");
                 match client
                     .acquire(
-                        AcquireTarget::Pool(pool()),
+                        AcquireTarget::Pool(PoolId::from("p")),
                         format!("t{racer}-{attempts}"),
                         None,
                         1,
@@ -165,7 +127,10 @@ async fn sixty_four_clients_racing_for_four_slots_never_hold_more_than_four() {
     while let Some(granted) = racers.join_next().await {
         granted_total += granted.unwrap();
     }
-    let settled = wait_for_pool(&mut mirror, "all slots free again", |p| p.slots_free == 4).await;
+    let settled = wait_for_pool(&mut mirror, "p", "all slots free again", |p| {
+        p.slots_free == 4
+    })
+    .await;
     assert_eq!(settled.slots_total, 4);
     watcher.abort();
     assert!(
@@ -202,12 +167,12 @@ fn lease_holder_of(dir: &Path, slots: u32) -> Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_killed_mid_lease_give_their_slots_back() {
     let stack = stack(4);
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
     let holders: Vec<Daemon> = (0..4).map(|_| lease_holder(stack.path())).collect();
-    wait_for_pool(&mut mirror, "four leases held", |p| p.slots_free == 0).await;
+    wait_for_pool(&mut mirror, "p", "four leases held", |p| p.slots_free == 0).await;
     let refused = monitor
-        .acquire(AcquireTarget::Pool(pool()), "fifth", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "fifth", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -219,12 +184,12 @@ async fn clients_killed_mid_lease_give_their_slots_back() {
     for holder in holders.by_ref().take(2) {
         holder.kill_with(Signal::SIGKILL);
     }
-    wait_for_pool(&mut mirror, "two slots back", |p| p.slots_free == 2).await;
+    wait_for_pool(&mut mirror, "p", "two slots back", |p| p.slots_free == 2).await;
     assert_eq!(shim_status(&stack)["active_leases"], 2);
     for holder in holders {
         holder.kill_with(Signal::SIGKILL);
     }
-    wait_for_pool(&mut mirror, "all slots back", |p| p.slots_free == 4).await;
+    wait_for_pool(&mut mirror, "p", "all slots back", |p| p.slots_free == 4).await;
     let metrics = http::get(&stack.shim(), "/metrics", WAIT).unwrap().text();
     assert!(
         metrics.contains("pool_managerd_leases_ended_total{reason=\"connection_closed\"} 4"),
@@ -235,19 +200,19 @@ async fn clients_killed_mid_lease_give_their_slots_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_told() {
     let mut stack = stack(2);
-    let engine_socket = stack.engine.ready("listen").to_owned();
-    let holder = client(stack.path(), "holder").await;
+    let engine_socket = stack.engines[0].ready("listen").to_owned();
+    let holder = stack.client("holder").await;
     let mut revocations = holder.revocations();
     let mut mirror = holder.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, "p", "ready", |p| p.state == PoolState::Ready).await;
     let guard = holder
-        .acquire(AcquireTarget::Pool(pool()), "doomed", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "doomed", None, 1)
         .await
         .unwrap();
     let lease = guard.lease().id;
 
-    stack.engine.kill_with(Signal::SIGKILL);
-    let unhealthy = wait_for_pool(&mut mirror, "unhealthy", |p| {
+    stack.engines[0].kill_with(Signal::SIGKILL);
+    let unhealthy = wait_for_pool(&mut mirror, "p", "unhealthy", |p| {
         p.state == PoolState::Unhealthy
     })
     .await;
@@ -263,7 +228,7 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
     assert_eq!(revoked.lease, lease);
     assert!(holder.held_leases().is_empty());
     let refused = holder
-        .acquire(AcquireTarget::Pool(pool()), "too-early", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "too-early", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -273,10 +238,13 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
     // Releasing a revoked lease is not an error: it is already gone.
     guard.release(ReleaseOutcome::Failed).await.unwrap();
 
-    stack.engine = start_engine_double(&["--listen", &engine_socket]);
-    wait_for_pool(&mut mirror, "ready again", |p| p.state == PoolState::Ready).await;
+    stack.engines[0] = start_engine_double(&["--listen", &engine_socket]);
+    wait_for_pool(&mut mirror, "p", "ready again", |p| {
+        p.state == PoolState::Ready
+    })
+    .await;
     let guard = holder
-        .acquire(AcquireTarget::Pool(pool()), "after", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "after", None, 1)
         .await
         .unwrap();
     guard.release(ReleaseOutcome::Completed).await.unwrap();
@@ -285,15 +253,19 @@ async fn an_engine_that_dies_turns_its_pool_unhealthy_and_its_lease_holders_are_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     let mut stack = stack(4);
-    let config = stack.path().join("config.toml");
-    let holder = client(stack.path(), "holder").await;
+    let holder = stack.client("holder").await;
     let mut state = holder.connection_state();
     let kept: Vec<_> = {
         let mut guards = Vec::new();
         for (task, slots) in [1, 1, 2].into_iter().enumerate() {
             guards.push(
                 holder
-                    .acquire(AcquireTarget::Pool(pool()), format!("t{task}"), None, slots)
+                    .acquire(
+                        AcquireTarget::Pool(PoolId::from("p")),
+                        format!("t{task}"),
+                        None,
+                        slots,
+                    )
                     .await
                     .unwrap(),
             );
@@ -314,7 +286,7 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     .unwrap();
     // Released while no sidecar runs: it must not come back with the others.
     drop(dropped_while_down);
-    stack.sidecar.restart(stack.dir.path(), &config);
+    stack.restart_sidecar();
     tokio::time::timeout(
         WAIT,
         state.wait_for(|s| matches!(s, ConnectionState::Connected { .. })),
@@ -323,7 +295,7 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     .unwrap()
     .unwrap();
 
-    let status = holder.pool_status(&pool()).await.unwrap();
+    let status = holder.pool_status(&PoolId::from("p")).await.unwrap();
     assert_eq!(
         status.slots_free, 1,
         "two re-asserted leases holding 1 and 2 slots: {status:?}"
@@ -332,7 +304,14 @@ async fn held_leases_are_reasserted_after_the_sidecar_restarts() {
     for guard in kept {
         guard.release(ReleaseOutcome::Completed).await.unwrap();
     }
-    assert_eq!(holder.pool_status(&pool()).await.unwrap().slots_free, 4);
+    assert_eq!(
+        holder
+            .pool_status(&PoolId::from("p"))
+            .await
+            .unwrap()
+            .slots_free,
+        4
+    );
 }
 
 fn remote_error(result: Result<pool_ipc::client::LeaseGuard, ClientError>) -> (ErrorCode, String) {
@@ -345,19 +324,19 @@ fn remote_error(result: Result<pool_ipc::client::LeaseGuard, ClientError>) -> (E
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_slot_lease_holds_both_slots_of_a_two_slot_pool_until_released() {
     let stack = stack(2);
-    let client = client(stack.path(), "batcher").await;
+    let client = stack.client("batcher").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, "p", "ready", |p| p.state == PoolState::Ready).await;
 
     let both = client
-        .acquire(AcquireTarget::Pool(pool()), "n2", None, 2)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "n2", None, 2)
         .await
         .unwrap();
     assert_eq!(both.lease().slots, 2);
-    let held = wait_for_pool(&mut mirror, "both slots held", |p| p.slots_free == 0).await;
+    let held = wait_for_pool(&mut mirror, "p", "both slots held", |p| p.slots_free == 0).await;
     assert_eq!(held.active_leases(), 2);
     let snapshot = client.snapshot().await.unwrap();
-    assert_eq!(snapshot.pool(&pool()).unwrap().slots_free, 0);
+    assert_eq!(snapshot.pool(&PoolId::from("p")).unwrap().slots_free, 0);
     let status = shim_status(&stack);
     assert_eq!(
         (&status["slots_free"], &status["active_leases"]),
@@ -373,13 +352,13 @@ async fn a_two_slot_lease_holds_both_slots_of_a_two_slot_pool_until_released() {
 
     let (code, message) = remote_error(
         client
-            .acquire(AcquireTarget::Pool(pool()), "one-more", None, 1)
+            .acquire(AcquireTarget::Pool(PoolId::from("p")), "one-more", None, 1)
             .await,
     );
     assert_eq!(code, ErrorCode::NoCapacity, "{message}");
     let (code, message) = remote_error(
         client
-            .acquire(AcquireTarget::Pool(pool()), "n3", None, 3)
+            .acquire(AcquireTarget::Pool(PoolId::from("p")), "n3", None, 3)
             .await,
     );
     assert_eq!(code, ErrorCode::BadRequest, "{message}");
@@ -389,13 +368,13 @@ async fn a_two_slot_lease_holds_both_slots_of_a_two_slot_pool_until_released() {
     );
     let (code, message) = remote_error(
         client
-            .acquire(AcquireTarget::Pool(pool()), "n0", None, 0)
+            .acquire(AcquireTarget::Pool(PoolId::from("p")), "n0", None, 0)
             .await,
     );
     assert_eq!(code, ErrorCode::BadRequest, "{message}");
 
     both.release(ReleaseOutcome::Completed).await.unwrap();
-    let status = client.pool_status(&pool()).await.unwrap();
+    let status = client.pool_status(&PoolId::from("p")).await.unwrap();
     assert_eq!((status.slots_free, status.active_leases()), (2, 0));
     let again = client
         .acquire(AcquireTarget::Model("p-model".into()), "n2-again", None, 2)
@@ -408,17 +387,17 @@ async fn a_two_slot_lease_holds_both_slots_of_a_two_slot_pool_until_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_killed_holding_a_two_slot_lease_gives_both_slots_back() {
     let stack = stack(3);
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
     let holder = lease_holder_of(stack.path(), 2);
-    wait_for_pool(&mut mirror, "two slots held", |p| p.slots_free == 1).await;
+    wait_for_pool(&mut mirror, "p", "two slots held", |p| p.slots_free == 1).await;
     let metrics = http::get(&stack.shim(), "/metrics", WAIT).unwrap().text();
     assert!(
         metrics.contains("pool_managerd_leases_active 2"),
         "the gauge counts slots: {metrics}"
     );
     holder.kill_with(Signal::SIGKILL);
-    wait_for_pool(&mut mirror, "all slots back", |p| p.slots_free == 3).await;
+    wait_for_pool(&mut mirror, "p", "all slots back", |p| p.slots_free == 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,13 +416,13 @@ async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kin
         ],
     );
     let sidecar = start_sidecar(dir.path(), &config);
-    let client = client(dir.path(), "router").await;
+    let client = connect_client(dir.path(), "router").await;
     let snapshot = client.snapshot().await.unwrap();
     let emb = snapshot.pool(&PoolId("emb".into())).unwrap();
     assert_eq!(emb.api_endpoints, vec![ApiEndpoint::Embeddings]);
     assert!(emb.serves(ApiEndpoint::Embeddings));
     assert!(!emb.serves(ApiEndpoint::ChatCompletions));
-    let plain = snapshot.pool(&pool()).unwrap();
+    let plain = snapshot.pool(&PoolId::from("p")).unwrap();
     assert_eq!(
         plain.api_endpoints,
         ApiEndpoint::defaults(EngineKind::Llamacpp)
@@ -452,10 +431,7 @@ async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kin
 
     // Every published form carries it: the pushed mirror, and the shim's JSON.
     let mut mirror = client.subscribe().await.unwrap();
-    let pushed = e2e::sidecar::wait_for_pool(&mut mirror, &PoolId("emb".into()), "ready", |p| {
-        p.state == PoolState::Ready
-    })
-    .await;
+    let pushed = wait_for_pool(&mut mirror, "emb", "ready", |p| p.state == PoolState::Ready).await;
     assert_eq!(pushed.api_endpoints, vec![ApiEndpoint::Embeddings]);
     let shim = sidecar.ready("debug_http");
     let reply = http::get(shim, "/pools/emb/status", WAIT).unwrap();
@@ -468,7 +444,7 @@ async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_pools_and_models_are_typed_errors_everywhere() {
     let stack = stack(1);
-    let client = client(stack.path(), "asker").await;
+    let client = stack.client("asker").await;
     let unknown = PoolId("nope".into());
     for error in [
         client.can_dispatch(&unknown).await.unwrap_err(),
@@ -487,7 +463,7 @@ async fn unknown_pools_and_models_are_typed_errors_everywhere() {
             "{error}"
         );
     }
-    let check = client.can_dispatch(&pool()).await.unwrap();
+    let check = client.can_dispatch(&PoolId::from("p")).await.unwrap();
     assert!(check.dispatchable);
     assert_eq!(check.slots_free, 1);
 
@@ -534,24 +510,24 @@ async fn unknown_pools_and_models_are_typed_errors_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_cannot_take_more_than_its_cap_however_many_connections_it_opens() {
     let stack = stack_with(4, "max_leased_slots_per_uid = 2");
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, "p", "ready", |p| p.state == PoolState::Ready).await;
     // One uid, three connections: the cap counts the uid, not the connection.
-    let first = client(stack.path(), "hostile-1").await;
-    let second = client(stack.path(), "hostile-2").await;
-    let third = client(stack.path(), "hostile-3").await;
+    let first = stack.client("hostile-1").await;
+    let second = stack.client("hostile-2").await;
+    let third = stack.client("hostile-3").await;
     let held = first
-        .acquire(AcquireTarget::Pool(pool()), "a", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "a", None, 1)
         .await
         .unwrap();
     let _also_held = second
-        .acquire(AcquireTarget::Pool(pool()), "b", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "b", None, 1)
         .await
         .unwrap();
     for (who, slots) in [(&second, 1), (&third, 1), (&third, 2)] {
         let (code, message) = remote_error(
-            who.acquire(AcquireTarget::Pool(pool()), "over", None, slots)
+            who.acquire(AcquireTarget::Pool(PoolId::from("p")), "over", None, slots)
                 .await,
         );
         assert_eq!(code, ErrorCode::LeaseCapReached, "{message}");
@@ -563,13 +539,13 @@ async fn a_hostile_peer_cannot_take_more_than_its_cap_however_many_connections_i
             .await,
     );
     assert_eq!(code, ErrorCode::LeaseCapReached);
-    let status = monitor.pool_status(&pool()).await.unwrap();
+    let status = monitor.pool_status(&PoolId::from("p")).await.unwrap();
     assert_eq!(status.slots_free, 2, "nothing changed: {status:?}");
     // Nor can it claim more leases in a Hello than its cap has slots (each holds at least one).
     let claims = (0..3)
         .map(|n| HeldLease {
             lease: LeaseId(n),
-            pool: pool(),
+            pool: PoolId::from("p"),
             slots: 1,
             secret: LeaseSecret([0; 16]),
         })
@@ -584,7 +560,7 @@ async fn a_hostile_peer_cannot_take_more_than_its_cap_however_many_connections_i
 
     held.release(ReleaseOutcome::Completed).await.unwrap();
     let again = third
-        .acquire(AcquireTarget::Pool(pool()), "after", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "after", None, 1)
         .await
         .unwrap();
     assert_eq!(again.lease().slots, 1);
@@ -634,12 +610,12 @@ fn welcome(frame: ServerFrame) -> Welcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_take_over_a_lease_by_its_id() {
     let stack = stack(2);
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
     let victim = lease_holder(stack.path());
     // Lease ids are no secret: they are in the logs, and this one in the victim's READY line.
     let id = LeaseId(u64::from_str_radix(victim.ready("lease"), 16).unwrap());
-    wait_for_pool(&mut mirror, "the victim holds a slot", |p| {
+    wait_for_pool(&mut mirror, "p", "the victim holds a slot", |p| {
         p.slots_free == 1
     })
     .await;
@@ -647,20 +623,20 @@ async fn a_peer_cannot_take_over_a_lease_by_its_id() {
         vec![
             HeldLease {
                 lease: id,
-                pool: pool(),
+                pool: PoolId::from("p"),
                 slots: 1,
                 secret: LeaseSecret([0; 16]),
             },
             HeldLease {
                 lease: id,
-                pool: pool(),
+                pool: PoolId::from("p"),
                 slots: 1,
                 secret: LeaseSecret(*b"guessed a secret"),
             },
             // A lease nobody was ever granted.
             HeldLease {
                 lease: LeaseId(id.0 + 1000),
-                pool: pool(),
+                pool: PoolId::from("p"),
                 slots: 1,
                 secret: LeaseSecret([7; 16]),
             },
@@ -683,10 +659,13 @@ async fn a_peer_cannot_take_over_a_lease_by_its_id() {
     let (answer, _while_held) = raw_hello(&socket_path(stack.path()), claims()).await;
     refused_all(&welcome(answer));
     victim.kill_with(Signal::SIGKILL);
-    wait_for_pool(&mut mirror, "the victim's slot back", |p| p.slots_free == 2).await;
+    wait_for_pool(&mut mirror, "p", "the victim's slot back", |p| {
+        p.slots_free == 2
+    })
+    .await;
     let (answer, _after_death) = raw_hello(&socket_path(stack.path()), claims()).await;
     refused_all(&welcome(answer));
-    let status = monitor.pool_status(&pool()).await.unwrap();
+    let status = monitor.pool_status(&PoolId::from("p")).await.unwrap();
     assert_eq!(status.slots_free, 2, "{status:?}");
     assert!(
         stack
@@ -699,22 +678,22 @@ async fn a_peer_cannot_take_over_a_lease_by_its_id() {
 async fn a_frozen_lease_holder_loses_its_lease_after_the_ttl_while_a_live_one_keeps_its_own() {
     const TTL: Duration = Duration::from_millis(1000);
     let stack = stack_with(4, &format!("lease_ttl_ms = {}", TTL.as_millis()));
-    let monitor = client(stack.path(), "monitor").await;
+    let monitor = stack.client("monitor").await;
     let mut mirror = monitor.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let live = client(stack.path(), "live").await;
+    wait_for_pool(&mut mirror, "p", "ready", |p| p.state == PoolState::Ready).await;
+    let live = stack.client("live").await;
     let mut live_revocations = live.revocations();
     let kept = live
-        .acquire(AcquireTarget::Pool(pool()), "kept", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("p")), "kept", None, 1)
         .await
         .unwrap();
     // The lease holder uses the same client as orchestratord; SIGSTOP freezes it whole, with its
     // connection left open.
     let mut frozen = lease_holder(stack.path());
-    wait_for_pool(&mut mirror, "both leases held", |p| p.slots_free == 2).await;
+    wait_for_pool(&mut mirror, "p", "both leases held", |p| p.slots_free == 2).await;
     frozen.kill_with(Signal::SIGSTOP);
     let stopped = Instant::now();
-    wait_for_pool(&mut mirror, "the frozen holder's slot back", |p| {
+    wait_for_pool(&mut mirror, "p", "the frozen holder's slot back", |p| {
         p.slots_free == 3
     })
     .await;
@@ -736,7 +715,7 @@ async fn a_frozen_lease_holder_loses_its_lease_after_the_ttl_while_a_live_one_ke
         live_revocations.try_recv().is_err(),
         "the live client's lease was revoked"
     );
-    let status = live.pool_status(&pool()).await.unwrap();
+    let status = live.pool_status(&PoolId::from("p")).await.unwrap();
     assert_eq!(
         status.slots_free, 3,
         "the live lease is still held: {status:?}"
@@ -746,5 +725,11 @@ async fn a_frozen_lease_holder_loses_its_lease_after_the_ttl_while_a_live_one_ke
     frozen.kill_with(Signal::SIGKILL);
     frozen.wait_exit(WAIT);
     kept.release(ReleaseOutcome::Completed).await.unwrap();
-    assert_eq!(live.pool_status(&pool()).await.unwrap().slots_free, 4);
+    assert_eq!(
+        live.pool_status(&PoolId::from("p"))
+            .await
+            .unwrap()
+            .slots_free,
+        4
+    );
 }

@@ -89,7 +89,7 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
         .unwrap();
     let mut mirror = client.subscribe().await.unwrap();
     for id in ["keep", "gone", "changed"] {
-        wait_for_pool(&mut mirror, &PoolId(id.into()), "ready", |p| {
+        wait_for_pool(&mut mirror, id, "ready", |p| {
             p.state == PoolState::Ready
         })
         .await;
@@ -135,14 +135,14 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
 
     wait_for_pool(
         &mut mirror,
-        &PoolId("new".into()),
+        "new",
         "the new pool ready",
         |p| p.state == PoolState::Ready,
     )
     .await;
     wait_for_pool(
         &mut mirror,
-        &PoolId("changed".into()),
+        "changed",
         "the changed pool ready with 2 slots",
         |p| p.state == PoolState::Ready && p.slots_total == 2,
     )
@@ -223,7 +223,7 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
         .unwrap();
     let mut mirror = client.subscribe().await.unwrap();
     let pool = PoolId("changed".into());
-    wait_for_pool(&mut mirror, &pool, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| p.state == PoolState::Ready).await;
 
     // Every state the pool shows from here on, as registry subscribers (orchestratord) see it.
     let mut watcher = mirror.clone();
@@ -316,7 +316,7 @@ async fn a_reload_that_changes_only_a_pools_endpoints_publishes_the_new_list() {
         .unwrap();
     let mut mirror = client.subscribe().await.unwrap();
     let pool = PoolId("p".into());
-    let before = wait_for_pool(&mut mirror, &pool, "ready", |p| p.state == PoolState::Ready).await;
+    let before = wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| p.state == PoolState::Ready).await;
     assert_eq!(
         before.api_endpoints,
         ApiEndpoint::defaults(EngineKind::Llamacpp)
@@ -331,7 +331,7 @@ async fn a_reload_that_changes_only_a_pools_endpoints_publishes_the_new_list() {
         }],
     );
     sidecar.kill_with(Signal::SIGHUP);
-    let after = wait_for_pool(&mut mirror, &pool, "the new endpoints, ready", |p| {
+    let after = wait_for_pool(&mut mirror, pool.as_str(), "the new endpoints, ready", |p| {
         p.state == PoolState::Ready && p.api_endpoints != before.api_endpoints
     })
     .await;

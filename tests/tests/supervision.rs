@@ -9,25 +9,15 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{Sidecar, socket_path, start_sidecar, state_dir};
+use e2e::sidecar::{socket_path, state_dir, wait_for_pool};
+use e2e::stack::Stack;
 use e2e::{Signal, binary, temp_dir};
-use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient, RegistryMirror};
-use pool_ipc::registry::{
-    AcquireTarget, Endpoint, PoolId, PoolSnapshot, PoolState, ReleaseOutcome,
-};
+use pool_ipc::client::{ClientConfig, ClientError, ConnectionState, PoolClient};
+use pool_ipc::registry::{AcquireTarget, Endpoint, PoolId, PoolState, ReleaseOutcome};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// One managed pool `m`: the engine double on a Unix socket with 3 slots.
-struct Managed {
-    sidecar: Sidecar,
-    /// Last: dropped after the daemons, whose cleanup reads the state directory inside it.
-    dir: TempDir,
-}
 
 struct Options {
     /// Lines before the pool (top-level tables such as `[debug_http]`).
@@ -104,65 +94,14 @@ window_ms = 60000
     )
 }
 
-fn managed(options: Options) -> Managed {
+/// One managed pool `m`: the engine double on a Unix socket with 3 slots, pool-managerd alone.
+fn managed(options: Options) -> Stack {
     let dir = temp_dir();
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, config_text(dir.path(), &options)).unwrap();
-    let sidecar = start_sidecar(dir.path(), &config);
-    Managed { dir, sidecar }
-}
-
-impl Managed {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    async fn client(&self) -> PoolClient {
-        PoolClient::connect(ClientConfig::new(socket_path(self.path()), "test"))
-            .await
-            .unwrap()
-    }
-
-    /// The engine's pid from the sidecar's engine record.
-    fn engine_pid(&self) -> Option<u32> {
-        let record = state_dir(self.path()).join("engines").join("m.json");
-        let text = std::fs::read_to_string(record).ok()?;
-        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-        value["pid"].as_u64().map(|pid| pid as u32)
-    }
-
-    fn restart_sidecar(&mut self) {
-        let config = self.path().join("config.toml");
-        self.sidecar.restart(self.dir.path(), &config);
-    }
-}
-
-/// Engines outlive a killed sidecar by design (adoption), so a test that ends any other way
-/// than a clean stop must stop them: a clean sidecar stop stops its engines; whatever is still
-/// recorded after that is killed by process group.
-impl Drop for Managed {
-    fn drop(&mut self) {
-        if self.sidecar.try_wait().is_none() {
-            self.sidecar.kill_with(Signal::SIGTERM);
-            self.sidecar.wait_exit(WAIT);
-        }
-        if let Some(pid) = self.engine_pid() {
-            let _ =
-                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-        }
-    }
-}
-
-fn pool() -> PoolId {
-    PoolId("m".into())
-}
-
-async fn wait_for_pool(
-    mirror: &mut watch::Receiver<RegistryMirror>,
-    what: &str,
-    check: impl Fn(&PoolSnapshot) -> bool,
-) -> PoolSnapshot {
-    e2e::sidecar::wait_for_pool(mirror, &pool(), what, check).await
+    let config = config_text(dir.path(), &options);
+    Stack::builder()
+        .without_orchestrator()
+        .pool(&config)
+        .start_in(dir)
 }
 
 /// A pid that is running and not a zombie.
@@ -202,9 +141,9 @@ async fn a_managed_engine_starts_and_reports_the_slots_and_version_it_announces(
             listen,
             ..Options::default()
         });
-        let client = stack.client().await;
+        let client = stack.client("test").await;
         let mut mirror = client.subscribe().await.unwrap();
-        let ready = wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+        let ready = wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
         assert_eq!(ready.slots_total, 3, "slots come from the engine's /props");
         assert!(
             ready
@@ -226,7 +165,7 @@ async fn a_managed_engine_starts_and_reports_the_slots_and_version_it_announces(
             .unwrap();
         assert_eq!(lease.lease().endpoint, ready.endpoint);
         lease.release(ReleaseOutcome::Completed).await.unwrap();
-        assert!(alive(stack.engine_pid().unwrap()));
+        assert!(alive(stack.recorded_engine_pid("m").unwrap()));
     }
 }
 
@@ -236,12 +175,12 @@ async fn an_engine_crashing_in_a_loop_backs_off_with_growing_delays_then_fails_u
         model: serde_json::json!({"exit_after_ms": 150, "exit_code": 3}),
         ..Options::default()
     });
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
     let mut delays = Vec::new();
     let mut seen_until = 0;
     loop {
-        let pool = wait_for_pool(&mut mirror, "backing off or failed", |p| {
+        let pool = wait_for_pool(&mut mirror, "m", "backing off or failed", |p| {
             matches!(p.state, PoolState::BackingOff { until_unix_ms } if until_unix_ms != seen_until)
                 || p.state == PoolState::Failed
         })
@@ -289,8 +228,8 @@ async fn an_engine_crashing_in_a_loop_backs_off_with_growing_delays_then_fails_u
     let admin = PoolClient::connect(ClientConfig::new(socket_path(stack.path()), "operator"))
         .await
         .unwrap();
-    admin.restart(&pool()).await.unwrap();
-    let ready = wait_for_pool(&mut mirror, "ready after restart", |p| {
+    admin.restart(&PoolId::from("m")).await.unwrap();
+    let ready = wait_for_pool(&mut mirror, "m", "ready after restart", |p| {
         p.state == PoolState::Ready
     })
     .await;
@@ -300,15 +239,15 @@ async fn an_engine_crashing_in_a_loop_backs_off_with_growing_delays_then_fails_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_killed_with_sigkill_is_restarted_and_its_leases_are_revoked_with_an_event() {
     let stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut revocations = client.revocations();
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "victim", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("m")), "victim", None, 1)
         .await
         .unwrap();
-    let first = stack.engine_pid().unwrap();
+    let first = stack.recorded_engine_pid("m").unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     let revoked = tokio::time::timeout(WAIT, revocations.recv())
         .await
@@ -320,7 +259,7 @@ async fn an_engine_killed_with_sigkill_is_restarted_and_its_leases_are_revoked_w
         "{}",
         revoked.reason
     );
-    let ready = wait_for_pool(&mut mirror, "ready again", |p| {
+    let ready = wait_for_pool(&mut mirror, "m", "ready again", |p| {
         p.state == PoolState::Ready && p.restarts == 1
     })
     .await;
@@ -328,26 +267,33 @@ async fn an_engine_killed_with_sigkill_is_restarted_and_its_leases_are_revoked_w
         ready.slots_free, 3,
         "the dead engine's lease is not carried over"
     );
-    let second = stack.engine_pid().unwrap();
+    let second = stack.recorded_engine_pid("m").unwrap();
     assert_ne!(first, second);
     assert_not_zombie(first);
     // Releasing the revoked lease is harmless; the slot is not released twice.
     guard.release(ReleaseOutcome::Failed).await.unwrap();
-    assert_eq!(client.pool_status(&pool()).await.unwrap().slots_free, 3);
+    assert_eq!(
+        client
+            .pool_status(&PoolId::from("m"))
+            .await
+            .unwrap()
+            .slots_free,
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_engine_is_marked_unhealthy_and_restarted() {
     let stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let hung = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let hung = stack.recorded_engine_pid("m").unwrap();
     // A stopped process still has its listening socket: connections are accepted by the kernel
     // and never answered, exactly like an engine stuck in a loop.
     let stopped_at = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(hung as i32), Signal::SIGSTOP).unwrap();
-    wait_for_pool(&mut mirror, "unhealthy", |p| {
+    wait_for_pool(&mut mirror, "m", "unhealthy", |p| {
         p.state == PoolState::Unhealthy
     })
     .await;
@@ -357,13 +303,13 @@ async fn a_hung_engine_is_marked_unhealthy_and_restarted() {
         "{:?}",
         stopped_at.elapsed()
     );
-    let ready = wait_for_pool(&mut mirror, "restarted and ready", |p| {
+    let ready = wait_for_pool(&mut mirror, "m", "restarted and ready", |p| {
         p.state == PoolState::Ready && p.restarts == 1
     })
     .await;
     assert!(ready.last_error.is_none());
     wait_until("the hung engine is gone", || !alive(hung)).await;
-    assert_ne!(stack.engine_pid(), Some(hung));
+    assert_ne!(stack.recorded_engine_pid("m"), Some(hung));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,35 +318,38 @@ async fn a_slow_but_answering_engine_is_not_restarted() {
         engine_flags: &["--health-delay-ms", "200"],
         ..Options::default()
     });
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let status = client.pool_status(&pool()).await.unwrap();
+    let status = client.pool_status(&PoolId::from("m")).await.unwrap();
     assert_eq!(status.state, PoolState::Ready, "{status:?}");
     assert_eq!(status.restarts, 0);
-    assert_eq!(stack.engine_pid(), Some(pid));
+    assert_eq!(stack.recorded_engine_pid("m"), Some(pid));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_the_last_lease_then_stops_the_engine() {
     let stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "last", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("m")), "last", None, 1)
         .await
         .unwrap();
     client
-        .drain(&pool(), Duration::from_secs(30))
+        .drain(&PoolId::from("m"), Duration::from_secs(30))
         .await
         .unwrap();
-    wait_for_pool(&mut mirror, "draining", |p| p.state == PoolState::Draining).await;
+    wait_for_pool(&mut mirror, "m", "draining", |p| {
+        p.state == PoolState::Draining
+    })
+    .await;
     let refused = client
-        .acquire(AcquireTarget::Pool(pool()), "late", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("m")), "late", None, 1)
         .await
         .unwrap_err();
     assert!(
@@ -410,32 +359,41 @@ async fn drain_waits_for_the_last_lease_then_stops_the_engine() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(alive(pid), "the engine must run while a lease is live");
     guard.release(ReleaseOutcome::Completed).await.unwrap();
-    wait_for_pool(&mut mirror, "stopped", |p| p.state == PoolState::Stopped).await;
+    wait_for_pool(&mut mirror, "m", "stopped", |p| {
+        p.state == PoolState::Stopped
+    })
+    .await;
     wait_until("the engine has exited", || !alive(pid)).await;
 
     // A drained pool comes back on restart.
-    client.restart(&pool()).await.unwrap();
-    wait_for_pool(&mut mirror, "ready again", |p| p.state == PoolState::Ready).await;
+    client.restart(&PoolId::from("m")).await.unwrap();
+    wait_for_pool(&mut mirror, "m", "ready again", |p| {
+        p.state == PoolState::Ready
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_past_its_deadline_stops_the_engine_anyway() {
     let stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut revocations = client.revocations();
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     let guard = client
-        .acquire(AcquireTarget::Pool(pool()), "stubborn", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("m")), "stubborn", None, 1)
         .await
         .unwrap();
     let started = Instant::now();
     client
-        .drain(&pool(), Duration::from_millis(400))
+        .drain(&PoolId::from("m"), Duration::from_millis(400))
         .await
         .unwrap();
-    let stopped = wait_for_pool(&mut mirror, "stopped", |p| p.state == PoolState::Stopped).await;
+    let stopped = wait_for_pool(&mut mirror, "m", "stopped", |p| {
+        p.state == PoolState::Stopped
+    })
+    .await;
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(stopped.last_error.unwrap().contains("deadline passed"));
     let revoked = tokio::time::timeout(WAIT, revocations.recv())
@@ -452,17 +410,17 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
         pool_extra: "[pool.reload]\nstrategy = \"overlap\"\ndrain_deadline_ms = 2000\n",
         ..Options::default()
     });
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    let before = wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    let before = wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     let broken = model_file(
         stack.path(),
         "broken",
         &serde_json::json!({"never_ready": true}),
     );
     client
-        .reload(&pool(), broken.to_str().unwrap())
+        .reload(&PoolId::from("m"), broken.to_str().unwrap())
         .await
         .unwrap();
 
@@ -477,7 +435,7 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
                 let state = mirror
                     .borrow_and_update()
                     .snapshot
-                    .pool(&pool())
+                    .pool(&PoolId::from("m"))
                     .map(|p| p.state);
                 assert_eq!(
                     state,
@@ -492,7 +450,7 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
     while Instant::now() < deadline {
         let guard = client
             .acquire(
-                AcquireTarget::Pool(pool()),
+                AcquireTarget::Pool(PoolId::from("m")),
                 format!("during-{served}"),
                 None,
                 1,
@@ -504,7 +462,7 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
         served += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let rolled_back = wait_for_pool(&mut mirror, "the failed reload reported", |p| {
+    let rolled_back = wait_for_pool(&mut mirror, "m", "the failed reload reported", |p| {
         p.last_error
             .as_deref()
             .is_some_and(|e| e.contains("failed"))
@@ -514,30 +472,37 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
     assert!(served > 20);
     assert_eq!(rolled_back.state, PoolState::Ready);
     assert_eq!(rolled_back.endpoint, before.endpoint);
-    assert_eq!(stack.engine_pid(), Some(pid), "the old engine served on");
+    assert_eq!(
+        stack.recorded_engine_pid("m"),
+        Some(pid),
+        "the old engine served on"
+    );
 
     // A good reload swaps to a new engine and retires the old one.
     let good = model_file(stack.path(), "good", &serde_json::json!({}));
     client
-        .reload(&pool(), good.to_str().unwrap())
+        .reload(&PoolId::from("m"), good.to_str().unwrap())
         .await
         .unwrap();
-    let swapped = wait_for_pool(&mut mirror, "swapped", |p| p.endpoint != before.endpoint).await;
+    let swapped = wait_for_pool(&mut mirror, "m", "swapped", |p| {
+        p.endpoint != before.endpoint
+    })
+    .await;
     assert_eq!(swapped.state, PoolState::Ready);
-    assert_ne!(stack.engine_pid(), Some(pid));
+    assert_ne!(stack.recorded_engine_pid("m"), Some(pid));
     wait_until("the old engine is retired", || !alive(pid)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_their_slots() {
     let mut stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut state = client.connection_state();
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     let held = client
-        .acquire(AcquireTarget::Pool(pool()), "survivor", None, 1)
+        .acquire(AcquireTarget::Pool(PoolId::from("m")), "survivor", None, 1)
         .await
         .unwrap();
 
@@ -563,8 +528,12 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     .await
     .unwrap()
     .unwrap();
-    assert_eq!(stack.engine_pid(), Some(pid), "adopted, not restarted");
-    let status = client.pool_status(&pool()).await.unwrap();
+    assert_eq!(
+        stack.recorded_engine_pid("m"),
+        Some(pid),
+        "adopted, not restarted"
+    );
+    let status = client.pool_status(&PoolId::from("m")).await.unwrap();
     assert_eq!(status.state, PoolState::Ready);
     assert_eq!(
         (status.slots_total, status.slots_free),
@@ -573,7 +542,14 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     );
     assert_eq!(status.restarts, 0);
     held.release(ReleaseOutcome::Completed).await.unwrap();
-    assert_eq!(client.pool_status(&pool()).await.unwrap().slots_free, 3);
+    assert_eq!(
+        client
+            .pool_status(&PoolId::from("m"))
+            .await
+            .unwrap()
+            .slots_free,
+        3
+    );
 
     // An engine whose configuration changed while the sidecar was down is replaced.
     stack.sidecar.kill_with(Signal::SIGKILL);
@@ -595,12 +571,12 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     .unwrap();
     wait_until("a new engine is recorded", || {
         stack
-            .engine_pid()
+            .recorded_engine_pid("m")
             .is_some_and(|new| new != pid && alive(new))
     })
     .await;
     let deadline = Instant::now() + WAIT;
-    while client.pool_status(&pool()).await.unwrap().state != PoolState::Ready {
+    while client.pool_status(&PoolId::from("m")).await.unwrap().state != PoolState::Ready {
         assert!(
             Instant::now() < deadline,
             "the new engine never became ready"
@@ -612,10 +588,10 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_leaves_no_engine_running_and_no_record() {
     let mut stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let pid = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
     client.close();
     stack.sidecar.kill_with(Signal::SIGTERM);
     let status = stack
@@ -625,7 +601,7 @@ async fn a_clean_stop_leaves_no_engine_running_and_no_record() {
     assert_eq!(status.code(), Some(0), "{}", stack.sidecar.stderr());
     assert!(!alive(pid), "the engine survived a clean stop");
     assert_eq!(
-        stack.engine_pid(),
+        stack.recorded_engine_pid("m"),
         None,
         "the engine record was left behind"
     );
@@ -661,7 +637,7 @@ fn shim_request(
     (status, body)
 }
 
-fn cli(stack: &Managed, args: &[&str]) -> e2e::RunOutput {
+fn cli(stack: &Stack, args: &[&str]) -> e2e::RunOutput {
     e2e::DaemonBuilder::new(binary("pool-managerd"))
         .args(args)
         .arg("--socket")
@@ -682,13 +658,16 @@ async fn operators_drive_a_pool_from_the_cli_and_the_token_guarded_shim() {
         ),
         ..Options::default()
     });
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
 
     let drained = cli(&stack, &["drain", "m", "--deadline-secs", "5"]);
     assert_eq!(drained.status.code(), Some(0), "{}", drained.stderr);
-    wait_for_pool(&mut mirror, "stopped", |p| p.state == PoolState::Stopped).await;
+    wait_for_pool(&mut mirror, "m", "stopped", |p| {
+        p.state == PoolState::Stopped
+    })
+    .await;
     let status = cli(&stack, &["status"]);
     assert!(status.stdout.contains("stopped"), "{}", status.stdout);
     assert!(status.stdout.contains("GPUs:"), "{}", status.stdout);
@@ -714,7 +693,7 @@ async fn operators_drive_a_pool_from_the_cli_and_the_token_guarded_shim() {
     );
     let (status, body) = shim_request(&shim, "POST", "/pools/m/restart", Some(token), "");
     assert_eq!(status, 202, "{body}");
-    wait_for_pool(&mut mirror, "ready after the shim's restart", |p| {
+    wait_for_pool(&mut mirror, "m", "ready after the shim's restart", |p| {
         p.state == PoolState::Ready
     })
     .await;
@@ -729,13 +708,13 @@ async fn operators_drive_a_pool_from_the_cli_and_the_token_guarded_shim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
     let mut stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
-    let main = stack.engine_pid().unwrap();
+    wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
+    let main = stack.recorded_engine_pid("m").unwrap();
     let slow = model_file(stack.path(), "slow", &serde_json::json!({"load_ms": 60000}));
     client
-        .reload(&pool(), slow.to_str().unwrap())
+        .reload(&PoolId::from("m"), slow.to_str().unwrap())
         .await
         .unwrap();
     let engines = state_dir(stack.path()).join("engines");
@@ -760,7 +739,7 @@ async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
     .await;
     assert!(side_pid().is_none(), "its record is gone too");
     assert_eq!(
-        stack.engine_pid(),
+        stack.recorded_engine_pid("m"),
         Some(main),
         "the main engine was adopted"
     );
@@ -770,9 +749,9 @@ async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_loads_only_files_inside_the_model_directories_by_their_resolved_path() {
     let stack = managed(Options::default());
-    let client = stack.client().await;
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
-    let before = wait_for_pool(&mut mirror, "ready", |p| p.state == PoolState::Ready).await;
+    let before = wait_for_pool(&mut mirror, "m", "ready", |p| p.state == PoolState::Ready).await;
     // The pool's model file lies in the test's directory, which is therefore the model directory
     // (server.model_dirs' default). A file elsewhere, directly or through a link, is refused.
     let elsewhere = temp_dir();
@@ -785,7 +764,7 @@ async fn a_reload_loads_only_files_inside_the_model_directories_by_their_resolve
         "/etc/passwd",
         "relative/../../nothing",
     ] {
-        let refused = client.reload(&pool(), path).await.unwrap_err();
+        let refused = client.reload(&PoolId::from("m"), path).await.unwrap_err();
         let ClientError::Remote(error) = refused else {
             panic!("{path}: {refused:?}");
         };
@@ -800,7 +779,7 @@ async fn a_reload_loads_only_files_inside_the_model_directories_by_their_resolve
             .snapshot()
             .await
             .unwrap()
-            .pool(&pool())
+            .pool(&PoolId::from("m"))
             .unwrap()
             .endpoint,
         before.endpoint,
@@ -809,8 +788,11 @@ async fn a_reload_loads_only_files_inside_the_model_directories_by_their_resolve
     // A file inside is loaded.
     let inside = model_file(stack.path(), "inside", &serde_json::json!({}));
     client
-        .reload(&pool(), inside.to_str().unwrap())
+        .reload(&PoolId::from("m"), inside.to_str().unwrap())
         .await
         .unwrap();
-    wait_for_pool(&mut mirror, "swapped", |p| p.endpoint != before.endpoint).await;
+    wait_for_pool(&mut mirror, "m", "swapped", |p| {
+        p.endpoint != before.endpoint
+    })
+    .await;
 }

@@ -653,6 +653,7 @@ mod tests {
                 lease: LeaseId(7),
                 pool: PoolId::from("p"),
                 slots: 1,
+                secret: pool_ipc::registry::LeaseSecret([3; 16]),
             }],
         })
     }
