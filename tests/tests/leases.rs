@@ -7,9 +7,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{
-    PoolSpec, connect_client, socket_path, start_sidecar, wait_for_pool, write_config,
-};
+use e2e::sidecar::{PoolSpec, connect_client, socket_path, wait_for_pool};
 use e2e::stack::Stack;
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
 use pool_ipc::client::{ClientError, ConnectionState};
@@ -404,19 +402,18 @@ async fn a_client_killed_holding_a_two_slot_lease_gives_both_slots_back() {
 async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kinds_defaults() {
     let dir = temp_dir();
     let engine = start_engine_double(&["--listen", dir.path().join("e.sock").to_str().unwrap()]);
-    let config = write_config(
-        dir.path(),
-        "",
-        &[
-            PoolSpec {
-                endpoints: Some(vec!["embeddings"]),
-                ..PoolSpec::new("emb", engine.ready("listen"), 2)
-            },
-            PoolSpec::new("p", engine.ready("listen"), 2),
-        ],
-    );
-    let sidecar = start_sidecar(dir.path(), &config);
-    let client = connect_client(dir.path(), "router").await;
+    let embeddings = PoolSpec {
+        endpoints: Some(vec!["embeddings"]),
+        ..PoolSpec::new("emb", engine.ready("listen"), 2)
+    };
+    let plain = PoolSpec::new("p", engine.ready("listen"), 2);
+    let stack = Stack::builder()
+        .without_orchestrator()
+        .pool(&embeddings.toml())
+        .pool(&plain.toml())
+        .engine(engine)
+        .start_in(dir);
+    let client = stack.client("router").await;
     let snapshot = client.snapshot().await.unwrap();
     let emb = snapshot.pool(&PoolId("emb".into())).unwrap();
     assert_eq!(emb.api_endpoints, vec![ApiEndpoint::Embeddings]);
@@ -433,8 +430,7 @@ async fn a_pool_publishes_the_apis_its_config_names_and_otherwise_its_engine_kin
     let mut mirror = client.subscribe().await.unwrap();
     let pushed = wait_for_pool(&mut mirror, "emb", "ready", |p| p.state == PoolState::Ready).await;
     assert_eq!(pushed.api_endpoints, vec![ApiEndpoint::Embeddings]);
-    let shim = sidecar.ready("debug_http");
-    let reply = http::get(shim, "/pools/emb/status", WAIT).unwrap();
+    let reply = http::get(&stack.shim(), "/pools/emb/status", WAIT).unwrap();
     assert_eq!(
         reply.json()["api_endpoints"],
         serde_json::json!(["embeddings"])

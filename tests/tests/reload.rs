@@ -8,9 +8,8 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{
-    PoolSpec, Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool, write_config,
-};
+use e2e::sidecar::{PoolSpec, Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool};
+use e2e::stack::Stack;
 use e2e::{Signal, binary, http, temp_dir};
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::registry::{
@@ -89,10 +88,7 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
         .unwrap();
     let mut mirror = client.subscribe().await.unwrap();
     for id in ["keep", "gone", "changed"] {
-        wait_for_pool(&mut mirror, id, "ready", |p| {
-            p.state == PoolState::Ready
-        })
-        .await;
+        wait_for_pool(&mut mirror, id, "ready", |p| p.state == PoolState::Ready).await;
     }
     let keep = PoolId("keep".into());
     let keep_pid = engine_pid(dir.path(), "keep").unwrap();
@@ -133,12 +129,9 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
     std::fs::write(&config, reloaded).unwrap();
     sidecar.kill_with(Signal::SIGHUP);
 
-    wait_for_pool(
-        &mut mirror,
-        "new",
-        "the new pool ready",
-        |p| p.state == PoolState::Ready,
-    )
+    wait_for_pool(&mut mirror, "new", "the new pool ready", |p| {
+        p.state == PoolState::Ready
+    })
     .await;
     wait_for_pool(
         &mut mirror,
@@ -207,23 +200,16 @@ async fn a_reload_adds_removes_and_changes_pools_without_disturbing_the_others()
 async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_serves_what_waited()
 {
     let dir = temp_dir();
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, pool_toml(dir.path(), "changed", 1, 20)).unwrap();
-    let sidecar = Sidecar::from_daemon(sidecar_command(dir.path(), &config).start(), dir.path());
-    let orchestrator = e2e::DaemonBuilder::new(binary("orchestratord"))
-        .name("orchestratord")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--socket")
-        .arg(socket_path(dir.path()))
-        .start();
-    let addr = orchestrator.ready("listen").to_owned();
-    let client = PoolClient::connect(ClientConfig::new(socket_path(dir.path()), "test"))
-        .await
-        .unwrap();
+    let first = pool_toml(dir.path(), "changed", 1, 20);
+    let stack = Stack::builder().pool(&first).start_in(dir);
+    let addr = stack.api();
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
     let pool = PoolId("changed".into());
-    wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| p.state == PoolState::Ready).await;
+    wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| {
+        p.state == PoolState::Ready
+    })
+    .await;
 
     // Every state the pool shows from here on, as registry subscribers (orchestratord) see it.
     let mut watcher = mirror.clone();
@@ -268,10 +254,19 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
             http::post_json(&addr, "/v1/chat/completions", &body, WAIT).unwrap()
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = "orchestratord_queue_depth{class=\"interactive\"} 1";
+    let deadline = Instant::now() + WAIT;
+    while !http::get(&addr, "/metrics", WAIT)
+        .unwrap()
+        .text()
+        .contains(queued)
+    {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
-    std::fs::write(&config, pool_toml(dir.path(), "changed", 2, 20)).unwrap();
-    sidecar.kill_with(Signal::SIGHUP);
+    std::fs::write(&stack.config, pool_toml(stack.path(), "changed", 2, 20)).unwrap();
+    stack.sidecar.kill_with(Signal::SIGHUP);
 
     let streamed = running.join().unwrap();
     assert_eq!(streamed.status, 200);
@@ -300,7 +295,6 @@ async fn a_changed_pool_is_replaced_without_ever_looking_stopped_or_absent_and_s
         "the pool's states through the replacement"
     );
     assert_eq!(client.pool_status(&pool).await.unwrap().slots_total, 2);
-    drop(orchestrator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,31 +303,35 @@ async fn a_reload_that_changes_only_a_pools_endpoints_publishes_the_new_list() {
     let engine =
         e2e::start_engine_double(&["--listen", dir.path().join("e.sock").to_str().unwrap()]);
     let spec = PoolSpec::new("p", engine.ready("listen"), 2);
-    let config = write_config(dir.path(), "", std::slice::from_ref(&spec));
-    let sidecar = Sidecar::from_daemon(sidecar_command(dir.path(), &config).start(), dir.path());
-    let client = PoolClient::connect(ClientConfig::new(socket_path(dir.path()), "test"))
-        .await
-        .unwrap();
+    let stack = Stack::builder()
+        .without_orchestrator()
+        .engine(engine)
+        .pool(&spec.toml())
+        .start_in(dir);
+    let client = stack.client("test").await;
     let mut mirror = client.subscribe().await.unwrap();
     let pool = PoolId("p".into());
-    let before = wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| p.state == PoolState::Ready).await;
+    let before = wait_for_pool(&mut mirror, pool.as_str(), "ready", |p| {
+        p.state == PoolState::Ready
+    })
+    .await;
     assert_eq!(
         before.api_endpoints,
         ApiEndpoint::defaults(EngineKind::Llamacpp)
     );
 
-    write_config(
-        dir.path(),
-        "",
-        &[PoolSpec {
-            endpoints: Some(vec!["rerank", "embeddings"]),
-            ..spec
-        }],
-    );
-    sidecar.kill_with(Signal::SIGHUP);
-    let after = wait_for_pool(&mut mirror, pool.as_str(), "the new endpoints, ready", |p| {
-        p.state == PoolState::Ready && p.api_endpoints != before.api_endpoints
-    })
+    let changed = PoolSpec {
+        endpoints: Some(vec!["rerank", "embeddings"]),
+        ..spec
+    };
+    std::fs::write(&stack.config, changed.toml()).unwrap();
+    stack.sidecar.kill_with(Signal::SIGHUP);
+    let after = wait_for_pool(
+        &mut mirror,
+        pool.as_str(),
+        "the new endpoints, ready",
+        |p| p.state == PoolState::Ready && p.api_endpoints != before.api_endpoints,
+    )
     .await;
     assert_eq!(
         after.api_endpoints,
