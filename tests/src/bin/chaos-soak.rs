@@ -10,8 +10,10 @@
 //!
 //! The load: `--concurrency` clients, each running streamed `POST /v1/chat/completions` one after
 //! another until `--duration-secs` have passed, so that about that many streams are always in
-//! flight. Most read their stream to the end; some drop the connection mid-stream on purpose;
+//! flight. Most read their stream to the end; some drop the connection on purpose (after a few
+//! events, or after a random time whatever the request is doing then: queued, placed, streaming);
 //! some are slow readers (a small receive buffer, long answers, a stall after the first event).
+//! A client refused with an HTTP error waits a second or so before its next request.
 //! Every stream is classified: completed (`[DONE]` after content whose count matches the usage
 //! chunk), failed with a typed error (an HTTP error status with a JSON error code, or an SSE error
 //! event with one), dropped by the client, cut off (a slow reader whose connection the server
@@ -31,9 +33,9 @@
 //! anything leaked.
 
 use clap::Parser;
-use e2e::binary;
 use e2e::sidecar::{start_ticks, state_dir};
 use e2e::stack::{Stack, double_pool};
+use e2e::{binary, http};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_TYPE, HOST};
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
                 rng: StdRng::seed_from_u64(seed),
                 started,
                 counts: FaultCounts::default(),
+                stopped: Vec::new(),
             };
             chaos.run(until, args.fault_every_ms);
             chaos.counts
@@ -224,23 +227,70 @@ struct Chaos<'a> {
     rng: StdRng,
     started: Instant,
     counts: FaultCounts,
+    /// Engines stopped now, continued when their time comes.
+    stopped: Vec<Stopped>,
+}
+
+/// An engine this soak stopped with SIGSTOP.
+struct Stopped {
+    pid: i32,
+    ticks: u64,
+    until: Instant,
+}
+
+impl Stopped {
+    /// SIGCONT, unless pool-managerd has killed it meanwhile: a pid whose start time changed is
+    /// someone else's.
+    fn resume(self) {
+        if start_ticks(self.pid as u64) == Some(self.ticks) {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
+        }
+    }
 }
 
 impl Chaos<'_> {
-    /// Injects faults one at a time until `until`; leaves every engine running (continued).
+    /// Injects faults until `until`, one at a time, though a stopped engine stays stopped while
+    /// later faults come; leaves every engine running (continued).
     fn run(&mut self, until: Instant, every_ms: u64) {
         loop {
             let pause =
                 Duration::from_millis(self.rng.random_range(every_ms / 2..=every_ms * 3 / 2));
-            if Instant::now() + pause >= until {
+            let next = Instant::now() + pause;
+            if next >= until {
                 break;
             }
-            std::thread::sleep(pause);
+            self.continue_until(next);
             match self.rng.random_range(0..6) {
                 0..=2 => self.kill_engine(),
                 3 | 4 => self.stop_engine(),
                 _ => self.restart_sidecar(),
             }
+        }
+        for stopped in std::mem::take(&mut self.stopped) {
+            stopped.resume();
+        }
+    }
+
+    /// Sleeps until `when`, continuing each stopped engine when its time comes.
+    fn continue_until(&mut self, when: Instant) {
+        loop {
+            let now = Instant::now();
+            let (due, waiting) = std::mem::take(&mut self.stopped)
+                .into_iter()
+                .partition(|stopped| stopped.until <= now);
+            self.stopped = waiting;
+            for stopped in due {
+                stopped.resume();
+            }
+            if now >= when {
+                return;
+            }
+            let wake = self
+                .stopped
+                .iter()
+                .map(|stopped| stopped.until)
+                .fold(when, Instant::min);
+            std::thread::sleep(wake.saturating_duration_since(now));
         }
     }
 
@@ -277,6 +327,9 @@ impl Chaos<'_> {
         let Some((pool, pid, ticks)) = self.engine() else {
             return;
         };
+        if self.stopped.iter().any(|stopped| stopped.pid == pid) {
+            return;
+        }
         let pause = Duration::from_millis(self.rng.random_range(1000..=4000));
         if kill(Pid::from_raw(pid), Signal::SIGSTOP).is_err() {
             return;
@@ -286,11 +339,11 @@ impl Chaos<'_> {
             "SIGSTOP engine of {pool} (pid {pid}) for {:.1} s",
             pause.as_secs_f64()
         ));
-        std::thread::sleep(pause);
-        // pool-managerd may have killed it meanwhile; never signal a pid that is someone else's.
-        if start_ticks(pid as u64) == Some(ticks) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-        }
+        self.stopped.push(Stopped {
+            pid,
+            ticks,
+            until: Instant::now() + pause,
+        });
     }
 
     fn restart_sidecar(&mut self) {
@@ -329,6 +382,9 @@ enum Client {
     Reader,
     /// Drops the connection after this many events.
     Dropper(u32),
+    /// Drops the connection this long after sending, whatever the request is doing then (in
+    /// the queue, waiting for its engine, streaming).
+    Impatient(Duration),
     /// Stops reading for [`SLOW_STALL`] after its first event.
     Slow,
 }
@@ -390,22 +446,36 @@ async fn load(api: SocketAddr, args: &Args, seed: u64, until: Instant) -> Tally 
             while Instant::now() < until {
                 let client = match rng.random_range(0..100) {
                     0..=1 => Client::Slow,
-                    2..=11 => Client::Dropper(rng.random_range(1..=20)),
+                    2..=9 => Client::Dropper(rng.random_range(1..=20)),
+                    10..=14 => {
+                        Client::Impatient(Duration::from_millis(rng.random_range(50..=3000)))
+                    }
                     _ => Client::Reader,
                 };
                 let max_tokens = match client {
                     Client::Slow => rng.random_range(800..=1200),
                     _ => rng.random_range(10..=80),
                 };
-                let outcome = tokio::time::timeout(REQUEST_BOUND, stream(api, client, max_tokens))
+                let (bound, late) = match client {
+                    Client::Impatient(patience) => (patience, Outcome::Dropped),
+                    _ => (
+                        REQUEST_BOUND,
+                        Outcome::Broken(format!("no end within {} s", REQUEST_BOUND.as_secs())),
+                    ),
+                };
+                let outcome = tokio::time::timeout(bound, stream(api, client, max_tokens))
                     .await
-                    .unwrap_or_else(|_| {
-                        Outcome::Broken(format!("no end within {} s", REQUEST_BOUND.as_secs()))
-                    });
+                    .unwrap_or(late);
+                // A refused request is retried after a pause, as a client honouring
+                // Retry-After does, rather than at once.
+                let refused = matches!(&outcome, Outcome::Typed(code) if code.starts_with("HTTP"));
                 tally
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .add(client, outcome);
+                if refused {
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(500..=1500))).await;
+                }
             }
         });
     }
@@ -639,6 +709,8 @@ struct Checks {
     leases: u64,
     /// orchestratord's `orchestratord_in_flight` (after waiting for 0).
     in_flight: f64,
+    /// orchestratord's `orchestratord_queue_depth`, all classes (after waiting for 0).
+    queued: f64,
     /// Engine processes of the stack that are no pool's current engine.
     stray_engines: Vec<u32>,
     /// Pools not ready at the end (after waiting).
@@ -668,6 +740,11 @@ impl Checks {
         while in_flight != 0.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
             in_flight = stack.metric("orchestratord_in_flight");
+        }
+        let mut queued = queue_depth(stack);
+        while queued != 0.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            queued = queue_depth(stack);
         }
         let unready = || -> Vec<String> {
             pools
@@ -702,10 +779,23 @@ impl Checks {
         Checks {
             leases: held,
             in_flight,
+            queued,
             stray_engines,
             unready: not_ready,
         }
     }
+}
+
+/// The sum of orchestratord's `orchestratord_queue_depth` samples (one per request class).
+fn queue_depth(stack: &Stack) -> f64 {
+    let metrics = http::get(&stack.api(), "/metrics", Duration::from_secs(10))
+        .unwrap_or_else(|error| panic!("orchestratord's /metrics: {error}"))
+        .text();
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("orchestratord_queue_depth{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Live `test-engine-double` processes started for the stack under `dir` (their command line
@@ -766,6 +856,7 @@ impl Report {
         self.tally.broken == 0
             && self.checks.leases == 0
             && self.checks.in_flight == 0.0
+            && self.checks.queued == 0.0
             && self.checks.stray_engines.is_empty()
             && self.after_stop == 0
     }
@@ -789,34 +880,38 @@ impl Report {
             "last stream ended {:.1} s after the start",
             self.clients_done.as_secs_f64()
         );
-        println!("{:<34}{:>8}", "requests", t.requests);
-        println!("{:<34}{:>8}", "  completed ([DONE])", t.completed);
-        println!("{:<34}{:>8}", "  failed with a typed error", typed);
+        println!("{:<38}{:>8}", "requests", t.requests);
+        println!("{:<38}{:>8}", "  completed ([DONE])", t.completed);
+        println!("{:<38}{:>8}", "  failed with a typed error", typed);
         for (code, count) in &t.typed {
-            println!("{:<34}{:>8}", format!("    {code}"), count);
+            println!("{:<38}{:>8}", format!("    {code}"), count);
         }
-        println!("{:<34}{:>8}", "  dropped by the client", t.dropped);
+        println!("{:<38}{:>8}", "  dropped by the client", t.dropped);
         println!(
-            "{:<34}{:>8}   (of {} slow readers)",
+            "{:<38}{:>8}   (of {} slow readers)",
             "  cut off (slow reader)", t.cut_off, t.slow_readers
         );
-        println!("{:<34}{:>8}   (must be 0)", "  broken", t.broken);
+        println!("{:<38}{:>8}   (must be 0)", "  broken", t.broken);
         for story in &t.broken_examples {
             println!("      {story}");
         }
-        println!("{:<34}{:>8}   (must be 0)", "leases leaked", c.leases);
+        println!("{:<38}{:>8}   (must be 0)", "leases leaked", c.leases);
         println!(
-            "{:<34}{:>8}   (must be 0)",
+            "{:<38}{:>8}   (must be 0)",
             "orchestratord_in_flight at the end", c.in_flight
         );
         println!(
-            "{:<34}{:>8}   (must be 0) {:?}",
+            "{:<38}{:>8}   (must be 0)",
+            "orchestratord_queue_depth at the end", c.queued
+        );
+        println!(
+            "{:<38}{:>8}   (must be 0) {:?}",
             "engine processes leaked",
             c.stray_engines.len(),
             c.stray_engines
         );
         println!(
-            "{:<34}{:>8}   (must be 0)",
+            "{:<38}{:>8}   (must be 0)",
             "engine processes after stack stop", self.after_stop
         );
         if !c.unready.is_empty() {
