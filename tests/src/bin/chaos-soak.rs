@@ -165,7 +165,13 @@ fn main() -> ExitCode {
     let hwm = peak_rss_kib(stack.orchestrator.pid());
     let dir = stack.path().to_owned();
     drop(stack);
-    let after_stop = stack_engines(&dir).len();
+    // A SIGKILLed engine may take a moment to die.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after_stop = stack_engines(&dir).len();
+    while after_stop > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after_stop = stack_engines(&dir).len();
+    }
     let report = Report {
         tally,
         faults,
