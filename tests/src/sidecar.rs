@@ -190,7 +190,8 @@ pub fn kill_recorded_engines(state_dir: &Path) {
     }
 }
 
-fn start_ticks(pid: u64) -> Option<u64> {
+/// The start time (clock ticks after boot) of process `pid` (a zombie too), as `/proc` says.
+pub fn start_ticks(pid: u64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
     after_name.split_whitespace().nth(19)?.parse().ok()
