@@ -30,7 +30,8 @@ use crate::sse::{self, StreamFormat};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use pool_ipc::client::LeaseGuard;
+use pool_ipc::client::{ClientError, LeaseGuard};
+use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId, ReleaseOutcome};
 use serde::Deserialize;
 use serde_json::json;
@@ -553,10 +554,8 @@ impl Lifecycle {
             correlation_id = %self.exchange.correlation_id,
             "the engine failed before answering; the request goes to another pool"
         );
-        if let Some(lease) = failed_lease
-            && let Err(release_error) = lease.release(ReleaseOutcome::Failed).await
-        {
-            tracing::warn!(pool = %failed_pool, %release_error, "lease release failed; the connection's close returns it");
+        if let Some(lease) = failed_lease {
+            give_back(lease, ReleaseOutcome::Failed).await;
         }
         true
     }
@@ -593,10 +592,7 @@ impl Lifecycle {
     /// is told the request ended sees its slot free. Nothing to do for a request without one.
     pub async fn release(&mut self) {
         if let Some((lease, outcome)) = self.ending_lease.take() {
-            let pool = lease.lease().pool.clone();
-            if let Err(error) = lease.release(outcome).await {
-                tracing::warn!(%pool, %error, "lease release failed; the connection's close returns it");
-            }
+            give_back(lease, outcome).await;
         }
     }
 
@@ -674,6 +670,22 @@ impl Drop for Lifecycle {
         self.settle(Ending::Cancelled);
         if let Some((lease, outcome)) = self.ending_lease.take() {
             lease.release_detached(outcome);
+        }
+    }
+}
+
+/// Releases `lease` and waits for pool-managerd to confirm it. A lease pool-managerd no longer
+/// knows was taken back already (revoked, or expired, while the request ended): nothing to warn
+/// about.
+async fn give_back(lease: LeaseGuard, outcome: ReleaseOutcome) {
+    let pool = lease.lease().pool.clone();
+    match lease.release(outcome).await {
+        Ok(()) => {}
+        Err(ClientError::Remote(error)) if error.code == ErrorCode::NotFound => {
+            tracing::debug!(%pool, "the lease was taken back already");
+        }
+        Err(error) => {
+            tracing::warn!(%pool, %error, "lease release failed; the connection's close returns it");
         }
     }
 }
