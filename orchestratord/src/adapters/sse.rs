@@ -12,12 +12,13 @@
 //!
 //! Invariant: an event's payload and frame are zero-copy slices of the bytes pushed whenever the
 //! event did not straddle two pushes (and, for the payload, has one `data` line); nothing is ever
-//! re-encoded.
+//! re-encoded. An event that straddles pushes is assembled in a growing buffer, so an event that
+//! arrives in many small reads costs time linear in its size.
 //!
 //! Public so that the `sse_decoder` fuzz target drives the very decoder engine streams go through;
 //! its one user in the daemon is `EngineStream`.
 
-use bytes::{Buf as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 /// The largest event accepted. llama-server's native final event repeats the whole prompt, so this
 /// is generous; past it the stream is treated as malformed rather than buffered without bound.
@@ -39,8 +40,12 @@ pub enum SseError {
 
 #[derive(Debug, Default)]
 pub struct SseDecoder {
-    /// Bytes pushed and not yet consumed; starts at the first line of the current event.
+    /// Bytes pushed and not yet consumed, as pushed (zero-copy); starts at the first line of the
+    /// current event. Empty while `assembling` holds them.
     buf: Bytes,
+    /// The unconsumed bytes once an event straddled two pushes: later pushes are appended here
+    /// (amortised growth) until it is consumed.
+    assembling: BytesMut,
     /// Offset in `buf` up to which lines are known complete and non-blank, so a partial event is not
     /// rescanned from its start on every push.
     scanned: usize,
@@ -52,35 +57,56 @@ impl SseDecoder {
         if chunk.is_empty() {
             return;
         }
+        if !self.assembling.is_empty() {
+            self.assembling.extend_from_slice(&chunk);
+            return;
+        }
         if self.buf.is_empty() {
             self.buf = chunk;
             self.scanned = 0;
             return;
         }
-        let mut joined = BytesMut::with_capacity(self.buf.len() + chunk.len());
-        joined.extend_from_slice(&self.buf);
-        joined.extend_from_slice(&chunk);
-        self.buf = joined.freeze();
+        self.assembling.reserve(self.buf.len() + chunk.len());
+        self.assembling.extend_from_slice(&self.buf);
+        self.assembling.extend_from_slice(&chunk);
+        self.buf = Bytes::new();
     }
 
     /// Whether bytes of an unfinished event are buffered (a stream ending now was cut mid-event).
     pub fn has_partial_event(&self) -> bool {
-        !self.buf.is_empty()
+        !self.buf.is_empty() || !self.assembling.is_empty()
+    }
+
+    /// The unconsumed bytes.
+    fn pending(&self) -> &[u8] {
+        if self.assembling.is_empty() {
+            &self.buf
+        } else {
+            &self.assembling
+        }
+    }
+
+    /// Consumes the first `len` unconsumed bytes.
+    fn take(&mut self, len: usize) -> Bytes {
+        if self.assembling.is_empty() {
+            self.buf.split_to(len)
+        } else {
+            self.assembling.split_to(len).freeze()
+        }
     }
 
     /// The next complete event, or `Ok(None)` until more bytes are pushed.
     pub fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
         loop {
             let Some(blank) = self.find_blank_line() else {
-                if self.buf.len() > MAX_EVENT_BYTES {
+                if self.pending().len() > MAX_EVENT_BYTES {
                     return Err(SseError::EventTooLarge);
                 }
                 return Ok(None);
             };
             let (end_of_lines, after_blank) = blank;
-            let event = parse_event(&self.buf.slice(..end_of_lines));
-            let frame = self.buf.slice(..after_blank);
-            self.buf.advance(after_blank);
+            let frame = self.take(after_blank);
+            let event = parse_event(&frame.slice(..end_of_lines));
             self.scanned = 0;
             match event {
                 Some(Parsed::Data(data)) => return Ok(Some(SseEvent::Data { data, frame })),
@@ -94,18 +120,20 @@ impl SseDecoder {
     /// Finds the first blank line at or after `scanned`: `(start of the blank line, index after it)`.
     /// Updates `scanned` past the complete non-blank lines seen.
     fn find_blank_line(&mut self) -> Option<(usize, usize)> {
-        let bytes = &self.buf[..];
+        let bytes = self.pending();
         let mut line_start = self.scanned;
+        let mut found = None;
         while let Some(offset) = bytes[line_start..].iter().position(|&b| b == b'\n') {
             let newline = line_start + offset;
             let line = &bytes[line_start..newline];
             if line.is_empty() || line == b"\r" {
-                return Some((line_start, newline + 1));
+                found = Some((line_start, newline + 1));
+                break;
             }
             line_start = newline + 1;
-            self.scanned = line_start;
         }
-        None
+        self.scanned = line_start;
+        found
     }
 }
 
