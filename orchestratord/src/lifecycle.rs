@@ -470,7 +470,8 @@ impl Lifecycle {
     /// After the engine of a placed or streaming request failed with `error` before the answer
     /// began: places the request again, on another ready pool of its model, when the failure is
     /// the engine's (its connection refused or reset, a 5xx, a 503 busy, its lease revoked),
-    /// `admission.max_retries` allows one more and such a pool exists. The failed attempt's
+    /// `admission.max_retries` allows one more and such a pool exists (never for a request
+    /// pinned to its pool). The failed attempt's
     /// engine connection and lease are given back (`Failed`) and its pool avoided from then on.
     /// `false`: nothing changed, the failure is final.
     async fn retry_elsewhere(&mut self, error: &ApiError) -> bool {
@@ -483,6 +484,7 @@ impl Lifecycle {
         );
         if self.answer_began
             || !worth_another_pool
+            || self.exchange.hints.pin.is_some()
             || self.retries >= self.state.config.get().max_retries
         {
             return false;
