@@ -5,9 +5,8 @@
 //! answer 403, and pool views leave out the engines' log lines (every local user can read them).
 
 use crate::gpu::GpuProbe;
-use crate::ipc::connection::forward_admin;
-use crate::ipc::server::EngineControls;
 use crate::metrics::Metrics;
+use crate::pools::PoolsHandle;
 use crate::registry::RegistryHandle;
 use crate::status_view::{PoolStatusView, RegistryView};
 use axum::extract::rejection::JsonRejection;
@@ -31,12 +30,11 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct DebugState {
     pub registry: RegistryHandle,
-    pub engines: Arc<std::sync::RwLock<EngineControls>>,
+    /// Where admin requests (drain, reload, restart) go.
+    pub pools: PoolsHandle,
     pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,
-    /// Where `reload` may load models from.
-    pub model_dirs: Arc<crate::config::ModelDirs>,
 }
 
 pub fn router(state: DebugState) -> Router {
@@ -220,14 +218,7 @@ async fn admin(state: DebugState, request: WireRequest) -> Response {
     }
     let op = request.name();
     tracing::info!(op, "admin request on the debug shim");
-    match forward_admin(
-        &state.engines,
-        &state.registry.snapshot(),
-        &state.model_dirs,
-        request,
-    )
-    .await
-    {
+    match state.pools.admin(request).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
         Err(failure) => {
             let status = match failure.code {

@@ -15,6 +15,7 @@ pub mod engine_http;
 pub mod gpu;
 pub mod ipc;
 pub mod metrics;
+pub mod pools;
 pub mod probe;
 pub mod registry;
 pub mod status_view;

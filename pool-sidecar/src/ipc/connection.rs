@@ -9,8 +9,6 @@
 
 use super::server::IpcContext;
 use crate::registry::{ConnectionId, Owner, RegistryEvent};
-use crate::supervisor::AdminCommand;
-use crate::supervisor::engine::supervisor_gone;
 use bytes::BytesMut;
 use pool_ipc::codec::{decode_payload, decode_payload_prefix, encode_frame};
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -31,8 +29,6 @@ use tokio_util::sync::CancellationToken;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an admin request may wait for its supervisor to take it on.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest drain deadline accepted (24 h).
-const MAX_DRAIN_DEADLINE_MS: u64 = 24 * 60 * 60 * 1000;
 const MAX_ID_LEN: usize = 256;
 
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -367,12 +363,10 @@ impl Session {
             op = request.name(),
             "admin request"
         );
-        let engines = Arc::clone(&self.context.engines);
-        let model_dirs = Arc::clone(&self.context.model_dirs);
-        let snapshot = self.context.registry.snapshot();
+        let pools = self.context.pools.clone();
         let replies = self.admin_replies.clone();
         tokio::spawn(async move {
-            let forwarding = forward_admin(&engines, &snapshot, &model_dirs, request);
+            let forwarding = pools.admin(request);
             let forwarded = tokio::time::timeout(ADMIN_TIMEOUT, forwarding).await;
             let result = match forwarded {
                 Ok(result) => result.map(|()| Response::Accepted),
@@ -546,84 +540,6 @@ impl Session {
         }
         let _ = self.writer.shutdown().await;
     }
-}
-
-/// Hands an admin request to the pool's supervisor and waits until it has taken it on.
-pub async fn forward_admin(
-    engines: &std::sync::RwLock<crate::ipc::server::EngineControls>,
-    snapshot: &pool_ipc::registry::RegistrySnapshot,
-    model_dirs: &crate::config::ModelDirs,
-    request: Request,
-) -> Result<(), IpcError> {
-    let (pool, make): (PoolId, Box<dyn FnOnce(_) -> AdminCommand + Send>) = match request {
-        Request::Drain { deadline_ms, .. } if deadline_ms > MAX_DRAIN_DEADLINE_MS => {
-            return Err(IpcError::new(
-                ErrorCode::BadRequest,
-                format!("drain deadline_ms must be at most {MAX_DRAIN_DEADLINE_MS}"),
-            ));
-        }
-        Request::Drain { pool, deadline_ms } => (
-            pool,
-            Box::new(move |reply| AdminCommand::Drain {
-                deadline: Duration::from_millis(deadline_ms),
-                reply,
-                retiring: None,
-            }),
-        ),
-        Request::Reload { pool, model } => {
-            if model.trim().is_empty() {
-                return Err(IpcError::new(
-                    ErrorCode::BadRequest,
-                    "reload needs a model path",
-                ));
-            }
-            // Only a file inside the configured model directories, by its resolved path.
-            let model_path = model_dirs
-                .admit(&model)
-                .map_err(|message| IpcError::new(ErrorCode::BadRequest, message))?
-                .display()
-                .to_string();
-            (
-                pool,
-                Box::new(move |reply| AdminCommand::Reload { model_path, reply }),
-            )
-        }
-        Request::Restart { pool } => (pool, Box::new(|reply| AdminCommand::Restart { reply })),
-        other => {
-            return Err(IpcError::new(
-                ErrorCode::BadRequest,
-                format!("{} is not an admin request", other.name()),
-            ));
-        }
-    };
-    // Cloned out so the lock is never held across an await (reloads change the map).
-    let commands = engines
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(&pool)
-        .cloned();
-    let Some(commands) = commands else {
-        return Err(if snapshot.pool(&pool).is_some() {
-            IpcError::new(
-                ErrorCode::Unsupported,
-                format!(
-                    "pool {:?} runs an external engine; pool-managerd can only drain, reload or restart engines it runs",
-                    pool.as_str()
-                ),
-            )
-        } else {
-            IpcError::new(
-                ErrorCode::NotFound,
-                format!("unknown pool {:?}", pool.as_str()),
-            )
-        });
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    commands
-        .send(make(reply))
-        .await
-        .map_err(|_| supervisor_gone(pool.as_str()))?;
-    answer.await.map_err(|_| supervisor_gone(pool.as_str()))?
 }
 
 fn bad_frame(error: pool_ipc::codec::CodecError) -> Refusal {

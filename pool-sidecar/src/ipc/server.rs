@@ -5,12 +5,8 @@ use super::connection;
 use crate::config::AccessPolicy;
 use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
+use crate::pools::PoolsHandle;
 use crate::registry::{ConnectionId, RegistryHandle};
-use crate::supervisor::AdminCommand;
-use pool_ipc::registry::PoolId;
-use std::collections::HashMap;
-
-pub type EngineControls = HashMap<PoolId, tokio::sync::mpsc::Sender<AdminCommand>>;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
@@ -20,8 +16,8 @@ use tokio_util::task::TaskTracker;
 /// What every connection needs to serve its peer.
 pub struct IpcContext {
     pub registry: RegistryHandle,
-    /// Admin command queues of the managed engines' supervisors.
-    pub engines: Arc<std::sync::RwLock<EngineControls>>,
+    /// Where admin requests (drain, reload, restart) go.
+    pub pools: PoolsHandle,
     pub gpus: Arc<GpuProbe>,
     pub access: AccessPolicy,
     pub max_frame_bytes: u32,
@@ -31,8 +27,6 @@ pub struct IpcContext {
     /// whole (each lease holds at least one slot), before any secret is checked.
     pub max_leased_slots_per_uid: u32,
     pub metrics: Arc<Metrics>,
-    /// Where `reload` may load models from.
-    pub model_dirs: Arc<crate::config::ModelDirs>,
 }
 
 pub async fn serve(

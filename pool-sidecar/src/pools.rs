@@ -1,0 +1,507 @@
+//! The pools controller: the one task that owns which pools run and how they change. It starts
+//! every configured pool (a prober for an external engine, a supervisor for a managed one, which
+//! adopts what a previous run left), applies reloaded configurations (SIGHUP: new pools start,
+//! removed ones are drained and stopped, changed ones are replaced, unchanged ones are untouched),
+//! and carries operators' admin requests (drain, reload, restart) from the socket and the debug
+//! shim to the supervisors, whose command queues only it holds. Everyone else talks to it through
+//! a [`PoolsHandle`].
+
+use crate::config::{Config, EngineSource, ModelDirs, PoolConfig};
+use crate::probe;
+use crate::registry::RegistryHandle;
+use crate::supervisor::engine::supervisor_gone;
+use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
+use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
+use pool_ipc::error_code::{ErrorCode, IpcError};
+use pool_ipc::registry::PoolId;
+use pool_ipc::systemd::{self, NotifyState};
+use pool_ipc::wire::Request;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a retired pool's supervisor may take to stop its engine once told to.
+const RETIRE_STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// The longest drain deadline an operator may ask for.
+const MAX_DRAIN_DEADLINE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// What the controller is asked.
+enum Message {
+    /// An operator's drain, reload or restart; answered once the pool's supervisor has taken it
+    /// on (or refused it).
+    Admin {
+        request: Request,
+        reply: oneshot::Sender<Result<(), IpcError>>,
+    },
+}
+
+/// How the socket server and the debug shim reach the controller.
+#[derive(Debug, Clone)]
+pub struct PoolsHandle {
+    messages: mpsc::Sender<Message>,
+}
+
+impl PoolsHandle {
+    /// Hands an admin request (drain, reload, restart) to the pool's supervisor and waits until
+    /// it has taken it on.
+    pub async fn admin(&self, request: Request) -> Result<(), IpcError> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .messages
+            .send(Message::Admin { request, reply })
+            .await
+            .is_err()
+        {
+            return Err(stopping());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopping()))
+    }
+}
+
+fn stopping() -> IpcError {
+    IpcError::new(ErrorCode::ShuttingDown, "pool-managerd is stopping")
+}
+
+/// What the controller needs to run pools.
+pub struct PoolsContext {
+    pub registry: RegistryHandle,
+    pub paths: EnginePaths,
+    /// Every pool's task lives here, so shutdown waits for them.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// Where `reload` may load models from (a server setting: fixed until a restart).
+    pub model_dirs: ModelDirs,
+}
+
+/// Starts every pool of `config` (managed engines are adopted or started before this returns,
+/// so re-asserted leases find adopted engines ready once the socket is served), then the
+/// controller task, which applies `reloads` until shutdown.
+pub async fn start(
+    context: PoolsContext,
+    config: &Config,
+    reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
+) -> (PoolsHandle, JoinHandle<()>) {
+    let (retired, retired_inbox) = mpsc::unbounded_channel();
+    let mut controller = Controller {
+        context,
+        running: HashMap::new(),
+        retiring: HashMap::new(),
+        retired,
+        config: config.clone(),
+    };
+    for pool in &config.pools {
+        controller.start(pool.clone()).await;
+    }
+    let (messages, inbox) = mpsc::channel(64);
+    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox));
+    (PoolsHandle { messages }, task)
+}
+
+struct Controller {
+    context: PoolsContext,
+    running: HashMap<PoolId, RunningPool>,
+    /// Pools being taken out, and the config to start in their place once they are gone.
+    retiring: HashMap<PoolId, Option<PoolConfig>>,
+    retired: mpsc::UnboundedSender<PoolId>,
+    /// The configuration last applied (server settings are those of the start).
+    config: Config,
+}
+
+struct RunningPool {
+    config: PoolConfig,
+    stop: CancellationToken,
+    /// The supervisor's command queue; `None` for an external engine's prober.
+    commands: Option<mpsc::Sender<AdminCommand>>,
+    /// The pool's supervisor (managed engine) or prober (external one): awaited before the pool's
+    /// registry entry is replaced, so nothing it reports lands on its successor.
+    task: JoinHandle<()>,
+}
+
+impl Controller {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Message>,
+        mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
+        mut retired: mpsc::UnboundedReceiver<PoolId>,
+    ) {
+        let shutdown = self.context.shutdown.clone();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(message) = inbox.recv() => match message {
+                    Message::Admin { request, reply } => self.admin(request, reply),
+                },
+                Some(reread) = reloads.recv() => self.reload(reread).await,
+                Some(id) = retired.recv() => self.retired(&id).await,
+            }
+        }
+    }
+
+    async fn reload(&mut self, reread: Result<Config, String>) {
+        match reread {
+            Ok(new) => {
+                if new.server.access != self.config.server.access
+                    || new.server.max_frame_bytes != self.config.server.max_frame_bytes
+                    || new.debug_http.listen != self.config.debug_http.listen
+                {
+                    tracing::warn!(
+                        "server and debug_http settings apply at the next restart; pools apply now"
+                    );
+                }
+                self.apply(&new).await;
+                systemd::notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("configuration reloaded"),
+                ]);
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload refused: the new configuration is not valid; nothing changed");
+                systemd::notify(&[
+                    NotifyState::Ready,
+                    NotifyState::Status("reload failed: configuration not valid; nothing changed"),
+                ]);
+            }
+        }
+    }
+
+    /// Checks an admin request and hands it to the pool's supervisor; the supervisor's answer
+    /// goes to `reply` from a task of its own, so a busy supervisor never holds up the
+    /// controller.
+    fn admin(&self, request: Request, reply: oneshot::Sender<Result<(), IpcError>>) {
+        let (pool, command) = match self.command_for(request) {
+            Ok(planned) => planned,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        let commands = match self.running.get(&pool) {
+            Some(RunningPool {
+                commands: Some(commands),
+                ..
+            }) => commands.clone(),
+            Some(RunningPool { commands: None, .. }) => {
+                let _ = reply.send(Err(IpcError::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "pool {:?} runs an external engine; pool-managerd can only drain, reload or restart engines it runs",
+                        pool.as_str()
+                    ),
+                )));
+                return;
+            }
+            None => {
+                let _ = reply.send(Err(if self.retiring.contains_key(&pool) {
+                    IpcError::new(
+                        ErrorCode::Draining,
+                        format!(
+                            "pool {:?} is being taken out by a configuration reload",
+                            pool.as_str()
+                        ),
+                    )
+                } else {
+                    IpcError::new(
+                        ErrorCode::NotFound,
+                        format!("unknown pool {:?}", pool.as_str()),
+                    )
+                }));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let (taken, answer) = oneshot::channel();
+            let result = match commands.send(command(taken)).await {
+                Ok(()) => answer
+                    .await
+                    .unwrap_or_else(|_| Err(supervisor_gone(pool.as_str()))),
+                Err(_) => Err(supervisor_gone(pool.as_str())),
+            };
+            let _ = reply.send(result);
+        });
+    }
+
+    /// The pool an admin request is about and the supervisor command it becomes, or why it is
+    /// refused as it stands.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a command waiting for its reply channel"
+    )]
+    fn command_for(
+        &self,
+        request: Request,
+    ) -> Result<
+        (
+            PoolId,
+            Box<dyn FnOnce(oneshot::Sender<Result<(), IpcError>>) -> AdminCommand + Send>,
+        ),
+        IpcError,
+    > {
+        match request {
+            Request::Drain { deadline_ms, .. } if deadline_ms > MAX_DRAIN_DEADLINE_MS => {
+                Err(IpcError::new(
+                    ErrorCode::BadRequest,
+                    format!("drain deadline_ms must be at most {MAX_DRAIN_DEADLINE_MS}"),
+                ))
+            }
+            Request::Drain { pool, deadline_ms } => Ok((
+                pool,
+                Box::new(move |reply| AdminCommand::Drain {
+                    deadline: Duration::from_millis(deadline_ms),
+                    reply,
+                    retiring: None,
+                }),
+            )),
+            Request::Reload { model, .. } if model.trim().is_empty() => Err(IpcError::new(
+                ErrorCode::BadRequest,
+                "reload needs a model path",
+            )),
+            Request::Reload { pool, model } => {
+                // Only a file inside the configured model directories, by its resolved path.
+                let model_path = self
+                    .context
+                    .model_dirs
+                    .admit(&model)
+                    .map_err(|message| IpcError::new(ErrorCode::BadRequest, message))?
+                    .display()
+                    .to_string();
+                Ok((
+                    pool,
+                    Box::new(move |reply| AdminCommand::Reload { model_path, reply }),
+                ))
+            }
+            Request::Restart { pool } => {
+                Ok((pool, Box::new(|reply| AdminCommand::Restart { reply })))
+            }
+            other => Err(IpcError::new(
+                ErrorCode::BadRequest,
+                format!("{} is not an admin request", other.name()),
+            )),
+        }
+    }
+
+    async fn start(&mut self, pool: PoolConfig) {
+        let context = &self.context;
+        let stop = context.shutdown.child_token();
+        let (task, commands) = match &pool.source {
+            EngineSource::External { endpoint } => (
+                context.tracker.spawn(probe::probe_pool(
+                    pool.clone(),
+                    endpoint.clone(),
+                    context.registry.clone(),
+                    stop.clone(),
+                )),
+                None,
+            ),
+            EngineSource::Managed(engine) => {
+                let (commands, inbox) = mpsc::channel(8);
+                let mut supervisor = EngineSupervisor::new(
+                    pool.clone(),
+                    engine.clone(),
+                    context.registry.clone(),
+                    context.paths.clone(),
+                    inbox,
+                    stop.clone(),
+                );
+                // Adoption is decided before the socket is served, so re-asserted leases find
+                // adopted engines Ready.
+                let adopted = supervisor.adopt().await;
+                context.tracker.spawn(follow_log(
+                    context.paths.log(pool.id.as_str()),
+                    pool.id.to_string(),
+                    DEFAULT_LOG_CAP_BYTES,
+                    stop.clone(),
+                ));
+                (
+                    context.tracker.spawn(supervisor.run(adopted)),
+                    Some(commands),
+                )
+            }
+        };
+        self.running.insert(
+            pool.id.clone(),
+            RunningPool {
+                config: pool,
+                stop,
+                commands,
+                task,
+            },
+        );
+    }
+
+    /// Takes a pool out: a managed engine is drained first (its leases end, or its reload drain
+    /// deadline passes) and stopped, the pool showing Draining throughout; then `retired` hears
+    /// it, and [`retired`](Self::retired) removes or replaces the registry entry in one step.
+    fn retire(&mut self, id: &PoolId, replacement: Option<PoolConfig>) {
+        let Some(pool) = self.running.remove(id) else {
+            return;
+        };
+        self.retiring.insert(id.clone(), replacement);
+        let retired = self.retired.clone();
+        let id = id.clone();
+        let deadline = pool
+            .config
+            .managed()
+            .map(|engine| engine.reload.drain_deadline())
+            .unwrap_or_default();
+        tracing::info!(pool = %id, "taking the pool out (reload)");
+        let RunningPool {
+            stop,
+            commands,
+            task,
+            ..
+        } = pool;
+        self.context.tracker.spawn(async move {
+            let drained = async {
+                let Some(commands) = commands else {
+                    return;
+                };
+                let (reply, answer) = oneshot::channel();
+                let (done, stopped) = oneshot::channel();
+                let command = AdminCommand::Drain {
+                    deadline,
+                    reply,
+                    retiring: Some(done),
+                };
+                // A supervisor busy with an operator's command refuses: it is stopped below.
+                if commands.send(command).await.is_ok() && matches!(answer.await, Ok(Ok(()))) {
+                    let grace = deadline + Duration::from_secs(30);
+                    if tokio::time::timeout(grace, stopped).await.is_err() {
+                        tracing::warn!(pool = %id, "drain did not finish in time; stopping anyway");
+                    }
+                }
+            };
+            // A daemon shutting down stops the pool at once (its supervisor stops the engine).
+            tokio::select! {
+                () = drained => {}
+                () = stop.cancelled() => {}
+            }
+            stop.cancel();
+            if tokio::time::timeout(RETIRE_STOP_WAIT, task).await.is_err() {
+                tracing::warn!(pool = %id, "the pool's supervisor did not stop in time");
+            }
+            let _ = retired.send(id);
+        });
+    }
+
+    /// A retired pool is gone: the registry forgets it, or shows its replacement (Starting) in
+    /// the same step, so clients never see the pool absent or stopped in between; then the
+    /// replacement starts.
+    async fn retired(&mut self, id: &PoolId) {
+        match self.retiring.remove(id) {
+            Some(Some(replacement)) => {
+                self.context.registry.replace_pool(replacement.clone());
+                self.start(replacement).await;
+            }
+            _ => self.context.registry.remove_pool(id.clone()),
+        }
+    }
+
+    async fn apply(&mut self, config: &Config) {
+        let wanted: HashMap<&PoolId, &PoolConfig> =
+            config.pools.iter().map(|pool| (&pool.id, pool)).collect();
+        let running: Vec<PoolId> = self.running.keys().cloned().collect();
+        for id in running {
+            match wanted.get(&id) {
+                None => self.retire(&id, None),
+                Some(new)
+                    if self
+                        .running
+                        .get(&id)
+                        .is_some_and(|pool| pool.config != **new) =>
+                {
+                    self.retire(&id, Some((*new).clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        for (id, new) in wanted {
+            if let Some(replacement) = self.retiring.get_mut(id) {
+                // Back (or changed again) while its predecessor is still on its way out.
+                *replacement = Some(new.clone());
+            } else if !self.running.contains_key(id) {
+                tracing::info!(pool = %id, "adding the pool (reload)");
+                self.context.registry.add_pool(new.clone());
+                self.start(new.clone()).await;
+            }
+        }
+        self.config.pools = config.pools.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::registry::{LeasePolicy, LeaseSigner, spawn_registry};
+    use std::sync::Arc;
+
+    /// A controller over one external pool `ext` (probed at an address nobody serves), with
+    /// reloads allowed from `models/` under a temporary directory.
+    async fn controller(dir: &std::path::Path) -> (PoolsHandle, CancellationToken) {
+        std::fs::create_dir_all(dir.join("models")).unwrap();
+        let text = format!(
+            "[server]\nmodel_dirs = [{:?}]\n\n[[pool]]\nid = \"ext\"\nmodel = \"m\"\nengine = \"llamacpp\"\nendpoint = \"http://127.0.0.1:9\"\nslots = 1\n",
+            dir.join("models").display().to_string()
+        );
+        let config = Config::parse(&text, &dir.join("config.toml")).unwrap();
+        let policy = LeasePolicy {
+            id_base: 1,
+            signer: LeaseSigner::ephemeral(),
+            ttl_ms: None,
+            max_slots_per_uid: 16,
+        };
+        let (registry, _task) = spawn_registry(&config.pools, policy, Arc::new(Metrics::new()));
+        let shutdown = CancellationToken::new();
+        let context = PoolsContext {
+            registry,
+            paths: EnginePaths::under(dir),
+            tracker: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            model_dirs: config.server.model_dirs.clone(),
+        };
+        let (_reload_requests, reloads) = mpsc::unbounded_channel();
+        let (pools, _task) = start(context, &config, reloads).await;
+        (pools, shutdown)
+    }
+
+    #[tokio::test]
+    async fn admin_requests_the_controller_cannot_carry_out_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pools, shutdown) = controller(dir.path()).await;
+        let code = |result: Result<(), IpcError>| result.unwrap_err().code;
+        let pool = |id: &str| PoolId::from(id);
+        assert_eq!(
+            code(pools.admin(Request::Restart { pool: pool("nope") }).await),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            code(pools.admin(Request::Restart { pool: pool("ext") }).await),
+            ErrorCode::Unsupported,
+            "an external engine is not pool-managerd's to restart"
+        );
+        let too_long = Request::Drain {
+            pool: pool("ext"),
+            deadline_ms: MAX_DRAIN_DEADLINE_MS + 1,
+        };
+        assert_eq!(code(pools.admin(too_long).await), ErrorCode::BadRequest);
+        let outside = Request::Reload {
+            pool: pool("ext"),
+            model: "/etc/passwd".into(),
+        };
+        assert_eq!(code(pools.admin(outside).await), ErrorCode::BadRequest);
+        assert_eq!(
+            code(pools.admin(Request::Ping).await),
+            ErrorCode::BadRequest
+        );
+        shutdown.cancel();
+        assert_eq!(
+            code(pools.admin(Request::Restart { pool: pool("ext") }).await),
+            ErrorCode::ShuttingDown,
+            "a stopped controller says so"
+        );
+    }
+}
