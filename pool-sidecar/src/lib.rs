@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod debug_http;
 pub mod engine_http;
+pub mod gguf;
 pub mod gpu;
 pub mod ipc;
 pub mod metrics;
