@@ -3,8 +3,8 @@
 //! SIGTERM/SIGINT; SIGHUP rereads the config and hands it over.
 
 use clap::Parser;
+use daemon_support::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use orchestratord::config::{Config, RawConfig};
-use pool_ipc::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,7 +3,7 @@
 //! operator command against a running one.
 
 use clap::Parser;
-use pool_ipc::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
+use daemon_support::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
 use pool_sidecar::config::{Config, parse_listen};
 use pool_sidecar::daemon::{Listeners, run};
