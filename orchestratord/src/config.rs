@@ -7,7 +7,7 @@ use crate::admission::{AdmissionConfig, FullPolicy};
 use crate::keys::KeyRing;
 use crate::sessions::SessionPolicy;
 use axum::http::HeaderName;
-use pool_ipc::http_server::HttpLimits;
+use daemon_support::http_server::HttpLimits;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! orchestratord: the front door. `daemon` ([`run`]: wiring and phased shutdown), `app` (router and
+//! orchestratord: the front door. `startup` (from flags to a running server: config, listener,
+//! signals), `daemon` ([`run`]: wiring and phased shutdown), `app` (router and
 //! what every request passes through), `api` (handlers: validation and answer shapes),
 //! `lifecycle` (one request's life, the same for every endpoint), `scheduler` (the queue's owner:
 //! admission → placement → lease), `admission` (the pure queue), `placement` (choosing a pool
@@ -20,6 +21,7 @@ pub mod placement;
 pub mod scheduler;
 pub mod sessions;
 pub mod sse;
+pub mod startup;
 pub mod tasks;
 
 pub use daemon::run;

@@ -126,7 +126,7 @@ impl Scheduler {
             metrics,
             pool_states: Vec::new(),
         };
-        tokio::spawn(pool_ipc::systemd::core_task(
+        tokio::spawn(daemon_support::systemd::core_task(
             "the scheduler",
             tokio::spawn(actor.run()),
         ));

@@ -30,8 +30,8 @@
 //! success_threshold = 1
 //! ```
 
+use daemon_support::http_server::HttpLimits;
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
-use pool_ipc::http_server::HttpLimits;
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};

@@ -4,8 +4,9 @@
 //!
 //! Module map: `config` (the TOML file), `registry` (state + the actor that owns it), `probe`
 //! and `engine_http` (engine health), `ipc` (socket file, accept loop, one connection),
-//! `debug_http` and `status_view` (operator views), `metrics`, `cli`, `daemon` (wiring and
-//! shutdown order).
+//! `debug_http` and `status_view` (operator views), `metrics`, `cli`, `startup` (from flags to
+//! a running daemon), `listeners` (which sockets it serves: systemd's or its own), `daemon`
+//! (wiring and shutdown order).
 
 pub mod cli;
 pub mod config;
@@ -15,9 +16,11 @@ pub mod engine_http;
 pub mod gguf;
 pub mod gpu;
 pub mod ipc;
+pub mod listeners;
 pub mod metrics;
 pub mod pools;
 pub mod probe;
 pub mod registry;
+pub mod startup;
 pub mod status_view;
 pub mod supervisor;

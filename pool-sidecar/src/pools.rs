@@ -14,7 +14,7 @@ use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::PoolId;
-use pool_ipc::systemd::{self, NotifyState};
+use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::wire::Request;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -7,8 +7,7 @@
 //! - [`client`]: the async client (one shared connection, pipelining, reconnect, registry mirror).
 //! - [`socket_path`]: where the socket lives when nobody says.
 //!
-//! And the plumbing both daemons share: [`systemd`] (socket activation, sd_notify, signals) and
-//! [`http_server`] (their HTTP listeners, with connection and header-time limits).
+//! The plumbing both daemons share besides (systemd, signals, HTTP serving) is `daemon-support`'s.
 //!
 //! Wire evolution rule: enum variants are only ever appended, never reordered or removed, because
 //! bincode encodes the variant index; `PROTOCOL_VERSION` changes when that rule cannot be kept.
@@ -17,11 +16,9 @@ pub mod client;
 pub mod codec;
 pub mod error_code;
 pub mod framed;
-pub mod http_server;
 mod outbox;
 pub mod registry;
 pub mod socket_path;
-pub mod systemd;
 pub mod wire;
 
 pub use client::{ClientConfig, ClientError, ConnectionState, LeaseGuard, PoolClient};

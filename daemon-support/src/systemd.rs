@@ -194,7 +194,7 @@ mod tests {
     use super::*;
 
     /// Set in the copy of this test binary that runs the panicking task.
-    const CHILD: &str = "POOL_IPC_CORE_TASK_PANIC_CHILD";
+    const CHILD: &str = "DAEMON_SUPPORT_CORE_TASK_PANIC_CHILD";
 
     #[test]
     fn a_panicked_core_task_ends_the_process_with_status_70_and_names_the_task() {

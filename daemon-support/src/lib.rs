@@ -1,0 +1,9 @@
+//! `daemon-support`: the plumbing both daemons share that is not the protocol (that is
+//! `pool-ipc`'s): [`systemd`] (socket activation, sd_notify and the watchdog, the signals a daemon
+//! acts on, core tasks whose panic ends the process), [`listeners`] (a socket systemd passed in,
+//! or one bound here) and [`http_server`] (their HTTP listeners, with connection and header-time
+//! limits).
+
+pub mod http_server;
+pub mod listeners;
+pub mod systemd;
