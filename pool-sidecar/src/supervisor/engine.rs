@@ -659,3 +659,50 @@ pub fn supervisor_gone(pool: &str) -> IpcError {
         format!("pool {pool:?}'s supervisor is not running"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ReloadStrategy, RestartPolicy};
+
+    /// The supervisor reads time from tokio's clock, so paused time moves the machine's
+    /// deadlines and backoff without waiting for them.
+    #[tokio::test(start_paused = true)]
+    async fn the_machine_runs_on_tokios_clock_so_paused_time_drives_its_backoff() {
+        let settings = Settings {
+            pool: "a".into(),
+            slots: Some(1),
+            startup_timeout: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(1),
+            liveness_failure_threshold: 3,
+            reload_strategy: ReloadStrategy::Overlap,
+            reload_drain_deadline: Duration::from_secs(60),
+            restart_window_ms: 600_000,
+        };
+        let policy = RestartPolicy {
+            initial_ms: 5000,
+            jitter: 0.0,
+            ..RestartPolicy::default()
+        };
+        let mut machine =
+            Machine::new(settings, RestartTracker::new(policy), "/m".into(), 0, false);
+        machine.begin(None, moment());
+        let failed = Input::SpawnFailed {
+            which: Which::Main,
+            reason: "cannot start".into(),
+        };
+        assert_eq!(machine.on(failed, moment()), [Effect::Resume]);
+        machine.on(Input::Resumed, moment());
+        let before = tokio::time::Instant::now();
+        sleep_until(machine.next_wake()).await;
+        assert_eq!(before.elapsed(), Duration::from_secs(5));
+        assert_eq!(
+            machine.on(Input::Tick, moment()),
+            [Effect::Spawn {
+                which: Which::Main,
+                model_path: "/m".into(),
+                generation: 0
+            }]
+        );
+    }
+}
