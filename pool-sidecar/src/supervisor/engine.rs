@@ -1,22 +1,29 @@
-//! The supervisor of one managed engine: a task that owns the engine process and walks it
-//! through start → ready → serve, restarting it with backoff when it dies or stops answering,
-//! and carrying out the operator's drain, reload and restart. It reports every step to the
-//! registry and never touches registry state itself; the only registry state it reads is the
-//! published snapshot (to see a draining pool's leases reach zero).
+//! The supervisor of one managed engine: a task that owns the engine processes and carries out
+//! what the pool's [`Machine`] decides — starting, probing and stopping engines, writing their
+//! records, reporting to the registry, answering operators — and turns what happens (a process
+//! exits, a probe answers, a timer fires, a command or the shutdown arrives) back into the
+//! machine's inputs. It never touches registry state itself; the only registry state it reads
+//! is the published snapshot (to see a draining pool's leases reach zero).
 
-use super::process::{EngineProcess, plan_launch, port_served_by, spawn, with_log_tail};
+use super::machine::{
+    Command, Effect, EngineAt, Input, Machine, Moment, RecordFile, Settings, Which,
+};
+use super::process::{EngineProcess, log_tail, plan_launch, port_served_by, spawn};
 use super::record::{
     EngineRecord, read_record, record_path, remove_record, side_record_path, side_records,
     write_record,
 };
-use super::restart::{RestartDecision, RestartTracker};
-use crate::config::{ManagedEngine, PoolConfig, ReloadStrategy};
+use super::restart::RestartTracker;
+use crate::config::{ManagedEngine, PoolConfig};
 use crate::engine_http::EngineHttp;
 use crate::probe::{check, engine_props, unix_ms_now};
-use crate::registry::{EngineReport, RegistryHandle};
+use crate::registry::{EngineReport, ProbeReport, RegistryHandle};
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{Endpoint, PoolState};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -92,37 +99,44 @@ pub struct Running {
     since: Instant,
 }
 
-/// What happens next, as decided by the step that just ended.
-enum Step {
-    Start,
-    Serve(Box<Running>),
-    Failed {
-        reason: String,
-        ran_for: Duration,
-    },
-    /// Stopped or Failed: nothing runs until an operator says so.
-    Parked,
-    Exit,
+/// One value per engine process the supervisor may hold.
+#[derive(Default)]
+struct PerEngine<T> {
+    main: T,
+    candidate: T,
+    outgoing: T,
 }
 
-/// Why a start did not end in a ready engine.
-enum NotStarted {
-    Failed(String),
-    Interrupted(AdminCommand),
+impl<T> PerEngine<T> {
+    fn get(&self, which: Which) -> &T {
+        match which {
+            Which::Main => &self.main,
+            Which::Candidate => &self.candidate,
+            Which::Outgoing => &self.outgoing,
+        }
+    }
+
+    fn get_mut(&mut self, which: Which) -> &mut T {
+        match which {
+            Which::Main => &mut self.main,
+            Which::Candidate => &mut self.candidate,
+            Which::Outgoing => &mut self.outgoing,
+        }
+    }
 }
 
-/// Answers a command that cannot be carried out while the pool is busy with another one.
-fn refuse_busy(command: AdminCommand, pool: &str, busy_with: &str) {
-    let error = IpcError::new(
-        ErrorCode::NotReady,
-        format!("pool {pool:?} is {busy_with}; try again when that is done"),
-    );
-    let reply = match command {
-        AdminCommand::Drain { reply, .. }
-        | AdminCommand::Reload { reply, .. }
-        | AdminCommand::Restart { reply } => reply,
-    };
-    let _ = reply.send(Err(error));
+/// Work under way whose completion becomes an input; `None` when there is none.
+type Pending<T> = Option<Pin<Box<dyn Future<Output = T> + Send>>>;
+
+/// What woke the supervisor.
+enum Event {
+    Shutdown,
+    Exited(Which, String),
+    Probed(Which, ProbeReport),
+    Command(AdminCommand),
+    CommandsClosed,
+    LeasesEnded,
+    Tick,
 }
 
 /// The canonical form of everything that shapes a running engine; a recorded engine started
@@ -144,13 +158,19 @@ pub struct EngineSupervisor {
     paths: EnginePaths,
     commands: mpsc::Receiver<AdminCommand>,
     shutdown: CancellationToken,
+    /// What an adopted engine's record says; the machine carries them on.
     model_path: String,
-    /// The model to go back to if a drain-first reload's new model never becomes ready.
-    rollback_to: Option<String>,
     restarts: u32,
     started_once: bool,
-    generation: u64,
-    tracker: RestartTracker,
+    engines: PerEngine<Option<Running>>,
+    probes: PerEngine<Pending<ProbeReport>>,
+    drain_watch: Pending<()>,
+    /// The reply to the command being handled, and its retiring drain's signal until the
+    /// command is accepted.
+    reply: Option<oneshot::Sender<Result<(), IpcError>>>,
+    retiring_signal: Option<oneshot::Sender<()>>,
+    /// The accepted retiring drain's signal, sent once the engine is gone.
+    retired: Option<oneshot::Sender<()>>,
     retiring: JoinSet<()>,
 }
 
@@ -163,7 +183,6 @@ impl EngineSupervisor {
         commands: mpsc::Receiver<AdminCommand>,
         shutdown: CancellationToken,
     ) -> EngineSupervisor {
-        let tracker = RestartTracker::new(engine.restart.clone());
         EngineSupervisor {
             model_path: engine.model_path.clone(),
             pool,
@@ -172,11 +191,14 @@ impl EngineSupervisor {
             paths,
             commands,
             shutdown,
-            rollback_to: None,
             restarts: 0,
             started_once: false,
-            generation: 0,
-            tracker,
+            engines: PerEngine::default(),
+            probes: PerEngine::default(),
+            drain_watch: None,
+            reply: None,
+            retiring_signal: None,
+            retired: None,
             retiring: JoinSet::new(),
         }
     }
@@ -243,25 +265,274 @@ impl EngineSupervisor {
     }
 
     pub async fn run(mut self, adopted: Option<Running>) {
-        let mut step = match adopted {
-            Some(running) => Step::Serve(Box::new(running)),
-            None => Step::Start,
-        };
-        loop {
-            step = match step {
-                Step::Start => self.start().await,
-                Step::Serve(running) => self.serve(*running).await,
-                Step::Failed { reason, ran_for } => self.back_off(reason, ran_for).await,
-                Step::Parked => self.parked().await,
-                Step::Exit => break,
+        let mut machine = Machine::new(
+            Settings::of(&self.pool, &self.engine),
+            RestartTracker::new(self.engine.restart.clone()),
+            self.model_path.clone(),
+            self.restarts,
+            self.started_once,
+        );
+        let mut shutdown_seen = self.shutdown.is_cancelled();
+        if shutdown_seen {
+            let effects = machine.on(Input::Shutdown, moment());
+            self.carry_out(&mut machine, effects).await;
+        }
+        let adopted = adopted.map(|running| {
+            let engine = EngineAt {
+                endpoint: running.endpoint.clone(),
+                pid: running.process.pid,
+                since: running.since,
             };
+            self.engines.main = Some(running);
+            engine
+        });
+        let effects = machine.begin(adopted, moment());
+        self.carry_out(&mut machine, effects).await;
+        let mut commands_open = true;
+        while !machine.is_done() {
+            let wake = machine.next_wake();
+            let event = tokio::select! {
+                () = self.shutdown.cancelled(), if !shutdown_seen => Event::Shutdown,
+                status = exit_of(&mut self.engines.main) => Event::Exited(Which::Main, status),
+                status = exit_of(&mut self.engines.candidate) => Event::Exited(Which::Candidate, status),
+                report = completion(&mut self.probes.main) => Event::Probed(Which::Main, report),
+                report = completion(&mut self.probes.candidate) => Event::Probed(Which::Candidate, report),
+                () = completion(&mut self.drain_watch) => Event::LeasesEnded,
+                command = self.commands.recv(), if commands_open => match command {
+                    Some(command) => Event::Command(command),
+                    None => Event::CommandsClosed,
+                },
+                () = sleep_until(wake) => Event::Tick,
+            };
+            let input = match event {
+                Event::Shutdown => {
+                    shutdown_seen = true;
+                    Input::Shutdown
+                }
+                Event::Exited(which, status) => self.exited(which, status),
+                Event::Probed(which, report) => {
+                    *self.probes.get_mut(which) = None;
+                    Input::Probed { which, report }
+                }
+                Event::Command(command) => Input::Command(self.take_command(command)),
+                Event::CommandsClosed => {
+                    commands_open = false;
+                    continue;
+                }
+                Event::LeasesEnded => {
+                    self.drain_watch = None;
+                    Input::LeasesEnded
+                }
+                Event::Tick => Input::Tick,
+            };
+            let effects = machine.on(input, moment());
+            self.carry_out(&mut machine, effects).await;
         }
         while self.retiring.join_next().await.is_some() {}
         tracing::info!(pool = %self.pool.id, "supervisor stopped");
     }
 
+    /// An engine exited on its own: nothing of its process group may stay behind.
+    fn exited(&mut self, which: Which, status: String) -> Input {
+        *self.probes.get_mut(which) = None;
+        if let Some(running) = self.engines.get_mut(which).take() {
+            running.process.kill_leftovers();
+        }
+        let log_tail = match which {
+            Which::Main => log_tail(&self.paths.log(self.pool.id.as_str()), 3),
+            Which::Candidate | Which::Outgoing => String::new(),
+        };
+        Input::Exited {
+            which,
+            status,
+            log_tail,
+        }
+    }
+
+    /// Keeps an operator's reply channels until the machine answers the command.
+    fn take_command(&mut self, command: AdminCommand) -> Command {
+        match command {
+            AdminCommand::Drain {
+                deadline,
+                reply,
+                retiring,
+            } => {
+                self.reply = Some(reply);
+                let command = Command::Drain {
+                    deadline,
+                    retiring: retiring.is_some(),
+                };
+                self.retiring_signal = retiring;
+                command
+            }
+            AdminCommand::Reload { model_path, reply } => {
+                self.reply = Some(reply);
+                Command::Reload { model_path }
+            }
+            AdminCommand::Restart { reply } => {
+                self.reply = Some(reply);
+                Command::Restart
+            }
+        }
+    }
+
+    /// Carries out `effects` in order, feeding the machine the answers of those answered at
+    /// once (each the last of its batch) until it asks for nothing more.
+    async fn carry_out(&mut self, machine: &mut Machine, effects: Vec<Effect>) {
+        let mut batches = VecDeque::from([effects]);
+        while let Some(effects) = batches.pop_front() {
+            for effect in effects {
+                if let Some(input) = self.carry_out_one(effect).await {
+                    batches.push_back(machine.on(input, moment()));
+                }
+            }
+        }
+    }
+
+    async fn carry_out_one(&mut self, effect: Effect) -> Option<Input> {
+        match effect {
+            Effect::Spawn {
+                which,
+                model_path,
+                generation,
+            } => Some(match self.launch(&model_path, generation) {
+                Ok(running) => {
+                    let input = Input::Spawned {
+                        which,
+                        endpoint: running.endpoint.clone(),
+                        pid: running.process.pid,
+                    };
+                    *self.engines.get_mut(which) = Some(running);
+                    input
+                }
+                Err(reason) => Input::SpawnFailed { which, reason },
+            }),
+            Effect::Probe(which) => {
+                if let Some(running) = self.engines.get(which) {
+                    let http = EngineHttp::new(&running.endpoint);
+                    let pool = self.pool.clone();
+                    *self.probes.get_mut(which) =
+                        Some(Box::pin(async move { check(&http, &pool).await }));
+                }
+                None
+            }
+            Effect::Inspect(which) => {
+                let running = self.engines.get(which).as_ref()?;
+                let endpoint = running.endpoint.clone();
+                let port_taken = port_taken_by_another(&endpoint, running.process.pid);
+                let props = match port_taken {
+                    Some(_) => Default::default(),
+                    None => engine_props(&EngineHttp::new(&endpoint), &self.pool).await,
+                };
+                Some(Input::Inspected {
+                    which,
+                    port_taken,
+                    props,
+                })
+            }
+            Effect::Stop(which) => {
+                *self.probes.get_mut(which) = None;
+                if which == Which::Main {
+                    self.drain_watch = None;
+                }
+                if let Some(mut running) = self.engines.get_mut(which).take() {
+                    running.process.stop(self.engine.stop_grace()).await;
+                }
+                None
+            }
+            Effect::Promote => {
+                self.probes = PerEngine::default();
+                self.engines.outgoing = self.engines.main.take();
+                self.engines.main = self.engines.candidate.take();
+                None
+            }
+            Effect::Retire {
+                generation,
+                new_endpoint,
+            } => {
+                if let Some(old) = self.engines.outgoing.take() {
+                    let side_record = self.record(RecordFile::Side(generation));
+                    self.retire(old, new_endpoint, side_record);
+                }
+                None
+            }
+            Effect::WriteRecord {
+                file,
+                which,
+                model_path,
+                restarts,
+            } => {
+                let path = self.record(file);
+                if let Some(running) = self.engines.get(which) {
+                    self.write_record_at(&path, running, &model_path, restarts);
+                }
+                None
+            }
+            Effect::RemoveRecord(file) => {
+                remove_record(&self.record(file));
+                None
+            }
+            Effect::Report(report) => {
+                self.report(report);
+                None
+            }
+            Effect::RecordProbe(report) => {
+                self.registry.record_probe(self.pool.id.clone(), report);
+                None
+            }
+            Effect::WatchDrain => {
+                self.drain_watch = Some(self.watch_drain());
+                None
+            }
+            Effect::Answer(result) => {
+                let accepted = result.is_ok();
+                if let Some(reply) = self.reply.take() {
+                    let _ = reply.send(result);
+                }
+                let signal = self.retiring_signal.take();
+                if accepted {
+                    self.retired = signal;
+                }
+                None
+            }
+            Effect::Retired => {
+                if let Some(retired) = self.retired.take() {
+                    let _ = retired.send(());
+                }
+                None
+            }
+            Effect::Resume => Some(Input::Resumed),
+        }
+    }
+
+    fn record(&self, file: RecordFile) -> PathBuf {
+        match file {
+            RecordFile::Main => self.record_file(),
+            RecordFile::Side(generation) => {
+                side_record_path(&self.paths.state_dir, self.pool.id.as_str(), generation)
+            }
+        }
+    }
+
+    /// Resolves when the pool, already reported Draining, holds no lease. The snapshot must
+    /// show the pool Draining before its lease count is trusted: leases granted just before the
+    /// drain are published with that state.
+    fn watch_drain(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut snapshots = self.registry.watch_snapshot();
+        let pool = self.pool.id.clone();
+        Box::pin(async move {
+            let _ = snapshots
+                .wait_for(|snapshot| {
+                    snapshot.pool(&pool).is_none_or(|status| {
+                        status.state == PoolState::Draining && status.active_leases() == 0
+                    })
+                })
+                .await;
+        })
+    }
+
     /// Launches an engine for `model_path`; `generation` 0 is the pool's main engine.
-    async fn launch(&self, model_path: &str, generation: u64) -> Result<Running, String> {
+    fn launch(&self, model_path: &str, generation: u64) -> Result<Running, String> {
         let launch = plan_launch(
             self.pool.id.as_str(),
             &self.engine,
@@ -290,18 +561,14 @@ impl EngineSupervisor {
         })
     }
 
-    fn write_record(&self, running: &Running) {
-        self.write_record_at(&self.record_file(), running, &self.model_path);
-    }
-
-    fn write_record_at(&self, path: &Path, running: &Running, model_path: &str) {
+    fn write_record_at(&self, path: &Path, running: &Running, model_path: &str, restarts: u32) {
         let record = EngineRecord {
             pid: running.process.pid,
             start_ticks: running.process.start_ticks,
             endpoint: running.endpoint.clone(),
             fingerprint: fingerprint(&self.pool, &self.engine),
             model_path: model_path.to_owned(),
-            restarts: self.restarts,
+            restarts,
             boot_id: super::record::current_boot_id(),
         };
         if let Err(error) = write_record(path, &record) {
@@ -309,8 +576,10 @@ impl EngineSupervisor {
         }
     }
 
-    /// Stops engines a crashed sidecar left running beside the main one (mid-reload).
-    async fn stop_side_engines(&self) {
+    /// Stops engines a crashed sidecar left running beside the main one (mid-reload). Takes
+    /// `&mut self`: the supervisor's pending work is `Send` but not `Sync`, and the pools
+    /// controller adopts engines inside a spawned task.
+    async fn stop_side_engines(&mut self) {
         for path in side_records(&self.paths.state_dir, self.pool.id.as_str()) {
             if let Some(record) = read_record(&path)
                 && record.is_running()
@@ -322,361 +591,6 @@ impl EngineSupervisor {
             }
             remove_record(&path);
         }
-    }
-
-    async fn start(&mut self) -> Step {
-        if self.shutdown.is_cancelled() {
-            return Step::Exit;
-        }
-        if self.started_once {
-            self.restarts = self.restarts.saturating_add(1);
-        }
-        self.started_once = true;
-        let mut running = match self.launch(&self.model_path.clone(), 0).await {
-            Ok(running) => running,
-            Err(reason) => return self.start_failed(reason),
-        };
-        self.report(EngineReport::Spawned {
-            endpoint: running.endpoint.clone(),
-            restarts: self.restarts,
-        });
-        self.write_record(&running);
-        match self.wait_ready(&mut running).await {
-            Ok(()) => {
-                self.rollback_to = None;
-                Step::Serve(Box::new(running))
-            }
-            Err(NotStarted::Interrupted(command)) => {
-                self.stop_engine(&mut running, "interrupted by an operator while starting")
-                    .await;
-                self.while_stopped(Some(command)).unwrap_or(Step::Parked)
-            }
-            Err(NotStarted::Failed(reason)) => {
-                running.process.stop(self.engine.stop_grace()).await;
-                remove_record(&self.record_file());
-                if self.shutdown.is_cancelled() {
-                    self.report(EngineReport::Down {
-                        reason: "pool-managerd is stopping".into(),
-                        state: PoolState::Stopped,
-                    });
-                    return Step::Exit;
-                }
-                self.start_failed(reason)
-            }
-        }
-    }
-
-    fn start_failed(&mut self, reason: String) -> Step {
-        if let Some(previous) = self.rollback_to.take() {
-            let failed = std::mem::replace(&mut self.model_path, previous);
-            self.report(EngineReport::Note {
-                error: format!(
-                    "reload to {failed} failed ({reason}); rolling back to {}",
-                    self.model_path
-                ),
-            });
-            return Step::Start;
-        }
-        Step::Failed {
-            reason,
-            ran_for: Duration::ZERO,
-        }
-    }
-
-    /// Probes a starting engine until it is ready, exits, or runs out of time; reports Ready.
-    /// An operator's command interrupts the start.
-    async fn wait_ready(&mut self, running: &mut Running) -> Result<(), NotStarted> {
-        let http = EngineHttp::new(&running.endpoint);
-        let timeout = self.engine.startup_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let log = self.paths.log(self.pool.id.as_str());
-        loop {
-            let probe = tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    return Err(NotStarted::Failed("pool-managerd is stopping".into()));
-                }
-                reason = running.process.wait_exit() => {
-                    running.process.kill_leftovers();
-                    return Err(NotStarted::Failed(with_log_tail(
-                        &format!("{reason} while starting"),
-                        &log,
-                    )));
-                }
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(NotStarted::Failed(format!("not ready within {} ms", timeout.as_millis())));
-                }
-                Some(command) = self.commands.recv() => return Err(NotStarted::Interrupted(command)),
-                probe = check(&http, &self.pool) => probe,
-            };
-            if probe.result.is_ok() {
-                if let Some(taken) = port_taken_by_another(&running.endpoint, running.process.pid) {
-                    return Err(NotStarted::Failed(taken));
-                }
-                let props = engine_props(&http, &self.pool).await;
-                let Some(slots) = self.pool.slots.or(props.total_slots) else {
-                    return Err(NotStarted::Failed(
-                        "the engine does not report total_slots; set slots in the pool's config"
-                            .into(),
-                    ));
-                };
-                tracing::info!(pool = %self.pool.id, pid = running.process.pid, slots, "engine ready");
-                self.report(EngineReport::Ready {
-                    slots: Some(slots),
-                    engine_version: props.version,
-                    at_unix_ms: unix_ms_now(),
-                });
-                return Ok(());
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    return Err(NotStarted::Failed("pool-managerd is stopping".into()));
-                }
-                Some(command) = self.commands.recv() => return Err(NotStarted::Interrupted(command)),
-                () = tokio::time::sleep(self.pool.probe.interval()) => {}
-            }
-        }
-    }
-
-    async fn serve(&mut self, mut running: Running) -> Step {
-        let http = EngineHttp::new(&running.endpoint);
-        let log = self.paths.log(self.pool.id.as_str());
-        let mut unanswered = 0u32;
-        let mut ticker = tokio::time::interval(self.pool.probe.interval());
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    return self.stop_for_good(running, "pool-managerd is stopping").await;
-                }
-                reason = running.process.wait_exit() => {
-                    running.process.kill_leftovers();
-                    remove_record(&self.record_file());
-                    tracing::warn!(pool = %self.pool.id, pid = running.process.pid, %reason, "engine died");
-                    return Step::Failed {
-                        reason: with_log_tail(&reason, &log),
-                        ran_for: running.since.elapsed(),
-                    };
-                }
-                _ = ticker.tick() => {
-                    let probe = check(&http, &self.pool).await;
-                    unanswered = if probe.alive { 0 } else { unanswered + 1 };
-                    let error = probe.result.clone().err();
-                    self.registry.record_probe(self.pool.id.clone(), probe);
-                    if unanswered >= self.pool.probe.liveness_failure_threshold {
-                        let reason = format!(
-                            "no answer to {unanswered} probes in a row ({})",
-                            error.unwrap_or_default()
-                        );
-                        tracing::warn!(pool = %self.pool.id, pid = running.process.pid, %reason, "engine hung; restarting it");
-                        running.process.stop(self.engine.stop_grace()).await;
-                        remove_record(&self.record_file());
-                        return Step::Failed { reason, ran_for: running.since.elapsed() };
-                    }
-                }
-                command = self.commands.recv() => {
-                    let Some(command) = command else { continue };
-                    match command {
-                        AdminCommand::Drain {
-                            deadline,
-                            reply,
-                            retiring,
-                        } => {
-                            let _ = reply.send(Ok(()));
-                            return self.drain(running, deadline, retiring).await;
-                        }
-                        AdminCommand::Restart { reply } => {
-                            let _ = reply.send(Ok(()));
-                            self.tracker.reset();
-                            // No lease may go to an engine that is being stopped.
-                            self.report(EngineReport::Down {
-                                reason: "restarted by an operator".into(),
-                                state: PoolState::Starting,
-                            });
-                            self.stop_engine(&mut running, "restarted by an operator").await;
-                            return Step::Start;
-                        }
-                        AdminCommand::Reload { model_path, reply } => {
-                            let _ = reply.send(Ok(()));
-                            match self.engine.reload.strategy {
-                                ReloadStrategy::Overlap => {
-                                    return self.reload_beside(running, model_path).await;
-                                }
-                                ReloadStrategy::DrainFirst => {
-                                    return self.reload_after_drain(running, model_path).await;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn stop_engine(&self, running: &mut Running, why: &str) {
-        tracing::info!(pool = %self.pool.id, pid = running.process.pid, why, "stopping engine");
-        running.process.stop(self.engine.stop_grace()).await;
-        remove_record(&self.record_file());
-    }
-
-    async fn stop_for_good(&mut self, mut running: Running, why: &str) -> Step {
-        self.stop_engine(&mut running, why).await;
-        self.report(EngineReport::Down {
-            reason: why.to_owned(),
-            state: PoolState::Stopped,
-        });
-        Step::Exit
-    }
-
-    /// Waits until the pool, already reported Draining, holds no lease (or the deadline
-    /// passes) while the engine runs. The snapshot must show the pool Draining before its lease
-    /// count is trusted: leases granted just before the drain are published with that state.
-    async fn wait_for_leases_to_end(&mut self, running: &mut Running, deadline: Duration) -> bool {
-        let mut snapshots = self.registry.watch_snapshot();
-        let pool = self.pool.id.clone();
-        let drained = snapshots.wait_for(|snapshot| {
-            snapshot.pool(&pool).is_none_or(|status| {
-                status.state == PoolState::Draining && status.active_leases() == 0
-            })
-        });
-        tokio::pin!(drained);
-        let timer = tokio::time::sleep(deadline);
-        tokio::pin!(timer);
-        loop {
-            tokio::select! {
-                _ = &mut drained => return true,
-                () = &mut timer => {
-                    tracing::warn!(pool = %self.pool.id, deadline_ms = deadline.as_millis() as u64, "drain deadline passed with leases still live");
-                    return false;
-                }
-                reason = running.process.wait_exit() => {
-                    tracing::warn!(pool = %self.pool.id, %reason, "engine died while draining");
-                    return true;
-                }
-                () = self.shutdown.cancelled() => return false,
-                Some(command) = self.commands.recv() => refuse_busy(command, self.pool.id.as_str(), "draining"),
-            }
-        }
-    }
-
-    async fn drain(
-        &mut self,
-        mut running: Running,
-        deadline: Duration,
-        retiring: Option<oneshot::Sender<()>>,
-    ) -> Step {
-        self.report(EngineReport::Draining);
-        let clean = self.wait_for_leases_to_end(&mut running, deadline).await;
-        let why = match (clean, retiring.is_some()) {
-            (true, false) => "drained by an operator",
-            (false, false) => "drained by an operator (deadline passed)",
-            (true, true) => "taken out by a config reload",
-            (false, true) => "taken out by a config reload (drain deadline passed)",
-        };
-        self.stop_engine(&mut running, why).await;
-        if let Some(retired) = retiring {
-            let _ = retired.send(());
-            return Step::Parked;
-        }
-        self.report(EngineReport::Down {
-            reason: why.to_owned(),
-            state: PoolState::Stopped,
-        });
-        if self.shutdown.is_cancelled() {
-            Step::Exit
-        } else {
-            Step::Parked
-        }
-    }
-
-    /// Overlap reload: the new engine starts beside the old one, which keeps serving; when the
-    /// new one is ready new leases go to it and the old one is retired once its leases end (or
-    /// at the reload's drain deadline). If the new one never becomes ready it is stopped and
-    /// the old one serves on.
-    async fn reload_beside(&mut self, mut old: Running, model_path: String) -> Step {
-        // Unique per reload, also across sidecar restarts: never the path a live engine uses.
-        self.generation = u64::from(rand::random::<u32>()) + 1;
-        let side_record = side_record_path(
-            &self.paths.state_dir,
-            self.pool.id.as_str(),
-            self.generation,
-        );
-        let mut candidate = match self.launch(&model_path, self.generation).await {
-            Ok(candidate) => {
-                self.write_record_at(&side_record, &candidate, &model_path);
-                candidate
-            }
-            Err(reason) => {
-                self.reload_failed(&model_path, &reason);
-                return Step::Serve(Box::new(old));
-            }
-        };
-        let http = EngineHttp::new(&candidate.endpoint);
-        let timeout = self.engine.startup_timeout();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let ready = loop {
-            tokio::select! {
-                reason = candidate.process.wait_exit() => {
-                    candidate.process.kill_leftovers();
-                    break Err(reason);
-                }
-                reason = old.process.wait_exit() => {
-                    // The old engine died meanwhile: no new leases, then a restart on the new
-                    // model, which rolls back to the old one if it never becomes ready.
-                    self.report(EngineReport::Draining);
-                    old.process.kill_leftovers();
-                    tracing::warn!(pool = %self.pool.id, %reason, "old engine died during a reload");
-                    candidate.process.stop(self.engine.stop_grace()).await;
-                    remove_record(&side_record);
-                    remove_record(&self.record_file());
-                    self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
-                    return Step::Failed { reason, ran_for: old.since.elapsed() };
-                }
-                Some(command) = self.commands.recv() => refuse_busy(command, self.pool.id.as_str(), "reloading"),
-                () = tokio::time::sleep_until(deadline) => break Err(format!("not ready within {} ms", timeout.as_millis())),
-                () = self.shutdown.cancelled() => break Err("pool-managerd is stopping".into()),
-                probe = check(&http, &self.pool) => {
-                    if probe.result.is_ok() {
-                        break match port_taken_by_another(&candidate.endpoint, candidate.process.pid) {
-                            Some(taken) => Err(taken),
-                            None => Ok(()),
-                        };
-                    }
-                    tokio::time::sleep(self.pool.probe.interval()).await;
-                }
-            }
-        };
-        if let Err(reason) = ready {
-            candidate.process.stop(self.engine.stop_grace()).await;
-            remove_record(&side_record);
-            self.reload_failed(&model_path, &reason);
-            return Step::Serve(Box::new(old));
-        }
-        let props = engine_props(&http, &self.pool).await;
-        tracing::info!(pool = %self.pool.id, model = %model_path, pid = candidate.process.pid, "reloaded engine ready; swapping");
-        self.report(EngineReport::Swapped {
-            endpoint: candidate.endpoint.clone(),
-            slots: self.pool.slots.or(props.total_slots),
-            engine_version: props.version,
-        });
-        // The new engine becomes the main record; the old one's side record lives until it
-        // is retired.
-        let old_model = self.model_path.clone();
-        self.model_path = model_path;
-        self.write_record(&candidate);
-        self.write_record_at(&side_record, &old, &old_model);
-        self.retire(old, candidate.endpoint.clone(), side_record);
-        Step::Serve(Box::new(candidate))
-    }
-
-    fn reload_failed(&self, model_path: &str, reason: &str) {
-        tracing::warn!(pool = %self.pool.id, model = model_path, %reason, "reload failed; the old engine serves on");
-        self.report(EngineReport::Note {
-            error: format!(
-                "reload to {model_path} failed ({reason}); still serving {}",
-                self.model_path
-            ),
-        });
     }
 
     /// Stops a swapped-out engine once the pool's leases end, or at the reload deadline.
@@ -706,104 +620,37 @@ impl EngineSupervisor {
             remove_record(&side_record);
         });
     }
+}
 
-    /// Drain-first reload: stop taking leases, let them end, stop the old engine, start the new
-    /// model; if it never becomes ready, start the old model again.
-    async fn reload_after_drain(&mut self, mut old: Running, model_path: String) -> Step {
-        self.report(EngineReport::Draining);
-        let deadline = self.engine.reload.drain_deadline();
-        self.wait_for_leases_to_end(&mut old, deadline).await;
-        self.stop_engine(&mut old, "reloading").await;
-        self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
-        Step::Start
+/// The time, the wall clock and a random number for the machine's next decision.
+fn moment() -> Moment {
+    Moment {
+        at: tokio::time::Instant::now().into_std(),
+        unix_ms: unix_ms_now(),
+        random: rand::random(),
     }
+}
 
-    async fn back_off(&mut self, reason: String, ran_for: Duration) -> Step {
-        let decision = self
-            .tracker
-            .on_failure(Instant::now(), ran_for, rand::random::<f64>());
-        match decision {
-            RestartDecision::After(delay) => {
-                let until_unix_ms =
-                    unix_ms_now() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                tracing::warn!(pool = %self.pool.id, %reason, retry_in_ms = delay.as_millis() as u64, "engine failed; backing off");
-                self.report(EngineReport::Down {
-                    reason,
-                    state: PoolState::BackingOff { until_unix_ms },
-                });
-                let wake = tokio::time::Instant::now() + delay;
-                loop {
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return Step::Exit,
-                        () = tokio::time::sleep_until(wake) => return Step::Start,
-                        command = self.commands.recv() => {
-                            if let Some(step) = self.while_stopped(command) {
-                                return step;
-                            }
-                        }
-                    }
-                }
-            }
-            RestartDecision::GiveUp { restarts_in_window } => {
-                let reason = format!(
-                    "{reason}; {restarts_in_window} restarts within {} s: giving up until an operator restarts the pool",
-                    self.engine.restart.window_ms / 1000
-                );
-                tracing::error!(pool = %self.pool.id, %reason, "engine failed for good");
-                self.report(EngineReport::Down {
-                    reason,
-                    state: PoolState::Failed,
-                });
-                Step::Parked
-            }
-        }
+/// How the engine in `slot` exits; never, while there is none.
+async fn exit_of(slot: &mut Option<Running>) -> String {
+    match slot {
+        Some(running) => running.process.wait_exit().await,
+        None => std::future::pending().await,
     }
+}
 
-    async fn parked(&mut self) -> Step {
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => return Step::Exit,
-                command = self.commands.recv() => {
-                    if let Some(step) = self.while_stopped(command) {
-                        return step;
-                    }
-                }
-            }
-        }
+/// The result of the work in `pending`; never, while there is none.
+async fn completion<T>(pending: &mut Pending<T>) -> T {
+    match pending {
+        Some(future) => future.await,
+        None => std::future::pending().await,
     }
+}
 
-    /// An operator's command while no engine runs (backing off, failed, stopped).
-    fn while_stopped(&mut self, command: Option<AdminCommand>) -> Option<Step> {
-        match command? {
-            AdminCommand::Restart { reply } => {
-                let _ = reply.send(Ok(()));
-                self.tracker.reset();
-                Some(Step::Start)
-            }
-            AdminCommand::Reload { model_path, reply } => {
-                let _ = reply.send(Ok(()));
-                self.model_path = model_path;
-                self.tracker.reset();
-                Some(Step::Start)
-            }
-            AdminCommand::Drain {
-                reply,
-                retiring: Some(retired),
-                ..
-            } => {
-                let _ = reply.send(Ok(()));
-                let _ = retired.send(());
-                Some(Step::Parked)
-            }
-            AdminCommand::Drain { reply, .. } => {
-                let _ = reply.send(Ok(()));
-                self.report(EngineReport::Down {
-                    reason: "drained by an operator".into(),
-                    state: PoolState::Stopped,
-                });
-                Some(Step::Parked)
-            }
-        }
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -813,4 +660,51 @@ pub fn supervisor_gone(pool: &str) -> IpcError {
         ErrorCode::ShuttingDown,
         format!("pool {pool:?}'s supervisor is not running"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ReloadStrategy, RestartPolicy};
+
+    /// The supervisor reads time from tokio's clock, so paused time moves the machine's
+    /// deadlines and backoff without waiting for them.
+    #[tokio::test(start_paused = true)]
+    async fn the_machine_runs_on_tokios_clock_so_paused_time_drives_its_backoff() {
+        let settings = Settings {
+            pool: "a".into(),
+            slots: Some(1),
+            startup_timeout: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(1),
+            liveness_failure_threshold: 3,
+            reload_strategy: ReloadStrategy::Overlap,
+            reload_drain_deadline: Duration::from_secs(60),
+            restart_window_ms: 600_000,
+        };
+        let policy = RestartPolicy {
+            initial_ms: 5000,
+            jitter: 0.0,
+            ..RestartPolicy::default()
+        };
+        let mut machine =
+            Machine::new(settings, RestartTracker::new(policy), "/m".into(), 0, false);
+        machine.begin(None, moment());
+        let failed = Input::SpawnFailed {
+            which: Which::Main,
+            reason: "cannot start".into(),
+        };
+        assert_eq!(machine.on(failed, moment()), [Effect::Resume]);
+        machine.on(Input::Resumed, moment());
+        let before = tokio::time::Instant::now();
+        sleep_until(machine.next_wake()).await;
+        assert_eq!(before.elapsed(), Duration::from_secs(5));
+        assert_eq!(
+            machine.on(Input::Tick, moment()),
+            [Effect::Spawn {
+                which: Which::Main,
+                model_path: "/m".into(),
+                generation: 0
+            }]
+        );
+    }
 }

@@ -283,11 +283,6 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 /// Between why an engine failed and the last lines of its log in a pool's `last_error`.
 pub const LOG_TAIL_MARKER: &str = "; last output: ";
 
-/// `reason`, followed by the last three lines of the engine's log at `log`.
-pub fn with_log_tail(reason: &str, log: &Path) -> String {
-    format!("{reason}{LOG_TAIL_MARKER}{}", log_tail(log, 3))
-}
-
 /// The last few lines of an engine's log, for the reason shown when it dies.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
