@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod debug_http;
 pub mod engine_http;
+pub mod eviction;
 pub mod gguf;
 pub mod gpu;
 pub mod ipc;
