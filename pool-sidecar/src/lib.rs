@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod debug_http;
+pub mod durable;
 pub mod engine_http;
 pub mod eviction;
 pub mod gguf;

@@ -131,6 +131,8 @@ impl Controller {
         let shutdown = self.context.shutdown.clone();
         loop {
             tokio::select! {
+                // Once stopping, nothing more is taken on.
+                biased;
                 () = shutdown.cancelled() => return,
                 Some(message) = inbox.recv() => match message {
                     Message::Admin { request, reply } => self.admin(request, reply),

@@ -16,8 +16,8 @@
 use hmac::{Hmac, KeyInit, Mac};
 use pool_ipc::registry::{LeaseId, LeaseSecret, PoolId};
 use sha2::Sha256;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// HMAC-SHA-256 takes a key of its block size without hashing it first.
@@ -128,24 +128,9 @@ fn read_key(path: &Path) -> std::io::Result<Option<[u8; KEY_BYTES]>> {
     }
 }
 
-/// Written whole or not at all: a private temp file, synced, renamed, the directory synced.
+/// Written whole or not at all, private (see [`crate::durable`]).
 fn write_key(path: &Path, key: &[u8; KEY_BYTES]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let temp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    // A temp file left by an earlier crash keeps its old mode through `open`.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    file.write_all(key)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::write_file(path, key, 0o600)
 }
 
 #[cfg(test)]

@@ -73,20 +73,11 @@ pub fn side_records(state_dir: &Path, pool: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Writes the record atomically and durably: the temp file is synced before the rename, and the
-/// directory after it, so a crash or power loss leaves the old record or the new one, whole.
+/// Writes the record atomically and durably (see [`crate::durable`]): a crash or power loss
+/// leaves the old record or the new one, whole.
 pub fn write_record(path: &Path, record: &EngineRecord) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
     let text = serde_json::to_string_pretty(record).map_err(std::io::Error::other)?;
-    let temp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::write_file(path, text.as_bytes(), 0o640)
 }
 
 pub fn read_record(path: &Path) -> Option<EngineRecord> {
