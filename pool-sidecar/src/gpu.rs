@@ -62,9 +62,52 @@ impl GpuProbe {
     }
 }
 
+/// What NVML says a set of processes holds on one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessMemory {
+    /// The processes' own figures, summed.
+    PerProcess(u64),
+    /// The driver gives no per-process figures (inside a PID namespace its pids are not ours):
+    /// the device's used memory, for a before/after delta.
+    DeviceUsed(u64),
+}
+
+impl GpuProbe {
+    /// The memory `pids` hold on GPU `index` (blocking: run off the async runtime); `None`
+    /// without a driver or such a GPU.
+    pub fn process_memory(&self, index: u32, pids: &[u32]) -> Option<ProcessMemory> {
+        let device = self.nvml()?.device_by_index(index).ok()?;
+        let own: Vec<u64> = device
+            .running_compute_processes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|process| pids.contains(&process.pid))
+            .filter_map(|process| match process.used_gpu_memory {
+                nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => Some(bytes),
+                nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => None,
+            })
+            .collect();
+        if own.is_empty() {
+            return device
+                .memory_info()
+                .ok()
+                .map(|memory| ProcessMemory::DeviceUsed(memory.used));
+        }
+        Some(ProcessMemory::PerProcess(own.into_iter().sum()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_without_a_driver_has_no_gpu_memory_to_report() {
+        let probe = GpuProbe::default();
+        if probe.inventory().driver.is_none() {
+            assert_eq!(probe.process_memory(0, &[std::process::id()]), None);
+        }
+    }
 
     #[test]
     fn a_host_without_a_driver_reports_no_gpus_without_an_error() {

@@ -15,6 +15,7 @@ pub mod debug_http;
 pub mod durable;
 pub mod engine_http;
 pub mod eviction;
+pub mod footprint;
 pub mod gguf;
 pub mod gpu;
 pub mod ipc;
