@@ -131,6 +131,9 @@ impl Controller {
         let shutdown = self.context.shutdown.clone();
         loop {
             tokio::select! {
+                // Shutdown first: a message that arrives after it is answered "stopping" (by
+                // the dropped inbox), never carried out.
+                biased;
                 () = shutdown.cancelled() => return,
                 Some(message) = inbox.recv() => match message {
                     Message::Admin { request, reply } => self.admin(request, reply),
