@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-const POOL_STATES: [&str; 7] = [
+const POOL_STATES: [&str; 9] = [
     "starting",
     "ready",
     "unhealthy",
@@ -21,6 +21,8 @@ const POOL_STATES: [&str; 7] = [
     "stopped",
     "backing_off",
     "failed",
+    "unloaded",
+    "loading",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -244,6 +246,8 @@ mod tests {
             PoolState::Stopped,
             PoolState::BackingOff { until_unix_ms: 0 },
             PoolState::Failed,
+            PoolState::Unloaded,
+            PoolState::Loading,
         ];
         for state in states {
             assert!(POOL_STATES.contains(&state.name()), "{state}");
