@@ -400,6 +400,10 @@ pub struct PoolConfig {
     /// The APIs the engine serves, sorted and without duplicates (never empty): the `endpoints`
     /// key, or [`ApiEndpoint::defaults`] for the engine kind.
     pub api_endpoints: Vec<ApiEndpoint>,
+    /// When the engine runs; always [`LoadPolicy::Always`] for an external engine. Not part of
+    /// an engine's fingerprint: when an engine runs does not change how it runs, so an engine a
+    /// previous run left is adopted across a change of `load`.
+    pub load: LoadPolicy,
 }
 
 /// Who runs the pool's engine.
@@ -422,17 +426,9 @@ pub struct ManagedEngine {
     pub stop_grace_ms: u64,
     pub restart: RestartPolicy,
     pub reload: ReloadPolicy,
-    /// Not part of an engine's fingerprint: when an engine runs does not change how it runs, so
-    /// an engine a previous run left is adopted across a change of `load`.
-    #[serde(skip)]
-    pub load: LoadPolicy,
 }
 
 impl ManagedEngine {
-    pub fn on_demand(&self) -> bool {
-        matches!(self.load, LoadPolicy::OnDemand { .. })
-    }
-
     pub fn startup_timeout(&self) -> Duration {
         Duration::from_millis(self.startup_timeout_ms)
     }
@@ -785,7 +781,6 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
                 stop_grace_ms: raw.stop_grace_ms.unwrap_or(10_000),
                 restart,
                 reload: raw.reload,
-                load,
             })
         }
     };
@@ -824,6 +819,7 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
         health_path,
         probe,
         api_endpoints,
+        load,
     })
 }
 
@@ -1001,7 +997,7 @@ mod tests {
 
     #[test]
     fn pools_load_always_by_default_and_on_demand_pools_unload_after_five_idle_minutes() {
-        let engine = |text: &str| parse(text).unwrap().pools[0].managed().unwrap().load;
+        let engine = |text: &str| parse(text).unwrap().pools[0].load;
         assert_eq!(engine(MANAGED), LoadPolicy::Always);
         let on_demand = format!("{MANAGED}\n        load = \"on-demand\"");
         assert_eq!(

@@ -318,7 +318,7 @@ mod tests {
             "nobody listens now"
         );
     }
-    use crate::config::{LoadPolicy, ReloadPolicy, RestartPolicy};
+    use crate::config::{ReloadPolicy, RestartPolicy};
 
     fn engine(listen: ListenKind) -> ManagedEngine {
         ManagedEngine {
@@ -342,7 +342,6 @@ mod tests {
             stop_grace_ms: 1000,
             restart: RestartPolicy::default(),
             reload: ReloadPolicy::default(),
-            load: LoadPolicy::Always,
         }
     }
 
