@@ -107,8 +107,19 @@ fn takes_work(pool: &PoolSnapshot, wanted: &Wanted<'_>) -> bool {
         && !wanted.held_back.contains(&pool.pool_id)
 }
 
+/// Exhaustive, so that every new state is decided here: an Unloaded pool loads on demand and a
+/// Loading one is on its way, so both are worth waiting for.
 fn out_of_service(pool: &PoolSnapshot) -> bool {
-    matches!(pool.state, PoolState::Stopped | PoolState::Failed)
+    match pool.state {
+        PoolState::Stopped | PoolState::Failed => true,
+        PoolState::Starting
+        | PoolState::Ready
+        | PoolState::Unhealthy
+        | PoolState::Draining
+        | PoolState::BackingOff { .. }
+        | PoolState::Unloaded
+        | PoolState::Loading => false,
+    }
 }
 
 fn chosen(pool: &PoolSnapshot, slots: SlotNeed) -> Choice {
@@ -447,12 +458,15 @@ mod tests {
             choose(&stopped, &wanted("m", &pin), None),
             Err(NoPlacement::OutOfService)
         );
-        // One pool that may still come back (draining, backing off) is worth waiting for.
+        // One pool that may still come back (draining, backing off, loadable) is worth waiting
+        // for.
         for state in [
             PoolState::Draining,
             PoolState::BackingOff { until_unix_ms: 1 },
             PoolState::Starting,
             PoolState::Unhealthy,
+            PoolState::Unloaded,
+            PoolState::Loading,
         ] {
             let mixed = registry(vec![
                 pool("a", "m", PoolState::Stopped, 4, 4),

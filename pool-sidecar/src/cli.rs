@@ -97,6 +97,19 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Load an on-demand pool's engine now (returns once the load is under way).
+    Load {
+        pool: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+    /// Stop giving out leases on an on-demand pool, then unload its engine when they end (or at
+    /// its drain deadline).
+    Unload {
+        pool: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
 }
 
 /// Runs an operator command against a running daemon.
@@ -128,6 +141,19 @@ pub async fn run_command(command: Command) -> ExitCode {
         Command::Restart { pool, socket } => {
             admin(socket, |client| async move {
                 client.restart(&PoolId(pool)).await
+            })
+            .await
+        }
+        Command::Load { pool, socket } => {
+            admin(
+                socket,
+                |client| async move { client.load(&PoolId(pool)).await },
+            )
+            .await
+        }
+        Command::Unload { pool, socket } => {
+            admin(socket, |client| async move {
+                client.unload(&PoolId(pool)).await
             })
             .await
         }

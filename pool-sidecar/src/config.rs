@@ -29,6 +29,18 @@
 //! failure_threshold = 3
 //! success_threshold = 1
 //! ```
+//!
+//! A managed engine (`command = [...]`) may be loaded only when wanted:
+//!
+//! ```toml
+//! load = "on-demand"        # default "always": started with pool-managerd, never unloaded
+//! idle_unload_ms = 300000   # on-demand only: unload after this long without a lease; 0 = never
+//! ```
+//!
+//! An on-demand pool starts Unloaded (no engine; an engine a previous run left is still adopted)
+//! and loads on `Load` (any allowed peer: a demand from orchestratord, or `pool-managerd load`).
+//! `load = "on-demand"` on an external endpoint and `idle_unload_ms` on an `always` pool are
+//! refused, not ignored: both would promise something pool-managerd cannot do.
 
 use daemon_support::http_server::HttpLimits;
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
@@ -149,6 +161,31 @@ struct RawPool {
     restart: RestartPolicy,
     #[serde(default)]
     reload: ReloadPolicy,
+    /// When the engine runs: "always" (default) or "on-demand".
+    load: Option<LoadKind>,
+    /// On-demand pools: unload after this long without a lease (default 300000; 0 = never).
+    idle_unload_ms: Option<u64>,
+}
+
+/// The `load` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LoadKind {
+    Always,
+    OnDemand,
+}
+
+/// The default idle time before an on-demand pool is unloaded: long enough that a conversation's
+/// next turn finds the model loaded, short enough to give the memory back within minutes.
+pub const DEFAULT_IDLE_UNLOAD_MS: u64 = 300_000;
+
+/// When a managed engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPolicy {
+    /// Started with pool-managerd (or the pool), restarted whenever it fails; never unloaded.
+    Always,
+    /// Started on a `Load` request; unloaded after `idle_unload` without a lease (`None`: never).
+    OnDemand { idle_unload: Option<Duration> },
 }
 
 /// How a managed engine listens.
@@ -363,6 +400,10 @@ pub struct PoolConfig {
     /// The APIs the engine serves, sorted and without duplicates (never empty): the `endpoints`
     /// key, or [`ApiEndpoint::defaults`] for the engine kind.
     pub api_endpoints: Vec<ApiEndpoint>,
+    /// When the engine runs; always [`LoadPolicy::Always`] for an external engine. Not part of
+    /// an engine's fingerprint: when an engine runs does not change how it runs, so an engine a
+    /// previous run left is adopted across a change of `load`.
+    pub load: LoadPolicy,
 }
 
 /// Who runs the pool's engine.
@@ -629,6 +670,25 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             "slots must be between 1 and {MAX_SLOTS}, got {slots}"
         )));
     }
+    let load = match (raw.load.unwrap_or(LoadKind::Always), raw.idle_unload_ms) {
+        (LoadKind::Always, Some(_)) => {
+            return Err(context(
+                "idle_unload_ms applies only to load = \"on-demand\" pools (an \"always\" pool is never unloaded)".into(),
+            ));
+        }
+        (LoadKind::Always, None) => LoadPolicy::Always,
+        (LoadKind::OnDemand, Some(ms)) if ms > 24 * 60 * 60 * 1000 => {
+            return Err(context(format!(
+                "idle_unload_ms must be at most 86400000 (24 h; 0 = never), got {ms}"
+            )));
+        }
+        (LoadKind::OnDemand, idle) => {
+            let ms = idle.unwrap_or(DEFAULT_IDLE_UNLOAD_MS);
+            LoadPolicy::OnDemand {
+                idle_unload: (ms > 0).then(|| Duration::from_millis(ms)),
+            }
+        }
+    };
     let source = match (raw.endpoint, raw.command) {
         (Some(_), Some(_)) => {
             return Err(context(
@@ -641,6 +701,11 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             ));
         }
         (Some(endpoint), None) => {
+            if load != LoadPolicy::Always {
+                return Err(context(
+                    "load = \"on-demand\" needs an engine pool-managerd runs (command), not an external endpoint".into(),
+                ));
+            }
             if raw.slots.is_none() {
                 return Err(context("slots is required for an external endpoint".into()));
             }
@@ -754,6 +819,7 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
         health_path,
         probe,
         api_endpoints,
+        load,
     })
 }
 
@@ -928,6 +994,46 @@ mod tests {
         command = ["llama-server", "-m", "{model}", "--host", "{host}", "--port", "{port}"]
         model_path = "/models/tiny.gguf"
     "#;
+
+    #[test]
+    fn pools_load_always_by_default_and_on_demand_pools_unload_after_five_idle_minutes() {
+        let engine = |text: &str| parse(text).unwrap().pools[0].load;
+        assert_eq!(engine(MANAGED), LoadPolicy::Always);
+        let on_demand = format!("{MANAGED}\n        load = \"on-demand\"");
+        assert_eq!(
+            engine(&on_demand),
+            LoadPolicy::OnDemand {
+                idle_unload: Some(Duration::from_millis(DEFAULT_IDLE_UNLOAD_MS))
+            }
+        );
+        assert_eq!(
+            engine(&format!("{on_demand}\n        idle_unload_ms = 300")),
+            LoadPolicy::OnDemand {
+                idle_unload: Some(Duration::from_millis(300))
+            }
+        );
+        assert_eq!(
+            engine(&format!("{on_demand}\n        idle_unload_ms = 0")),
+            LoadPolicy::OnDemand { idle_unload: None },
+            "0: never unloaded for idleness"
+        );
+    }
+
+    #[test]
+    fn load_settings_that_cannot_be_honoured_are_refused_not_ignored() {
+        let error = parse(&format!("{MANAGED}\n        idle_unload_ms = 300"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("idle_unload_ms applies only to"), "{error}");
+        let error = parse(&format!("{ONE_POOL}\n        load = \"on-demand\""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not an external endpoint"), "{error}");
+        let error = parse(&format!("{MANAGED}\n        load = \"sometimes\""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown variant `sometimes`"), "{error}");
+    }
 
     #[test]
     fn engines_listen_on_unix_sockets_unless_tcp_is_asked_for_and_the_command_must_say_where() {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct DebugState {
     pub registry: RegistryHandle,
-    /// Where admin requests (drain, reload, restart) go.
+    /// Where admin requests (drain, reload, restart, load, unload) go.
     pub pools: PoolsHandle,
     pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
@@ -47,6 +47,8 @@ pub fn router(state: DebugState) -> Router {
         .route("/pools/{id}/drain", post(drain))
         .route("/pools/{id}/reload", post(reload))
         .route("/pools/{id}/restart", post(restart))
+        .route("/pools/{id}/load", post(load))
+        .route("/pools/{id}/unload", post(unload))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -205,6 +207,16 @@ async fn reload(
 
 async fn restart(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
     admin(state, WireRequest::Restart { pool: PoolId(id) }).await
+}
+
+/// Behind the token like every route that changes things: the shim has no peer identity to tell
+/// a demand from anyone else's request.
+async fn load(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
+    admin(state, WireRequest::Load { pool: PoolId(id) }).await
+}
+
+async fn unload(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
+    admin(state, WireRequest::Unload { pool: PoolId(id) }).await
 }
 
 /// Admin routes change things, so they exist only behind a token.

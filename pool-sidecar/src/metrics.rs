@@ -5,15 +5,16 @@
 //! from the registry itself. Labels are bounded: pool ids come from the config, the rest from
 //! fixed sets.
 
-use crate::registry::state::LeaseEnd;
+use crate::registry::state::{LeaseEnd, UnloadReason};
 use pool_ipc::registry::{PoolId, PoolState, RegistrySnapshot};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-const POOL_STATES: [&str; 7] = [
+const POOL_STATES: [&str; 9] = [
     "starting",
     "ready",
     "unhealthy",
@@ -21,6 +22,8 @@ const POOL_STATES: [&str; 7] = [
     "stopped",
     "backing_off",
     "failed",
+    "unloaded",
+    "loading",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +63,11 @@ pub struct Metrics {
     pub ipc_connections: Gauge,
     ipc_connections_refused: Family<ReasonLabels, Counter>,
     ipc_requests: Family<RequestLabels, Counter>,
+    /// Loads of on-demand pools begun (a retry after a failed load counts again).
+    pub loads: Counter,
+    unloads: Family<ReasonLabels, Counter>,
+    /// From a load's start to its engine's Ready.
+    pub load_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -86,6 +94,11 @@ impl Metrics {
             ipc_connections: Gauge::default(),
             ipc_connections_refused: Family::default(),
             ipc_requests: Family::default(),
+            loads: Counter::default(),
+            unloads: Family::default(),
+            // 50 ms to ~14 min in 12 quadrupling steps: a small model loads in a second, a large
+            // one from a cold disk in minutes.
+            load_duration: Histogram::new(exponential_buckets(0.05, 4.0, 12)),
         };
         registry.register(
             "pool_state",
@@ -152,6 +165,21 @@ impl Metrics {
             "Requests served on the Unix socket, by operation and result",
             metrics.ipc_requests.clone(),
         );
+        registry.register(
+            "loads",
+            "Loads of on-demand pools begun (a retry after a failed load counts again)",
+            metrics.loads.clone(),
+        );
+        registry.register(
+            "unloads",
+            "On-demand pools unloaded, by reason (idle, operator)",
+            metrics.unloads.clone(),
+        );
+        registry.register(
+            "load_duration_seconds",
+            "From the start of an on-demand pool's load to its engine passing its readiness check",
+            metrics.load_duration.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -169,6 +197,14 @@ impl Metrics {
     pub fn record_lease_end(&self, end: LeaseEnd) {
         self.leases_ended
             .get_or_create(&ReasonLabels { reason: end.name() })
+            .inc();
+    }
+
+    pub fn record_unload(&self, reason: UnloadReason) {
+        self.unloads
+            .get_or_create(&ReasonLabels {
+                reason: reason.name(),
+            })
             .inc();
     }
 
@@ -244,6 +280,8 @@ mod tests {
             PoolState::Stopped,
             PoolState::BackingOff { until_unix_ms: 0 },
             PoolState::Failed,
+            PoolState::Unloaded,
+            PoolState::Loading,
         ];
         for state in states {
             assert!(POOL_STATES.contains(&state.name()), "{state}");

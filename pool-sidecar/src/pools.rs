@@ -2,8 +2,8 @@
 //! every configured pool (a prober for an external engine, a supervisor for a managed one, which
 //! adopts what a previous run left), applies reloaded configurations (SIGHUP: new pools start,
 //! removed ones are drained and stopped, changed ones are replaced, unchanged ones are untouched),
-//! and carries operators' admin requests (drain, reload, restart) from the socket and the debug
-//! shim to the supervisors, whose command queues only it holds. Everyone else talks to it through
+//! and carries operators' admin requests (drain, reload, restart, unload) and anyone's loads from
+//! the socket and the debug shim to the supervisors, whose command queues only it holds. Everyone else talks to it through
 //! a [`PoolsHandle`].
 
 use crate::config::{Config, EngineSource, ModelDirs, PoolConfig};
@@ -46,7 +46,7 @@ pub struct PoolsHandle {
 }
 
 impl PoolsHandle {
-    /// Hands an admin request (drain, reload, restart) to the pool's supervisor and waits until
+    /// Hands an admin request (drain, reload, restart, unload) or a load to the pool's supervisor and waits until
     /// it has taken it on.
     pub async fn admin(&self, request: Request) -> Result<(), IpcError> {
         let (reply, answer) = oneshot::channel();
@@ -131,7 +131,8 @@ impl Controller {
         let shutdown = self.context.shutdown.clone();
         loop {
             tokio::select! {
-                // Once stopping, nothing more is taken on.
+                // Shutdown first: a message that arrives after it is answered "stopping" (by
+                // the dropped inbox), never carried out.
                 biased;
                 () = shutdown.cancelled() => return,
                 Some(message) = inbox.recv() => match message {
@@ -190,7 +191,7 @@ impl Controller {
                 let _ = reply.send(Err(IpcError::new(
                     ErrorCode::Unsupported,
                     format!(
-                        "pool {:?} runs an external engine; pool-managerd can only drain, reload or restart engines it runs",
+                        "pool {:?} runs an external engine; pool-managerd can only drain, reload, restart, load or unload engines it runs",
                         pool.as_str()
                     ),
                 )));
@@ -277,6 +278,10 @@ impl Controller {
             }
             Request::Restart { pool } => {
                 Ok((pool, Box::new(|reply| AdminCommand::Restart { reply })))
+            }
+            Request::Load { pool } => Ok((pool, Box::new(|reply| AdminCommand::Load { reply }))),
+            Request::Unload { pool } => {
+                Ok((pool, Box::new(|reply| AdminCommand::Unload { reply })))
             }
             other => Err(IpcError::new(
                 ErrorCode::BadRequest,

@@ -400,6 +400,17 @@ impl PoolClient {
         self.admin(Request::Restart { pool: pool.clone() }).await
     }
 
+    /// Starts an Unloaded on-demand pool's engine; `Ok` once the load is under way (watch the
+    /// pool turn Loading, then Ready). Any allowed peer may ask.
+    pub async fn load(&self, pool: &PoolId) -> Result<(), ClientError> {
+        self.admin(Request::Load { pool: pool.clone() }).await
+    }
+
+    /// Admin: drains an on-demand pool and stops its engine, leaving it Unloaded.
+    pub async fn unload(&self, pool: &PoolId) -> Result<(), ClientError> {
+        self.admin(Request::Unload { pool: pool.clone() }).await
+    }
+
     async fn admin(&self, request: Request) -> Result<(), ClientError> {
         let name = request.name();
         match self.call(request).await? {

@@ -264,6 +264,11 @@ pub enum PoolState {
     BackingOff { until_unix_ms: u64 },
     /// Restarted too often; needs an operator.
     Failed,
+    /// An on-demand pool with no engine: configured, takes no leases, loads on `Request::Load`.
+    Unloaded,
+    /// An on-demand pool's engine is being started (a demand or an operator asked for it);
+    /// Ready once it passes its readiness check.
+    Loading,
 }
 
 impl PoolState {
@@ -276,6 +281,8 @@ impl PoolState {
             PoolState::Stopped => "stopped",
             PoolState::BackingOff { .. } => "backing_off",
             PoolState::Failed => "failed",
+            PoolState::Unloaded => "unloaded",
+            PoolState::Loading => "loading",
         }
     }
 }

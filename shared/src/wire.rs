@@ -24,7 +24,10 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 /// with a secret (`Lease::secret`) that a re-assertion must show (`HeldLease::secret`), the server
 /// announces its lease time-to-live (`Welcome::lease_ttl_ms`) and clients keep their leases alive
 /// with `Request::Renew`; a peer over its lease cap gets `ErrorCode::LeaseCapReached`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: pools can be loaded on demand: two appended pool states (`PoolState::Unloaded`,
+/// `PoolState::Loading`) that an older client could not decode in a snapshot or event, and
+/// `Request::Load` / `Request::Unload`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -118,6 +121,17 @@ pub enum Request {
     /// Keeps every lease of this connection alive for another `Welcome::lease_ttl_ms`; a client
     /// holding leases sends it well within that time (the shared client: every third of it).
     Renew,
+    /// Start the engine of an Unloaded on-demand pool (answered once the load is under way; the
+    /// pool then shows Loading, then Ready). Not admin-only: a demand for the pool's model (from
+    /// orchestratord) must be able to bring it up. A no-op for a pool that is loaded or loading.
+    Load {
+        pool: PoolId,
+    },
+    /// Admin: no new leases; unload the on-demand pool's engine when its leases end (or at its
+    /// drain deadline), leaving it Unloaded.
+    Unload {
+        pool: PoolId,
+    },
 }
 
 impl Request {
@@ -136,6 +150,8 @@ impl Request {
             Request::Restart { .. } => "restart",
             Request::Gpus => "gpus",
             Request::Renew => "renew",
+            Request::Load { .. } => "load",
+            Request::Unload { .. } => "unload",
         }
     }
 
@@ -143,7 +159,10 @@ impl Request {
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
-            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. }
+            Request::Drain { .. }
+                | Request::Reload { .. }
+                | Request::Restart { .. }
+                | Request::Unload { .. }
         )
     }
 }

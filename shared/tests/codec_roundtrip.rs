@@ -184,6 +184,8 @@ fn strategies_generate_every_variant() {
             "restart",
             "gpus",
             "renew",
+            "load",
+            "unload",
         ])
     );
     assert_eq!(
@@ -243,6 +245,8 @@ fn strategies_generate_every_variant() {
             "stopped",
             "backing_off",
             "failed",
+            "unloaded",
+            "loading",
         ])
     );
     assert_eq!(
@@ -297,7 +301,7 @@ fn server_frames_carry_every_pool_state_api_and_error_code() {
             ServerFrame::Welcome(_) | ServerFrame::Event(_) => {}
         }
     }
-    assert_eq!(states.len(), 7, "{states:?}");
+    assert_eq!(states.len(), 9, "{states:?}");
     assert_eq!(apis.len(), 10, "{apis:?}");
     assert_eq!(codes.len(), pool_ipc::ErrorCode::ALL.len(), "{codes:?}");
 }

@@ -171,7 +171,7 @@ fn the_magic_and_version_are_pinned() {
     assert_eq!(&MAGIC, b"PMGR");
     // Changing this without changing the golden bytes is a sign the bump was not deliberate; when
     // you bump it, update this line together with the expectations that changed.
-    assert_eq!(PROTOCOL_VERSION, 3);
+    assert_eq!(PROTOCOL_VERSION, 4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ fn client_frame_hello_is_pinned() {
             "
             00             # ClientFrame::Hello
             50 4d 47 52    # magic \"PMGR\" (raw, no length)
-            03             # protocol_version 3
+            04             # protocol_version 4
             04 6f 72 63 68 # client_name \"orch\"
             01             # held_leases: 1 entry
             fb 02 01       #   lease 258
@@ -589,6 +589,20 @@ fn request_renew_is_pinned() {
 }
 
 #[test]
+fn request_load_and_unload_are_pinned() {
+    assert_golden(
+        &Request::Load { pool: "a".into() },
+        &hex("0c # Load
+              01 61 # pool \"a\""),
+    );
+    assert_golden(
+        &Request::Unload { pool: "a".into() },
+        &hex("0d # Unload
+              01 61 # pool \"a\""),
+    );
+}
+
+#[test]
 fn response_renewed_is_pinned() {
     assert_golden(
         &Response::Renewed { leases: 3 },
@@ -694,6 +708,8 @@ fn pool_state_variants_are_pinned() {
         "),
     );
     assert_golden(&PoolState::Failed, "06");
+    assert_golden(&PoolState::Unloaded, "07");
+    assert_golden(&PoolState::Loading, "08");
 }
 
 #[test]

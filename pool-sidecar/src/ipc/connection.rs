@@ -327,12 +327,15 @@ impl Session {
         };
         let Call { id, request } = call;
         let op = request.name();
-        if request.is_admin()
-            && self
-                .context
-                .access
-                .admits_admin(self.peer.uid(), self.peer.gid())
-        {
+        // An admin's admin requests, and anyone's Load (a demand for a model may bring its pool
+        // up), go to the pools controller beside the connection.
+        let to_controller = matches!(request, Request::Load { .. })
+            || (request.is_admin()
+                && self
+                    .context
+                    .access
+                    .admits_admin(self.peer.uid(), self.peer.gid()));
+        if to_controller {
             self.start_admin(id, request);
             return Ok(());
         }
@@ -353,7 +356,7 @@ impl Session {
         Ok(())
     }
 
-    /// Hands an admin request to its supervisor in a task of its own; the reply comes back
+    /// Hands an admin request (or a load) to its supervisor in a task of its own; the reply comes back
     /// through `admin_done`. Bounded by `ADMIN_TIMEOUT`; if the connection is gone by then the
     /// reply is dropped, and the supervisor carries out the request all the same.
     fn start_admin(&self, id: u64, request: Request) {
@@ -454,11 +457,16 @@ impl Session {
                         )
                     })
             }
-            // Admins' admin requests never get here (`start_admin` takes them beside the
-            // connection), and everyone else's were refused above.
-            Request::Drain { .. } | Request::Reload { .. } | Request::Restart { .. } => Err(
-                IpcError::new(ErrorCode::Internal, "admin request reached the inline path"),
-            ),
+            // Loads and admins' admin requests never get here (`start_admin` takes them beside
+            // the connection), and everyone else's admin requests were refused above.
+            Request::Drain { .. }
+            | Request::Reload { .. }
+            | Request::Restart { .. }
+            | Request::Unload { .. }
+            | Request::Load { .. } => Err(IpcError::new(
+                ErrorCode::Internal,
+                "pool lifecycle request reached the inline path",
+            )),
         }
     }
 
@@ -590,6 +598,19 @@ mod tests {
             judged,
             Err(FirstFrameError::VersionMismatch {
                 client_version: PROTOCOL_VERSION + 1,
+                client_name: "orchestratord".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_version_3_hello_is_refused_though_it_decodes_as_todays() {
+        // Version 3 kept today's Hello layout; only its number says it cannot decode the
+        // Unloaded and Loading states it would meet in snapshots.
+        assert_eq!(
+            judge_first_frame(&payload_of(&hello(MAGIC, 3))),
+            Err(FirstFrameError::VersionMismatch {
+                client_version: 3,
                 client_name: "orchestratord".into(),
             })
         );

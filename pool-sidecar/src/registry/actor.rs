@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{AcquireTarget, Lease, LeaseId, PoolId, RegistrySnapshot, ReleaseOutcome};
 use pool_ipc::wire::{Change, HeldLease};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -210,6 +211,7 @@ pub fn spawn_registry(
         snapshot: snapshot_tx,
         events: events.clone(),
         metrics,
+        loads_begun: HashMap::new(),
     };
     let task = tokio::spawn(actor.run());
     (
@@ -230,9 +232,40 @@ struct RegistryActor {
     snapshot: watch::Sender<Arc<RegistrySnapshot>>,
     events: broadcast::Sender<Arc<Vec<RegistryEvent>>>,
     metrics: Arc<Metrics>,
+    /// When each loading pool's current load began, for the load duration: kept here, not in
+    /// the state, whose clock does not run between commands.
+    loads_begun: HashMap<PoolId, Instant>,
 }
 
 impl RegistryActor {
+    /// Counts loads and unloads, and times a load from its report to its engine's Ready.
+    fn count_load(&mut self, pool: &PoolId, report: &EngineReport) {
+        match report {
+            EngineReport::Loading => {
+                self.metrics.loads.inc();
+                self.loads_begun.insert(pool.clone(), Instant::now());
+            }
+            EngineReport::Ready { .. } => {
+                if let Some(begun) = self.loads_begun.remove(pool) {
+                    self.metrics
+                        .load_duration
+                        .observe(begun.elapsed().as_secs_f64());
+                }
+            }
+            EngineReport::Unloaded { reason } => {
+                self.loads_begun.remove(pool);
+                self.metrics.record_unload(*reason);
+            }
+            EngineReport::Down { .. } => {
+                self.loads_begun.remove(pool);
+            }
+            EngineReport::Spawned { .. }
+            | EngineReport::Draining
+            | EngineReport::Swapped { .. }
+            | EngineReport::Note { .. } => {}
+        }
+    }
+
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
@@ -329,6 +362,7 @@ impl RegistryActor {
             }
             Command::Engine { pool, report } => {
                 tracing::info!(%pool, ?report, "engine");
+                self.count_load(&pool, &report);
                 self.state.record_engine(&pool, report);
             }
             Command::AddPool(config) => {
@@ -414,6 +448,7 @@ mod tests {
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
             api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
+            load: crate::config::LoadPolicy::Always,
         }]
     }
 

@@ -7,4 +7,4 @@ pub mod state;
 
 pub use actor::{RegistryEvent, RegistryHandle, spawn_registry};
 pub use signer::LeaseSigner;
-pub use state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport};
+pub use state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport, UnloadReason};

@@ -19,7 +19,7 @@
 //! pool-managerd restart. Released, revoked and expired leases never come back.
 
 use super::signer::LeaseSigner;
-use crate::config::{PoolConfig, ProbePolicy};
+use crate::config::{LoadPolicy, PoolConfig, ProbePolicy};
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{
     AcquireTarget, ApiEndpoint, Endpoint, EngineKind, Lease, LeaseId, PoolId, PoolSnapshot,
@@ -97,6 +97,29 @@ pub enum EngineReport {
     },
     /// Something went wrong that leaves the pool as it is (e.g. a reload rolled back).
     Note { error: String },
+    /// An on-demand pool's engine is being started; the pool shows Loading until it is Ready
+    /// (a [`Spawned`](EngineReport::Spawned) meanwhile keeps it Loading).
+    Loading,
+    /// An on-demand pool's engine was stopped: no engine, no leases, loads on demand.
+    Unloaded { reason: UnloadReason },
+}
+
+/// Why an on-demand pool was unloaded, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnloadReason {
+    /// No lease for its `idle_unload_ms`.
+    Idle,
+    /// `pool-managerd unload` (or the shim's `POST /pools/{id}/unload`).
+    Operator,
+}
+
+impl UnloadReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnloadReason::Idle => "idle",
+            UnloadReason::Operator => "operator",
+        }
+    }
 }
 
 /// Why leases ended, for metrics.
@@ -741,7 +764,9 @@ impl RegistryState {
             EngineReport::Spawned { endpoint, restarts } => {
                 entry.endpoint = endpoint;
                 entry.restarts = restarts;
-                entry.state = PoolState::Starting;
+                if entry.state != PoolState::Loading {
+                    entry.state = PoolState::Starting;
+                }
                 entry.live = false;
                 entry.consecutive_failures = 0;
                 entry.consecutive_successes = 0;
@@ -792,6 +817,18 @@ impl RegistryState {
                 entry.last_error = None;
             }
             EngineReport::Note { error } => entry.last_error = Some(error),
+            EngineReport::Loading => {
+                entry.state = PoolState::Loading;
+                entry.live = false;
+            }
+            EngineReport::Unloaded { reason } => {
+                entry.state = PoolState::Unloaded;
+                entry.live = false;
+                revoke = Some(format!(
+                    "the pool was unloaded ({}) with the lease still held",
+                    reason.name()
+                ));
+            }
         }
         self.dirty.insert(pool.clone());
         if let Some(reason) = revoke {
@@ -964,7 +1001,12 @@ fn new_entry(config: &PoolConfig) -> PoolEntry {
         engine: config.engine,
         endpoint: config.initial_endpoint(),
         probe: config.probe.clone(),
-        state: PoolState::Starting,
+        // An on-demand pool has no engine until one is adopted or loaded.
+        state: if matches!(config.load, LoadPolicy::OnDemand { .. }) {
+            PoolState::Unloaded
+        } else {
+            PoolState::Starting
+        },
         live: false,
         slots_total: config.slots.unwrap_or(0),
         leases: BTreeMap::new(),
@@ -1014,6 +1056,7 @@ mod tests {
             health_path: "/health".into(),
             probe: ProbePolicy::default(),
             api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
+            load: crate::config::LoadPolicy::Always,
         }
     }
 
@@ -1558,6 +1601,49 @@ mod tests {
         assert_eq!(rejected[0].1.code, ErrorCode::BadRequest);
         state.check_invariants();
         assert_eq!(state.snapshot().pools[0].slots_free, 0);
+    }
+
+    #[test]
+    fn an_unloaded_pool_takes_no_lease_and_stays_loading_through_its_engines_spawn() {
+        let mut state = ready_registry(&[pool("a", "m", 2)]);
+        let a = PoolId("a".into());
+        state.record_engine(
+            &a,
+            EngineReport::Unloaded {
+                reason: UnloadReason::Idle,
+            },
+        );
+        assert_eq!(state.snapshot().pools[0].state, PoolState::Unloaded);
+        assert_eq!(
+            state.acquire(owner(3), &target("a"), 1).unwrap_err().code,
+            ErrorCode::NotReady
+        );
+        state.record_engine(&a, EngineReport::Loading);
+        state.record_engine(
+            &a,
+            EngineReport::Spawned {
+                endpoint: Endpoint::Unix {
+                    path: "/run/e/a.sock".into(),
+                },
+                restarts: 0,
+            },
+        );
+        assert_eq!(
+            state.snapshot().pools[0].state,
+            PoolState::Loading,
+            "a load shows Loading until the engine is ready"
+        );
+        state.record_engine(
+            &a,
+            EngineReport::Ready {
+                slots: Some(2),
+                engine_version: None,
+                at_unix_ms: 7,
+            },
+        );
+        assert_eq!(state.snapshot().pools[0].state, PoolState::Ready);
+        state.acquire(owner(3), &target("a"), 1).unwrap();
+        state.check_invariants();
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! records, reporting to the registry, answering operators — and turns what happens (a process
 //! exits, a probe answers, a timer fires, a command or the shutdown arrives) back into the
 //! machine's inputs. It never touches registry state itself; the only registry state it reads
-//! is the published snapshot (to see a draining pool's leases reach zero).
+//! is the published snapshot (to see a draining pool's leases reach zero, and an on-demand
+//! pool's leases come and go for its idle time).
 
 use super::machine::{
     Command, Effect, EngineAt, Input, Machine, Moment, RecordFile, Settings, Which,
@@ -14,18 +15,19 @@ use super::record::{
     write_record,
 };
 use super::restart::RestartTracker;
-use crate::config::{ManagedEngine, PoolConfig};
+use crate::config::{LoadPolicy, ManagedEngine, PoolConfig};
 use crate::engine_http::EngineHttp;
 use crate::probe::{check, engine_props, unix_ms_now};
 use crate::registry::{EngineReport, ProbeReport, RegistryHandle};
 use pool_ipc::error_code::{ErrorCode, IpcError};
-use pool_ipc::registry::{Endpoint, PoolState};
+use pool_ipc::registry::{Endpoint, PoolId, PoolState, RegistrySnapshot};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +48,13 @@ pub enum AdminCommand {
         reply: oneshot::Sender<Result<(), IpcError>>,
     },
     Restart {
+        reply: oneshot::Sender<Result<(), IpcError>>,
+    },
+    /// Start an on-demand pool's engine (anyone's demand, not only an operator's).
+    Load {
+        reply: oneshot::Sender<Result<(), IpcError>>,
+    },
+    Unload {
         reply: oneshot::Sender<Result<(), IpcError>>,
     },
 }
@@ -136,6 +145,7 @@ enum Event {
     Command(AdminCommand),
     CommandsClosed,
     LeasesEnded,
+    Leases(bool),
     Tick,
 }
 
@@ -289,6 +299,7 @@ impl EngineSupervisor {
         let effects = machine.begin(adopted, moment());
         self.carry_out(&mut machine, effects).await;
         let mut commands_open = true;
+        let mut leases = self.lease_watch();
         while !machine.is_done() {
             let wake = machine.next_wake();
             let event = tokio::select! {
@@ -298,6 +309,7 @@ impl EngineSupervisor {
                 report = completion(&mut self.probes.main) => Event::Probed(Which::Main, report),
                 report = completion(&mut self.probes.candidate) => Event::Probed(Which::Candidate, report),
                 () = completion(&mut self.drain_watch) => Event::LeasesEnded,
+                held = lease_change(&mut leases, &self.pool.id) => Event::Leases(held),
                 command = self.commands.recv(), if commands_open => match command {
                     Some(command) => Event::Command(command),
                     None => Event::CommandsClosed,
@@ -323,6 +335,7 @@ impl EngineSupervisor {
                     self.drain_watch = None;
                     Input::LeasesEnded
                 }
+                Event::Leases(held) => Input::Leases { held },
                 Event::Tick => Input::Tick,
             };
             let effects = machine.on(input, moment());
@@ -372,6 +385,14 @@ impl EngineSupervisor {
             AdminCommand::Restart { reply } => {
                 self.reply = Some(reply);
                 Command::Restart
+            }
+            AdminCommand::Load { reply } => {
+                self.reply = Some(reply);
+                Command::Load
+            }
+            AdminCommand::Unload { reply } => {
+                self.reply = Some(reply);
+                Command::Unload
             }
         }
     }
@@ -531,6 +552,23 @@ impl EngineSupervisor {
         })
     }
 
+    /// For a pool unloaded when idle, the registry's snapshots, to tell the machine when the pool
+    /// comes to hold leases or none; `None` for every other pool, which has no use for it.
+    fn lease_watch(&self) -> Option<LeaseWatch> {
+        let LoadPolicy::OnDemand {
+            idle_unload: Some(_),
+        } = self.pool.load
+        else {
+            return None;
+        };
+        let mut snapshots = self.registry.watch_snapshot();
+        snapshots.mark_changed();
+        Some(LeaseWatch {
+            snapshots,
+            held: None,
+        })
+    }
+
     /// Launches an engine for `model_path`; `generation` 0 is the pool's main engine.
     fn launch(&self, model_path: &str, generation: u64) -> Result<Running, String> {
         let launch = plan_launch(
@@ -631,6 +669,34 @@ fn moment() -> Moment {
     }
 }
 
+/// Whether a pool held leases when last told, and the snapshots that say when that changes.
+struct LeaseWatch {
+    snapshots: watch::Receiver<Arc<RegistrySnapshot>>,
+    held: Option<bool>,
+}
+
+/// The next change of whether `pool` holds leases; never, without a watch (or once the registry
+/// is gone). Cancel-safe: a snapshot seen but not yet told is told on the next call.
+async fn lease_change(watch: &mut Option<LeaseWatch>, pool: &PoolId) -> bool {
+    let Some(watch) = watch else {
+        return std::future::pending().await;
+    };
+    loop {
+        let held = watch
+            .snapshots
+            .borrow_and_update()
+            .pool(pool)
+            .is_some_and(|status| status.active_leases() > 0);
+        if watch.held != Some(held) {
+            watch.held = Some(held);
+            return held;
+        }
+        if watch.snapshots.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// How the engine in `slot` exits; never, while there is none.
 async fn exit_of(slot: &mut Option<Running>) -> String {
     match slot {
@@ -680,6 +746,7 @@ mod tests {
             reload_strategy: ReloadStrategy::Overlap,
             reload_drain_deadline: Duration::from_secs(60),
             restart_window_ms: 600_000,
+            load: crate::config::LoadPolicy::Always,
         };
         let policy = RestartPolicy {
             initial_ms: 5000,

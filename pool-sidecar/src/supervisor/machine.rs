@@ -12,12 +12,19 @@
 //!   registry state (a drain learns that the leases ended through [`Input::LeasesEnded`]).
 //! - Input that belongs to an earlier phase (a probe answered after the engine was stopped) is
 //!   ignored.
+//! - An unload, for idleness or an operator, is a drain: the registry refuses new leases before
+//!   the engine stops, so a lease granted while the machine decided is never cut short by it
+//!   (the idle time is read from [`Input::Leases`], which may be late; the drain is not).
+//!
+//! On-demand pools (`load = "on-demand"`) begin Unloaded unless an engine was adopted; a
+//! [`Command::Load`] starts the engine (the registry shows Loading until it is ready), and a
+//! serving engine with no lease for `idle_unload` is unloaded again.
 
 use super::process::LOG_TAIL_MARKER;
 use super::restart::{RestartDecision, RestartTracker};
-use crate::config::{ManagedEngine, PoolConfig, ReloadStrategy};
+use crate::config::{LoadPolicy, ManagedEngine, PoolConfig, ReloadStrategy};
 use crate::probe::EngineProps;
-use crate::registry::{EngineReport, ProbeReport};
+use crate::registry::{EngineReport, ProbeReport, UnloadReason};
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{Endpoint, PoolState};
 use std::time::{Duration, Instant};
@@ -35,6 +42,7 @@ pub struct Settings {
     pub reload_drain_deadline: Duration,
     /// The restart policy's window, for the circuit breaker's message.
     pub restart_window_ms: u64,
+    pub load: LoadPolicy,
 }
 
 impl Settings {
@@ -48,6 +56,7 @@ impl Settings {
             reload_strategy: engine.reload.strategy,
             reload_drain_deadline: engine.reload.drain_deadline(),
             restart_window_ms: engine.restart.window_ms,
+            load: pool.load,
         }
     }
 }
@@ -90,9 +99,18 @@ pub enum RecordFile {
 /// An operator's command, without its reply channels (the runner keeps those).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Drain { deadline: Duration, retiring: bool },
-    Reload { model_path: String },
+    Drain {
+        deadline: Duration,
+        retiring: bool,
+    },
+    Reload {
+        model_path: String,
+    },
     Restart,
+    /// Start an Unloaded pool's engine; a no-op where one runs or is on its way.
+    Load,
+    /// Drain an on-demand pool and stop its engine, leaving it Unloaded.
+    Unload,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +149,11 @@ pub enum Input {
     },
     /// The draining pool holds no lease any more.
     LeasesEnded,
+    /// Whether the pool holds leases now (on-demand pools with an idle time only; sent when it
+    /// changes).
+    Leases {
+        held: bool,
+    },
     /// [`Machine::next_wake`] came.
     Tick,
     /// The answer to [`Effect::Resume`].
@@ -220,6 +243,14 @@ impl ProbeClock {
     }
 }
 
+/// An operator's command that changes a running pool (loads and unloads are decided apart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Operator {
+    Drain { deadline: Duration, retiring: bool },
+    Reload { model_path: String },
+    Restart,
+}
+
 /// What a drain ends in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum AfterDrain {
@@ -227,6 +258,12 @@ enum AfterDrain {
     Stop { retiring: bool },
     /// A drain-first reload: the engine stops and `model_path` starts.
     Reload { model_path: String },
+    /// The engine stops and the pool is Unloaded; unless a load came meanwhile
+    /// (`load_again`), then it starts afresh.
+    Unload {
+        reason: UnloadReason,
+        load_again: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +303,8 @@ enum Phase {
     BackingOff { until: Instant },
     /// Stopped or Failed: nothing runs until an operator says so.
     Parked,
+    /// An on-demand pool without an engine, until a load.
+    Unloaded,
     /// The supervisor is done (pool-managerd is stopping).
     Done,
 }
@@ -283,6 +322,11 @@ pub struct Machine {
     shutting_down: bool,
     tracker: RestartTracker,
     main: Option<EngineAt>,
+    /// A load is under way: every start reports Loading first, until the engine is ready.
+    loading: bool,
+    /// Whether the pool holds leases, and since when it holds none (or serves, if later).
+    leases_held: bool,
+    idle_since: Option<Instant>,
 }
 
 impl Machine {
@@ -304,6 +348,9 @@ impl Machine {
             shutting_down: false,
             tracker,
             main: None,
+            loading: false,
+            leases_held: false,
+            idle_since: None,
         }
     }
 
@@ -311,7 +358,8 @@ impl Machine {
         self.phase == Phase::Done
     }
 
-    /// Serves an adopted engine, or starts one.
+    /// Serves an adopted engine, or starts one (an on-demand pool waits Unloaded for a load;
+    /// the registry already shows it so).
     pub fn begin(&mut self, adopted: Option<EngineAt>, now: Moment) -> Vec<Effect> {
         let mut effects = Vec::new();
         match adopted {
@@ -319,9 +367,28 @@ impl Machine {
                 self.main = Some(engine);
                 self.serve(now, &mut effects);
             }
+            None if self.on_demand() => self.phase = Phase::Unloaded,
             None => self.start(&mut effects),
         }
         effects
+    }
+
+    fn on_demand(&self) -> bool {
+        matches!(self.settings.load, LoadPolicy::OnDemand { .. })
+    }
+
+    /// When a serving on-demand pool without leases is unloaded for idleness.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let LoadPolicy::OnDemand {
+            idle_unload: Some(idle),
+        } = self.settings.load
+        else {
+            return None;
+        };
+        if self.leases_held {
+            return None;
+        }
+        self.idle_since.map(|since| since + idle)
     }
 
     /// When the machine wants a [`Input::Tick`], if it waits for time at all.
@@ -331,12 +398,18 @@ impl Machine {
             | Phase::Reloading {
                 deadline, probe, ..
             } => Some(probe.due.map_or(*deadline, |due| due.min(*deadline))),
-            Phase::Serving { probe, .. } => probe.due,
+            Phase::Serving { probe, .. } => match (probe.due, self.idle_deadline()) {
+                (Some(due), Some(idle)) => Some(due.min(idle)),
+                (due, idle) => due.or(idle),
+            },
             Phase::Draining { deadline, .. } => Some(*deadline),
             Phase::BackingOff { until } => Some(*until),
-            Phase::Idle | Phase::Spawning | Phase::Failing { .. } | Phase::Parked | Phase::Done => {
-                None
-            }
+            Phase::Idle
+            | Phase::Spawning
+            | Phase::Failing { .. }
+            | Phase::Parked
+            | Phase::Unloaded
+            | Phase::Done => None,
         }
     }
 
@@ -373,6 +446,12 @@ impl Machine {
                     self.finish_drain(true, &mut effects);
                 }
             }
+            Input::Leases { held } => {
+                if self.leases_held && !held {
+                    self.idle_since = Some(now.at);
+                }
+                self.leases_held = held;
+            }
             Input::Tick => self.on_tick(now, &mut effects),
             Input::Resumed => {
                 if let Phase::Failing { reason, since } = &self.phase {
@@ -401,6 +480,9 @@ impl Machine {
         }
         self.started_once = true;
         self.phase = Phase::Spawning;
+        if self.loading {
+            effects.push(Effect::Report(EngineReport::Loading));
+        }
         effects.push(Effect::Spawn {
             which: Which::Main,
             model_path: self.model_path.clone(),
@@ -539,6 +621,7 @@ impl Machine {
                     at_unix_ms: now.unix_ms,
                 }));
                 self.rollback_to = None;
+                self.loading = false;
                 self.serve(now, effects);
             }
             (Which::Candidate, Phase::Reloading { .. }) => {
@@ -671,6 +754,10 @@ impl Machine {
                 if probe.poll(now.at) {
                     effects.push(Effect::Probe(Which::Main));
                 }
+                if self.idle_deadline().is_some_and(|idle| idle <= now.at) {
+                    tracing::info!(pool = %self.settings.pool, "no lease for the idle time; unloading");
+                    self.unload(UnloadReason::Idle, now, effects);
+                }
             }
             Phase::Draining {
                 deadline, allowed, ..
@@ -685,8 +772,12 @@ impl Machine {
                     self.start(effects);
                 }
             }
-            Phase::Idle | Phase::Spawning | Phase::Failing { .. } | Phase::Parked | Phase::Done => {
-            }
+            Phase::Idle
+            | Phase::Spawning
+            | Phase::Failing { .. }
+            | Phase::Parked
+            | Phase::Unloaded
+            | Phase::Done => {}
         }
     }
 
@@ -699,12 +790,22 @@ impl Machine {
             Phase::Reloading { .. } => {
                 self.candidate_failed("pool-managerd is stopping".into(), now, effects);
             }
-            Phase::BackingOff { .. } | Phase::Parked => self.phase = Phase::Done,
+            Phase::BackingOff { .. } | Phase::Parked | Phase::Unloaded => self.phase = Phase::Done,
             Phase::Idle | Phase::Spawning | Phase::Failing { .. } | Phase::Done => {}
         }
     }
 
     fn on_command(&mut self, command: Command, now: Moment, effects: &mut Vec<Effect>) {
+        let command = match command {
+            Command::Load => return self.on_load(effects),
+            Command::Unload => return self.on_unload(now, effects),
+            Command::Drain { deadline, retiring } => Operator::Drain { deadline, retiring },
+            Command::Reload { model_path } => Operator::Reload { model_path },
+            Command::Restart => Operator::Restart,
+        };
+        if self.phase == Phase::Unloaded {
+            return self.while_unloaded(command, effects);
+        }
         match &self.phase {
             Phase::Starting { .. } => {
                 self.stop_main("interrupted by an operator while starting", effects);
@@ -714,12 +815,146 @@ impl Machine {
             Phase::Draining { .. } => effects.push(Effect::Answer(Err(self.busy("draining")))),
             Phase::Reloading { .. } => effects.push(Effect::Answer(Err(self.busy("reloading")))),
             Phase::BackingOff { .. } | Phase::Parked => self.while_stopped(command, effects),
+            Phase::Idle
+            | Phase::Spawning
+            | Phase::Failing { .. }
+            | Phase::Unloaded
+            | Phase::Done => {
+                effects.push(Effect::Answer(Err(super::engine::supervisor_gone(
+                    &self.settings.pool,
+                ))));
+            }
+        }
+    }
+
+    /// A load: an Unloaded pool starts its engine; one that serves, starts or backs off (its
+    /// retry is the load) has nothing to do; a stopped or failed pool waits for an operator,
+    /// so demand alone cannot undo a drain or defeat the circuit breaker.
+    fn on_load(&mut self, effects: &mut Vec<Effect>) {
+        let answer = match &mut self.phase {
+            Phase::Unloaded => {
+                effects.push(Effect::Answer(Ok(())));
+                return self.load(effects);
+            }
+            Phase::Draining {
+                then: AfterDrain::Unload { load_again, .. },
+                ..
+            } => {
+                *load_again = true;
+                Ok(())
+            }
+            Phase::Spawning
+            | Phase::Starting { .. }
+            | Phase::Serving { .. }
+            | Phase::Reloading { .. }
+            | Phase::BackingOff { .. } => Ok(()),
+            Phase::Draining { .. } => Err(self.busy("draining")),
+            Phase::Parked => Err(IpcError::new(
+                ErrorCode::NotReady,
+                format!(
+                    "pool {:?} is stopped or failed; `pool-managerd restart` brings it back",
+                    self.settings.pool
+                ),
+            )),
+            Phase::Idle | Phase::Failing { .. } | Phase::Done => {
+                Err(super::engine::supervisor_gone(&self.settings.pool))
+            }
+        };
+        effects.push(Effect::Answer(answer));
+    }
+
+    /// An operator's unload: a serving engine is drained first, one still starting or backing
+    /// off is given up at once.
+    fn on_unload(&mut self, now: Moment, effects: &mut Vec<Effect>) {
+        if !self.on_demand() {
+            return effects.push(Effect::Answer(Err(IpcError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "pool {:?} is load = \"always\" and is never unloaded; drain it to stop it",
+                    self.settings.pool
+                ),
+            ))));
+        }
+        match &self.phase {
+            Phase::Serving { .. } => {
+                effects.push(Effect::Answer(Ok(())));
+                self.unload(UnloadReason::Operator, now, effects);
+            }
+            Phase::Starting { .. } => {
+                effects.push(Effect::Answer(Ok(())));
+                self.stop_main("unloaded by an operator while loading", effects);
+                self.unloaded(UnloadReason::Operator, effects);
+            }
+            Phase::BackingOff { .. } | Phase::Parked => {
+                effects.push(Effect::Answer(Ok(())));
+                self.unloaded(UnloadReason::Operator, effects);
+            }
+            Phase::Unloaded
+            | Phase::Draining {
+                then: AfterDrain::Unload { .. },
+                ..
+            } => effects.push(Effect::Answer(Ok(()))),
+            Phase::Draining { .. } => effects.push(Effect::Answer(Err(self.busy("draining")))),
+            Phase::Reloading { .. } => {
+                effects.push(Effect::Answer(Err(self.busy("reloading"))));
+            }
             Phase::Idle | Phase::Spawning | Phase::Failing { .. } | Phase::Done => {
                 effects.push(Effect::Answer(Err(super::engine::supervisor_gone(
                     &self.settings.pool,
                 ))));
             }
         }
+    }
+
+    /// An operator's drain, reload or restart while Unloaded: a restart loads, a reload
+    /// changes the model the next load starts, a drain stops the pool (or retires it).
+    fn while_unloaded(&mut self, command: Operator, effects: &mut Vec<Effect>) {
+        match command {
+            Operator::Restart => {
+                effects.push(Effect::Answer(Ok(())));
+                self.load(effects);
+            }
+            Operator::Reload { model_path } => {
+                effects.push(Effect::Answer(Ok(())));
+                self.model_path = model_path;
+            }
+            command => self.while_stopped(command, effects),
+        }
+    }
+
+    /// Starts the engine of an Unloaded pool.
+    fn load(&mut self, effects: &mut Vec<Effect>) {
+        tracing::info!(pool = %self.settings.pool, model = %self.model_path, "loading");
+        self.loading = true;
+        self.start(effects);
+    }
+
+    /// Drains the serving engine, then stops it and leaves the pool Unloaded.
+    fn unload(&mut self, reason: UnloadReason, now: Moment, effects: &mut Vec<Effect>) {
+        let deadline = self.settings.reload_drain_deadline;
+        let then = AfterDrain::Unload {
+            reason,
+            load_again: false,
+        };
+        self.drain(deadline, then, now, effects);
+    }
+
+    /// No engine runs any more: the pool is Unloaded, and its next start is a load, not a
+    /// restart.
+    fn unloaded(&mut self, reason: UnloadReason, effects: &mut Vec<Effect>) {
+        self.loading = false;
+        self.started_once = false;
+        if self.shutting_down {
+            effects.push(Effect::Report(EngineReport::Down {
+                reason: "pool-managerd is stopping".into(),
+                state: PoolState::Stopped,
+            }));
+            self.phase = Phase::Done;
+            return;
+        }
+        tracing::info!(pool = %self.settings.pool, reason = reason.name(), "unloaded");
+        effects.push(Effect::Report(EngineReport::Unloaded { reason }));
+        self.phase = Phase::Unloaded;
     }
 
     /// The error for a command that cannot be carried out while the pool is busy with another.
@@ -733,13 +968,13 @@ impl Machine {
         )
     }
 
-    fn while_serving(&mut self, command: Command, now: Moment, effects: &mut Vec<Effect>) {
+    fn while_serving(&mut self, command: Operator, now: Moment, effects: &mut Vec<Effect>) {
         effects.push(Effect::Answer(Ok(())));
         match command {
-            Command::Drain { deadline, retiring } => {
+            Operator::Drain { deadline, retiring } => {
                 self.drain(deadline, AfterDrain::Stop { retiring }, now, effects);
             }
-            Command::Restart => {
+            Operator::Restart => {
                 self.tracker.reset();
                 // No lease may go to an engine that is being stopped.
                 effects.push(Effect::Report(EngineReport::Down {
@@ -749,7 +984,7 @@ impl Machine {
                 self.stop_main("restarted by an operator", effects);
                 self.start(effects);
             }
-            Command::Reload { model_path } => match self.settings.reload_strategy {
+            Operator::Reload { model_path } => match self.settings.reload_strategy {
                 ReloadStrategy::Overlap => {
                     // Unique per reload, also across sidecar restarts: never the path a live
                     // engine uses.
@@ -776,23 +1011,23 @@ impl Machine {
     }
 
     /// An operator's command while no engine runs (backing off, failed, stopped).
-    fn while_stopped(&mut self, command: Command, effects: &mut Vec<Effect>) {
+    fn while_stopped(&mut self, command: Operator, effects: &mut Vec<Effect>) {
         effects.push(Effect::Answer(Ok(())));
         match command {
-            Command::Restart => {
+            Operator::Restart => {
                 self.tracker.reset();
                 self.start(effects);
             }
-            Command::Reload { model_path } => {
+            Operator::Reload { model_path } => {
                 self.model_path = model_path;
                 self.tracker.reset();
                 self.start(effects);
             }
-            Command::Drain { retiring: true, .. } => {
+            Operator::Drain { retiring: true, .. } => {
                 effects.push(Effect::Retired);
                 self.park();
             }
-            Command::Drain { .. } => {
+            Operator::Drain { .. } => {
                 effects.push(Effect::Report(EngineReport::Down {
                     reason: "drained by an operator".into(),
                     state: PoolState::Stopped,
@@ -803,6 +1038,7 @@ impl Machine {
     }
 
     fn park(&mut self) {
+        self.loading = false;
         self.phase = if self.shutting_down {
             Phase::Done
         } else {
@@ -819,6 +1055,7 @@ impl Machine {
             probe: ProbeClock::due_at(now.at + self.settings.probe_interval),
             unanswered: 0,
         };
+        self.idle_since = Some(now.at);
     }
 
     /// Stops the main engine and removes its record.
@@ -962,6 +1199,22 @@ impl Machine {
                 self.rollback_to = Some(std::mem::replace(&mut self.model_path, model_path));
                 self.start(effects);
             }
+            AfterDrain::Unload { reason, load_again } => {
+                let why = match (reason, clean) {
+                    (UnloadReason::Idle, _) => "idle",
+                    (UnloadReason::Operator, true) => "unloaded by an operator",
+                    (UnloadReason::Operator, false) => {
+                        "unloaded by an operator (drain deadline passed)"
+                    }
+                };
+                self.stop_main(why, effects);
+                if load_again && !self.shutting_down {
+                    self.started_once = false;
+                    self.load(effects);
+                } else {
+                    self.unloaded(reason, effects);
+                }
+            }
         }
     }
 
@@ -1009,6 +1262,7 @@ mod tests {
             reload_strategy: ReloadStrategy::Overlap,
             reload_drain_deadline: Duration::from_secs(60),
             restart_window_ms: 600_000,
+            load: LoadPolicy::Always,
         }
     }
 
@@ -1995,5 +2249,314 @@ mod tests {
         assert_eq!(rig.machine.begin(Some(adopted), now), []);
         assert_eq!(rig.wake(), [Effect::Probe(Which::Main)]);
         assert_eq!(rig.now_ms, 1000);
+    }
+
+    // -- On-demand pools ----------------------------------------------------------------------
+
+    const IDLE_MS: u64 = 300;
+
+    fn on_demand_rig() -> Rig {
+        Rig::with(
+            Settings {
+                load: LoadPolicy::OnDemand {
+                    idle_unload: Some(Duration::from_millis(IDLE_MS)),
+                },
+                ..settings()
+            },
+            policy(),
+        )
+    }
+
+    fn unloaded(reason: UnloadReason) -> Effect {
+        Effect::Report(EngineReport::Unloaded { reason })
+    }
+
+    fn loading_report() -> Effect {
+        Effect::Report(EngineReport::Loading)
+    }
+
+    fn draining() -> [Effect; 2] {
+        [Effect::Report(EngineReport::Draining), Effect::WatchDrain]
+    }
+
+    impl Rig {
+        /// Loads an Unloaded on-demand pool (endpoint `n`) until it serves.
+        fn loaded(&mut self, n: u32) {
+            assert_eq!(
+                self.command(Command::Load),
+                [
+                    Effect::Answer(Ok(())),
+                    loading_report(),
+                    spawn(Which::Main, M1, 0)
+                ]
+            );
+            let spawned = self.spawned(Which::Main, n);
+            assert!(
+                matches!(
+                    spawned[0],
+                    Effect::Report(EngineReport::Spawned { restarts: 0, .. })
+                ),
+                "a load is not a restart: {spawned:?}"
+            );
+            self.probed(Which::Main, ready());
+            assert!(matches!(
+                self.inspected(Which::Main)[..],
+                [Effect::Report(EngineReport::Ready { .. })]
+            ));
+            assert!(matches!(self.machine.phase, Phase::Serving { .. }));
+        }
+    }
+
+    #[test]
+    fn an_on_demand_pool_begins_unloaded_and_starts_nothing_until_a_load() {
+        let mut rig = on_demand_rig();
+        assert_eq!(rig.begin(), []);
+        assert_eq!(rig.machine.phase, Phase::Unloaded);
+        assert_eq!(rig.machine.next_wake(), None, "nothing to wait for");
+        rig.loaded(1);
+    }
+
+    #[test]
+    fn an_adopted_engine_of_an_on_demand_pool_serves_at_once() {
+        let mut rig = on_demand_rig();
+        let now = rig.moment();
+        let adopted = EngineAt {
+            endpoint: endpoint(1),
+            pid: 101,
+            since: now.at,
+        };
+        assert_eq!(rig.machine.begin(Some(adopted), now), []);
+        assert!(matches!(rig.machine.phase, Phase::Serving { .. }));
+    }
+
+    #[test]
+    fn a_load_of_a_pool_that_serves_or_is_loading_is_answered_and_changes_nothing() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.spawned(Which::Main, 1);
+        assert_eq!(rig.command(Command::Load), [Effect::Answer(Ok(()))]);
+        assert!(matches!(rig.machine.phase, Phase::Starting { .. }));
+        rig.probed(Which::Main, ready());
+        rig.inspected(Which::Main);
+        assert_eq!(rig.command(Command::Load), [Effect::Answer(Ok(()))]);
+        assert!(matches!(rig.machine.phase, Phase::Serving { .. }));
+    }
+
+    #[test]
+    fn a_serving_on_demand_pool_without_leases_is_drained_then_unloaded_after_its_idle_time() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        assert_eq!(
+            rig.machine.next_wake(),
+            Some(rig.at(IDLE_MS)),
+            "the idle time ends before the first probe"
+        );
+        assert_eq!(rig.wake(), draining(), "no new lease once it is decided");
+        assert_eq!(
+            rig.on(Input::LeasesEnded),
+            concat([&stopped_main(), &[unloaded(UnloadReason::Idle)]])
+        );
+        assert_eq!(rig.machine.phase, Phase::Unloaded);
+        rig.loaded(2);
+    }
+
+    #[test]
+    fn held_leases_keep_an_on_demand_pool_loaded_and_the_idle_time_counts_from_the_last_release() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        rig.advance_to(100);
+        assert_eq!(rig.on(Input::Leases { held: true }), []);
+        assert_eq!(
+            rig.machine.next_wake(),
+            Some(rig.at(1_000)),
+            "only the probe is due while leases are held"
+        );
+        assert_eq!(rig.wake(), [Effect::Probe(Which::Main)]);
+        rig.advance_to(1_500);
+        assert_eq!(rig.on(Input::Leases { held: false }), []);
+        assert_eq!(rig.machine.next_wake(), Some(rig.at(1_500 + IDLE_MS)));
+        assert_eq!(rig.wake(), draining());
+    }
+
+    #[test]
+    fn an_on_demand_pool_with_no_idle_time_is_never_unloaded_for_idleness() {
+        let mut rig = Rig::with(
+            Settings {
+                load: LoadPolicy::OnDemand { idle_unload: None },
+                ..settings()
+            },
+            policy(),
+        );
+        rig.begin();
+        rig.loaded(1);
+        assert_eq!(
+            rig.machine.next_wake(),
+            Some(rig.at(1_000)),
+            "the probe only"
+        );
+    }
+
+    #[test]
+    fn an_operators_unload_waits_for_the_leases_to_end_then_stops_the_engine() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        rig.on(Input::Leases { held: true });
+        assert_eq!(
+            rig.command(Command::Unload),
+            concat([&[Effect::Answer(Ok(()))], &draining()])
+        );
+        assert_eq!(
+            rig.command(Command::Unload),
+            [Effect::Answer(Ok(()))],
+            "a second unload joins the first"
+        );
+        assert_eq!(
+            rig.machine.next_wake(),
+            Some(rig.at(60_000)),
+            "the drain deadline"
+        );
+        assert_eq!(
+            rig.on(Input::LeasesEnded),
+            concat([&stopped_main(), &[unloaded(UnloadReason::Operator)]])
+        );
+        assert_eq!(rig.machine.phase, Phase::Unloaded);
+    }
+
+    #[test]
+    fn an_unload_whose_leases_outlive_the_drain_deadline_stops_the_engine_anyway() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        rig.command(Command::Unload);
+        assert_eq!(
+            rig.wake(),
+            concat([&stopped_main(), &[unloaded(UnloadReason::Operator)]])
+        );
+    }
+
+    #[test]
+    fn a_load_during_an_unloads_drain_loads_again_once_the_engine_is_stopped() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        rig.wake();
+        assert_eq!(rig.command(Command::Load), [Effect::Answer(Ok(()))]);
+        assert_eq!(
+            rig.on(Input::LeasesEnded),
+            concat([
+                &stopped_main(),
+                &[loading_report(), spawn(Which::Main, M1, 0)]
+            ])
+        );
+    }
+
+    #[test]
+    fn an_unload_while_loading_stops_the_engine_at_once() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.spawned(Which::Main, 1);
+        assert_eq!(
+            rig.command(Command::Unload),
+            concat([
+                &[Effect::Answer(Ok(()))],
+                &stopped_main(),
+                &[unloaded(UnloadReason::Operator)]
+            ])
+        );
+        assert_eq!(rig.machine.phase, Phase::Unloaded);
+    }
+
+    #[test]
+    fn a_failed_load_backs_off_like_a_restart_and_its_retry_is_still_a_load() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        let failed = Input::SpawnFailed {
+            which: Which::Main,
+            reason: "no such file".into(),
+        };
+        assert_eq!(rig.on(failed), [Effect::Resume]);
+        assert_eq!(
+            rig.on(Input::Resumed),
+            [backing_off("no such file", 1_001_000)]
+        );
+        assert_eq!(
+            rig.command(Command::Load),
+            [Effect::Answer(Ok(()))],
+            "a demand does not cut the backoff short"
+        );
+        assert_eq!(rig.wake(), [loading_report(), spawn(Which::Main, M1, 0)]);
+    }
+
+    #[test]
+    fn an_unload_while_backing_off_gives_the_load_up() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.on(Input::SpawnFailed {
+            which: Which::Main,
+            reason: "no such file".into(),
+        });
+        rig.on(Input::Resumed);
+        assert_eq!(
+            rig.command(Command::Unload),
+            [Effect::Answer(Ok(())), unloaded(UnloadReason::Operator)]
+        );
+        assert_eq!(rig.machine.next_wake(), None);
+    }
+
+    #[test]
+    fn an_always_pool_refuses_an_unload_and_a_stopped_pool_refuses_a_load() {
+        let mut rig = Rig::new();
+        rig.serving();
+        let effects = rig.command(Command::Unload);
+        assert!(
+            matches!(&effects[..], [Effect::Answer(Err(error))] if error.code == ErrorCode::Unsupported),
+            "{effects:?}"
+        );
+        assert_eq!(rig.command(Command::Load), [Effect::Answer(Ok(()))]);
+        rig.command(Command::Drain {
+            deadline: Duration::from_secs(1),
+            retiring: false,
+        });
+        rig.on(Input::LeasesEnded);
+        let effects = rig.command(Command::Load);
+        assert!(
+            matches!(&effects[..], [Effect::Answer(Err(error))] if error.code == ErrorCode::NotReady),
+            "a demand does not undo an operator's drain: {effects:?}"
+        );
+    }
+
+    #[test]
+    fn an_unloaded_pool_takes_a_reload_as_the_model_of_its_next_load() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        assert_eq!(
+            rig.command(Command::Reload {
+                model_path: M2.into()
+            }),
+            [Effect::Answer(Ok(()))]
+        );
+        assert_eq!(
+            rig.command(Command::Load),
+            [
+                Effect::Answer(Ok(())),
+                loading_report(),
+                spawn(Which::Main, M2, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_managerd_stopping_ends_an_unloaded_pools_supervisor() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        assert_eq!(rig.on(Input::Shutdown), []);
+        assert!(rig.machine.is_done());
     }
 }

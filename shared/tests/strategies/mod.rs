@@ -71,6 +71,8 @@ pub fn pool_state() -> BoxedStrategy<PoolState> {
         Just(PoolState::Stopped),
         any::<u64>().prop_map(|until_unix_ms| PoolState::BackingOff { until_unix_ms }),
         Just(PoolState::Failed),
+        Just(PoolState::Unloaded),
+        Just(PoolState::Loading),
     ]
     .boxed()
 }
@@ -222,6 +224,8 @@ pub fn request() -> BoxedStrategy<Request> {
         pool_id().prop_map(|pool| Request::Restart { pool }),
         Just(Request::Gpus),
         Just(Request::Renew),
+        pool_id().prop_map(|pool| Request::Load { pool }),
+        pool_id().prop_map(|pool| Request::Unload { pool }),
     ]
     .boxed()
 }
@@ -457,6 +461,8 @@ pub fn pool_state_variant(state: &PoolState) -> &'static str {
         PoolState::Stopped => "stopped",
         PoolState::BackingOff { .. } => "backing_off",
         PoolState::Failed => "failed",
+        PoolState::Unloaded => "unloaded",
+        PoolState::Loading => "loading",
     }
 }
 
@@ -474,5 +480,7 @@ pub fn request_variant(request: &Request) -> &'static str {
         Request::Restart { .. } => "restart",
         Request::Gpus => "gpus",
         Request::Renew => "renew",
+        Request::Load { .. } => "load",
+        Request::Unload { .. } => "unload",
     }
 }

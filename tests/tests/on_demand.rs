@@ -1,0 +1,172 @@
+//! On-demand pools (`load = "on-demand"`): pool-managerd alone with one managed pool running the
+//! engine double. The pool starts Unloaded with no engine, loads on `Load` (a client's or an
+//! operator's), and goes back to Unloaded after its idle time without a lease, or on an
+//! operator's `unload` once its leases end.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::http;
+use e2e::sidecar::wait_for_pool;
+use e2e::stack::{Stack, double_pool, prometheus_value};
+use pool_ipc::client::RegistryMirror;
+use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
+use std::process::Command;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const IDLE_MS: u64 = 300;
+
+/// pool-managerd with one on-demand pool `m` (model "double", 2 slots, engine-double `flags`)
+/// unloaded after `idle_ms` without a lease.
+fn on_demand(idle_ms: u64, flags: &[&str]) -> Stack {
+    let pool = double_pool("m", "double", 2, flags).replace(
+        "[pool.probe]",
+        &format!("load = \"on-demand\"\nidle_unload_ms = {idle_ms}\n[pool.probe]"),
+    );
+    Stack::builder().without_orchestrator().pool(&pool).start()
+}
+
+/// A pid that is running and not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
+async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, state: PoolState) {
+    wait_for_pool(mirror, "m", state.name(), |pool| pool.state == state).await;
+}
+
+fn shim_metric(stack: &Stack, name: &str) -> f64 {
+    let reply = http::get(&stack.shim(), "/metrics", Duration::from_secs(10)).unwrap();
+    prometheus_value(&reply.text(), name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_pool_starts_unloaded_with_no_engine_and_a_load_brings_it_up() {
+    let stack = on_demand(60_000, &["--load-ms", "1000"]);
+    let client = stack.client("demand").await;
+    let mut mirror = client.subscribe().await.unwrap();
+    state_is(&mut mirror, PoolState::Unloaded).await;
+    assert_eq!(
+        stack.recorded_engine_pid("m"),
+        None,
+        "no engine before a load"
+    );
+    let refused = client
+        .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("ready"), "{refused}");
+
+    // The engine takes a second to load its model: the pool shows Loading meanwhile.
+    client.load(&PoolId::from("m")).await.unwrap();
+    state_is(&mut mirror, PoolState::Loading).await;
+    state_is(&mut mirror, PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").expect("the loaded engine");
+    assert!(alive(pid));
+    client.load(&PoolId::from("m")).await.unwrap();
+    assert_eq!(
+        stack.recorded_engine_pid("m"),
+        Some(pid),
+        "a load of a loaded pool changes nothing"
+    );
+    let lease = client
+        .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
+        .await
+        .unwrap();
+    lease.release(ReleaseOutcome::Completed).await.unwrap();
+    assert_eq!(shim_metric(&stack, "pool_managerd_loads_total"), 1.0);
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_load_duration_seconds_count"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_is_unloaded_after_its_idle_time_and_a_held_lease_keeps_it_loaded() {
+    let stack = on_demand(IDLE_MS, &[]);
+    let client = stack.client("demand").await;
+    let mut mirror = client.subscribe().await.unwrap();
+    client.load(&PoolId::from("m")).await.unwrap();
+    state_is(&mut mirror, PoolState::Ready).await;
+    let lease = client
+        .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
+        .await
+        .unwrap();
+    let pid = stack.recorded_engine_pid("m").unwrap();
+
+    // Ten idle times with the lease held: the pool stays Ready throughout. (A sleep here is the
+    // point: nothing may happen while it runs.)
+    let held = Duration::from_millis(10 * IDLE_MS);
+    let left_ready = tokio::time::timeout(
+        held,
+        mirror.wait_for(|m| {
+            m.snapshot
+                .pool(&PoolId::from("m"))
+                .is_none_or(|pool| pool.state != PoolState::Ready)
+        }),
+    )
+    .await
+    .is_ok();
+    assert!(!left_ready, "left Ready with a lease held");
+    assert!(alive(pid));
+
+    lease.release(ReleaseOutcome::Completed).await.unwrap();
+    state_is(&mut mirror, PoolState::Unloaded).await;
+    assert!(!alive(pid), "the unloaded engine {pid} is gone");
+    assert_eq!(stack.recorded_engine_pid("m"), None);
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_unloads_total{reason=\"idle\"}"),
+        1.0
+    );
+
+    // The next demand loads it again.
+    client.load(&PoolId::from("m")).await.unwrap();
+    state_is(&mut mirror, PoolState::Ready).await;
+    assert!(alive(stack.recorded_engine_pid("m").unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_unload_waits_for_the_held_lease_to_end() {
+    let stack = on_demand(0, &[]);
+    let client = stack.client("demand").await;
+    let mut mirror = client.subscribe().await.unwrap();
+    stack.operator(&["load", "m"]);
+    state_is(&mut mirror, PoolState::Ready).await;
+    let pid = stack.recorded_engine_pid("m").unwrap();
+    let lease = client
+        .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
+        .await
+        .unwrap();
+
+    stack.operator(&["unload", "m"]);
+    state_is(&mut mirror, PoolState::Draining).await;
+    assert!(alive(pid), "the engine serves its lease");
+    let refused = client
+        .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("ready"), "{refused}");
+
+    lease.release(ReleaseOutcome::Completed).await.unwrap();
+    state_is(&mut mirror, PoolState::Unloaded).await;
+    assert!(!alive(pid));
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_unloads_total{reason=\"operator\"}"),
+        1.0
+    );
+    let status = Command::new(e2e::binary("pool-managerd"))
+        .args(["status", "m", "--socket"])
+        .arg(e2e::sidecar::socket_path(stack.path()))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(table.contains("unloaded"), "{table}");
+}
