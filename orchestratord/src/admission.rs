@@ -272,6 +272,14 @@ impl<T> AdmissionQueue<T> {
         Some((entry.id, entry.payload))
     }
 
+    /// Every queued task's payload, in no particular order.
+    pub fn payloads(&self) -> impl Iterator<Item = &T> {
+        self.interactive
+            .iter()
+            .chain(self.batch.iter())
+            .map(|entry| &entry.payload)
+    }
+
     /// Removes a queued task (cancellation), expired or not.
     pub fn remove(&mut self, id: TaskId) -> Option<T> {
         let entry = match self.find(id)? {

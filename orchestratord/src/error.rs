@@ -52,6 +52,14 @@ pub enum ApiError {
     DeadlineUnmet,
     #[error("every pool serving model {0:?} is stopped or failed")]
     PoolUnready(String),
+    /// The model's pools were unloaded and loading one failed (its engine is backing off); the
+    /// reason is pool-managerd's.
+    #[error("model {model:?} failed to load: {reason}")]
+    ModelLoadFailed {
+        model: String,
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("the pool manager is unavailable; retry later")]
     PoolUnavailable { retry_after: Duration },
     /// pool-managerd refused an operation with a code that is about the request itself.
@@ -211,6 +219,7 @@ impl ApiError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ApiError::PoolUnready(_)
+            | ApiError::ModelLoadFailed { .. }
             | ApiError::PoolUnavailable { .. }
             | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PoolManagerRefused { code, .. } => match code {
@@ -258,6 +267,7 @@ impl ApiError {
             ApiError::DroppedFromQueue => "QUEUE_FULL_DROP_LRU",
             ApiError::DeadlineUnmet => "DEADLINE_UNMET",
             ApiError::PoolUnready(_) => "POOL_UNREADY",
+            ApiError::ModelLoadFailed { .. } => "MODEL_LOAD_FAILED",
             ApiError::PoolUnavailable { .. } => "POOL_UNAVAILABLE",
             ApiError::PoolManagerRefused { code, .. } => match code {
                 ErrorCode::NotFound => "NOT_FOUND",
@@ -291,9 +301,9 @@ impl ApiError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::QueueFull { retry_after } | ApiError::PoolUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
+            ApiError::QueueFull { retry_after }
+            | ApiError::PoolUnavailable { retry_after }
+            | ApiError::ModelLoadFailed { retry_after, .. } => Some(*retry_after),
             ApiError::PoolUnready(_) | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
             ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
             ApiError::InvalidParams(_)
@@ -330,6 +340,7 @@ impl ApiError {
             ApiError::QueueFull { .. }
             | ApiError::DroppedFromQueue
             | ApiError::PoolUnready(_)
+            | ApiError::ModelLoadFailed { .. }
             | ApiError::PoolUnavailable { .. }
             | ApiError::WorkerReset(_)
             | ApiError::LeaseRevoked
@@ -384,6 +395,7 @@ impl ApiError {
             | ApiError::SessionBudget(_) => "rate_limit_error",
             ApiError::DeadlineUnmet
             | ApiError::PoolUnready(_)
+            | ApiError::ModelLoadFailed { .. }
             | ApiError::PoolUnavailable { .. }
             | ApiError::PoolManagerRefused { .. }
             | ApiError::WorkerReset(_)

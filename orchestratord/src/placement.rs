@@ -226,6 +226,51 @@ pub fn pool_to_wait_for(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> Opt
         .map(|pool| pool.pool_id.clone())
 }
 
+/// The pool to load for `wanted`: when none of its model's pools (serving its API) is ready or
+/// on its way (starting, loading, recovering, backing off) and one is unloaded, the unloaded one
+/// with the most slots (ties to the lowest id); `None` otherwise.
+pub fn pool_to_load(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> Option<PoolId> {
+    let pools = candidates(snapshot, wanted).ok()?;
+    let live = pools
+        .iter()
+        .any(|pool| !out_of_service(pool) && pool.state != PoolState::Unloaded);
+    if live {
+        return None;
+    }
+    pools
+        .iter()
+        .filter(|pool| pool.state == PoolState::Unloaded)
+        .min_by(|a, b| {
+            b.slots_total
+                .cmp(&a.slots_total)
+                .then_with(|| a.pool_id.cmp(&b.pool_id))
+        })
+        .map(|pool| pool.pool_id.clone())
+}
+
+/// Whether a demand waits for nothing but loads that just failed: none of its model's pools is
+/// ready or on its way, and one of `failed` (pools whose load failed) is among them.
+pub fn waits_only_for_failed_loads(
+    snapshot: &RegistrySnapshot,
+    wanted: &Wanted<'_>,
+    failed: &[PoolId],
+) -> bool {
+    let Ok(pools) = candidates(snapshot, wanted) else {
+        return false;
+    };
+    let coming = |pool: &&PoolSnapshot| {
+        matches!(
+            pool.state,
+            PoolState::Ready
+                | PoolState::Starting
+                | PoolState::Loading
+                | PoolState::Unhealthy
+                | PoolState::Draining
+        )
+    };
+    !pools.iter().any(coming) && pools.iter().any(|pool| failed.contains(&pool.pool_id))
+}
+
 /// Whether a request whose engine failed could go elsewhere: a pool other than the avoided ones
 /// (the failed one among them) serves its model and API and is ready. Never for a pinned request.
 pub fn another_ready(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> bool {
@@ -259,10 +304,16 @@ pub fn choose_unleased(
 }
 
 /// The models served by at least one pool, sorted.
-pub fn models(snapshot: &RegistrySnapshot) -> Vec<String> {
-    let mut models: Vec<String> = snapshot.pools.iter().map(|p| p.model.clone()).collect();
+pub fn models(snapshot: &RegistrySnapshot) -> Vec<(String, bool)> {
+    let mut models: Vec<(String, bool)> = Vec::new();
+    for pool in &snapshot.pools {
+        let ready = pool.state == PoolState::Ready;
+        match models.iter_mut().find(|(model, _)| *model == pool.model) {
+            Some((_, loaded)) => *loaded |= ready,
+            None => models.push((pool.model.clone(), ready)),
+        }
+    }
     models.sort();
-    models.dedup();
     models
 }
 
@@ -340,6 +391,69 @@ mod tests {
         assert_eq!(
             choose(&snapshot, &wanted("m", &hints), Some(&home)),
             on("b")
+        );
+    }
+
+    #[test]
+    fn an_unloaded_pool_is_loaded_only_when_nothing_else_of_the_model_is_ready_or_coming() {
+        let hints = PlacementHints::default();
+        let all_unloaded = registry(vec![
+            pool("a", "m", PoolState::Unloaded, 0, 2),
+            pool("b", "m", PoolState::Unloaded, 0, 4),
+            pool("c", "m", PoolState::Stopped, 0, 8),
+        ]);
+        assert_eq!(
+            pool_to_load(&all_unloaded, &wanted("m", &hints)),
+            Some(PoolId("b".into())),
+            "the one with the most slots; a stopped pool is an operator's"
+        );
+        for coming in [PoolState::Ready, PoolState::Loading, PoolState::Starting] {
+            let snapshot = registry(vec![
+                pool("a", "m", PoolState::Unloaded, 0, 2),
+                pool("b", "m", coming, 0, 4),
+            ]);
+            assert_eq!(pool_to_load(&snapshot, &wanted("m", &hints)), None);
+        }
+        assert_eq!(pool_to_load(&all_unloaded, &wanted("other", &hints)), None);
+    }
+
+    #[test]
+    fn a_demand_is_doomed_by_a_failed_load_only_when_nothing_else_is_coming() {
+        let hints = PlacementHints::default();
+        let failed = [PoolId("a".into())];
+        let backing_off = PoolState::BackingOff { until_unix_ms: 1 };
+        let alone = registry(vec![pool("a", "m", backing_off, 0, 1)]);
+        assert!(waits_only_for_failed_loads(
+            &alone,
+            &wanted("m", &hints),
+            &failed
+        ));
+        let with_ready = registry(vec![
+            pool("a", "m", backing_off, 0, 1),
+            pool("b", "m", PoolState::Ready, 0, 1),
+        ]);
+        assert!(!waits_only_for_failed_loads(
+            &with_ready,
+            &wanted("m", &hints),
+            &failed
+        ));
+        assert!(!waits_only_for_failed_loads(
+            &alone,
+            &wanted("m", &hints),
+            &[]
+        ));
+    }
+
+    #[test]
+    fn models_say_whether_any_of_their_pools_is_loaded() {
+        let snapshot = registry(vec![
+            pool("a", "m", PoolState::Unloaded, 0, 1),
+            pool("b", "m", PoolState::Ready, 1, 1),
+            pool("c", "n", PoolState::Unloaded, 0, 1),
+        ]);
+        assert_eq!(
+            models(&snapshot),
+            vec![("m".to_owned(), true), ("n".to_owned(), false)]
         );
     }
 

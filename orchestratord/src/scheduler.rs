@@ -19,6 +19,8 @@ use crate::placement::{
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState};
+use pool_ipc::wire::Request;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -125,6 +127,7 @@ impl Scheduler {
             next_id: 1,
             metrics,
             pool_states: Vec::new(),
+            loads_requested: HashSet::new(),
         };
         tokio::spawn(daemon_support::systemd::core_task(
             "the scheduler",
@@ -176,6 +179,8 @@ struct SchedulerActor {
     /// Each pool's state when the queue was last checked for hopeless requests. Most registry
     /// updates only move leases; the queue is checked again only when pools or states change.
     pool_states: Vec<(PoolId, PoolState)>,
+    /// Unloaded pools asked to load for queued requests: asked once, until they leave Unloaded.
+    loads_requested: HashSet<PoolId>,
 }
 
 impl SchedulerActor {
@@ -207,6 +212,7 @@ impl SchedulerActor {
             }
             self.expire();
             self.dispatch().await;
+            self.request_loads();
             let (interactive, batch) = self.queue.depth();
             self.metrics.set_queue_depth(interactive, batch);
         }
@@ -332,15 +338,59 @@ impl SchedulerActor {
         if unchanged {
             return;
         }
+        // Pools whose load (or start after a load) just failed: their engine backs off, and the
+        // requests waiting for nothing else are told at once rather than at their deadline.
+        let failed_loads: Vec<(PoolId, String, Duration)> = pools
+            .iter()
+            .filter(|pool| {
+                matches!(pool.state, PoolState::BackingOff { .. })
+                    && self
+                        .pool_states
+                        .iter()
+                        .any(|(id, was)| *id == pool.pool_id && matches!(was, PoolState::Loading))
+            })
+            .map(|pool| {
+                let retry_after = match pool.state {
+                    PoolState::BackingOff { until_unix_ms } => {
+                        Duration::from_millis(until_unix_ms.saturating_sub(unix_ms_now()))
+                            .max(Duration::from_secs(1))
+                    }
+                    _ => Duration::from_secs(1),
+                };
+                let reason = pool
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the engine did not start".into());
+                (pool.pool_id.clone(), reason, retry_after)
+            })
+            .collect();
         self.pool_states = pools
             .iter()
             .map(|pool| (pool.pool_id.clone(), pool.state))
             .collect();
+        let failed_pools: Vec<PoolId> = failed_loads.iter().map(|(id, ..)| id.clone()).collect();
         let mut errors = Vec::new();
         let hopeless = self.queue.remove_where(|waiting| {
             let demand = &waiting.demand;
-            let choice = placement::choose(&mirror.snapshot, &demand.wanted(&[]), None);
-            let error = unservable(&choice, demand);
+            let wanted = demand.wanted(&[]);
+            let choice = placement::choose(&mirror.snapshot, &wanted, None);
+            let error = unservable(&choice, demand).or_else(|| {
+                if !placement::waits_only_for_failed_loads(&mirror.snapshot, &wanted, &failed_pools)
+                {
+                    return None;
+                }
+                let (_, reason, retry_after) = failed_loads.iter().find(|(pool, ..)| {
+                    mirror
+                        .snapshot
+                        .pool(pool)
+                        .is_some_and(|status| status.model == demand.model)
+                })?;
+                Some(ApiError::ModelLoadFailed {
+                    model: demand.model.clone(),
+                    reason: reason.clone(),
+                    retry_after: *retry_after,
+                })
+            });
             let doomed = error.is_some();
             errors.extend(error);
             doomed
@@ -351,10 +401,79 @@ impl SchedulerActor {
         }
     }
 
+    /// Answers the requests whose queue deadline passed, except those waiting for their model
+    /// to load: the time a load takes does not count, so they get their whole queue allowance
+    /// again (behind the requests queued meanwhile); a load that fails answers them at once.
     fn expire(&mut self) {
-        for (id, waiting) in self.queue.expire(Instant::now()) {
+        let now = Instant::now();
+        for (id, mut waiting) in self.queue.expire(now) {
+            if self.waits_for_a_load(&waiting.demand) {
+                let allowance = waiting
+                    .demand
+                    .deadline
+                    .saturating_duration_since(waiting.enqueued);
+                waiting.demand.deadline = now + allowance;
+                waiting.enqueued = now;
+                let deadline = waiting.demand.deadline;
+                let priority = waiting.demand.priority;
+                if let Err(rejected) = self.queue.push(id, priority, deadline, waiting, now) {
+                    tracing::warn!(task = %id, %rejected, "could not requeue a request waiting for a load");
+                }
+                continue;
+            }
             tracing::info!(task = %id, "queue deadline passed");
             let _ = waiting.placed.send(Err(ApiError::DeadlineUnmet));
+        }
+    }
+
+    /// Whether `demand` waits for its model to load: no pool of it is ready, one is loading or
+    /// was asked to.
+    fn waits_for_a_load(&self, demand: &Demand) -> bool {
+        let mirror = self.mirror.borrow();
+        let wanted = demand.wanted(&[]);
+        let snapshot = &mirror.snapshot;
+        let of_model = || {
+            snapshot
+                .pools
+                .iter()
+                .filter(|pool| pool.model == demand.model && pool.serves(demand.api))
+        };
+        !of_model().any(|pool| pool.state == PoolState::Ready)
+            && (of_model().any(|pool| pool.state == PoolState::Loading)
+                || placement::pool_to_load(snapshot, &wanted)
+                    .is_some_and(|pool| self.loads_requested.contains(&pool)))
+    }
+
+    /// Asks pool-managerd to load a pool for every queued request whose model has only unloaded
+    /// pools, once per pool until it leaves Unloaded.
+    fn request_loads(&mut self) {
+        let mirror = self.mirror.borrow();
+        if !mirror.connected {
+            return;
+        }
+        let snapshot = &mirror.snapshot;
+        self.loads_requested.retain(|pool| {
+            snapshot
+                .pool(pool)
+                .is_some_and(|status| status.state == PoolState::Unloaded)
+        });
+        let wanted: Vec<PoolId> = self
+            .queue
+            .payloads()
+            .filter_map(|waiting| placement::pool_to_load(snapshot, &waiting.demand.wanted(&[])))
+            .collect();
+        drop(mirror);
+        for pool in wanted {
+            if !self.loads_requested.insert(pool.clone()) {
+                continue;
+            }
+            tracing::info!(%pool, "loading the pool for queued requests");
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                if let Err(error) = client.call(Request::Load { pool: pool.clone() }).await {
+                    tracing::warn!(%pool, %error, "pool-managerd did not load the pool");
+                }
+            });
         }
     }
 
@@ -500,4 +619,12 @@ fn unservable(choice: &Result<Choice, NoPlacement>, demand: &Demand) -> Option<A
         Err(NoPlacement::OutOfService) => Some(ApiError::PoolUnready(demand.model.clone())),
         Ok(_) | Err(NoPlacement::NoneReady | NoPlacement::Busy) => None,
     }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }

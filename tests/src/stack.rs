@@ -241,7 +241,8 @@ impl Stack {
         reply.json()
     }
 
-    /// Waits until orchestratord lists every pool of pool-managerd's config as ready (or, when
+    /// Waits until orchestratord lists every pool of pool-managerd's config as ready or unloaded
+    /// (on demand) (or, when
     /// its pool list needs a key the stack does not know, until it reports ready).
     fn wait_all_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
@@ -251,7 +252,11 @@ impl Stack {
                 200 => {
                     let pools = reply.json();
                     let all = pools["pools"].as_array().cloned().unwrap_or_default();
-                    !all.is_empty() && all.iter().all(|pool| pool["ready"] == true)
+                    // An on-demand pool waits, unloaded, for its first request.
+                    !all.is_empty()
+                        && all
+                            .iter()
+                            .all(|pool| pool["ready"] == true || pool["state"] == "unloaded")
                 }
                 401 => http::get(&self.api(), "/readyz", WAIT).unwrap().status == 200,
                 _ => false,

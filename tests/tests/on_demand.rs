@@ -170,3 +170,77 @@ async fn an_operators_unload_waits_for_the_held_lease_to_end() {
     let table = String::from_utf8_lossy(&status.stdout);
     assert!(table.contains("unloaded"), "{table}");
 }
+
+/// orchestratord in front of one on-demand pool `m` (engine-double `flags`), queue deadline
+/// `deadline_ms`.
+fn served_on_demand(flags: &[&str], deadline_ms: u64) -> Stack {
+    let pool = double_pool("m", "double", 2, flags).replace(
+        "[pool.probe]",
+        "load = \"on-demand\"\nidle_unload_ms = 60000\n[pool.probe]",
+    );
+    Stack::builder()
+        .pool(&pool)
+        .orchestrator(&format!("[admission]\nqueue_deadline_ms = {deadline_ms}\n"))
+        .start()
+}
+
+fn chat(stack: &Stack) -> http::Reply {
+    let body = serde_json::json!({
+        "model": "double",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    });
+    http::post_json(
+        &stack.api(),
+        "/v1/chat/completions",
+        &body,
+        Duration::from_secs(30),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_request_for_an_unloaded_model_loads_it_and_is_served_even_past_its_queue_deadline() {
+    // Loading takes 1.5 s, longer than the 500 ms the request may wait in the queue: the load
+    // does not count against it.
+    let stack = served_on_demand(&["--load-ms", "1500"], 500);
+    assert_eq!(stack.pool_status("m")["state"], "unloaded");
+    let ready = http::get(&stack.api(), "/readyz", Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        ready.status,
+        200,
+        "an idle host is healthy: {}",
+        ready.text()
+    );
+    let models = stack.get("/v1/models");
+    assert_eq!(models["data"][0]["loaded"], false, "{models}");
+    let answer = chat(&stack);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["usage"]["completion_tokens"], 3);
+    assert_eq!(stack.pool_status("m")["state"], "ready");
+    assert_eq!(stack.get("/v1/models")["data"][0]["loaded"], true);
+}
+
+#[test]
+fn a_load_that_fails_answers_its_waiting_request_at_once_with_a_typed_503() {
+    // A model file the engine cannot read: it exits at once (status 3), the load fails.
+    let stack = served_on_demand(&[], 60_000);
+    std::fs::write(stack.path().join("double-model.json"), "not json").unwrap();
+    let started = std::time::Instant::now();
+    let answer = chat(&stack);
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    let error = answer.json();
+    assert_eq!(error["error"]["code"], "model_load_failed", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("double")),
+        "{error}"
+    );
+    assert!(answer.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered after {:?}, not at the 60 s deadline",
+        started.elapsed()
+    );
+}

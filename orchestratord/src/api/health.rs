@@ -22,13 +22,21 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .iter()
         .filter(|pool| pool.state == PoolState::Ready)
         .count();
+    // A host whose on-demand pools are all unloaded is healthy: the first request loads one.
+    let loadable = mirror
+        .snapshot
+        .pools
+        .iter()
+        .filter(|pool| matches!(pool.state, PoolState::Unloaded | PoolState::Loading))
+        .count();
     let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
     let body = json!({
         "pool_manager_connected": mirror.connected,
         "pools_ready": ready,
+        "pools_loadable": loadable,
         "draining": draining,
     });
-    let status = if mirror.connected && ready > 0 && !draining {
+    let status = if mirror.connected && ready + loadable > 0 && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

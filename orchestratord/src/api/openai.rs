@@ -324,14 +324,16 @@ pub async fn chat_input_tokens(State(state): State<AppState>, inbound: Inbound) 
     serve(state, inbound, Route::ChatInputTokens).await
 }
 
-/// `GET /v1/models`: every model a pool serves; `created` is when this orchestratord first saw it.
+/// `GET /v1/models`: every model a pool serves, loaded or not (`loaded`: a pool of it is ready;
+/// an unloaded one loads on the first request); `created` is when this orchestratord first saw
+/// it.
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let models = placement::models(&state.mirror.borrow().snapshot);
     let data: Vec<Value> = models
         .into_iter()
-        .map(|id| {
+        .map(|(id, loaded)| {
             let created = state.models_seen.first_seen(&id);
-            json!({"id": id, "object": "model", "created": created, "owned_by": "orchestratord"})
+            json!({"id": id, "object": "model", "created": created, "owned_by": "orchestratord", "loaded": loaded})
         })
         .collect();
     Json(json!({"object": "list", "data": data}))
