@@ -12,6 +12,11 @@
 //! max_leased_slots_per_uid = 4096           # slots one uid's leases may hold at once
 //! lease_ttl_ms = 30000                      # a lease not renewed this long expires; 0: never
 //!
+//! [memory]                                  # for on-demand pools (`load = "on-demand"`)
+//! host_budget_bytes = 68719476736           # pools without gpus; default 3/4 of MemTotal
+//! gpu_reserve_bytes = 1073741824            # kept free per GPU (budget: total minus this)
+//! min_residency_ms = 30000                  # a fresh load is not evicted before this
+//!
 //! [debug_http]
 //! listen = "127.0.0.1:9200"                 # "off" disables the shim
 //! token_file = "/etc/pool-managerd/token"   # required for a non-loopback address
@@ -85,8 +90,24 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     debug_http: RawDebugHttp,
+    #[serde(default)]
+    memory: RawMemory,
     #[serde(default, rename = "pool")]
     pools: Vec<RawPool>,
+}
+
+/// How much memory on-demand pools may take, per device, and how eviction behaves.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    /// The host's RAM for pools without `gpus` (default three quarters of MemTotal).
+    host_budget_bytes: Option<u64>,
+    /// Each GPU's budget, absolute; default: NVML's total minus `gpu_reserve_bytes`.
+    gpu_budget_bytes: Option<u64>,
+    /// Kept free on each GPU (default 1 GiB: the driver's context, other processes).
+    gpu_reserve_bytes: Option<u64>,
+    /// A pool loaded less than this ago is not evicted (default 30 s: no swap storms).
+    min_residency_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,7 +318,19 @@ impl ProbePolicy {
 pub struct Config {
     pub server: ServerConfig,
     pub debug_http: DebugHttpConfig,
+    pub memory: MemoryConfig,
     pub pools: Vec<PoolConfig>,
+}
+
+/// The `[memory]` table: what on-demand pools may take and how long a load stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// `None`: three quarters of the host's MemTotal.
+    pub host_budget_bytes: Option<u64>,
+    /// `None`: each GPU's total minus `gpu_reserve_bytes`.
+    pub gpu_budget_bytes: Option<u64>,
+    pub gpu_reserve_bytes: u64,
+    pub min_residency: Duration,
 }
 
 /// Who may talk to the socket, and how it is laid out on disk.
@@ -480,6 +513,12 @@ impl Config {
         let explicit_model_dirs = raw.server.model_dirs.clone();
         let mut server = validate_server(raw.server).map_err(invalid)?;
         let debug_http = validate_debug_http(raw.debug_http).map_err(invalid)?;
+        let memory = MemoryConfig {
+            host_budget_bytes: raw.memory.host_budget_bytes,
+            gpu_budget_bytes: raw.memory.gpu_budget_bytes,
+            gpu_reserve_bytes: raw.memory.gpu_reserve_bytes.unwrap_or(1024 * 1024 * 1024),
+            min_residency: Duration::from_millis(raw.memory.min_residency_ms.unwrap_or(30_000)),
+        };
         let mut seen = HashSet::new();
         let mut pools = Vec::with_capacity(raw.pools.len());
         for raw_pool in raw.pools {
@@ -509,6 +548,7 @@ impl Config {
         Ok(Config {
             server,
             debug_http,
+            memory,
             pools,
         })
     }

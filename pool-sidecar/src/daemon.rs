@@ -13,6 +13,7 @@ use crate::ipc::server::{self, IpcContext};
 use crate::metrics::Metrics;
 use crate::pools::{self, PoolsContext};
 use crate::registry::{LeasePolicy, LeaseSigner, spawn_registry};
+use crate::residency;
 use crate::supervisor::EnginePaths;
 use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::registry::PoolId;
@@ -109,6 +110,7 @@ pub async fn run(
         .filter(|pool| pool.managed().is_none())
         .map(|pool| pool.id.clone())
         .collect();
+    let gpus = Arc::new(GpuProbe::default());
     let (pools, pools_task) = pools::start(
         PoolsContext {
             registry: registry.clone(),
@@ -116,12 +118,13 @@ pub async fn run(
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             model_dirs: config.server.model_dirs.clone(),
+            budgets: residency::budgets(&config.memory, &gpus),
+            min_residency: config.memory.min_residency,
         },
         &config,
         reloads,
     )
     .await;
-    let gpus = Arc::new(GpuProbe::default());
 
     // Answer the first client with known states of external engines rather than "starting".
     let first_probe_window = config

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pools;
 pub mod probe;
 pub mod registry;
+pub mod residency;
 pub mod startup;
 pub mod status_view;
 pub mod supervisor;

@@ -6,18 +6,24 @@
 //! the socket and the debug shim to the supervisors, whose command queues only it holds. Everyone else talks to it through
 //! a [`PoolsHandle`].
 
-use crate::config::{Config, EngineSource, ModelDirs, PoolConfig};
+use crate::config::{Config, EngineSource, LoadPolicy, ModelDirs, PoolConfig};
+use crate::eviction::{self, Budget, Device, Plan, Residency, Resident};
+use crate::footprint::{self, FootprintStore};
 use crate::probe;
 use crate::registry::RegistryHandle;
+use crate::residency;
 use crate::supervisor::engine::supervisor_gone;
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
 use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::error_code::{ErrorCode, IpcError};
-use pool_ipc::registry::PoolId;
+use pool_ipc::registry::{PoolId, PoolState, RegistrySnapshot};
 use pool_ipc::wire::Request;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +81,9 @@ pub struct PoolsContext {
     pub shutdown: CancellationToken,
     /// Where `reload` may load models from (a server setting: fixed until a restart).
     pub model_dirs: ModelDirs,
+    /// The devices' budgets for on-demand pools.
+    pub budgets: Vec<Budget>,
+    pub min_residency: Duration,
 }
 
 /// Starts every pool of `config` (managed engines are adopted or started before this returns,
@@ -86,18 +95,28 @@ pub async fn start(
     reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
 ) -> (PoolsHandle, JoinHandle<()>) {
     let (retired, retired_inbox) = mpsc::unbounded_channel();
+    let footprints = FootprintStore::load(&context.paths.state_dir);
+    let snapshots = context.registry.watch_snapshot();
     let mut controller = Controller {
         context,
         running: HashMap::new(),
         retiring: HashMap::new(),
         retired,
         config: config.clone(),
+        memory: Memory {
+            footprints,
+            estimates: HashMap::new(),
+            usage: HashMap::new(),
+            waiting: Vec::new(),
+            unloading: HashSet::new(),
+            wake: None,
+        },
     };
     for pool in &config.pools {
         controller.start(pool.clone()).await;
     }
     let (messages, inbox) = mpsc::channel(64);
-    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox));
+    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox, snapshots));
     (PoolsHandle { messages }, task)
 }
 
@@ -109,6 +128,29 @@ struct Controller {
     retired: mpsc::UnboundedSender<PoolId>,
     /// The configuration last applied (server settings are those of the start).
     config: Config,
+    memory: Memory,
+}
+
+/// What the controller keeps to decide loads under the memory budgets (see `eviction`).
+struct Memory {
+    footprints: FootprintStore,
+    /// Footprints worked out per pool and model file (`None`: unknown), so a model's header is
+    /// read once.
+    estimates: HashMap<PoolId, (String, Option<u64>)>,
+    usage: HashMap<PoolId, Usage>,
+    /// On-demand pools asked to load that wait for room.
+    waiting: Vec<PoolId>,
+    /// Pools told to unload to make room, until they are unloaded.
+    unloading: HashSet<PoolId>,
+    /// When a residency guard a waiting load depends on expires.
+    wake: Option<tokio::time::Instant>,
+}
+
+/// When a loaded pool was loaded and last used.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    loaded_at: Instant,
+    last_used: Instant,
 }
 
 struct RunningPool {
@@ -127,9 +169,17 @@ impl Controller {
         mut inbox: mpsc::Receiver<Message>,
         mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
         mut retired: mpsc::UnboundedReceiver<PoolId>,
+        mut snapshots: tokio::sync::watch::Receiver<Arc<RegistrySnapshot>>,
     ) {
         let shutdown = self.context.shutdown.clone();
         loop {
+            let wake = self.memory.wake;
+            let woken = async move {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 // Shutdown first: a message that arrives after it is answered "stopping" (by
                 // the dropped inbox), never carried out.
@@ -140,6 +190,18 @@ impl Controller {
                 },
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
+                changed = snapshots.changed() => {
+                    if changed.is_ok() {
+                        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                        self.observe(&snapshot);
+                        self.plan_waiting(&snapshot);
+                    }
+                }
+                () = woken => {
+                    self.memory.wake = None;
+                    let snapshot = self.context.registry.snapshot();
+                    self.plan_waiting(&snapshot);
+                }
             }
         }
     }
@@ -174,7 +236,20 @@ impl Controller {
     /// Checks an admin request and hands it to the pool's supervisor; the supervisor's answer
     /// goes to `reply` from a task of its own, so a busy supervisor never holds up the
     /// controller.
-    fn admin(&self, request: Request, reply: oneshot::Sender<Result<(), IpcError>>) {
+    fn admin(&mut self, request: Request, reply: oneshot::Sender<Result<(), IpcError>>) {
+        if let Request::Load { pool } = &request {
+            match self.make_room(pool) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+            }
+        }
         let (pool, command) = match self.command_for(request) {
             Ok(planned) => planned,
             Err(error) => {
@@ -288,6 +363,263 @@ impl Controller {
                 format!("{} is not an admin request", other.name()),
             )),
         }
+    }
+
+    /// Whether an on-demand pool asked to load can be loaded now (`Ok(true)`); otherwise the
+    /// pools that must make room are told to unload and the load waits for them (`Ok(false)`),
+    /// or it can never fit in its device's budget.
+    fn make_room(&mut self, pool: &PoolId) -> Result<bool, IpcError> {
+        let on_demand = self
+            .running
+            .get(pool)
+            .is_some_and(|running| matches!(running.config.load, LoadPolicy::OnDemand { .. }));
+        if !on_demand || self.footprint(pool).is_none() {
+            return Ok(true);
+        }
+        let snapshot = self.context.registry.snapshot();
+        let plan = eviction::plan(
+            &self.residents(&snapshot),
+            &self.context.budgets,
+            pool,
+            Instant::now(),
+            self.context.min_residency,
+        );
+        match plan {
+            Plan::Resident | Plan::Unknown => Ok(true),
+            Plan::Load { evict } if evict.is_empty() => Ok(true),
+            Plan::Load { evict } => {
+                tracing::info!(%pool, ?evict, "evicting idle pools to make room");
+                self.unload(&evict);
+                self.wait_for_room(pool);
+                Ok(false)
+            }
+            Plan::Wait { draining, until } => {
+                tracing::info!(%pool, ?draining, "the load waits for room");
+                self.unload(&draining);
+                if let Some(until) = until {
+                    let at = tokio::time::Instant::from_std(until);
+                    self.memory.wake = Some(self.memory.wake.map_or(at, |wake| wake.min(at)));
+                }
+                self.wait_for_room(pool);
+                Ok(false)
+            }
+            Plan::NeverFits {
+                footprint,
+                budget,
+                pinned,
+            } => Err(IpcError::new(
+                ErrorCode::NoCapacity,
+                format!(
+                    "pool {:?} needs {footprint} bytes, more than its device's budget of {budget} bytes leaves beside the always-loaded pools ({pinned} bytes)",
+                    pool.as_str()
+                ),
+            )),
+        }
+    }
+
+    fn wait_for_room(&mut self, pool: &PoolId) {
+        if !self.memory.waiting.contains(pool) {
+            self.memory.waiting.push(pool.clone());
+        }
+    }
+
+    /// Loads the waiting pools that fit now (after a change or a residency guard expired).
+    fn plan_waiting(&mut self, snapshot: &RegistrySnapshot) {
+        let waiting = std::mem::take(&mut self.memory.waiting);
+        for pool in waiting {
+            let unloaded = snapshot
+                .pool(&pool)
+                .is_some_and(|status| status.state == PoolState::Unloaded);
+            if !unloaded {
+                continue;
+            }
+            match self.make_room(&pool) {
+                Ok(true) => self.forward_load(&pool),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%pool, %error, "a waiting load can never fit"),
+            }
+        }
+    }
+
+    fn forward_load(&self, pool: &PoolId) {
+        let Some(commands) = self
+            .running
+            .get(pool)
+            .and_then(|running| running.commands.clone())
+        else {
+            return;
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            if commands.send(AdminCommand::Load { reply }).await.is_ok()
+                && let Ok(Err(error)) = answer.await
+            {
+                tracing::warn!(%pool, %error, "the supervisor did not load the pool");
+            }
+        });
+    }
+
+    /// Tells each of `pools` to unload (drain, then stop), once.
+    fn unload(&mut self, pools: &[PoolId]) {
+        for pool in pools {
+            if !self.memory.unloading.insert(pool.clone()) {
+                continue;
+            }
+            let Some(commands) = self
+                .running
+                .get(pool)
+                .and_then(|running| running.commands.clone())
+            else {
+                continue;
+            };
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let (reply, answer) = oneshot::channel();
+                if commands.send(AdminCommand::Unload { reply }).await.is_ok()
+                    && let Ok(Err(error)) = answer.await
+                {
+                    tracing::warn!(%pool, %error, "the pool did not unload to make room");
+                }
+            });
+        }
+    }
+
+    /// Keeps when pools were loaded and last used, and measures a pool's footprint once it is
+    /// ready.
+    fn observe(&mut self, snapshot: &RegistrySnapshot) {
+        let now = Instant::now();
+        for status in &snapshot.pools {
+            let loaded = matches!(
+                status.state,
+                PoolState::Ready | PoolState::Unhealthy | PoolState::Draining
+            );
+            if !loaded {
+                self.memory.usage.remove(&status.pool_id);
+                if status.state == PoolState::Unloaded {
+                    self.memory.unloading.remove(&status.pool_id);
+                }
+                continue;
+            }
+            match self.memory.usage.get_mut(&status.pool_id) {
+                Some(usage) => {
+                    if status.active_leases() > 0 {
+                        usage.last_used = now;
+                    }
+                }
+                None => {
+                    self.memory.usage.insert(
+                        status.pool_id.clone(),
+                        Usage {
+                            loaded_at: now,
+                            last_used: now,
+                        },
+                    );
+                    if status.state == PoolState::Ready {
+                        self.measure(&status.pool_id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Measures a freshly loaded host pool's footprint and remembers it (GPU pools keep their
+    /// estimate until NVML measurement is wired).
+    fn measure(&mut self, pool: &PoolId) {
+        let Some(running) = self.running.get(pool) else {
+            return;
+        };
+        let Some(engine) = running.config.managed() else {
+            return;
+        };
+        if residency::device_of(&running.config) != Device::Host {
+            return;
+        }
+        let record = self
+            .context
+            .paths
+            .state_dir
+            .join("engines")
+            .join(format!("{}.json", pool.as_str()));
+        let Some(pid) = crate::supervisor::record::read_record(&record).map(|record| record.pid)
+        else {
+            return;
+        };
+        match footprint::measure_host(pid, Path::new(&engine.model_path)) {
+            Ok(bytes) => {
+                tracing::info!(%pool, bytes, "measured the pool's footprint");
+                let measured = footprint::Measured {
+                    bytes,
+                    model_path: engine.model_path.clone(),
+                    measured_unix_ms: crate::probe::unix_ms_now(),
+                };
+                if let Err(error) = self.memory.footprints.record(pool.as_str(), measured) {
+                    tracing::warn!(%pool, %error, "cannot keep the measured footprint");
+                }
+                self.memory
+                    .estimates
+                    .insert(pool.clone(), (engine.model_path.clone(), Some(bytes)));
+            }
+            Err(error) => tracing::warn!(%pool, %error, "cannot measure the pool's footprint"),
+        }
+    }
+
+    /// The pool's footprint (measured, else estimated), worked out once per model file.
+    fn footprint(&mut self, pool: &PoolId) -> Option<u64> {
+        let config = &self.running.get(pool)?.config;
+        let model = config.managed()?.model_path.clone();
+        if let Some((known_model, bytes)) = self.memory.estimates.get(pool)
+            && *known_model == model
+        {
+            return *bytes;
+        }
+        let bytes = residency::footprint_of(config, &self.memory.footprints);
+        self.memory.estimates.insert(pool.clone(), (model, bytes));
+        bytes
+    }
+
+    /// The managed pools as the planner sees them.
+    fn residents(&mut self, snapshot: &RegistrySnapshot) -> Vec<Resident> {
+        let pools: Vec<PoolId> = self
+            .running
+            .iter()
+            .filter(|(_, running)| running.config.managed().is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let now = Instant::now();
+        pools
+            .into_iter()
+            .filter_map(|pool| {
+                let footprint = self.footprint(&pool).unwrap_or(0);
+                let running = self.running.get(&pool)?;
+                let status = snapshot.pool(&pool)?;
+                let usage = self.memory.usage.get(&pool).copied().unwrap_or(Usage {
+                    loaded_at: now,
+                    last_used: now,
+                });
+                let residency = match status.state {
+                    PoolState::Unloaded | PoolState::Stopped | PoolState::Failed => {
+                        Residency::Unloaded
+                    }
+                    PoolState::Loading | PoolState::Starting | PoolState::BackingOff { .. } => {
+                        Residency::Loading
+                    }
+                    PoolState::Draining => Residency::Unloading,
+                    PoolState::Ready | PoolState::Unhealthy => Residency::Loaded {
+                        leases: status.active_leases(),
+                        loaded_at: usage.loaded_at,
+                        last_used: usage.last_used,
+                    },
+                };
+                Some(Resident {
+                    device: residency::device_of(&running.config),
+                    footprint,
+                    pinned: matches!(running.config.load, LoadPolicy::Always),
+                    residency,
+                    pool,
+                })
+            })
+            .collect()
     }
 
     async fn start(&mut self, pool: PoolConfig) {
@@ -469,6 +801,8 @@ mod tests {
             tracker: TaskTracker::new(),
             shutdown: shutdown.clone(),
             model_dirs: config.server.model_dirs.clone(),
+            budgets: Vec::new(),
+            min_residency: Duration::ZERO,
         };
         let (_reload_requests, reloads) = mpsc::unbounded_channel();
         let (pools, _task) = start(context, &config, reloads).await;

@@ -1,0 +1,154 @@
+//! More models than memory: three on-demand pools whose footprints (estimated from their GGUF
+//! headers, then measured: the engine's anonymous memory plus the model file) fit two at a time in
+//! the host budget. The engines are the engine double (a fake engine: it maps no model, so the
+//! model files the generator writes count through the file size the footprint includes).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::real_engine::make_model;
+use e2e::sidecar::wait_for_pool;
+use e2e::stack::Stack;
+use e2e::{binary, temp_dir};
+use pool_ipc::client::{ClientError, RegistryMirror};
+use pool_ipc::error_code::ErrorCode;
+use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
+use std::path::Path;
+use tokio::sync::watch;
+
+const MIB: u64 = 1024 * 1024;
+
+/// An on-demand pool `id` whose model file is `model` (the engine double ignores it) and whose
+/// command gives the engine `extra` arguments.
+fn pool(id: &str, model: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[[pool]]
+id = "{id}"
+model = "m-{id}"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1"{extra}]
+model_path = {model:?}
+listen = "unix"
+load = "on-demand"
+idle_unload_ms = 600000
+startup_timeout_ms = 5000
+stop_grace_ms = 500
+[pool.probe]
+interval_ms = 100
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+        model = model.display().to_string(),
+    )
+}
+
+async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, pool: &str, state: PoolState) {
+    wait_for_pool(mirror, pool, state.name(), |status| status.state == state).await;
+}
+
+/// A pid that is running and not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_and_refuses_what_never_fits()
+ {
+    let dir = temp_dir();
+    // ~50 MB each (F32, 8 layers of width 384); two fit in 130 MiB, three do not.
+    let models: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            make_model(
+                &dir.path().join(format!("{id}.gguf")),
+                &["--width", "384", "--layers", "8", "--seed", "7"],
+            )
+        })
+        .collect();
+    let mut builder = Stack::builder().without_orchestrator().pool(&format!(
+        "[memory]\nhost_budget_bytes = {}\nmin_residency_ms = 0\n",
+        130 * MIB
+    ));
+    for (id, model) in ["a", "b", "c"].iter().zip(&models) {
+        builder = builder.pool(&pool(id, model, ""));
+    }
+    // The same model with a context whose KV cache alone is larger than the budget (never
+    // started: the engine double takes no -c).
+    let huge = pool("huge", &models[0], r#", "-c", "4000000""#);
+    let stack = builder.pool(&huge).start_in(dir);
+    let client = stack.client("demand").await;
+    let mut mirror = client.subscribe().await.unwrap();
+    let id = |name: &str| PoolId::from(name);
+
+    client.load(&id("a")).await.unwrap();
+    state_is(&mut mirror, "a", PoolState::Ready).await;
+    client.load(&id("b")).await.unwrap();
+    state_is(&mut mirror, "b", PoolState::Ready).await;
+    let a_pid = stack.recorded_engine_pid("a").unwrap();
+
+    // c does not fit beside both: a, the least recently used idle pool, is unloaded first.
+    client.load(&id("c")).await.unwrap();
+    state_is(&mut mirror, "c", PoolState::Ready).await;
+    state_is(&mut mirror, "a", PoolState::Unloaded).await;
+    assert_eq!(
+        client.pool_status(&id("b")).await.unwrap().state,
+        PoolState::Ready
+    );
+    stack.wait_for("a's engine to be gone", || !alive(a_pid));
+
+    // b and c both busy: a's load waits, and neither is touched while its lease runs.
+    let on_b = client
+        .acquire(AcquireTarget::Pool(id("b")), "b", None, 1)
+        .await
+        .unwrap();
+    let on_c = client
+        .acquire(AcquireTarget::Pool(id("c")), "c", None, 1)
+        .await
+        .unwrap();
+    client.load(&id("a")).await.unwrap();
+    let b_state = wait_for_pool(&mut mirror, "b", "b drained for a", |status| {
+        status.state == PoolState::Draining
+    })
+    .await;
+    assert_eq!(b_state.active_leases(), 1, "b's stream keeps running");
+    assert_eq!(
+        client.pool_status(&id("a")).await.unwrap().state,
+        PoolState::Unloaded,
+        "a waits for room"
+    );
+    on_b.release(ReleaseOutcome::Completed).await.unwrap();
+    state_is(&mut mirror, "b", PoolState::Unloaded).await;
+    state_is(&mut mirror, "a", PoolState::Ready).await;
+    assert_eq!(
+        client.pool_status(&id("c")).await.unwrap().state,
+        PoolState::Ready
+    );
+    on_c.release(ReleaseOutcome::Completed).await.unwrap();
+
+    // A pool larger than the whole budget is refused, naming its footprint and the budget.
+    let refused = client.load(&id("huge")).await.unwrap_err();
+    match &refused {
+        ClientError::Remote(error) => {
+            assert_eq!(error.code, ErrorCode::NoCapacity);
+            assert!(
+                error.message.contains("budget of 136314880 bytes"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("{other}"),
+    }
+
+    // Footprints measured after each load are kept in the state directory.
+    let kept = std::fs::read_to_string(stack.path().join("state/footprints.json")).unwrap();
+    for pool in ["\"a\"", "\"b\"", "\"c\""] {
+        assert!(kept.contains(pool), "{kept}");
+    }
+}
