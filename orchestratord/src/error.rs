@@ -60,6 +60,10 @@ pub enum ApiError {
         reason: String,
         retry_after: Duration,
     },
+    /// The model's pool can never be loaded here: its footprint is above its device's budget (the
+    /// reason, pool-managerd's, names both).
+    #[error("model {model:?} cannot be loaded here: {reason}")]
+    ModelNeverFits { model: String, reason: String },
     #[error("the pool manager is unavailable; retry later")]
     PoolUnavailable { retry_after: Duration },
     /// pool-managerd refused an operation with a code that is about the request itself.
@@ -222,6 +226,7 @@ impl ApiError {
             | ApiError::ModelLoadFailed { .. }
             | ApiError::PoolUnavailable { .. }
             | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ModelNeverFits { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::PoolManagerRefused { code, .. } => match code {
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
                 ErrorCode::Unauthorized => StatusCode::FORBIDDEN,
@@ -267,6 +272,7 @@ impl ApiError {
             ApiError::DroppedFromQueue => "QUEUE_FULL_DROP_LRU",
             ApiError::DeadlineUnmet => "DEADLINE_UNMET",
             ApiError::PoolUnready(_) => "POOL_UNREADY",
+            ApiError::ModelNeverFits { .. } => "MODEL_TOO_LARGE",
             ApiError::ModelLoadFailed { .. } => "MODEL_LOAD_FAILED",
             ApiError::PoolUnavailable { .. } => "POOL_UNAVAILABLE",
             ApiError::PoolManagerRefused { code, .. } => match code {
@@ -306,7 +312,8 @@ impl ApiError {
             | ApiError::ModelLoadFailed { retry_after, .. } => Some(*retry_after),
             ApiError::PoolUnready(_) | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
             ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
-            ApiError::InvalidParams(_)
+            ApiError::ModelNeverFits { .. }
+            | ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
@@ -349,7 +356,8 @@ impl ApiError {
             | ApiError::ShuttingDown => true,
             ApiError::PoolManagerRefused { .. } => self.status() == StatusCode::SERVICE_UNAVAILABLE,
             ApiError::EngineRejected { status, .. } => *status == 503 || *status == 429,
-            ApiError::InvalidParams(_)
+            ApiError::ModelNeverFits { .. }
+            | ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
             | ApiError::Unauthorized
@@ -396,6 +404,7 @@ impl ApiError {
             ApiError::DeadlineUnmet
             | ApiError::PoolUnready(_)
             | ApiError::ModelLoadFailed { .. }
+            | ApiError::ModelNeverFits { .. }
             | ApiError::PoolUnavailable { .. }
             | ApiError::PoolManagerRefused { .. }
             | ApiError::WorkerReset(_)

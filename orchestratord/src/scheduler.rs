@@ -20,7 +20,7 @@ use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState};
 use pool_ipc::wire::Request;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -99,6 +99,11 @@ enum Command {
     Reconfigure(AdmissionConfig),
     /// Answered at once: the actor is alive and working through its inbox.
     Ping(oneshot::Sender<()>),
+    /// pool-managerd refused to load a pool the queue asked for (or could not be asked).
+    LoadFailed {
+        pool: PoolId,
+        error: ClientError,
+    },
 }
 
 /// The handle handlers use.
@@ -128,6 +133,7 @@ impl Scheduler {
             metrics,
             pool_states: Vec::new(),
             loads_requested: HashSet::new(),
+            loads_refused: HashMap::new(),
         };
         tokio::spawn(daemon_support::systemd::core_task(
             "the scheduler",
@@ -181,7 +187,14 @@ struct SchedulerActor {
     pool_states: Vec<(PoolId, PoolState)>,
     /// Unloaded pools asked to load for queued requests: asked once, until they leave Unloaded.
     loads_requested: HashSet<PoolId>,
+    /// Pools pool-managerd refused to load because they can never fit, with its reason and
+    /// when: requests for their models are refused at admission for a while.
+    loads_refused: HashMap<PoolId, (String, Instant)>,
 }
+
+/// How long a refusal to load (a pool that can never fit) answers new requests at admission
+/// before pool-managerd is asked again (a restart may have changed its budgets).
+const LOAD_REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
 impl SchedulerActor {
     async fn run(mut self) {
@@ -257,6 +270,44 @@ impl SchedulerActor {
                     self.affinity.remember(&session, &pool);
                 }
             }
+            Command::LoadFailed { pool, error } => self.load_failed(pool, error),
+        }
+    }
+
+    /// A load the queue asked for was refused: the requests waiting for it are answered at once
+    /// (a pool that can never fit is remembered, so new requests for it are refused at
+    /// admission); a load that could not be asked is asked again on the next change.
+    fn load_failed(&mut self, pool: PoolId, error: ClientError) {
+        self.loads_requested.remove(&pool);
+        let ClientError::Remote(refusal) = error else {
+            tracing::warn!(%pool, %error, "could not ask pool-managerd to load the pool");
+            return;
+        };
+        let never_fits = refusal.code == ErrorCode::NoCapacity;
+        if never_fits {
+            self.loads_refused
+                .insert(pool.clone(), (refusal.message.clone(), Instant::now()));
+        }
+        let mirror = self.mirror.borrow();
+        let snapshot = &mirror.snapshot;
+        let answered = self.queue.remove_where(|waiting| {
+            placement::pool_to_load(snapshot, &waiting.demand.wanted(&[])).as_ref() == Some(&pool)
+        });
+        drop(mirror);
+        for (id, waiting) in answered {
+            let error = if never_fits {
+                ApiError::ModelNeverFits {
+                    model: waiting.demand.model.clone(),
+                    reason: refusal.message.clone(),
+                }
+            } else {
+                ApiError::PoolManagerRefused {
+                    code: refusal.code,
+                    message: refusal.message.clone(),
+                }
+            };
+            tracing::info!(task = %id, %error, "the load it waited for was refused");
+            let _ = waiting.placed.send(Err(error));
         }
     }
 
@@ -274,6 +325,18 @@ impl SchedulerActor {
         let choice = placement::choose(&mirror.snapshot, &demand.wanted(&[]), session_pool);
         if let Some(error) = unservable(&choice, &demand) {
             return Err(error);
+        }
+        if choice.is_err()
+            && let Some(pool) = placement::pool_to_load(&mirror.snapshot, &demand.wanted(&[]))
+            && let Some((reason, _)) = self
+                .loads_refused
+                .get(&pool)
+                .filter(|(_, when)| when.elapsed() < LOAD_REFUSAL_MEMORY)
+        {
+            return Err(ApiError::ModelNeverFits {
+                model: demand.model.clone(),
+                reason: reason.clone(),
+            });
         }
         // A slot is free right now: the wait is the dispatch itself, not a service time.
         let free_now = choice.is_ok();
@@ -463,15 +526,19 @@ impl SchedulerActor {
             .filter_map(|waiting| placement::pool_to_load(snapshot, &waiting.demand.wanted(&[])))
             .collect();
         drop(mirror);
+        self.loads_refused
+            .retain(|_, (_, when)| when.elapsed() < LOAD_REFUSAL_MEMORY);
         for pool in wanted {
             if !self.loads_requested.insert(pool.clone()) {
                 continue;
             }
             tracing::info!(%pool, "loading the pool for queued requests");
             let client = self.client.clone();
+            let scheduler = self.handle.clone();
             tokio::spawn(async move {
                 if let Err(error) = client.call(Request::Load { pool: pool.clone() }).await {
                     tracing::warn!(%pool, %error, "pool-managerd did not load the pool");
+                    let _ = scheduler.send(Command::LoadFailed { pool, error });
                 }
             });
         }

@@ -152,3 +152,41 @@ async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_an
         assert!(kept.contains(pool), "{kept}");
     }
 }
+
+#[test]
+fn a_request_for_a_model_that_can_never_fit_is_refused_with_its_footprint_and_the_budget() {
+    let dir = temp_dir();
+    let model = make_model(&dir.path().join("m.gguf"), &[]);
+    // Its KV cache alone, for the context its command gives, is far above the budget.
+    let huge = pool("huge", &model, r#", "-c", "4000000""#);
+    let stack = Stack::builder()
+        .pool(&format!("[memory]\nhost_budget_bytes = {}\n", 64 * MIB))
+        .pool(&huge)
+        .start_in(dir);
+    let body = serde_json::json!({
+        "model": "m-huge",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    });
+    for attempt in [
+        "the first request asks for a load",
+        "the next is refused at admission",
+    ] {
+        let reply = e2e::http::post_json(
+            &stack.api(),
+            "/v1/chat/completions",
+            &body,
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(reply.status, 507, "{attempt}: {}", reply.text());
+        let error = reply.json();
+        assert_eq!(error["error"]["code"], "model_too_large", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("m-huge") && message.contains("budget of 67108864 bytes"),
+            "{message}"
+        );
+    }
+    assert_eq!(stack.pool_status("huge")["state"], "unloaded");
+}
