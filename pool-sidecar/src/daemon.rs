@@ -120,6 +120,7 @@ pub async fn run(
             model_dirs: config.server.model_dirs.clone(),
             budgets: residency::budgets(&config.memory, &gpus),
             min_residency: config.memory.min_residency,
+            metrics: Arc::clone(&metrics),
         },
         &config,
         reloads,

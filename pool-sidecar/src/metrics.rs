@@ -38,6 +38,11 @@ pub struct PoolStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -66,6 +71,10 @@ pub struct Metrics {
     /// Loads of on-demand pools begun (a retry after a failed load counts again).
     pub loads: Counter,
     unloads: Family<ReasonLabels, Counter>,
+    pub evictions: Counter,
+    memory_budget: Family<DeviceLabels, Gauge>,
+    memory_held: Family<DeviceLabels, Gauge>,
+    pool_footprint: Family<PoolLabels, Gauge>,
     /// From a load's start to its engine's Ready.
     pub load_duration: Histogram,
 }
@@ -96,6 +105,10 @@ impl Metrics {
             ipc_requests: Family::default(),
             loads: Counter::default(),
             unloads: Family::default(),
+            evictions: Counter::default(),
+            memory_budget: Family::default(),
+            memory_held: Family::default(),
+            pool_footprint: Family::default(),
             // 50 ms to ~14 min in 12 quadrupling steps: a small model loads in a second, a large
             // one from a cold disk in minutes.
             load_duration: Histogram::new(exponential_buckets(0.05, 4.0, 12)),
@@ -176,6 +189,26 @@ impl Metrics {
             metrics.unloads.clone(),
         );
         registry.register(
+            "evictions",
+            "On-demand pools told to unload to make room for another pool's load",
+            metrics.evictions.clone(),
+        );
+        registry.register(
+            "memory_budget_bytes",
+            "What on-demand pools may hold, by device (host, gpu0, gpu1, ...)",
+            metrics.memory_budget.clone(),
+        );
+        registry.register(
+            "memory_held_bytes",
+            "The footprints of the pools holding memory (loading, loaded or unloading), by device",
+            metrics.memory_held.clone(),
+        );
+        registry.register(
+            "pool_footprint_bytes",
+            "Each managed pool's footprint: measured after its last load, else estimated from its model",
+            metrics.pool_footprint.clone(),
+        );
+        registry.register(
             "load_duration_seconds",
             "From the start of an on-demand pool's load to its engine passing its readiness check",
             metrics.load_duration.clone(),
@@ -184,6 +217,22 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// A device's budget and what its pools hold now.
+    pub fn set_memory(&self, device: String, budget: u64, held: u64) {
+        let labels = DeviceLabels { device };
+        let bytes = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.memory_budget.get_or_create(&labels).set(bytes(budget));
+        self.memory_held.get_or_create(&labels).set(bytes(held));
+    }
+
+    pub fn set_footprint(&self, pool: &PoolId, bytes: u64) {
+        self.pool_footprint
+            .get_or_create(&PoolLabels {
+                pool: pool.to_string(),
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn record_probe_failure(&self, pool: &PoolId) {

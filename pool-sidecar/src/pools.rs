@@ -9,6 +9,7 @@
 use crate::config::{Config, EngineSource, LoadPolicy, ModelDirs, PoolConfig};
 use crate::eviction::{self, Budget, Device, Plan, Residency, Resident};
 use crate::footprint::{self, FootprintStore};
+use crate::metrics::Metrics;
 use crate::probe;
 use crate::registry::RegistryHandle;
 use crate::residency;
@@ -84,6 +85,7 @@ pub struct PoolsContext {
     /// The devices' budgets for on-demand pools.
     pub budgets: Vec<Budget>,
     pub min_residency: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts every pool of `config` (managed engines are adopted or started before this returns,
@@ -389,12 +391,18 @@ impl Controller {
             Plan::Load { evict } if evict.is_empty() => Ok(true),
             Plan::Load { evict } => {
                 tracing::info!(%pool, ?evict, "evicting idle pools to make room");
+                self.context.metrics.evictions.inc_by(evict.len() as u64);
                 self.unload(&evict);
                 self.wait_for_room(pool);
                 Ok(false)
             }
             Plan::Wait { draining, until } => {
                 tracing::info!(%pool, ?draining, "the load waits for room");
+                let new = draining
+                    .iter()
+                    .filter(|pool| !self.memory.unloading.contains(*pool))
+                    .count();
+                self.context.metrics.evictions.inc_by(new as u64);
                 self.unload(&draining);
                 if let Some(until) = until {
                     let at = tokio::time::Instant::from_std(until);
@@ -520,6 +528,31 @@ impl Controller {
                     }
                 }
             }
+        }
+        self.publish_memory(snapshot);
+    }
+
+    /// Each device's budget and held bytes, and each pool's footprint, as metrics.
+    fn publish_memory(&mut self, snapshot: &RegistrySnapshot) {
+        let residents = self.residents(snapshot);
+        for resident in &residents {
+            self.context
+                .metrics
+                .set_footprint(&resident.pool, resident.footprint);
+        }
+        for budget in &self.context.budgets {
+            let held: u64 = residents
+                .iter()
+                .filter(|resident| {
+                    resident.device == budget.device && resident.residency != Residency::Unloaded
+                })
+                .map(|resident| resident.footprint)
+                .sum();
+            let device = match budget.device {
+                Device::Host => "host".to_owned(),
+                Device::Gpu(index) => format!("gpu{index}"),
+            };
+            self.context.metrics.set_memory(device, budget.bytes, held);
         }
     }
 
@@ -803,6 +836,7 @@ mod tests {
             model_dirs: config.server.model_dirs.clone(),
             budgets: Vec::new(),
             min_residency: Duration::ZERO,
+            metrics: Arc::new(Metrics::new()),
         };
         let (_reload_requests, reloads) = mpsc::unbounded_channel();
         let (pools, _task) = start(context, &config, reloads).await;

@@ -146,6 +146,27 @@ async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_an
         other => panic!("{other}"),
     }
 
+    // Operators see the budget, what is held and the evictions.
+    let metrics = e2e::http::get(
+        &stack.shim(),
+        "/metrics",
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap()
+    .text();
+    assert!(
+        metrics.contains("pool_managerd_evictions_total 2"),
+        "a evicted, b drained: {metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "pool_managerd_memory_budget_bytes{{device=\"host\"}} {}",
+            130 * MIB
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pool_managerd_pool_footprint_bytes{pool=\"a\"}"));
+
     // Footprints measured after each load are kept in the state directory.
     let kept = std::fs::read_to_string(stack.path().join("state/footprints.json")).unwrap();
     for pool in ["\"a\"", "\"b\"", "\"c\""] {
