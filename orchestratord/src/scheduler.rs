@@ -489,11 +489,10 @@ impl SchedulerActor {
         }
     }
 
-    /// Whether `demand` waits for its model to load: no pool of it is ready, one is loading or
-    /// was asked to.
+    /// Whether `demand` waits for its model to load: no pool of it is ready and one is loading.
+    /// (A load that waits for room — other pools' leases to end — counts against the deadline.)
     fn waits_for_a_load(&self, demand: &Demand) -> bool {
         let mirror = self.mirror.borrow();
-        let wanted = demand.wanted(&[]);
         let snapshot = &mirror.snapshot;
         let of_model = || {
             snapshot
@@ -502,9 +501,7 @@ impl SchedulerActor {
                 .filter(|pool| pool.model == demand.model && pool.serves(demand.api))
         };
         !of_model().any(|pool| pool.state == PoolState::Ready)
-            && (of_model().any(|pool| pool.state == PoolState::Loading)
-                || placement::pool_to_load(snapshot, &wanted)
-                    .is_some_and(|pool| self.loads_requested.contains(&pool)))
+            && of_model().any(|pool| pool.state == PoolState::Loading)
     }
 
     /// Asks pool-managerd to load a pool for every queued request whose model has only unloaded

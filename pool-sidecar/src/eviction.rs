@@ -63,9 +63,10 @@ pub enum Plan {
     Resident,
     /// Unload `evict` (idle, in this order), then load the pool; `evict` may be empty.
     Load { evict: Vec<PoolId> },
-    /// It cannot load yet: wait for the leases of `draining` to end (give them no new leases),
-    /// for pools already unloading to be gone, or until `until` (a residency guard). Plan again
-    /// when any of that happens.
+    /// It cannot load yet: `draining` (the pools chosen to make room, least recently used first)
+    /// take no new leases and are unloaded once their leases end (the idle ones at once); it
+    /// also waits for pools already unloading to be gone, or until `until` (a residency guard).
+    /// Plan again when any of that happens.
     Wait {
         draining: Vec<PoolId>,
         until: Option<Instant>,
@@ -191,8 +192,8 @@ pub fn plan(
         }
     }
     if evict_now.is_empty() || !draining.is_empty() || until.is_some() || unloading > 0 {
-        // Idle pools chosen now are unloaded only once the whole plan can go through, so a
-        // demand that keeps waiting does not empty the device for nothing.
+        // The idle pools chosen are named with the busy ones: none of them takes new work, and
+        // the caller unloads them (at once, having no leases) while the busy ones drain.
         draining.extend(evict_now);
         return Plan::Wait { draining, until };
     }
