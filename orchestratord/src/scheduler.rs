@@ -512,6 +512,15 @@ impl SchedulerActor {
             return;
         }
         let snapshot = &mirror.snapshot;
+        // The common case, every pool loaded: nothing to look for in the queue.
+        if !snapshot
+            .pools
+            .iter()
+            .any(|pool| pool.state == PoolState::Unloaded)
+        {
+            self.loads_requested.clear();
+            return;
+        }
         self.loads_requested.retain(|pool| {
             snapshot
                 .pool(pool)
