@@ -209,6 +209,17 @@ pub enum LoadPolicy {
     OnDemand { idle_unload: Option<Duration> },
 }
 
+impl LoadPolicy {
+    /// How long an on-demand pool may go without a lease before it is unloaded; `None` for an
+    /// always-loaded pool and for an on-demand one never unloaded for idleness.
+    pub fn idle_unload(&self) -> Option<Duration> {
+        match self {
+            LoadPolicy::OnDemand { idle_unload } => *idle_unload,
+            LoadPolicy::Always => None,
+        }
+    }
+}
+
 /// How a managed engine listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

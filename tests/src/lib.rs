@@ -53,6 +53,16 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Whether process `pid` is running: it exists and is not a zombie (reaped or dead, it is gone
+/// for a test's purposes).
+pub fn process_alive(pid: impl std::fmt::Display) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
 /// A fresh temporary directory with a short path (`/tmp/pmXXXXXX`), removed on drop.
 ///
 /// Unix socket paths are limited to about 108 bytes, and the default temp dir (`$TMPDIR`) can be long.

@@ -49,15 +49,6 @@ async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, pool: &str, stat
     wait_for_pool(mirror, pool, state.name(), |status| status.state == state).await;
 }
 
-/// A pid that is running and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            != Some("Z")
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_and_refuses_what_never_fits()
  {
@@ -101,7 +92,7 @@ async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_an
         client.pool_status(&id("b")).await.unwrap().state,
         PoolState::Ready
     );
-    stack.wait_for("a's engine to be gone", || !alive(a_pid));
+    stack.wait_for("a's engine to be gone", || !e2e::process_alive(a_pid));
 
     // b and c both busy: a's load waits, and neither is touched while its lease runs.
     let on_b = client

@@ -30,15 +30,6 @@ fn on_demand(idle_ms: u64, flags: &[&str]) -> Stack {
     Stack::builder().without_orchestrator().pool(&pool).start()
 }
 
-/// A pid that is running and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            != Some("Z")
-    })
-}
-
 async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, state: PoolState) {
     wait_for_pool(mirror, "m", state.name(), |pool| pool.state == state).await;
 }
@@ -70,7 +61,7 @@ async fn an_on_demand_pool_starts_unloaded_with_no_engine_and_a_load_brings_it_u
     state_is(&mut mirror, PoolState::Loading).await;
     state_is(&mut mirror, PoolState::Ready).await;
     let pid = stack.recorded_engine_pid("m").expect("the loaded engine");
-    assert!(alive(pid));
+    assert!(e2e::process_alive(pid));
     client.load(&PoolId::from("m")).await.unwrap();
     assert_eq!(
         stack.recorded_engine_pid("m"),
@@ -116,11 +107,14 @@ async fn an_idle_pool_is_unloaded_after_its_idle_time_and_a_held_lease_keeps_it_
     .await
     .is_ok();
     assert!(!left_ready, "left Ready with a lease held");
-    assert!(alive(pid));
+    assert!(e2e::process_alive(pid));
 
     lease.release(ReleaseOutcome::Completed).await.unwrap();
     state_is(&mut mirror, PoolState::Unloaded).await;
-    assert!(!alive(pid), "the unloaded engine {pid} is gone");
+    assert!(
+        !e2e::process_alive(pid),
+        "the unloaded engine {pid} is gone"
+    );
     assert_eq!(stack.recorded_engine_pid("m"), None);
     assert_eq!(
         shim_metric(&stack, "pool_managerd_unloads_total{reason=\"idle\"}"),
@@ -130,7 +124,7 @@ async fn an_idle_pool_is_unloaded_after_its_idle_time_and_a_held_lease_keeps_it_
     // The next demand loads it again.
     client.load(&PoolId::from("m")).await.unwrap();
     state_is(&mut mirror, PoolState::Ready).await;
-    assert!(alive(stack.recorded_engine_pid("m").unwrap()));
+    assert!(e2e::process_alive(stack.recorded_engine_pid("m").unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +142,7 @@ async fn an_operators_unload_waits_for_the_held_lease_to_end() {
 
     stack.operator(&["unload", "m"]);
     state_is(&mut mirror, PoolState::Draining).await;
-    assert!(alive(pid), "the engine serves its lease");
+    assert!(e2e::process_alive(pid), "the engine serves its lease");
     let refused = client
         .acquire(AcquireTarget::Model("double".into()), "t", None, 1)
         .await
@@ -157,7 +151,7 @@ async fn an_operators_unload_waits_for_the_held_lease_to_end() {
 
     lease.release(ReleaseOutcome::Completed).await.unwrap();
     state_is(&mut mirror, PoolState::Unloaded).await;
-    assert!(!alive(pid));
+    assert!(!e2e::process_alive(pid));
     assert_eq!(
         shim_metric(&stack, "pool_managerd_unloads_total{reason=\"operator\"}"),
         1.0

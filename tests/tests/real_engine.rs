@@ -141,16 +141,6 @@ fn read_stream(reader: BufReader<http::Stream>) -> Streamed {
     Streamed::default().read_rest(reader)
 }
 
-fn process_alive(pid: i32) -> bool {
-    // Reaped or a zombie: gone for our purposes (pool-managerd reaps its children).
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
 #[test]
 fn tiny_model_openai_sdk_and_curl_through_real_llama_servers_on_tcp_and_unix_socket() {
     let dir = temp_dir();
@@ -393,14 +383,16 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
     });
     // The swap happened under the running stream: its lease is still held, its engine alive.
     assert_eq!(stack.pool_status("r")["active_leases"], 1);
-    assert!(process_alive(first_pid));
+    assert!(e2e::process_alive(first_pid));
     let text_second = complete(&stack, "m");
     assert_ne!(text_first, text_second, "the reload changed nothing");
     let streamed = streamed.read_rest(running);
     assert!(streamed.done, "the stream across the reload broke");
     assert_eq!(streamed.content_chunks, 3000);
     assert_eq!(streamed.finish_reason.as_deref(), Some("length"));
-    stack.wait_for("the old llama-server to exit", || !process_alive(first_pid));
+    stack.wait_for("the old llama-server to exit", || {
+        !e2e::process_alive(first_pid)
+    });
     stack.wait_for_leases("r", 0);
 
     // A reload to a file llama.cpp cannot load rolls back: the second model serves on.
@@ -439,7 +431,7 @@ fn tiny_models_reload_and_drain_a_real_llama_server_while_it_streams() {
         stack.pool_status("r")["state"] == "stopped"
     });
     stack.wait_for("the drained llama-server to exit", || {
-        !process_alive(second_pid)
+        !e2e::process_alive(second_pid)
     });
     // Nothing will serve the model until an operator acts: a clear 503 at once, not a wait.
     let asked = Instant::now();

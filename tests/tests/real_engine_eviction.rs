@@ -16,15 +16,6 @@ use e2e::{http, temp_dir};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// A pid that is running and not a zombie.
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            != Some("Z")
-    })
-}
-
 fn pools(dir: &std::path::Path) -> String {
     ["a", "b", "c"]
         .iter()
@@ -115,13 +106,13 @@ fn requests_for_three_models_that_fit_two_at_a_time_evict_the_least_recently_use
     ask(&stack, "m-a");
     ask(&stack, "m-b");
     let a_pid = stack.engine_pid("a");
-    assert!(alive(a_pid));
+    assert!(e2e::process_alive(a_pid));
     ask(&stack, "m-c");
     stack.wait_for("a unloaded", || state(&stack, "a") == "unloaded");
     assert_eq!(state(&stack, "b"), "ready");
     assert_eq!(state(&stack, "c"), "ready");
-    stack.wait_for("a's llama-server gone", || !alive(a_pid));
-    assert!(alive(stack.engine_pid("b")) && alive(stack.engine_pid("c")));
+    stack.wait_for("a's llama-server gone", || !e2e::process_alive(a_pid));
+    assert!(e2e::process_alive(stack.engine_pid("b")) && e2e::process_alive(stack.engine_pid("c")));
     // A again: B is now the least recently used.
     ask(&stack, "m-a");
     stack.wait_for("b unloaded", || state(&stack, "b") == "unloaded");

@@ -104,19 +104,6 @@ fn managed(options: Options) -> Stack {
         .start_in(dir)
 }
 
-/// A pid that is running and not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next());
-            state != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
 fn assert_not_zombie(pid: u32) {
     if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         let state = stat
@@ -165,7 +152,7 @@ async fn a_managed_engine_starts_and_reports_the_slots_and_version_it_announces(
             .unwrap();
         assert_eq!(lease.lease().endpoint, ready.endpoint);
         lease.release(ReleaseOutcome::Completed).await.unwrap();
-        assert!(alive(stack.recorded_engine_pid("m").unwrap()));
+        assert!(e2e::process_alive(stack.recorded_engine_pid("m").unwrap()));
     }
 }
 
@@ -308,7 +295,7 @@ async fn a_hung_engine_is_marked_unhealthy_and_restarted() {
     })
     .await;
     assert!(ready.last_error.is_none());
-    wait_until("the hung engine is gone", || !alive(hung)).await;
+    wait_until("the hung engine is gone", || !e2e::process_alive(hung)).await;
     assert_ne!(stack.recorded_engine_pid("m"), Some(hung));
 }
 
@@ -357,13 +344,16 @@ async fn drain_waits_for_the_last_lease_then_stops_the_engine() {
         "{refused}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(alive(pid), "the engine must run while a lease is live");
+    assert!(
+        e2e::process_alive(pid),
+        "the engine must run while a lease is live"
+    );
     guard.release(ReleaseOutcome::Completed).await.unwrap();
     wait_for_pool(&mut mirror, "m", "stopped", |p| {
         p.state == PoolState::Stopped
     })
     .await;
-    wait_until("the engine has exited", || !alive(pid)).await;
+    wait_until("the engine has exited", || !e2e::process_alive(pid)).await;
 
     // A drained pool comes back on restart.
     client.restart(&PoolId::from("m")).await.unwrap();
@@ -401,7 +391,7 @@ async fn a_drain_past_its_deadline_stops_the_engine_anyway() {
         .unwrap()
         .unwrap();
     assert_eq!(revoked.lease, guard.lease().id);
-    wait_until("the engine has exited", || !alive(pid)).await;
+    wait_until("the engine has exited", || !e2e::process_alive(pid)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +480,7 @@ async fn a_reload_that_never_becomes_ready_rolls_back_and_the_pool_serves_throug
     .await;
     assert_eq!(swapped.state, PoolState::Ready);
     assert_ne!(stack.recorded_engine_pid("m"), Some(pid));
-    wait_until("the old engine is retired", || !alive(pid)).await;
+    wait_until("the old engine is retired", || !e2e::process_alive(pid)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,7 +504,10 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     .await
     .unwrap()
     .unwrap();
-    assert!(alive(pid), "the engine outlives a killed sidecar");
+    assert!(
+        e2e::process_alive(pid),
+        "the engine outlives a killed sidecar"
+    );
     stack.restart_sidecar();
     assert!(
         stack
@@ -561,7 +554,10 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     )
     .unwrap();
     stack.restart_sidecar();
-    wait_until("the mismatched engine is stopped", || !alive(pid)).await;
+    wait_until("the mismatched engine is stopped", || {
+        !e2e::process_alive(pid)
+    })
+    .await;
     tokio::time::timeout(
         WAIT,
         state.wait_for(|s| matches!(s, ConnectionState::Connected { .. })),
@@ -572,7 +568,7 @@ async fn a_restarted_sidecar_adopts_live_engines_and_reasserted_leases_keep_thei
     wait_until("a new engine is recorded", || {
         stack
             .recorded_engine_pid("m")
-            .is_some_and(|new| new != pid && alive(new))
+            .is_some_and(|new| new != pid && e2e::process_alive(new))
     })
     .await;
     let deadline = Instant::now() + WAIT;
@@ -599,7 +595,7 @@ async fn a_clean_stop_leaves_no_engine_running_and_no_record() {
         .wait_exit(WAIT)
         .expect("pool-managerd did not stop");
     assert_eq!(status.code(), Some(0), "{}", stack.sidecar.stderr());
-    assert!(!alive(pid), "the engine survived a clean stop");
+    assert!(!e2e::process_alive(pid), "the engine survived a clean stop");
     assert_eq!(
         stack.recorded_engine_pid("m"),
         None,
@@ -729,12 +725,12 @@ async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
     };
     wait_until("the reload's engine is recorded", || side_pid().is_some()).await;
     let candidate = side_pid().unwrap();
-    assert!(alive(candidate));
+    assert!(e2e::process_alive(candidate));
 
     stack.sidecar.kill_with(Signal::SIGKILL);
     stack.restart_sidecar();
     wait_until("the interrupted reload's engine is stopped", || {
-        !alive(candidate)
+        !e2e::process_alive(candidate)
     })
     .await;
     assert!(side_pid().is_none(), "its record is gone too");
@@ -743,7 +739,7 @@ async fn an_engine_started_for_a_reload_does_not_outlive_a_sidecar_crash() {
         Some(main),
         "the main engine was adopted"
     );
-    assert!(alive(main));
+    assert!(e2e::process_alive(main));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

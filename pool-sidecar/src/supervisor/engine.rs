@@ -15,7 +15,7 @@ use super::record::{
     write_record,
 };
 use super::restart::RestartTracker;
-use crate::config::{LoadPolicy, ManagedEngine, PoolConfig};
+use crate::config::{ManagedEngine, PoolConfig};
 use crate::engine_http::EngineHttp;
 use crate::probe::{check, engine_props, unix_ms_now};
 use crate::registry::{EngineReport, ProbeReport, RegistryHandle};
@@ -555,12 +555,7 @@ impl EngineSupervisor {
     /// For a pool unloaded when idle, the registry's snapshots, to tell the machine when the pool
     /// comes to hold leases or none; `None` for every other pool, which has no use for it.
     fn lease_watch(&self) -> Option<LeaseWatch> {
-        let LoadPolicy::OnDemand {
-            idle_unload: Some(_),
-        } = self.pool.load
-        else {
-            return None;
-        };
+        self.pool.load.idle_unload()?;
         let mut snapshots = self.registry.watch_snapshot();
         snapshots.mark_changed();
         Some(LeaseWatch {

@@ -379,12 +379,7 @@ impl Machine {
 
     /// When a serving on-demand pool without leases is unloaded for idleness.
     fn idle_deadline(&self) -> Option<Instant> {
-        let LoadPolicy::OnDemand {
-            idle_unload: Some(idle),
-        } = self.settings.load
-        else {
-            return None;
-        };
+        let idle = self.settings.load.idle_unload()?;
         if self.leases_held {
             return None;
         }
