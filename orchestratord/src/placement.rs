@@ -248,6 +248,11 @@ pub fn pool_to_load(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>) -> Option<
         .map(|pool| pool.pool_id.clone())
 }
 
+/// Whether `pool` is one the demand could be placed on (its model, its API, not avoided).
+pub fn may_serve(snapshot: &RegistrySnapshot, wanted: &Wanted<'_>, pool: &PoolId) -> bool {
+    candidates(snapshot, wanted).is_ok_and(|pools| pools.iter().any(|each| &each.pool_id == pool))
+}
+
 /// Whether a demand waits for nothing but loads that just failed: none of its model's pools is
 /// ready or on its way, and one of `failed` (pools whose load failed) is among them.
 pub fn waits_only_for_failed_loads(

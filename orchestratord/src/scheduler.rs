@@ -185,7 +185,8 @@ struct SchedulerActor {
     /// Each pool's state when the queue was last checked for hopeless requests. Most registry
     /// updates only move leases; the queue is checked again only when pools or states change.
     pool_states: Vec<(PoolId, PoolState)>,
-    /// Unloaded pools asked to load for queued requests: asked once, until they leave Unloaded.
+    /// Pools asked to load for queued requests, until the load is done (or given up): asked
+    /// once, and withdrawn (`CancelLoad`) when no queued request could use the pool any more.
     loads_requested: HashSet<PoolId>,
     /// Pools pool-managerd refused to load because they can never fit, with its reason and
     /// when: requests for their models are refused at admission for a while.
@@ -505,33 +506,59 @@ impl SchedulerActor {
     }
 
     /// Asks pool-managerd to load a pool for every queued request whose model has only unloaded
-    /// pools, once per pool until it leaves Unloaded.
+    /// pools, once per pool until the load is done; withdraws the ask for a load still under
+    /// way once no queued request could use the pool (its requests were cancelled, expired or
+    /// placed elsewhere), so pool-managerd can give up a load nobody waits for.
     fn request_loads(&mut self) {
         let mirror = self.mirror.borrow();
         if !mirror.connected {
             return;
         }
         let snapshot = &mirror.snapshot;
-        // The common case, every pool loaded: nothing to look for in the queue.
-        if !snapshot
-            .pools
-            .iter()
-            .any(|pool| pool.state == PoolState::Unloaded)
+        // The common case, every pool loaded and no load asked for: nothing to look for in
+        // the queue.
+        if self.loads_requested.is_empty()
+            && !snapshot
+                .pools
+                .iter()
+                .any(|pool| pool.state == PoolState::Unloaded)
         {
-            self.loads_requested.clear();
             return;
         }
         self.loads_requested.retain(|pool| {
-            snapshot
-                .pool(pool)
-                .is_some_and(|status| status.state == PoolState::Unloaded)
+            snapshot.pool(pool).is_some_and(|status| {
+                matches!(
+                    status.state,
+                    PoolState::Unloaded | PoolState::Loading | PoolState::BackingOff { .. }
+                )
+            })
         });
+        let unwanted: Vec<PoolId> = self
+            .loads_requested
+            .iter()
+            .filter(|pool| {
+                !self.queue.payloads().any(|waiting| {
+                    placement::may_serve(snapshot, &waiting.demand.wanted(&[]), pool)
+                })
+            })
+            .cloned()
+            .collect();
         let wanted: Vec<PoolId> = self
             .queue
             .payloads()
             .filter_map(|waiting| placement::pool_to_load(snapshot, &waiting.demand.wanted(&[])))
             .collect();
         drop(mirror);
+        for pool in unwanted {
+            self.loads_requested.remove(&pool);
+            tracing::info!(%pool, "no queued request waits for the pool's load any more");
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                if let Err(error) = client.cancel_load(&pool).await {
+                    tracing::warn!(%pool, %error, "could not withdraw the pool's load");
+                }
+            });
+        }
         self.loads_refused
             .retain(|_, (_, when)| when.elapsed() < LOAD_REFUSAL_MEMORY);
         for pool in wanted {

@@ -40,6 +40,8 @@
 //! ```toml
 //! load = "on-demand"        # default "always": started with pool-managerd, never unloaded
 //! idle_unload_ms = 300000   # on-demand only: unload after this long without a lease; 0 = never
+//! abandoned_load = "cancel" # on-demand only: give a load up once no client waits for it
+//!                           # ("finish": let it load; the idle time unloads it later)
 //! ```
 //!
 //! An on-demand pool starts Unloaded (no engine; an engine a previous run left is still adopted)
@@ -186,6 +188,8 @@ struct RawPool {
     load: Option<LoadKind>,
     /// On-demand pools: unload after this long without a lease (default 300000; 0 = never).
     idle_unload_ms: Option<u64>,
+    /// On-demand pools: what becomes of a load once no client waits for it (default cancel).
+    abandoned_load: Option<AbandonedLoad>,
 }
 
 /// The `load` key.
@@ -206,7 +210,23 @@ pub enum LoadPolicy {
     /// Started with pool-managerd (or the pool), restarted whenever it fails; never unloaded.
     Always,
     /// Started on a `Load` request; unloaded after `idle_unload` without a lease (`None`: never).
-    OnDemand { idle_unload: Option<Duration> },
+    OnDemand {
+        idle_unload: Option<Duration>,
+        abandoned: AbandonedLoad,
+    },
+}
+
+/// What becomes of an on-demand pool's load once every client that asked for it has withdrawn
+/// (`Request::CancelLoad`: its waiting requests went away) and no operator asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AbandonedLoad {
+    /// Stop the starting engine and give its memory back at once (the default: a load nobody
+    /// waits for may be keeping a wanted one from the device).
+    #[default]
+    Cancel,
+    /// Let it finish; its idle time unloads it later if nobody comes.
+    Finish,
 }
 
 impl LoadPolicy {
@@ -214,7 +234,7 @@ impl LoadPolicy {
     /// always-loaded pool and for an on-demand one never unloaded for idleness.
     pub fn idle_unload(&self) -> Option<Duration> {
         match self {
-            LoadPolicy::OnDemand { idle_unload } => *idle_unload,
+            LoadPolicy::OnDemand { idle_unload, .. } => *idle_unload,
             LoadPolicy::Always => None,
         }
     }
@@ -727,6 +747,11 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
                 "idle_unload_ms applies only to load = \"on-demand\" pools (an \"always\" pool is never unloaded)".into(),
             ));
         }
+        (LoadKind::Always, None) if raw.abandoned_load.is_some() => {
+            return Err(context(
+                "abandoned_load applies only to load = \"on-demand\" pools (an \"always\" pool is never loaded on demand)".into(),
+            ));
+        }
         (LoadKind::Always, None) => LoadPolicy::Always,
         (LoadKind::OnDemand, Some(ms)) if ms > 24 * 60 * 60 * 1000 => {
             return Err(context(format!(
@@ -737,6 +762,7 @@ fn validate_pool(raw: RawPool) -> Result<PoolConfig, String> {
             let ms = idle.unwrap_or(DEFAULT_IDLE_UNLOAD_MS);
             LoadPolicy::OnDemand {
                 idle_unload: (ms > 0).then(|| Duration::from_millis(ms)),
+                abandoned: raw.abandoned_load.unwrap_or_default(),
             }
         }
     };
@@ -1054,19 +1080,31 @@ mod tests {
         assert_eq!(
             engine(&on_demand),
             LoadPolicy::OnDemand {
-                idle_unload: Some(Duration::from_millis(DEFAULT_IDLE_UNLOAD_MS))
+                idle_unload: Some(Duration::from_millis(DEFAULT_IDLE_UNLOAD_MS)),
+                abandoned: AbandonedLoad::Cancel,
             }
         );
         assert_eq!(
             engine(&format!("{on_demand}\n        idle_unload_ms = 300")),
             LoadPolicy::OnDemand {
-                idle_unload: Some(Duration::from_millis(300))
+                idle_unload: Some(Duration::from_millis(300)),
+                abandoned: AbandonedLoad::Cancel,
             }
         );
         assert_eq!(
             engine(&format!("{on_demand}\n        idle_unload_ms = 0")),
-            LoadPolicy::OnDemand { idle_unload: None },
+            LoadPolicy::OnDemand {
+                idle_unload: None,
+                abandoned: AbandonedLoad::Cancel,
+            },
             "0: never unloaded for idleness"
+        );
+        assert_eq!(
+            engine(&format!("{on_demand}\n        abandoned_load = \"finish\"")),
+            LoadPolicy::OnDemand {
+                idle_unload: Some(Duration::from_millis(DEFAULT_IDLE_UNLOAD_MS)),
+                abandoned: AbandonedLoad::Finish,
+            },
         );
     }
 
@@ -1076,6 +1114,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("idle_unload_ms applies only to"), "{error}");
+        let error = parse(&format!("{MANAGED}\n        abandoned_load = \"finish\""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("abandoned_load applies only to"), "{error}");
         let error = parse(&format!("{ONE_POOL}\n        load = \"on-demand\""))
             .unwrap_err()
             .to_string();

@@ -6,7 +6,7 @@
 
 use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
-use crate::pools::PoolsHandle;
+use crate::pools::{PoolsHandle, Requester};
 use crate::registry::RegistryHandle;
 use crate::status_view::{PoolStatusView, RegistryView};
 use axum::extract::rejection::JsonRejection;
@@ -230,7 +230,7 @@ async fn admin(state: DebugState, request: WireRequest) -> Response {
     }
     let op = request.name();
     tracing::info!(op, "admin request on the debug shim");
-    match state.pools.admin(request).await {
+    match state.pools.admin(request, Requester::Operator).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": op}))).into_response(),
         Err(failure) => {
             let status = match failure.code {

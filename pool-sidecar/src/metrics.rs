@@ -70,6 +70,8 @@ pub struct Metrics {
     ipc_requests: Family<RequestLabels, Counter>,
     /// Loads of on-demand pools begun (a retry after a failed load counts again).
     pub loads: Counter,
+    /// Loads given up because nobody waited for them any more (`abandoned_load = "cancel"`).
+    pub loads_cancelled: Counter,
     unloads: Family<ReasonLabels, Counter>,
     pub evictions: Counter,
     memory_budget: Family<DeviceLabels, Gauge>,
@@ -104,6 +106,7 @@ impl Metrics {
             ipc_connections_refused: Family::default(),
             ipc_requests: Family::default(),
             loads: Counter::default(),
+            loads_cancelled: Counter::default(),
             unloads: Family::default(),
             evictions: Counter::default(),
             memory_budget: Family::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "loads",
             "Loads of on-demand pools begun (a retry after a failed load counts again)",
             metrics.loads.clone(),
+        );
+        registry.register(
+            "loads_cancelled",
+            "Loads given up because no client waited for them any more (abandoned_load = \"cancel\")",
+            metrics.loads_cancelled.clone(),
         );
         registry.register(
             "unloads",

@@ -3,10 +3,12 @@
 //! adopts what a previous run left), applies reloaded configurations (SIGHUP: new pools start,
 //! removed ones are drained and stopped, changed ones are replaced, unchanged ones are untouched),
 //! and carries operators' admin requests (drain, reload, restart, unload) and anyone's loads from
-//! the socket and the debug shim to the supervisors, whose command queues only it holds. Everyone else talks to it through
-//! a [`PoolsHandle`].
+//! the socket and the debug shim to the supervisors, whose command queues only it holds. It
+//! decides on-demand loads under the memory budgets (evicting idle pools, waiting for busy ones)
+//! and keeps who asked for each load under way, so a load nobody waits for any more is given up
+//! (`abandoned_load`). Everyone else talks to it through a [`PoolsHandle`].
 
-use crate::config::{Config, EngineSource, LoadPolicy, ModelDirs, PoolConfig};
+use crate::config::{AbandonedLoad, Config, EngineSource, LoadPolicy, ModelDirs, PoolConfig};
 use crate::eviction::{self, Budget, Device, Plan, Residency, Resident};
 use crate::footprint::{self, FootprintStore};
 use crate::metrics::Metrics;
@@ -38,12 +40,21 @@ const MAX_DRAIN_DEADLINE_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// What the controller is asked.
 enum Message {
-    /// An operator's drain, reload or restart; answered once the pool's supervisor has taken it
-    /// on (or refused it).
+    /// An operator's drain, reload, restart or unload, or anyone's load or cancelled load;
+    /// answered once the pool's supervisor has taken it on (or refused it).
     Admin {
         request: Request,
+        from: Requester,
         reply: oneshot::Sender<Result<(), IpcError>>,
     },
+}
+
+/// Who asked for a load: a client on the socket (which may withdraw with `CancelLoad`) or an
+/// operator on the debug shim (whose load is always finished).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Requester {
+    Operator,
+    Connection(u64),
 }
 
 /// How the socket server and the debug shim reach the controller.
@@ -53,13 +64,17 @@ pub struct PoolsHandle {
 }
 
 impl PoolsHandle {
-    /// Hands an admin request (drain, reload, restart, unload) or a load to the pool's supervisor and waits until
-    /// it has taken it on.
-    pub async fn admin(&self, request: Request) -> Result<(), IpcError> {
+    /// Hands an admin request (drain, reload, restart, unload), a load or a cancelled load from
+    /// `from` to the pool's supervisor and waits until it has taken it on.
+    pub async fn admin(&self, request: Request, from: Requester) -> Result<(), IpcError> {
         let (reply, answer) = oneshot::channel();
         if self
             .messages
-            .send(Message::Admin { request, reply })
+            .send(Message::Admin {
+                request,
+                from,
+                reply,
+            })
             .await
             .is_err()
         {
@@ -112,6 +127,7 @@ pub async fn start(
             waiting: Vec::new(),
             unloading: HashSet::new(),
             wake: None,
+            demand: HashMap::new(),
         },
     };
     for pool in &config.pools {
@@ -146,6 +162,9 @@ struct Memory {
     unloading: HashSet<PoolId>,
     /// When a residency guard a waiting load depends on expires.
     wake: Option<tokio::time::Instant>,
+    /// Who asked for each on-demand load not yet done (waiting for room, loading, or backing
+    /// off after a failed start); forgotten once the pool serves, stops or is given up.
+    demand: HashMap<PoolId, HashSet<Requester>>,
 }
 
 /// When a loaded pool was loaded and last used.
@@ -188,7 +207,7 @@ impl Controller {
                 biased;
                 () = shutdown.cancelled() => return,
                 Some(message) = inbox.recv() => match message {
-                    Message::Admin { request, reply } => self.admin(request, reply),
+                    Message::Admin { request, from, reply } => self.admin(request, from, reply),
                 },
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
@@ -238,8 +257,24 @@ impl Controller {
     /// Checks an admin request and hands it to the pool's supervisor; the supervisor's answer
     /// goes to `reply` from a task of its own, so a busy supervisor never holds up the
     /// controller.
-    fn admin(&mut self, request: Request, reply: oneshot::Sender<Result<(), IpcError>>) {
+    fn admin(
+        &mut self,
+        request: Request,
+        from: Requester,
+        reply: oneshot::Sender<Result<(), IpcError>>,
+    ) {
+        if let Request::CancelLoad { pool } = &request {
+            let _ = reply.send(self.cancel_load(pool, from));
+            return;
+        }
         if let Request::Load { pool } = &request {
+            if self.running.contains_key(pool) {
+                self.memory
+                    .demand
+                    .entry(pool.clone())
+                    .or_default()
+                    .insert(from);
+            }
             match self.make_room(pool) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -247,6 +282,7 @@ impl Controller {
                     return;
                 }
                 Err(error) => {
+                    self.memory.demand.remove(pool);
                     let _ = reply.send(Err(error));
                     return;
                 }
@@ -425,6 +461,75 @@ impl Controller {
         }
     }
 
+    /// `from` no longer needs `pool`'s load. Once nobody does, an `abandoned_load = "cancel"`
+    /// pool gives the load up: a load still waiting for room never begins, a starting engine
+    /// is stopped (by its supervisor, which leaves a serving one alone).
+    fn cancel_load(&mut self, pool: &PoolId, from: Requester) -> Result<(), IpcError> {
+        let Some(running) = self.running.get(pool) else {
+            if self.retiring.contains_key(pool) {
+                return Ok(());
+            }
+            return Err(IpcError::new(
+                ErrorCode::NotFound,
+                format!("unknown pool {:?}", pool.as_str()),
+            ));
+        };
+        let Some(wanting) = self.memory.demand.get_mut(pool) else {
+            return Ok(());
+        };
+        if !wanting.remove(&from) || !wanting.is_empty() {
+            return Ok(());
+        }
+        self.memory.demand.remove(pool);
+        let LoadPolicy::OnDemand { abandoned, .. } = running.config.load else {
+            return Ok(());
+        };
+        if abandoned == AbandonedLoad::Finish {
+            tracing::info!(%pool, "nobody waits for the load any more; finishing it (abandoned_load = \"finish\")");
+            return Ok(());
+        }
+        if let Some(at) = self
+            .memory
+            .waiting
+            .iter()
+            .position(|waiting| waiting == pool)
+        {
+            self.memory.waiting.remove(at);
+            tracing::info!(%pool, "load cancelled before it began: nobody waits for it");
+            self.context.metrics.loads_cancelled.inc();
+            return Ok(());
+        }
+        let loading = self
+            .context
+            .registry
+            .snapshot()
+            .pool(pool)
+            .is_some_and(|status| {
+                matches!(
+                    status.state,
+                    PoolState::Loading | PoolState::BackingOff { .. }
+                )
+            });
+        let Some(commands) = running.commands.clone().filter(|_| loading) else {
+            return Ok(());
+        };
+        tracing::info!(%pool, "cancelling the load: nobody waits for it");
+        self.context.metrics.loads_cancelled.inc();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            if commands
+                .send(AdminCommand::CancelLoad { reply })
+                .await
+                .is_ok()
+                && let Ok(Err(error)) = answer.await
+            {
+                tracing::warn!(%pool, %error, "the supervisor did not cancel the load");
+            }
+        });
+        Ok(())
+    }
+
     fn wait_for_room(&mut self, pool: &PoolId) {
         if !self.memory.waiting.contains(pool) {
             self.memory.waiting.push(pool.clone());
@@ -497,6 +602,14 @@ impl Controller {
     /// ready.
     fn observe(&mut self, snapshot: &RegistrySnapshot) {
         let now = Instant::now();
+        self.memory.demand.retain(|pool, _| {
+            snapshot.pool(pool).is_some_and(|status| {
+                matches!(
+                    status.state,
+                    PoolState::Unloaded | PoolState::Loading | PoolState::BackingOff { .. }
+                )
+            })
+        });
         for status in &snapshot.pools {
             let loaded = matches!(
                 status.state,
@@ -850,11 +963,19 @@ mod tests {
         let code = |result: Result<(), IpcError>| result.unwrap_err().code;
         let pool = |id: &str| PoolId::from(id);
         assert_eq!(
-            code(pools.admin(Request::Restart { pool: pool("nope") }).await),
+            code(
+                pools
+                    .admin(Request::Restart { pool: pool("nope") }, Requester::Operator)
+                    .await
+            ),
             ErrorCode::NotFound
         );
         assert_eq!(
-            code(pools.admin(Request::Restart { pool: pool("ext") }).await),
+            code(
+                pools
+                    .admin(Request::Restart { pool: pool("ext") }, Requester::Operator)
+                    .await
+            ),
             ErrorCode::Unsupported,
             "an external engine is not pool-managerd's to restart"
         );
@@ -862,19 +983,29 @@ mod tests {
             pool: pool("ext"),
             deadline_ms: MAX_DRAIN_DEADLINE_MS + 1,
         };
-        assert_eq!(code(pools.admin(too_long).await), ErrorCode::BadRequest);
+        assert_eq!(
+            code(pools.admin(too_long, Requester::Operator).await),
+            ErrorCode::BadRequest
+        );
         let outside = Request::Reload {
             pool: pool("ext"),
             model: "/etc/passwd".into(),
         };
-        assert_eq!(code(pools.admin(outside).await), ErrorCode::BadRequest);
         assert_eq!(
-            code(pools.admin(Request::Ping).await),
+            code(pools.admin(outside, Requester::Operator).await),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(pools.admin(Request::Ping, Requester::Operator).await),
             ErrorCode::BadRequest
         );
         shutdown.cancel();
         assert_eq!(
-            code(pools.admin(Request::Restart { pool: pool("ext") }).await),
+            code(
+                pools
+                    .admin(Request::Restart { pool: pool("ext") }, Requester::Operator)
+                    .await
+            ),
             ErrorCode::ShuttingDown,
             "a stopped controller says so"
         );

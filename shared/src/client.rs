@@ -406,6 +406,11 @@ impl PoolClient {
         self.admin(Request::Load { pool: pool.clone() }).await
     }
 
+    /// Withdraws this connection's wish for a load it asked for (see `Request::CancelLoad`).
+    pub async fn cancel_load(&self, pool: &PoolId) -> Result<(), ClientError> {
+        self.admin(Request::CancelLoad { pool: pool.clone() }).await
+    }
+
     /// Admin: drains an on-demand pool and stops its engine, leaving it Unloaded.
     pub async fn unload(&self, pool: &PoolId) -> Result<(), ClientError> {
         self.admin(Request::Unload { pool: pool.clone() }).await

@@ -25,8 +25,8 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 /// announces its lease time-to-live (`Welcome::lease_ttl_ms`) and clients keep their leases alive
 /// with `Request::Renew`; a peer over its lease cap gets `ErrorCode::LeaseCapReached`.
 /// 4: pools can be loaded on demand: two appended pool states (`PoolState::Unloaded`,
-/// `PoolState::Loading`) that an older client could not decode in a snapshot or event, and
-/// `Request::Load` / `Request::Unload`.
+/// `PoolState::Loading`) that an older client could not decode in a snapshot or event,
+/// `Request::Load` / `Request::Unload` / `Request::CancelLoad`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames a client sends.
@@ -132,6 +132,13 @@ pub enum Request {
     Unload {
         pool: PoolId,
     },
+    /// This connection no longer needs the load it asked for (its waiting requests went away).
+    /// Once no connection (and no operator) wants a load still under way, a pool configured
+    /// `abandoned_load = "cancel"` gives it up: its engine is stopped and it shows Unloaded
+    /// again. A no-op once the pool is loaded, and for a connection that never asked.
+    CancelLoad {
+        pool: PoolId,
+    },
 }
 
 impl Request {
@@ -152,6 +159,7 @@ impl Request {
             Request::Renew => "renew",
             Request::Load { .. } => "load",
             Request::Unload { .. } => "unload",
+            Request::CancelLoad { .. } => "cancel_load",
         }
     }
 

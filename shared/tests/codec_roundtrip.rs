@@ -186,6 +186,7 @@ fn strategies_generate_every_variant() {
             "renew",
             "load",
             "unload",
+            "cancel_load",
         ])
     );
     assert_eq!(

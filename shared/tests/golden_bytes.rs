@@ -600,6 +600,11 @@ fn request_load_and_unload_are_pinned() {
         &hex("0d # Unload
               01 61 # pool \"a\""),
     );
+    assert_golden(
+        &Request::CancelLoad { pool: "a".into() },
+        &hex("0e # CancelLoad
+              01 61 # pool \"a\""),
+    );
 }
 
 #[test]

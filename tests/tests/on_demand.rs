@@ -14,6 +14,8 @@ use e2e::sidecar::wait_for_pool;
 use e2e::stack::{Stack, double_pool, prometheus_value};
 use pool_ipc::client::RegistryMirror;
 use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
+use std::io::Write;
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -165,12 +167,12 @@ async fn an_operators_unload_waits_for_the_held_lease_to_end() {
     assert!(table.contains("unloaded"), "{table}");
 }
 
-/// orchestratord in front of one on-demand pool `m` (engine-double `flags`), queue deadline
-/// `deadline_ms`.
-fn served_on_demand(flags: &[&str], deadline_ms: u64) -> Stack {
+/// orchestratord in front of one on-demand pool `m` (engine-double `flags`, more pool settings
+/// in `pool_extra`), queue deadline `deadline_ms`.
+fn served_on_demand(flags: &[&str], deadline_ms: u64, pool_extra: &str) -> Stack {
     let pool = double_pool("m", "double", 2, flags).replace(
         "[pool.probe]",
-        "load = \"on-demand\"\nidle_unload_ms = 60000\n[pool.probe]",
+        &format!("load = \"on-demand\"\nidle_unload_ms = 60000\n{pool_extra}\n[pool.probe]"),
     );
     Stack::builder()
         .pool(&pool)
@@ -197,7 +199,7 @@ fn chat(stack: &Stack) -> http::Reply {
 fn a_request_for_an_unloaded_model_loads_it_and_is_served_even_past_its_queue_deadline() {
     // Loading takes 1.5 s, longer than the 500 ms the request may wait in the queue: the load
     // does not count against it.
-    let stack = served_on_demand(&["--load-ms", "1500"], 500);
+    let stack = served_on_demand(&["--load-ms", "1500"], 500, "");
     assert_eq!(stack.pool_status("m")["state"], "unloaded");
     let ready = http::get(&stack.api(), "/readyz", Duration::from_secs(5)).unwrap();
     assert_eq!(
@@ -218,7 +220,7 @@ fn a_request_for_an_unloaded_model_loads_it_and_is_served_even_past_its_queue_de
 #[test]
 fn a_load_that_fails_answers_its_waiting_request_at_once_with_a_typed_503() {
     // A model file the engine cannot read: it exits at once (status 3), the load fails.
-    let stack = served_on_demand(&[], 60_000);
+    let stack = served_on_demand(&[], 60_000, "");
     std::fs::write(stack.path().join("double-model.json"), "not json").unwrap();
     let started = std::time::Instant::now();
     let answer = chat(&stack);
@@ -236,5 +238,75 @@ fn a_load_that_fails_answers_its_waiting_request_at_once_with_a_typed_503() {
         started.elapsed() < Duration::from_secs(20),
         "answered after {:?}, not at the 60 s deadline",
         started.elapsed()
+    );
+}
+
+/// Sends a whole-answer chat request for the double's model on a connection of its own and
+/// waits until orchestratord has it queued and the pool's load is under way (its engine
+/// spawned); returns the connection and the loading engine's pid.
+fn queue_a_request_that_loads_the_pool(stack: &Stack) -> (TcpStream, u32) {
+    let mut waiting = TcpStream::connect(stack.api()).unwrap();
+    let body = serde_json::json!({
+        "model": "double",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    })
+    .to_string();
+    write!(
+        waiting,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stack.wait_for("the pool to load", || {
+        stack.pool_status("m")["state"] == "loading" && stack.recorded_engine_pid("m").is_some()
+    });
+    (waiting, stack.recorded_engine_pid("m").unwrap())
+}
+
+#[test]
+fn a_load_whose_only_waiting_request_leaves_is_cancelled_and_its_slow_loading_engine_double_is_gone()
+ {
+    // The engine double takes a minute to load its model (a large model's load): the client
+    // gives up long before.
+    let stack = served_on_demand(&["--load-ms", "60000"], 120_000, "");
+    let (waiting, pid) = queue_a_request_that_loads_the_pool(&stack);
+    assert!(e2e::process_alive(pid));
+    drop(waiting);
+    stack.wait_for("the load to be cancelled", || {
+        stack.pool_status("m")["state"] == "unloaded"
+    });
+    stack.wait_for("the loading engine to be gone", || !e2e::process_alive(pid));
+    assert_eq!(stack.recorded_engine_pid("m"), None);
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_loads_cancelled_total"),
+        1.0
+    );
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_unloads_total{reason=\"cancelled\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_load_whose_waiting_request_leaves_is_finished_when_the_pool_says_so() {
+    let stack = served_on_demand(
+        &["--load-ms", "1500"],
+        60_000,
+        "abandoned_load = \"finish\"",
+    );
+    let (waiting, pid) = queue_a_request_that_loads_the_pool(&stack);
+    drop(waiting);
+    stack.wait_for("the load to finish", || {
+        stack.pool_status("m")["state"] == "ready"
+    });
+    assert_eq!(
+        stack.recorded_engine_pid("m"),
+        Some(pid),
+        "the same engine, loaded"
+    );
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_loads_cancelled_total"),
+        0.0
     );
 }

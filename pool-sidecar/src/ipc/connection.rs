@@ -8,6 +8,7 @@
 //! connection ends, its leases are handed back (`LeasesReturn`'s `Drop`).
 
 use super::server::IpcContext;
+use crate::pools::Requester;
 use crate::registry::{ConnectionId, Owner, RegistryEvent};
 use bytes::BytesMut;
 use pool_ipc::codec::{decode_payload, decode_payload_prefix, encode_frame};
@@ -329,7 +330,7 @@ impl Session {
         let op = request.name();
         // An admin's admin requests, and anyone's Load (a demand for a model may bring its pool
         // up), go to the pools controller beside the connection.
-        let to_controller = matches!(request, Request::Load { .. })
+        let to_controller = matches!(request, Request::Load { .. } | Request::CancelLoad { .. })
             || (request.is_admin()
                 && self
                     .context
@@ -368,8 +369,9 @@ impl Session {
         );
         let pools = self.context.pools.clone();
         let replies = self.admin_replies.clone();
+        let connection = self.id;
         tokio::spawn(async move {
-            let forwarding = pools.admin(request);
+            let forwarding = pools.admin(request, Requester::Connection(connection));
             let forwarded = tokio::time::timeout(ADMIN_TIMEOUT, forwarding).await;
             let result = match forwarded {
                 Ok(result) => result.map(|()| Response::Accepted),
@@ -463,7 +465,8 @@ impl Session {
             | Request::Reload { .. }
             | Request::Restart { .. }
             | Request::Unload { .. }
-            | Request::Load { .. } => Err(IpcError::new(
+            | Request::Load { .. }
+            | Request::CancelLoad { .. } => Err(IpcError::new(
                 ErrorCode::Internal,
                 "pool lifecycle request reached the inline path",
             )),

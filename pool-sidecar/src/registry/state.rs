@@ -111,6 +111,8 @@ pub enum UnloadReason {
     Idle,
     /// `pool-managerd unload` (or the shim's `POST /pools/{id}/unload`).
     Operator,
+    /// A load given up before it was done: nobody waited for it any more.
+    Cancelled,
 }
 
 impl UnloadReason {
@@ -118,6 +120,7 @@ impl UnloadReason {
         match self {
             UnloadReason::Idle => "idle",
             UnloadReason::Operator => "operator",
+            UnloadReason::Cancelled => "cancelled",
         }
     }
 }

@@ -57,6 +57,10 @@ pub enum AdminCommand {
     Unload {
         reply: oneshot::Sender<Result<(), IpcError>>,
     },
+    /// Give up a load nobody waits for any more (the pools controller decides that).
+    CancelLoad {
+        reply: oneshot::Sender<Result<(), IpcError>>,
+    },
 }
 
 /// Why a ready-looking TCP engine is not ours: another process serves the port it was given
@@ -393,6 +397,10 @@ impl EngineSupervisor {
             AdminCommand::Unload { reply } => {
                 self.reply = Some(reply);
                 Command::Unload
+            }
+            AdminCommand::CancelLoad { reply } => {
+                self.reply = Some(reply);
+                Command::CancelLoad
             }
         }
     }

@@ -111,6 +111,9 @@ pub enum Command {
     Load,
     /// Drain an on-demand pool and stop its engine, leaving it Unloaded.
     Unload,
+    /// Give up a load still under way (its engine starting or backing off after a failed
+    /// start), leaving the pool Unloaded; a no-op once the engine serves.
+    CancelLoad,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -794,6 +797,7 @@ impl Machine {
         let command = match command {
             Command::Load => return self.on_load(effects),
             Command::Unload => return self.on_unload(now, effects),
+            Command::CancelLoad => return self.on_cancel_load(effects),
             Command::Drain { deadline, retiring } => Operator::Drain { deadline, retiring },
             Command::Reload { model_path } => Operator::Reload { model_path },
             Command::Restart => Operator::Restart,
@@ -898,6 +902,24 @@ impl Machine {
                     &self.settings.pool,
                 ))));
             }
+        }
+    }
+
+    /// A load nobody waits for any more: an engine still starting is stopped, a retry after a
+    /// failed start is not made; an engine that serves (the load is done) is left alone, as is
+    /// a pool that was not loading (an operator's restart, say).
+    fn on_cancel_load(&mut self, effects: &mut Vec<Effect>) {
+        effects.push(Effect::Answer(Ok(())));
+        if !self.loading {
+            return;
+        }
+        match self.phase {
+            Phase::Starting { .. } => {
+                self.stop_main("load cancelled: nobody waits for it", effects);
+                self.unloaded(UnloadReason::Cancelled, effects);
+            }
+            Phase::BackingOff { .. } => self.unloaded(UnloadReason::Cancelled, effects),
+            _ => {}
         }
     }
 
@@ -1197,6 +1219,7 @@ impl Machine {
             AfterDrain::Unload { reason, load_again } => {
                 let why = match (reason, clean) {
                     (UnloadReason::Idle, _) => "idle",
+                    (UnloadReason::Cancelled, _) => "load cancelled",
                     (UnloadReason::Operator, true) => "unloaded by an operator",
                     (UnloadReason::Operator, false) => {
                         "unloaded by an operator (drain deadline passed)"
@@ -1242,7 +1265,7 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RestartPolicy;
+    use crate::config::{AbandonedLoad, RestartPolicy};
 
     const M1: &str = "/m/one.gguf";
     const M2: &str = "/m/two.gguf";
@@ -2255,6 +2278,7 @@ mod tests {
             Settings {
                 load: LoadPolicy::OnDemand {
                     idle_unload: Some(Duration::from_millis(IDLE_MS)),
+                    abandoned: AbandonedLoad::Cancel,
                 },
                 ..settings()
             },
@@ -2380,7 +2404,10 @@ mod tests {
     fn an_on_demand_pool_with_no_idle_time_is_never_unloaded_for_idleness() {
         let mut rig = Rig::with(
             Settings {
-                load: LoadPolicy::OnDemand { idle_unload: None },
+                load: LoadPolicy::OnDemand {
+                    idle_unload: None,
+                    abandoned: AbandonedLoad::Cancel,
+                },
                 ..settings()
             },
             policy(),
@@ -2464,6 +2491,53 @@ mod tests {
             ])
         );
         assert_eq!(rig.machine.phase, Phase::Unloaded);
+    }
+
+    #[test]
+    fn a_cancelled_load_stops_the_starting_engine_and_a_finished_one_is_left_alone() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.spawned(Which::Main, 1);
+        assert_eq!(
+            rig.command(Command::CancelLoad),
+            concat([
+                &[Effect::Answer(Ok(()))],
+                &stopped_main(),
+                &[unloaded(UnloadReason::Cancelled)]
+            ])
+        );
+        assert_eq!(rig.machine.phase, Phase::Unloaded);
+        assert_eq!(
+            rig.command(Command::CancelLoad),
+            [Effect::Answer(Ok(()))],
+            "nothing to cancel while Unloaded"
+        );
+
+        rig.loaded(2);
+        assert_eq!(
+            rig.command(Command::CancelLoad),
+            [Effect::Answer(Ok(()))],
+            "a load that is done is not undone"
+        );
+        assert!(matches!(rig.machine.phase, Phase::Serving { .. }));
+    }
+
+    #[test]
+    fn a_cancelled_load_backing_off_after_a_failed_start_is_not_retried() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.on(Input::SpawnFailed {
+            which: Which::Main,
+            reason: "no such file".into(),
+        });
+        rig.on(Input::Resumed);
+        assert_eq!(
+            rig.command(Command::CancelLoad),
+            [Effect::Answer(Ok(())), unloaded(UnloadReason::Cancelled)]
+        );
+        assert_eq!(rig.machine.next_wake(), None);
     }
 
     #[test]

@@ -226,6 +226,7 @@ pub fn request() -> BoxedStrategy<Request> {
         Just(Request::Renew),
         pool_id().prop_map(|pool| Request::Load { pool }),
         pool_id().prop_map(|pool| Request::Unload { pool }),
+        pool_id().prop_map(|pool| Request::CancelLoad { pool }),
     ]
     .boxed()
 }
@@ -482,5 +483,6 @@ pub fn request_variant(request: &Request) -> &'static str {
         Request::Renew => "renew",
         Request::Load { .. } => "load",
         Request::Unload { .. } => "unload",
+        Request::CancelLoad { .. } => "cancel_load",
     }
 }
