@@ -116,6 +116,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/pools/{id}/health", get(control::health))
         .route("/v2/pools/{id}/drain", post(control::drain))
         .route("/v2/pools/{id}/reload", post(control::reload))
+        .route("/v2/pools/{id}/load", post(control::load))
+        .route("/v2/pools/{id}/unload", post(control::unload))
         .fallback(health::not_found)
         // [`Inbound`] reads bodies within each endpoint family's own limit.
         .layer(DefaultBodyLimit::disable())
@@ -155,7 +157,7 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 /// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
 /// configured open paths pass without one. The caller's role must allow the route: the
-/// operator's routes (drain, reload) need an admin key. POSTs to the native API must say they
+/// operator's routes (drain, reload, load, unload) need an admin key. POSTs to the native API must say they
 /// carry JSON: a browser cannot send that cross-site without asking first, so a web page cannot
 /// drive a daemon on the visitor's host.
 async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
@@ -196,11 +198,13 @@ async fn require_key(State(state): State<AppState>, mut request: Request, next: 
     next.run(request).await
 }
 
-/// The operator's routes: draining and reloading pools.
+/// The operator's routes: draining, reloading, loading and unloading pools.
 fn is_operators(method: &Method, path: &str) -> bool {
     method == Method::POST
         && path.starts_with("/v2/pools/")
-        && (path.ends_with("/drain") || path.ends_with("/reload"))
+        && ["/drain", "/reload", "/load", "/unload"]
+            .iter()
+            .any(|action| path.ends_with(action))
 }
 
 /// `Content-Type: application/json` (with or without parameters).

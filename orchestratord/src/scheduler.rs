@@ -99,6 +99,11 @@ enum Command {
     Reconfigure(AdmissionConfig),
     /// Answered at once: the actor is alive and working through its inbox.
     Ping(oneshot::Sender<()>),
+    /// An operator's load (`POST /v2/pools/{id}/load`): asked at once and never withdrawn.
+    OperatorLoad {
+        pool: PoolId,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
     /// pool-managerd refused to load a pool the queue asked for (or could not be asked).
     LoadFailed {
         pool: PoolId,
@@ -133,6 +138,7 @@ impl Scheduler {
             metrics,
             pool_states: Vec::new(),
             loads_requested: HashSet::new(),
+            loads_kept: HashSet::new(),
             loads_refused: HashMap::new(),
         };
         tokio::spawn(daemon_support::systemd::core_task(
@@ -155,6 +161,19 @@ impl Scheduler {
     pub async fn ping(&self) -> bool {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Ping(reply)).is_ok() && answer.await.is_ok()
+    }
+
+    /// An operator's load of an on-demand pool: unlike a load the queue asks for, it is never
+    /// withdrawn when no request waits for it.
+    pub async fn operator_load(&self, pool: PoolId) -> Result<(), ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::OperatorLoad { pool, reply })
+            .map_err(|_| ApiError::ShuttingDown)?;
+        answer
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?
+            .map_err(ApiError::from)
     }
 
     /// Applies the admission limits of a reloaded configuration.
@@ -188,6 +207,8 @@ struct SchedulerActor {
     /// Pools asked to load for queued requests, until the load is done (or given up): asked
     /// once, and withdrawn (`CancelLoad`) when no queued request could use the pool any more.
     loads_requested: HashSet<PoolId>,
+    /// Pools an operator asked to load, until the load is done: never withdrawn.
+    loads_kept: HashSet<PoolId>,
     /// Pools pool-managerd refused to load because they can never fit, with its reason and
     /// when: requests for their models are refused at admission for a while.
     loads_refused: HashMap<PoolId, (String, Instant)>,
@@ -272,6 +293,14 @@ impl SchedulerActor {
                 }
             }
             Command::LoadFailed { pool, error } => self.load_failed(pool, error),
+            Command::OperatorLoad { pool, reply } => {
+                tracing::info!(%pool, "an operator loads the pool");
+                self.loads_kept.insert(pool.clone());
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(client.load(&pool).await);
+                });
+            }
         }
     }
 
@@ -518,6 +547,7 @@ impl SchedulerActor {
         // The common case, every pool loaded and no load asked for: nothing to look for in
         // the queue.
         if self.loads_requested.is_empty()
+            && self.loads_kept.is_empty()
             && !snapshot
                 .pools
                 .iter()
@@ -525,17 +555,20 @@ impl SchedulerActor {
         {
             return;
         }
-        self.loads_requested.retain(|pool| {
+        let under_way = |pool: &PoolId| {
             snapshot.pool(pool).is_some_and(|status| {
                 matches!(
                     status.state,
                     PoolState::Unloaded | PoolState::Loading | PoolState::BackingOff { .. }
                 )
             })
-        });
+        };
+        self.loads_requested.retain(under_way);
+        self.loads_kept.retain(under_way);
         let unwanted: Vec<PoolId> = self
             .loads_requested
             .iter()
+            .filter(|pool| !self.loads_kept.contains(*pool))
             .filter(|pool| {
                 !self.queue.payloads().any(|waiting| {
                     placement::may_serve(snapshot, &waiting.demand.wanted(&[]), pool)

@@ -310,3 +310,41 @@ fn a_load_whose_waiting_request_leaves_is_finished_when_the_pool_says_so() {
         0.0
     );
 }
+
+#[test]
+fn an_operators_load_through_orchestratord_is_kept_when_a_request_that_wanted_it_leaves() {
+    let stack = served_on_demand(&["--load-ms", "1500"], 60_000, "");
+    let operator = |pool: &str, action: &str| {
+        http::request_with_headers(
+            &stack.api(),
+            "POST",
+            &format!("/v2/pools/{pool}/{action}"),
+            &[("content-type", "application/json")],
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    // A request asks for the load and leaves; the operator asked too, so the load goes on.
+    let (waiting, pid) = queue_a_request_that_loads_the_pool(&stack);
+    let loading = operator("m", "load");
+    assert_eq!(loading.status, 202, "{}", loading.text());
+    drop(waiting);
+    stack.wait_for("the load to finish", || {
+        stack.pool_status("m")["state"] == "ready"
+    });
+    assert_eq!(stack.recorded_engine_pid("m"), Some(pid));
+    assert_eq!(
+        shim_metric(&stack, "pool_managerd_loads_cancelled_total"),
+        0.0
+    );
+
+    let unloading = operator("m", "unload");
+    assert_eq!(unloading.status, 202, "{}", unloading.text());
+    stack.wait_for("the unload", || {
+        stack.pool_status("m")["state"] == "unloaded"
+    });
+    stack.wait_for("the engine to be gone", || !e2e::process_alive(pid));
+    let unknown = operator("nope", "load");
+    assert_eq!(unknown.status, 404, "{}", unknown.text());
+}

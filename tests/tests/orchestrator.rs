@@ -1244,7 +1244,7 @@ fn sighup_rereads_the_api_keys_without_a_restart() {
 }
 
 #[test]
-fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
+fn only_an_admin_key_drains_reloads_loads_or_unloads_and_native_posts_must_say_json() {
     let keys = temp_dir();
     let key_file = keys.path().join("keys");
     std::fs::write(
@@ -1258,22 +1258,25 @@ fn only_an_admin_key_drains_or_reloads_and_native_posts_must_say_json() {
         &format!("api_keys_file = {:?}\n", key_file.display().to_string()),
     );
     let addr = stack.api();
-    let drain = |key: &str, content_type: &str| {
+    let operate = |action: &str, key: &str, content_type: &str| {
         let auth = format!("Bearer {key}");
         http::request_with_headers(
             &addr,
             "POST",
-            "/v2/pools/p/drain",
+            &format!("/v2/pools/p/{action}"),
             &[("Authorization", auth.as_str())],
             Some((content_type, b"{\"deadline_ms\": 1000}")),
             WAIT,
         )
         .unwrap()
     };
+    let drain = |key: &str, content_type: &str| operate("drain", key, content_type);
     for key in ["alice-key-0123456789", "legacy-key-0123456789"] {
-        let reply = drain(key, "application/json");
-        assert_eq!(reply.status, 403, "{}", reply.text());
-        assert_eq!(reply.json()["code"], "FORBIDDEN");
+        for action in ["drain", "reload", "load", "unload"] {
+            let reply = operate(action, key, "application/json");
+            assert_eq!(reply.status, 403, "{action}: {}", reply.text());
+            assert_eq!(reply.json()["code"], "FORBIDDEN");
+        }
     }
     assert_eq!(
         stack.pool_status("p")["state"],

@@ -1,6 +1,7 @@
 //! Pools and control on the native API: `GET /v2/pools`, `GET /v2/pools/{id}/health` (from the
 //! registry mirror; engine addresses are never shown to clients) and `POST
-//! /v2/pools/{id}/drain|reload`, forwarded to pool-managerd over its socket.
+//! /v2/pools/{id}/drain|reload|load|unload`, forwarded to pool-managerd over its socket (a load
+//! through the scheduler, which never withdraws an operator's load).
 
 use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
@@ -98,4 +99,20 @@ pub async fn reload(
         }
     };
     forwarded(state.pools.reload(&PoolId(id), &body.model).await, "reload")
+}
+
+/// An operator's load of an on-demand pool: 202 once the load is under way (the pool shows
+/// Loading, then Ready); pool-managerd's refusal otherwise (one that can never fit in its
+/// device's budget: 503 with pool-managerd's reason, footprint and budget).
+pub async fn load(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.scheduler.operator_load(PoolId(id)).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": "load"}))).into_response(),
+        Err(error) => error.native_response(),
+    }
+}
+
+/// An operator's unload of an on-demand pool: 202, then no new leases; the engine stops once
+/// its leases end (or at its drain deadline) and the pool shows Unloaded.
+pub async fn unload(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    forwarded(state.pools.unload(&PoolId(id)).await, "unload")
 }
