@@ -4,7 +4,7 @@
 //! Exit codes: 0 success; 1 the daemon answered with an error (e.g. unknown pool); 2 the daemon
 //! could not be reached or the command line / config is wrong.
 
-use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_table};
+use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_memory, render_table};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
 use pool_ipc::registry::PoolId;
@@ -182,7 +182,9 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
     let client = connect(socket).await?;
     let text = match pool {
         Some(pool) => {
-            let view = PoolStatusView::from(&client.pool_status(&PoolId(pool)).await?);
+            let memory = client.memory().await?;
+            let view = PoolStatusView::from(&client.pool_status(&PoolId(pool)).await?)
+                .with_memory(&memory);
             if json {
                 to_json(&view)
             } else {
@@ -190,20 +192,23 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
             }
         }
         None => {
-            let view = RegistryView::from(&client.snapshot().await?);
+            let memory = client.memory().await?;
+            let view = RegistryView::from(&client.snapshot().await?).with_memory(&memory);
             let gpus = client.gpus().await?;
             if json {
                 to_json(&serde_json::json!({
                     "epoch": view.epoch,
                     "pools": view.pools,
+                    "memory": memory.devices,
                     "gpus": gpus,
                 }))
             } else {
                 format!(
-                    "registry epoch {}, {} pools\n{}\n{}",
+                    "registry epoch {}, {} pools\n{}\n{}{}",
                     view.epoch,
                     view.pools.len(),
                     render_table(&view.pools),
+                    render_memory(&memory),
                     render_gpus(&gpus)
                 )
             }

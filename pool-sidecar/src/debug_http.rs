@@ -44,6 +44,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/pools/{id}/status", get(pool_status))
         .route("/metrics", get(metrics))
         .route("/gpus", get(gpus))
+        .route("/memory", get(memory))
         .route("/pools/{id}/drain", post(drain))
         .route("/pools/{id}/reload", post(reload))
         .route("/pools/{id}/restart", post(restart))
@@ -147,6 +148,14 @@ async fn metrics(State(state): State<DebugState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// Each device's memory budget and what its pools hold, and each managed pool's footprint.
+async fn memory(State(state): State<DebugState>) -> Response {
+    match state.pools.memory().await {
+        Ok(report) => Json(report).into_response(),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, "stopping", failure.message),
+    }
 }
 
 async fn gpus(State(state): State<DebugState>) -> Response {

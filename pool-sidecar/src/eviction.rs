@@ -21,6 +21,16 @@ pub enum Device {
     Host,
 }
 
+impl std::fmt::Display for Device {
+    /// `host`, or `gpu<N>` for NVML index N (as in metrics labels and the status table).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Host => f.write_str("host"),
+            Device::Gpu(index) => write!(f, "gpu{index}"),
+        }
+    }
+}
+
 /// A pool as the planner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resident {

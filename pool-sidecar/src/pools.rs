@@ -20,7 +20,9 @@ use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
 use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::error_code::{ErrorCode, IpcError};
-use pool_ipc::registry::{PoolId, PoolState, RegistrySnapshot};
+use pool_ipc::registry::{
+    DeviceMemory, MemoryReport, PoolFootprint, PoolId, PoolState, RegistrySnapshot,
+};
 use pool_ipc::wire::Request;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -46,6 +48,10 @@ enum Message {
         request: Request,
         from: Requester,
         reply: oneshot::Sender<Result<(), IpcError>>,
+    },
+    /// The devices' budgets and the managed pools' footprints.
+    Memory {
+        reply: oneshot::Sender<MemoryReport>,
     },
 }
 
@@ -81,6 +87,17 @@ impl PoolsHandle {
             return Err(stopping());
         }
         answer.await.unwrap_or_else(|_| Err(stopping()))
+    }
+}
+
+impl PoolsHandle {
+    /// Each device's memory budget and what its pools hold, and each managed pool's footprint.
+    pub async fn memory(&self) -> Result<MemoryReport, IpcError> {
+        let (reply, answer) = oneshot::channel();
+        if self.messages.send(Message::Memory { reply }).await.is_err() {
+            return Err(stopping());
+        }
+        answer.await.map_err(|_| stopping())
     }
 }
 
@@ -208,6 +225,9 @@ impl Controller {
                 () = shutdown.cancelled() => return,
                 Some(message) = inbox.recv() => match message {
                     Message::Admin { request, from, reply } => self.admin(request, from, reply),
+                    Message::Memory { reply } => {
+                        let _ = reply.send(self.memory_report());
+                    }
                 },
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
@@ -654,19 +674,51 @@ impl Controller {
                 .set_footprint(&resident.pool, resident.footprint);
         }
         for budget in &self.context.budgets {
-            let held: u64 = residents
-                .iter()
-                .filter(|resident| {
-                    resident.device == budget.device && resident.residency != Residency::Unloaded
-                })
-                .map(|resident| resident.footprint)
-                .sum();
-            let device = match budget.device {
-                Device::Host => "host".to_owned(),
-                Device::Gpu(index) => format!("gpu{index}"),
-            };
-            self.context.metrics.set_memory(device, budget.bytes, held);
+            let held = held_on(&residents, budget.device);
+            self.context
+                .metrics
+                .set_memory(budget.device.to_string(), budget.bytes, held);
         }
+    }
+
+    /// The answer to `Request::Memory`.
+    fn memory_report(&mut self) -> MemoryReport {
+        let snapshot = self.context.registry.snapshot();
+        let residents = self.residents(&snapshot);
+        let devices = self
+            .context
+            .budgets
+            .iter()
+            .map(|budget| DeviceMemory {
+                device: budget.device.to_string(),
+                budget_bytes: budget.bytes,
+                held_bytes: held_on(&residents, budget.device),
+            })
+            .collect();
+        let mut pools: Vec<PoolFootprint> = residents
+            .iter()
+            .map(|resident| {
+                let footprint_bytes = self.footprint(&resident.pool);
+                let measured = self
+                    .running
+                    .get(&resident.pool)
+                    .and_then(|running| running.config.managed())
+                    .is_some_and(|engine| {
+                        self.memory
+                            .footprints
+                            .get(resident.pool.as_str(), &engine.model_path)
+                            .is_some()
+                    });
+                PoolFootprint {
+                    pool: resident.pool.clone(),
+                    device: resident.device.to_string(),
+                    footprint_bytes,
+                    measured,
+                }
+            })
+            .collect();
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        MemoryReport { devices, pools }
     }
 
     /// Measures a freshly loaded host pool's footprint and remembers it (GPU pools keep their
@@ -915,6 +967,15 @@ impl Controller {
         }
         self.config.pools = config.pools.clone();
     }
+}
+
+/// The footprints of the pools on `device` that hold memory (loaded, loading or unloading).
+fn held_on(residents: &[Resident], device: Device) -> u64 {
+    residents
+        .iter()
+        .filter(|resident| resident.device == device && resident.residency != Residency::Unloaded)
+        .map(|resident| resident.footprint)
+        .sum()
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! How a pool looks to operators: the JSON served by the debug shim and printed by
-//! `pool-managerd status --json`, and the table printed by `pool-managerd status`. One view for
-//! both, so the two never disagree.
+//! `pool-managerd status --json`, and the table printed by `pool-managerd status` (with each
+//! managed pool's footprint and each device's memory budget). One view for both, so the two
+//! never disagree.
 
 use crate::supervisor::process::LOG_TAIL_MARKER;
-use pool_ipc::registry::{GpuInventory, PoolSnapshot, PoolState, RegistrySnapshot};
+use pool_ipc::registry::{GpuInventory, MemoryReport, PoolSnapshot, PoolState, RegistrySnapshot};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -28,6 +29,18 @@ pub struct PoolStatusView {
     pub last_probe_unix_ms: Option<u64>,
     /// The APIs the engine serves, by their config names.
     pub api_endpoints: Vec<&'static str>,
+    /// A managed pool's memory footprint on its device (see [`with_memory`](Self::with_memory)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<FootprintView>,
+}
+
+/// A managed pool's footprint: measured after a load, else estimated from its model's header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FootprintView {
+    pub device: String,
+    /// `None`: unknown.
+    pub bytes: Option<u64>,
+    pub measured: bool,
 }
 
 impl From<&PoolSnapshot> for PoolStatusView {
@@ -53,11 +66,26 @@ impl From<&PoolSnapshot> for PoolStatusView {
             },
             last_probe_unix_ms: pool.last_probe_unix_ms,
             api_endpoints: pool.api_endpoints.iter().map(|api| api.name()).collect(),
+            footprint: None,
         }
     }
 }
 
 impl PoolStatusView {
+    /// The view with the pool's footprint from `memory` (external engines have none).
+    pub fn with_memory(mut self, memory: &MemoryReport) -> PoolStatusView {
+        self.footprint = memory
+            .pools
+            .iter()
+            .find(|pool| pool.pool.as_str() == self.pool_id)
+            .map(|pool| FootprintView {
+                device: pool.device.clone(),
+                bytes: pool.footprint_bytes,
+                measured: pool.measured,
+            });
+        self
+    }
+
     /// The view without the engine's own output (the log lines `last_error` carries), for
     /// readers who may not see the engine's log: the debug shim without a token, open to every
     /// local user.
@@ -79,6 +107,18 @@ pub struct RegistryView {
 }
 
 impl RegistryView {
+    /// Every pool [`with_memory`](PoolStatusView::with_memory).
+    pub fn with_memory(self, memory: &MemoryReport) -> RegistryView {
+        RegistryView {
+            epoch: self.epoch,
+            pools: self
+                .pools
+                .into_iter()
+                .map(|pool| pool.with_memory(memory))
+                .collect(),
+        }
+    }
+
     /// Every pool [`without_engine_output`](PoolStatusView::without_engine_output).
     pub fn without_engine_output(self) -> RegistryView {
         RegistryView {
@@ -115,10 +155,11 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
         "NEXT TRY",
         "VERSION",
         "APIS",
+        "FOOTPRINT",
         "LAST ERROR",
     ];
     let now = crate::probe::unix_ms_now();
-    let rows: Vec<[String; 12]> = pools
+    let rows: Vec<[String; 13]> = pools
         .iter()
         .map(|pool| {
             [
@@ -136,6 +177,9 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
                 ),
                 pool.engine_version.clone().unwrap_or_else(|| "-".into()),
                 pool.api_endpoints.join(","),
+                pool.footprint
+                    .as_ref()
+                    .map_or_else(|| "-".into(), footprint_cell),
                 pool.last_error.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -166,6 +210,62 @@ pub fn render_table(pools: &[PoolStatusView]) -> String {
     text
 }
 
+/// `1.2 GiB on gpu0`, `est. 310 MiB on host`, `? on host`.
+fn footprint_cell(footprint: &FootprintView) -> String {
+    let bytes = footprint.bytes.map_or_else(|| "?".to_owned(), human_bytes);
+    let estimated = if footprint.measured || footprint.bytes.is_none() {
+        ""
+    } else {
+        "est. "
+    };
+    format!("{estimated}{bytes} on {}", footprint.device)
+}
+
+/// Bytes in the largest binary unit that keeps a whole number in front: `512 B`, `310.0 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The memory section of `pool-managerd status`: each device's budget for pools, what the pools
+/// loaded on it hold, and which those are.
+pub fn render_memory(memory: &MemoryReport) -> String {
+    if memory.devices.is_empty() {
+        return "Memory budgets: none\n".to_owned();
+    }
+    let mut text = "Memory budgets:\n".to_owned();
+    for device in &memory.devices {
+        let pools: Vec<&str> = memory
+            .pools
+            .iter()
+            .filter(|pool| pool.device == device.device)
+            .map(|pool| pool.pool.as_str())
+            .collect();
+        text.push_str(&format!(
+            "  {:<6} {} of {} held  pools: {}\n",
+            device.device,
+            human_bytes(device.held_bytes),
+            human_bytes(device.budget_bytes),
+            if pools.is_empty() {
+                "-".to_owned()
+            } else {
+                pools.join(", ")
+            }
+        ));
+    }
+    text
+}
+
 /// The GPU section of `pool-managerd status`.
 pub fn render_gpus(inventory: &GpuInventory) -> String {
     let Some(driver) = &inventory.driver else {
@@ -189,7 +289,9 @@ pub fn render_gpus(inventory: &GpuInventory) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
+    use pool_ipc::registry::{
+        ApiEndpoint, DeviceMemory, Endpoint, EngineKind, PoolFootprint, PoolId,
+    };
 
     #[test]
     fn the_table_lines_up_and_shows_leased_slots_and_apis() {
@@ -219,11 +321,36 @@ mod tests {
             json["api_endpoints"],
             serde_json::json!(["embeddings", "models"])
         );
-        let table = render_table(&[view]);
+        let table = render_table(std::slice::from_ref(&view));
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].find("STATE"), lines[1].find("ready"));
         assert_eq!(lines[0].find("APIS"), lines[1].find("embeddings,models"));
         assert!(lines[1].contains("3/4"));
+
+        let memory = MemoryReport {
+            devices: vec![DeviceMemory {
+                device: "host".into(),
+                budget_bytes: 8 << 30,
+                held_bytes: 300 << 20,
+            }],
+            pools: vec![PoolFootprint {
+                pool: PoolId("tiny".into()),
+                device: "host".into(),
+                footprint_bytes: Some(300 << 20),
+                measured: false,
+            }],
+        };
+        let view = view.with_memory(&memory);
+        let table = render_table(&[view]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0].find("FOOTPRINT"),
+            lines[1].find("est. 300.0 MiB on host")
+        );
+        assert_eq!(
+            render_memory(&memory),
+            "Memory budgets:\n  host   300.0 MiB of 8.0 GiB held  pools: tiny\n"
+        );
     }
 }

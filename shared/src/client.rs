@@ -19,7 +19,7 @@ use crate::error_code::IpcError;
 use crate::framed::{FrameReader, ReadError};
 use crate::outbox::Outbox;
 use crate::registry::{
-    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, PoolId, PoolSnapshot,
+    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, MemoryReport, PoolId, PoolSnapshot,
     RegistrySnapshot, ReleaseOutcome,
 };
 use crate::wire::{
@@ -354,6 +354,14 @@ impl PoolClient {
             _ => Err(ClientError::UnexpectedResponse {
                 request: "subscribe",
             }),
+        }
+    }
+
+    /// Each device's memory budget and the managed pools' footprints.
+    pub async fn memory(&self) -> Result<MemoryReport, ClientError> {
+        match self.call(Request::Memory).await? {
+            Response::Memory(report) => Ok(report),
+            _ => Err(ClientError::UnexpectedResponse { request: "memory" }),
         }
     }
 

@@ -397,6 +397,36 @@ pub struct GpuInventory {
     pub gpus: Vec<GpuInfo>,
 }
 
+/// Where the memory of managed pools goes (the answer to `Request::Memory`): each device's
+/// budget and what the pools loaded on it hold, and each managed pool's footprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct MemoryReport {
+    pub devices: Vec<DeviceMemory>,
+    pub pools: Vec<PoolFootprint>,
+}
+
+/// One device's memory budget for pools.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct DeviceMemory {
+    /// `host` (CPU pools' RAM) or `gpu<N>` (NVML index N).
+    pub device: String,
+    pub budget_bytes: u64,
+    /// The footprints of the pools loaded, loading or unloading on it.
+    pub held_bytes: u64,
+}
+
+/// One managed pool's footprint on its device.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode, Serialize, Deserialize)]
+pub struct PoolFootprint {
+    pub pool: PoolId,
+    /// As in [`DeviceMemory::device`].
+    pub device: String,
+    /// `None`: unknown (never measured, and the model's header gave no estimate).
+    pub footprint_bytes: Option<u64>,
+    /// Measured after a load of this model (else estimated from the model's GGUF header).
+    pub measured: bool,
+}
+
 /// How the work done under a lease ended (for metrics and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

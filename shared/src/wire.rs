@@ -10,8 +10,8 @@
 
 use crate::error_code::IpcError;
 use crate::registry::{
-    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, LeaseSecret, PoolId, PoolSnapshot,
-    RegistrySnapshot, ReleaseOutcome,
+    AcquireTarget, DispatchCheck, GpuInventory, Lease, LeaseId, LeaseSecret, MemoryReport, PoolId,
+    PoolSnapshot, RegistrySnapshot, ReleaseOutcome,
 };
 use bincode::{Decode, Encode};
 
@@ -26,7 +26,8 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 /// with `Request::Renew`; a peer over its lease cap gets `ErrorCode::LeaseCapReached`.
 /// 4: pools can be loaded on demand: two appended pool states (`PoolState::Unloaded`,
 /// `PoolState::Loading`) that an older client could not decode in a snapshot or event,
-/// `Request::Load` / `Request::Unload` / `Request::CancelLoad`.
+/// `Request::Load` / `Request::Unload` / `Request::CancelLoad`, and `Request::Memory` answered
+/// by `Response::Memory`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames a client sends.
@@ -139,6 +140,8 @@ pub enum Request {
     CancelLoad {
         pool: PoolId,
     },
+    /// Each device's memory budget and the managed pools' footprints.
+    Memory,
 }
 
 impl Request {
@@ -160,6 +163,7 @@ impl Request {
             Request::Load { .. } => "load",
             Request::Unload { .. } => "unload",
             Request::CancelLoad { .. } => "cancel_load",
+            Request::Memory => "memory",
         }
     }
 
@@ -223,6 +227,7 @@ pub enum Response {
     Renewed {
         leases: u32,
     },
+    Memory(MemoryReport),
 }
 
 /// A pushed registry change. Changes coalesced into one flush share an epoch.

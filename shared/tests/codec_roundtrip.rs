@@ -187,6 +187,7 @@ fn strategies_generate_every_variant() {
             "load",
             "unload",
             "cancel_load",
+            "memory",
         ])
     );
     assert_eq!(
@@ -214,6 +215,7 @@ fn strategies_generate_every_variant() {
             "accepted",
             "gpus",
             "renewed",
+            "memory",
         ])
     );
     assert_eq!(

@@ -25,7 +25,10 @@ use bytes::BytesMut;
 use pool_ipc::codec::{
     HEADER_BYTES, decode_payload, decode_payload_prefix, encode_frame, frame_bytes, take_frame,
 };
-use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
+use pool_ipc::registry::{
+    ApiEndpoint, DeviceMemory, Endpoint, EngineKind, GpuInfo, GpuInventory, MemoryReport,
+    PoolFootprint,
+};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, CodecError, DEFAULT_MAX_FRAME_BYTES, DispatchCheck,
     ErrorCode, Event, HeldLease, Hello, HelloPreamble, IpcError, Lease, LeaseId, LeaseSecret,
@@ -604,6 +607,39 @@ fn request_load_and_unload_are_pinned() {
         &Request::CancelLoad { pool: "a".into() },
         &hex("0e # CancelLoad
               01 61 # pool \"a\""),
+    );
+    assert_golden(&Request::Memory, "0f");
+}
+
+#[test]
+fn response_memory_is_pinned() {
+    let report = MemoryReport {
+        devices: vec![DeviceMemory {
+            device: "host".into(),
+            budget_bytes: 300,
+            held_bytes: 2,
+        }],
+        pools: vec![PoolFootprint {
+            pool: "a".into(),
+            device: "host".into(),
+            footprint_bytes: Some(2),
+            measured: true,
+        }],
+    };
+    assert_golden(
+        &Response::Memory(report),
+        &hex("
+            0a # Response::Memory
+            01 # one device
+            04 68 6f 73 74 # device \"host\"
+            fb 2c 01 # budget_bytes 300
+            02 # held_bytes 2
+            01 # one pool
+            01 61 # pool \"a\"
+            04 68 6f 73 74 # device \"host\"
+            01 02 # footprint_bytes Some(2)
+            01 # measured
+        "),
     );
 }
 

@@ -158,6 +158,49 @@ async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_an
     );
     assert!(metrics.contains("pool_managerd_pool_footprint_bytes{pool=\"a\"}"));
 
+    // The status table shows each pool's footprint and the device's budget and holders.
+    let memory = client.memory().await.unwrap();
+    let footprint = |pool: &str| {
+        memory
+            .pools
+            .iter()
+            .find(|each| each.pool.as_str() == pool)
+            .unwrap()
+            .clone()
+    };
+    for pool in ["a", "b", "c"] {
+        assert!(footprint(pool).measured, "{memory:?}");
+        assert_eq!(footprint(pool).device, "host");
+    }
+    assert!(!footprint("huge").measured, "never loaded: estimated");
+    assert!(footprint("huge").footprint_bytes.unwrap() > 130 * MIB);
+    assert_eq!(memory.devices.len(), 1, "{memory:?}");
+    assert_eq!(memory.devices[0].budget_bytes, 130 * MIB);
+    assert_eq!(
+        memory.devices[0].held_bytes,
+        footprint("a").footprint_bytes.unwrap() + footprint("c").footprint_bytes.unwrap(),
+        "a and c are loaded"
+    );
+    let status = std::process::Command::new(binary("pool-managerd"))
+        .args(["status", "--socket"])
+        .arg(e2e::sidecar::socket_path(stack.path()))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    let header = table.lines().find(|line| line.starts_with("POOL")).unwrap();
+    let row_a = table.lines().find(|line| line.starts_with("a ")).unwrap();
+    assert_eq!(
+        header.find("FOOTPRINT"),
+        row_a.find(" MiB on host").map(|at| at - 4),
+        "{table}"
+    );
+    assert!(
+        table.contains("Memory budgets:\n  host ")
+            && table.contains("of 130.0 MiB held  pools: a, b, c, huge"),
+        "{table}"
+    );
+
     // Footprints measured after each load are kept in the state directory.
     let kept = std::fs::read_to_string(stack.path().join("state/footprints.json")).unwrap();
     for pool in ["\"a\"", "\"b\"", "\"c\""] {

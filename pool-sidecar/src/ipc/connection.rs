@@ -447,6 +447,7 @@ impl Session {
                 self.subscribed = true;
                 Ok(Response::Subscribed((*registry.snapshot()).clone()))
             }
+            Request::Memory => self.context.pools.memory().await.map(Response::Memory),
             Request::Gpus => {
                 let gpus = Arc::clone(&self.context.gpus);
                 tokio::task::spawn_blocking(move || gpus.inventory())

@@ -10,7 +10,10 @@
     reason = "each test binary that includes this module uses a different subset of it"
 )]
 
-use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, GpuInfo, GpuInventory};
+use pool_ipc::registry::{
+    ApiEndpoint, DeviceMemory, Endpoint, EngineKind, GpuInfo, GpuInventory, MemoryReport,
+    PoolFootprint,
+};
 use pool_ipc::{
     AcquireTarget, Call, Change, ClientFrame, DispatchCheck, ErrorCode, Event, HeldLease, Hello,
     IpcError, Lease, LeaseId, LeaseSecret, MAGIC, PROTOCOL_VERSION, PoolId, PoolSnapshot,
@@ -227,8 +230,35 @@ pub fn request() -> BoxedStrategy<Request> {
         pool_id().prop_map(|pool| Request::Load { pool }),
         pool_id().prop_map(|pool| Request::Unload { pool }),
         pool_id().prop_map(|pool| Request::CancelLoad { pool }),
+        Just(Request::Memory),
     ]
     .boxed()
+}
+
+pub fn memory_report() -> BoxedStrategy<MemoryReport> {
+    let device =
+        (text(), any::<u64>(), any::<u64>()).prop_map(|(device, budget_bytes, held_bytes)| {
+            DeviceMemory {
+                device,
+                budget_bytes,
+                held_bytes,
+            }
+        });
+    let pool = (
+        pool_id(),
+        text(),
+        proptest::option::of(any::<u64>()),
+        any::<bool>(),
+    )
+        .prop_map(|(pool, device, footprint_bytes, measured)| PoolFootprint {
+            pool,
+            device,
+            footprint_bytes,
+            measured,
+        });
+    (vec(device, 0..3), vec(pool, 0..3))
+        .prop_map(|(devices, pools)| MemoryReport { devices, pools })
+        .boxed()
 }
 
 pub fn gpu_inventory() -> BoxedStrategy<GpuInventory> {
@@ -293,6 +323,7 @@ pub fn response() -> BoxedStrategy<Response> {
         Just(Response::Accepted),
         gpu_inventory().prop_map(Response::Gpus),
         any::<u32>().prop_map(|leases| Response::Renewed { leases }),
+        memory_report().prop_map(Response::Memory),
     ]
     .boxed()
 }
@@ -392,6 +423,7 @@ pub fn response_variant(response: &Response) -> &'static str {
         Response::Accepted => "accepted",
         Response::Gpus(_) => "gpus",
         Response::Renewed { .. } => "renewed",
+        Response::Memory(_) => "memory",
     }
 }
 
@@ -484,5 +516,6 @@ pub fn request_variant(request: &Request) -> &'static str {
         Request::Load { .. } => "load",
         Request::Unload { .. } => "unload",
         Request::CancelLoad { .. } => "cancel_load",
+        Request::Memory => "memory",
     }
 }
