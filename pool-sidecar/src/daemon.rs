@@ -121,6 +121,7 @@ pub async fn run(
             budgets: residency::budgets(&config.memory, &gpus),
             min_residency: config.memory.min_residency,
             metrics: Arc::clone(&metrics),
+            gpus: Arc::clone(&gpus),
         },
         &config,
         reloads,

@@ -65,17 +65,32 @@ impl FootprintStore {
     }
 }
 
-/// An engine's footprint on the host: the anonymous resident memory of every process in its
-/// process group `pgid`, plus the size of the model file it maps.
-pub fn measure_host(pgid: u32, model_path: &Path) -> std::io::Result<u64> {
+/// The processes of process group `pgid` (an engine and whatever it started).
+fn process_group(pgid: u32) -> std::io::Result<Vec<procfs::process::Process>> {
     let processes = procfs::process::all_processes().map_err(std::io::Error::other)?;
-    let anonymous_kib: u64 = processes
+    Ok(processes
         .filter_map(Result::ok)
         .filter(|process| {
             process
                 .stat()
                 .is_ok_and(|stat| u32::try_from(stat.pgrp).is_ok_and(|group| group == pgid))
         })
+        .collect())
+}
+
+/// The pids of process group `pgid` (for NVML's per-process figures).
+pub fn process_group_pids(pgid: u32) -> std::io::Result<Vec<u32>> {
+    Ok(process_group(pgid)?
+        .iter()
+        .filter_map(|process| u32::try_from(process.pid).ok())
+        .collect())
+}
+
+/// An engine's footprint on the host: the anonymous resident memory of every process in its
+/// process group `pgid`, plus the size of the model file it maps.
+pub fn measure_host(pgid: u32, model_path: &Path) -> std::io::Result<u64> {
+    let anonymous_kib: u64 = process_group(pgid)?
+        .iter()
         .filter_map(|process| process.status().ok()?.rssanon)
         .sum();
     let model_bytes = std::fs::metadata(model_path)?.len();
@@ -122,5 +137,11 @@ mod tests {
             "no process: the file"
         );
         assert!(measure_host(group, &dir.path().join("absent")).is_err());
+        assert!(
+            process_group_pids(group)
+                .unwrap()
+                .contains(&std::process::id())
+        );
+        assert!(process_group_pids(nobody).unwrap().is_empty());
     }
 }

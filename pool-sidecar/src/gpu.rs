@@ -1,7 +1,8 @@
-//! The host's NVIDIA GPUs, from NVML. libnvidia-ml is loaded at run time on first use, so the
-//! same binary runs on hosts without a driver: there the inventory is empty, said once in the
-//! log, and never an error. NVML calls block, so callers run [`GpuProbe::inventory`] off the
-//! async runtime (`spawn_blocking`).
+//! The host's NVIDIA GPUs, from NVML: the inventory, a device's used memory, and what an
+//! engine's processes hold on a GPU (its footprint, see [`gpu_footprint`]). libnvidia-ml is
+//! loaded at run time on first use, so the same binary runs on hosts without a driver: there the
+//! inventory is empty, said once in the log, and never an error. NVML calls block, so callers
+//! run them off the async runtime (`spawn_blocking`).
 
 use nvml_wrapper::Nvml;
 use pool_ipc::registry::{GpuInfo, GpuInventory};
@@ -72,7 +73,26 @@ pub enum ProcessMemory {
     DeviceUsed(u64),
 }
 
+/// An engine's footprint on a GPU from what NVML said once it was ready: its processes' own
+/// figures where the driver gives them, else the growth of the device's used memory since
+/// `baseline` (read just before the load; `None` when none could be read, or another load on
+/// the device made it meaningless). `None`: nothing trustworthy to keep (the estimate stays).
+pub fn gpu_footprint(reading: ProcessMemory, baseline: Option<u64>) -> Option<u64> {
+    match reading {
+        ProcessMemory::PerProcess(bytes) => (bytes > 0).then_some(bytes),
+        ProcessMemory::DeviceUsed(after) => baseline
+            .and_then(|before| after.checked_sub(before))
+            .filter(|grown| *grown > 0),
+    }
+}
+
 impl GpuProbe {
+    /// GPU `index`'s used memory (blocking); `None` without a driver or such a GPU.
+    pub fn device_used(&self, index: u32) -> Option<u64> {
+        let device = self.nvml()?.device_by_index(index).ok()?;
+        device.memory_info().ok().map(|memory| memory.used)
+    }
+
     /// The memory `pids` hold on GPU `index` (blocking: run off the async runtime); `None`
     /// without a driver or such a GPU.
     pub fn process_memory(&self, index: u32, pids: &[u32]) -> Option<ProcessMemory> {
@@ -106,7 +126,32 @@ mod tests {
         let probe = GpuProbe::default();
         if probe.inventory().driver.is_none() {
             assert_eq!(probe.process_memory(0, &[std::process::id()]), None);
+            assert_eq!(probe.device_used(0), None);
         }
+    }
+
+    #[test]
+    fn a_footprint_is_the_processes_own_figure_else_the_devices_growth_since_the_load() {
+        assert_eq!(
+            gpu_footprint(ProcessMemory::PerProcess(700), Some(5_000)),
+            Some(700),
+            "per-process figures need no baseline"
+        );
+        assert_eq!(
+            gpu_footprint(ProcessMemory::DeviceUsed(5_700), Some(5_000)),
+            Some(700)
+        );
+        assert_eq!(
+            gpu_footprint(ProcessMemory::DeviceUsed(5_700), None),
+            None,
+            "no baseline: the device's total says nothing about this engine"
+        );
+        assert_eq!(
+            gpu_footprint(ProcessMemory::DeviceUsed(4_000), Some(5_000)),
+            None,
+            "memory freed elsewhere meanwhile: no figure"
+        );
+        assert_eq!(gpu_footprint(ProcessMemory::PerProcess(0), None), None);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! and `engine_http` (engine health), `ipc` (socket file, accept loop, one connection),
 //! `debug_http` and `status_view` (operator views), `metrics`, `cli`, `startup` (from flags to
 //! a running daemon), `listeners` (which sockets it serves: systemd's or its own), `daemon`
-//! (wiring and shutdown order).
+//! (wiring and shutdown order), `pools` (the controller of which pools run) and `supervisor`
+//! (one managed engine's lifecycle), `eviction`, `residency`, `footprint`, `gguf`, `gpu` and
+//! `gpu_baselines` (on-demand pools under memory budgets), `durable` (files that survive a
+//! crash).
 
 pub mod cli;
 pub mod config;
@@ -18,6 +21,7 @@ pub mod eviction;
 pub mod footprint;
 pub mod gguf;
 pub mod gpu;
+pub mod gpu_baselines;
 pub mod ipc;
 pub mod listeners;
 pub mod metrics;

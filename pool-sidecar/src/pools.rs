@@ -11,6 +11,8 @@
 use crate::config::{AbandonedLoad, Config, EngineSource, LoadPolicy, ModelDirs, PoolConfig};
 use crate::eviction::{self, Budget, Device, Plan, Residency, Resident};
 use crate::footprint::{self, FootprintStore};
+use crate::gpu::{self, GpuProbe};
+use crate::gpu_baselines::Baselines;
 use crate::metrics::Metrics;
 use crate::probe;
 use crate::registry::RegistryHandle;
@@ -118,6 +120,20 @@ pub struct PoolsContext {
     pub budgets: Vec<Budget>,
     pub min_residency: Duration,
     pub metrics: Arc<Metrics>,
+    /// NVML, for GPU pools' footprints.
+    pub gpus: Arc<GpuProbe>,
+}
+
+/// What the controller learns from its blocking measurements (NVML, procfs), run off its task.
+enum Measurement {
+    /// A GPU's used memory just before `pool`'s load was sent (`None`: unreadable).
+    Baseline { pool: PoolId, used: Option<u64> },
+    /// `pool`'s footprint once it was ready, with the model it was measured with.
+    Taken {
+        pool: PoolId,
+        model_path: String,
+        bytes: u64,
+    },
 }
 
 /// Starts every pool of `config` (managed engines are adopted or started before this returns,
@@ -129,6 +145,7 @@ pub async fn start(
     reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
 ) -> (PoolsHandle, JoinHandle<()>) {
     let (retired, retired_inbox) = mpsc::unbounded_channel();
+    let (measurements, measured) = mpsc::unbounded_channel();
     let footprints = FootprintStore::load(&context.paths.state_dir);
     let snapshots = context.registry.watch_snapshot();
     let mut controller = Controller {
@@ -136,6 +153,7 @@ pub async fn start(
         running: HashMap::new(),
         retiring: HashMap::new(),
         retired,
+        measurements,
         config: config.clone(),
         memory: Memory {
             footprints,
@@ -145,13 +163,14 @@ pub async fn start(
             unloading: HashSet::new(),
             wake: None,
             demand: HashMap::new(),
+            baselines: Baselines::default(),
         },
     };
     for pool in &config.pools {
         controller.start(pool.clone()).await;
     }
     let (messages, inbox) = mpsc::channel(64);
-    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox, snapshots));
+    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox, measured, snapshots));
     (PoolsHandle { messages }, task)
 }
 
@@ -161,6 +180,7 @@ struct Controller {
     /// Pools being taken out, and the config to start in their place once they are gone.
     retiring: HashMap<PoolId, Option<PoolConfig>>,
     retired: mpsc::UnboundedSender<PoolId>,
+    measurements: mpsc::UnboundedSender<Measurement>,
     /// The configuration last applied (server settings are those of the start).
     config: Config,
     memory: Memory,
@@ -182,6 +202,8 @@ struct Memory {
     /// Who asked for each on-demand load not yet done (waiting for room, loading, or backing
     /// off after a failed start); forgotten once the pool serves, stops or is given up.
     demand: HashMap<PoolId, HashSet<Requester>>,
+    /// GPU loads under way, for footprints measured by the device's growth.
+    baselines: Baselines,
 }
 
 /// When a loaded pool was loaded and last used.
@@ -207,6 +229,7 @@ impl Controller {
         mut inbox: mpsc::Receiver<Message>,
         mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
         mut retired: mpsc::UnboundedReceiver<PoolId>,
+        mut measured: mpsc::UnboundedReceiver<Measurement>,
         mut snapshots: tokio::sync::watch::Receiver<Arc<RegistrySnapshot>>,
     ) {
         let shutdown = self.context.shutdown.clone();
@@ -231,6 +254,7 @@ impl Controller {
                 },
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
+                Some(measurement) = measured.recv() => self.measured(measurement),
                 changed = snapshots.changed() => {
                     if changed.is_ok() {
                         let snapshot = Arc::clone(&snapshots.borrow_and_update());
@@ -308,6 +332,10 @@ impl Controller {
                 }
             }
         }
+        let baseline = match &request {
+            Request::Load { pool } => self.begin_gpu_load(pool),
+            _ => None,
+        };
         let (pool, command) = match self.command_for(request) {
             Ok(planned) => planned,
             Err(error) => {
@@ -349,6 +377,9 @@ impl Controller {
             }
         };
         tokio::spawn(async move {
+            if let Some(baseline) = baseline {
+                baseline.read().await;
+            }
             let (taken, answer) = oneshot::channel();
             let result = match commands.send(command(taken)).await {
                 Ok(()) => answer
@@ -574,7 +605,7 @@ impl Controller {
         }
     }
 
-    fn forward_load(&self, pool: &PoolId) {
+    fn forward_load(&mut self, pool: &PoolId) {
         let Some(commands) = self
             .running
             .get(pool)
@@ -582,8 +613,12 @@ impl Controller {
         else {
             return;
         };
+        let baseline = self.begin_gpu_load(pool);
         let pool = pool.clone();
         tokio::spawn(async move {
+            if let Some(baseline) = baseline {
+                baseline.read().await;
+            }
             let (reply, answer) = oneshot::channel();
             if commands.send(AdminCommand::Load { reply }).await.is_ok()
                 && let Ok(Err(error)) = answer.await
@@ -636,7 +671,21 @@ impl Controller {
                 PoolState::Ready | PoolState::Unhealthy | PoolState::Draining
             );
             if !loaded {
-                self.memory.usage.remove(&status.pool_id);
+                let left_memory = self.memory.usage.remove(&status.pool_id).is_some();
+                if let Some(Device::Gpu(index)) = self
+                    .running
+                    .get(&status.pool_id)
+                    .map(|running| residency::device_of(&running.config))
+                    && left_memory
+                {
+                    self.memory.baselines.disturb(index);
+                }
+                if matches!(
+                    status.state,
+                    PoolState::Unloaded | PoolState::Stopped | PoolState::Failed
+                ) {
+                    self.memory.baselines.forget(&status.pool_id);
+                }
                 if status.state == PoolState::Unloaded {
                     self.memory.unloading.remove(&status.pool_id);
                 }
@@ -721,8 +770,60 @@ impl Controller {
         MemoryReport { devices, pools }
     }
 
-    /// Measures a freshly loaded host pool's footprint and remembers it (GPU pools keep their
-    /// estimate until NVML measurement is wired).
+    /// A GPU load of `pool` is about to be sent: the device's used memory is read first (see
+    /// `gpu_baselines`) unless another load on the GPU makes it pointless.
+    fn begin_gpu_load(&mut self, pool: &PoolId) -> Option<BaselineRead> {
+        let running = self.running.get(pool)?;
+        running.config.managed()?;
+        let Device::Gpu(index) = residency::device_of(&running.config) else {
+            return None;
+        };
+        let unloaded = self
+            .context
+            .registry
+            .snapshot()
+            .pool(pool)
+            .is_some_and(|status| status.state == PoolState::Unloaded);
+        if !unloaded || !self.memory.baselines.begin(pool, index) {
+            return None;
+        }
+        Some(BaselineRead {
+            pool: pool.clone(),
+            index,
+            probe: Arc::clone(&self.context.gpus),
+            sink: self.measurements.clone(),
+        })
+    }
+
+    fn measured(&mut self, measurement: Measurement) {
+        match measurement {
+            Measurement::Baseline { pool, used } => self.memory.baselines.read(&pool, used),
+            Measurement::Taken {
+                pool,
+                model_path,
+                bytes,
+            } => self.remember(&pool, model_path, bytes),
+        }
+    }
+
+    /// Keeps a measured footprint (in the state directory, across restarts).
+    fn remember(&mut self, pool: &PoolId, model_path: String, bytes: u64) {
+        tracing::info!(%pool, bytes, "measured the pool's footprint");
+        let measured = footprint::Measured {
+            bytes,
+            model_path: model_path.clone(),
+            measured_unix_ms: crate::probe::unix_ms_now(),
+        };
+        if let Err(error) = self.memory.footprints.record(pool.as_str(), measured) {
+            tracing::warn!(%pool, %error, "cannot keep the measured footprint");
+        }
+        self.memory
+            .estimates
+            .insert(pool.clone(), (model_path, Some(bytes)));
+    }
+
+    /// Measures a freshly loaded pool's footprint and remembers it: on the host from procfs,
+    /// on a GPU from NVML (off this task; the figure comes back as a [`Measurement`]).
     fn measure(&mut self, pool: &PoolId) {
         let Some(running) = self.running.get(pool) else {
             return;
@@ -730,9 +831,7 @@ impl Controller {
         let Some(engine) = running.config.managed() else {
             return;
         };
-        if residency::device_of(&running.config) != Device::Host {
-            return;
-        }
+        let device = residency::device_of(&running.config);
         let record = self
             .context
             .paths
@@ -743,23 +842,41 @@ impl Controller {
         else {
             return;
         };
-        match footprint::measure_host(pid, Path::new(&engine.model_path)) {
-            Ok(bytes) => {
-                tracing::info!(%pool, bytes, "measured the pool's footprint");
-                let measured = footprint::Measured {
-                    bytes,
-                    model_path: engine.model_path.clone(),
-                    measured_unix_ms: crate::probe::unix_ms_now(),
-                };
-                if let Err(error) = self.memory.footprints.record(pool.as_str(), measured) {
-                    tracing::warn!(%pool, %error, "cannot keep the measured footprint");
-                }
-                self.memory
-                    .estimates
-                    .insert(pool.clone(), (engine.model_path.clone(), Some(bytes)));
+        let model_path = engine.model_path.clone();
+        let Device::Gpu(index) = device else {
+            match footprint::measure_host(pid, Path::new(&model_path)) {
+                Ok(bytes) => self.remember(pool, model_path, bytes),
+                Err(error) => tracing::warn!(%pool, %error, "cannot measure the pool's footprint"),
             }
-            Err(error) => tracing::warn!(%pool, %error, "cannot measure the pool's footprint"),
-        }
+            return;
+        };
+        let baseline = self.memory.baselines.finish(pool);
+        let probe = Arc::clone(&self.context.gpus);
+        let sink = self.measurements.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let reading = tokio::task::spawn_blocking(move || {
+                let pids = footprint::process_group_pids(pid).unwrap_or_else(|_| vec![pid]);
+                probe.process_memory(index, &pids)
+            })
+            .await
+            .ok()
+            .flatten();
+            match reading.and_then(|reading| gpu::gpu_footprint(reading, baseline)) {
+                Some(bytes) => {
+                    let _ = sink.send(Measurement::Taken {
+                        pool,
+                        model_path,
+                        bytes,
+                    });
+                }
+                None => tracing::info!(
+                    %pool,
+                    ?reading,
+                    "no GPU footprint measured (no per-process figures, and the device changed during the load or could not be read); the estimate stays"
+                ),
+            }
+        });
     }
 
     /// The pool's footprint (measured, else estimated), worked out once per model file.
@@ -969,6 +1086,30 @@ impl Controller {
     }
 }
 
+/// A GPU's used memory to read before a load is sent (see [`Controller::begin_gpu_load`]).
+struct BaselineRead {
+    pool: PoolId,
+    index: u32,
+    probe: Arc<GpuProbe>,
+    sink: mpsc::UnboundedSender<Measurement>,
+}
+
+impl BaselineRead {
+    async fn read(self) {
+        let BaselineRead {
+            pool,
+            index,
+            probe,
+            sink,
+        } = self;
+        let used = tokio::task::spawn_blocking(move || probe.device_used(index))
+            .await
+            .ok()
+            .flatten();
+        let _ = sink.send(Measurement::Baseline { pool, used });
+    }
+}
+
 /// The footprints of the pools on `device` that hold memory (loaded, loading or unloading).
 fn held_on(residents: &[Resident], device: Device) -> u64 {
     residents
@@ -1011,6 +1152,7 @@ mod tests {
             budgets: Vec::new(),
             min_residency: Duration::ZERO,
             metrics: Arc::new(Metrics::new()),
+            gpus: Arc::new(GpuProbe::default()),
         };
         let (_reload_requests, reloads) = mpsc::unbounded_channel();
         let (pools, _task) = start(context, &config, reloads).await;
