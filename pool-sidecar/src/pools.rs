@@ -319,7 +319,7 @@ impl Controller {
                     .or_default()
                     .insert(from);
             }
-            match self.make_room(pool) {
+            match self.make_room(pool, false) {
                 Ok(true) => {}
                 Ok(false) => {
                     let _ = reply.send(Ok(()));
@@ -456,8 +456,9 @@ impl Controller {
 
     /// Whether an on-demand pool asked to load can be loaded now (`Ok(true)`); otherwise the
     /// pools that must make room are told to unload and the load waits for them (`Ok(false)`),
-    /// or it can never fit in its device's budget.
-    fn make_room(&mut self, pool: &PoolId) -> Result<bool, IpcError> {
+    /// or it can never fit in its device's budget. `waited`: the load was already waiting (planned again after a change), so an unchanged
+    /// wait is not logged again.
+    fn make_room(&mut self, pool: &PoolId, waited: bool) -> Result<bool, IpcError> {
         let on_demand = self
             .running
             .get(pool)
@@ -484,11 +485,13 @@ impl Controller {
                 Ok(false)
             }
             Plan::Wait { draining, until } => {
-                tracing::info!(%pool, ?draining, "the load waits for room");
                 let new = draining
                     .iter()
                     .filter(|pool| !self.memory.unloading.contains(*pool))
                     .count();
+                if !waited || new > 0 {
+                    tracing::info!(%pool, ?draining, "the load waits for room");
+                }
                 self.context.metrics.evictions.inc_by(new as u64);
                 self.unload(&draining);
                 if let Some(until) = until {
@@ -597,7 +600,7 @@ impl Controller {
             if !unloaded {
                 continue;
             }
-            match self.make_room(&pool) {
+            match self.make_room(&pool, true) {
                 Ok(true) => self.forward_load(&pool),
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%pool, %error, "a waiting load can never fit"),
