@@ -255,3 +255,71 @@ fn restart_with(stack: &mut e2e::stack::Stack, config: &str) {
             .is_ok_and(|reply| reply.status == 200)
     });
 }
+
+/// A chat request for `model` with the test key; the reply.
+fn chat_reply(api: &str, model: &str) -> http::Reply {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    http::request_with_headers(
+        api,
+        "POST",
+        "/v1/chat/completions",
+        &[(
+            "Authorization",
+            &format!("Bearer {}", e2e::real_engine::API_KEY),
+        )],
+        Some(("application/json", body.to_string().as_bytes())),
+        Duration::from_secs(120),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_load_of_a_corrupt_gguf_answers_at_once_with_a_typed_503_and_the_next_load_waits_out_its_backoff()
+ {
+    let dir = temp_dir();
+    let model = make_model(
+        &dir.path().join("a.gguf"),
+        &["--width", "64", "--layers", "1"],
+    );
+    // Cut in half: the header promises tensors the file does not have.
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let pool = llama_pool("a", "m-a", &model, "unix", 1, 256).replace(
+        "[pool.probe]",
+        "load = \"on-demand\"\nidle_unload_ms = 600000\n[pool.probe]",
+    );
+    let stack = stack_with(dir, &pool, "[admission]\nqueue_deadline_ms = 60000\n");
+    let started = Instant::now();
+    let reply = chat_reply(&stack.api(), "m-a");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let error = reply.json();
+    assert_eq!(error["error"]["code"], "model_load_failed", "{error}");
+    assert!(reply.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered after {:?}, not at the 60 s queue deadline",
+        started.elapsed()
+    );
+    // Nobody waits for the retry: the load is given up, and says why.
+    stack.wait_for("the failed load given up", || {
+        stack.pool_status("a")["state"] == "unloaded"
+    });
+    let status = stack.pool_status("a");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("exited")),
+        "{status}"
+    );
+
+    // The next request's load waits out the failed one's backoff (like a restart), then fails
+    // again and is answered at once.
+    let api = stack.api();
+    let again = std::thread::spawn(move || chat_reply(&api, "m-a"));
+    stack.wait_for("the next load backing off", || {
+        stack.pool_status("a")["state"] == "backing_off"
+    });
+    let reply = again.join().unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "model_load_failed");
+}

@@ -302,8 +302,12 @@ enum Phase {
         reason: String,
         since: Option<Instant>,
     },
-    /// Waiting to start again.
-    BackingOff { until: Instant },
+    /// Waiting to start again after `reason`.
+    BackingOff {
+        until: Instant,
+        until_unix_ms: u64,
+        reason: String,
+    },
     /// Stopped or Failed: nothing runs until an operator says so.
     Parked,
     /// An on-demand pool without an engine, until a load.
@@ -330,6 +334,9 @@ pub struct Machine {
     /// Whether the pool holds leases, and since when it holds none (or serves, if later).
     leases_held: bool,
     idle_since: Option<Instant>,
+    /// The backoff of a failed load that was then cancelled (`BackingOff` as it was): a load
+    /// before it ends waits for it, so demand alone never loads faster than the restart policy.
+    cancelled_backoff: Option<Phase>,
 }
 
 impl Machine {
@@ -354,6 +361,7 @@ impl Machine {
             loading: false,
             leases_held: false,
             idle_since: None,
+            cancelled_backoff: None,
         }
     }
 
@@ -401,7 +409,7 @@ impl Machine {
                 (due, idle) => due.or(idle),
             },
             Phase::Draining { deadline, .. } => Some(*deadline),
-            Phase::BackingOff { until } => Some(*until),
+            Phase::BackingOff { until, .. } => Some(*until),
             Phase::Idle
             | Phase::Spawning
             | Phase::Failing { .. }
@@ -765,7 +773,7 @@ impl Machine {
                     self.finish_drain(false, effects);
                 }
             }
-            Phase::BackingOff { until } => {
+            Phase::BackingOff { until, .. } => {
                 if now.at >= *until {
                     self.start(effects);
                 }
@@ -795,7 +803,7 @@ impl Machine {
 
     fn on_command(&mut self, command: Command, now: Moment, effects: &mut Vec<Effect>) {
         let command = match command {
-            Command::Load => return self.on_load(effects),
+            Command::Load => return self.on_load(now, effects),
             Command::Unload => return self.on_unload(now, effects),
             Command::CancelLoad => return self.on_cancel_load(effects),
             Command::Drain { deadline, retiring } => Operator::Drain { deadline, retiring },
@@ -829,10 +837,30 @@ impl Machine {
     /// A load: an Unloaded pool starts its engine; one that serves, starts or backs off (its
     /// retry is the load) has nothing to do; a stopped or failed pool waits for an operator,
     /// so demand alone cannot undo a drain or defeat the circuit breaker.
-    fn on_load(&mut self, effects: &mut Vec<Effect>) {
+    fn on_load(&mut self, now: Moment, effects: &mut Vec<Effect>) {
         let answer = match &mut self.phase {
             Phase::Unloaded => {
                 effects.push(Effect::Answer(Ok(())));
+                if let Some(Phase::BackingOff {
+                    until,
+                    until_unix_ms,
+                    reason,
+                }) = self.cancelled_backoff.take()
+                    && until > now.at
+                {
+                    tracing::info!(pool = %self.settings.pool, "the last load failed; this one waits for its backoff");
+                    self.loading = true;
+                    effects.push(Effect::Report(EngineReport::Down {
+                        reason: reason.clone(),
+                        state: PoolState::BackingOff { until_unix_ms },
+                    }));
+                    self.phase = Phase::BackingOff {
+                        until,
+                        until_unix_ms,
+                        reason,
+                    };
+                    return;
+                }
                 return self.load(effects);
             }
             Phase::Draining {
@@ -906,8 +934,9 @@ impl Machine {
     }
 
     /// A load nobody waits for any more: an engine still starting is stopped, a retry after a
-    /// failed start is not made; an engine that serves (the load is done) is left alone, as is
-    /// a pool that was not loading (an operator's restart, say).
+    /// failed start is not made (its backoff still holds for the next load); an engine that
+    /// serves (the load is done) is left alone, as is a pool that was not loading (an
+    /// operator's restart, say).
     fn on_cancel_load(&mut self, effects: &mut Vec<Effect>) {
         effects.push(Effect::Answer(Ok(())));
         if !self.loading {
@@ -918,7 +947,10 @@ impl Machine {
                 self.stop_main("load cancelled: nobody waits for it", effects);
                 self.unloaded(UnloadReason::Cancelled, effects);
             }
-            Phase::BackingOff { .. } => self.unloaded(UnloadReason::Cancelled, effects),
+            Phase::BackingOff { .. } => {
+                self.cancelled_backoff = Some(self.phase.clone());
+                self.unloaded(UnloadReason::Cancelled, effects);
+            }
             _ => {}
         }
     }
@@ -929,6 +961,7 @@ impl Machine {
         match command {
             Operator::Restart => {
                 effects.push(Effect::Answer(Ok(())));
+                self.cancelled_backoff = None;
                 self.load(effects);
             }
             Operator::Reload { model_path } => {
@@ -1144,7 +1177,7 @@ impl Machine {
                     now.unix_ms + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                 tracing::warn!(pool = %self.settings.pool, %reason, retry_in_ms = delay.as_millis() as u64, "engine failed; backing off");
                 effects.push(Effect::Report(EngineReport::Down {
-                    reason,
+                    reason: reason.clone(),
                     state: PoolState::BackingOff { until_unix_ms },
                 }));
                 self.phase = if self.shutting_down {
@@ -1152,6 +1185,8 @@ impl Machine {
                 } else {
                     Phase::BackingOff {
                         until: now.at + delay,
+                        until_unix_ms,
+                        reason,
                     }
                 };
             }
@@ -2524,7 +2559,37 @@ mod tests {
     }
 
     #[test]
-    fn a_cancelled_load_backing_off_after_a_failed_start_is_not_retried() {
+    fn a_cancelled_load_backing_off_is_not_retried_but_the_next_load_waits_out_its_backoff() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.on(Input::SpawnFailed {
+            which: Which::Main,
+            reason: "no such file".into(),
+        });
+        assert_eq!(
+            rig.on(Input::Resumed),
+            [backing_off("no such file", 1_001_000)]
+        );
+        assert_eq!(
+            rig.command(Command::CancelLoad),
+            [Effect::Answer(Ok(())), unloaded(UnloadReason::Cancelled)]
+        );
+        assert_eq!(rig.machine.next_wake(), None, "no retry");
+
+        assert_eq!(
+            rig.command(Command::Load),
+            [
+                Effect::Answer(Ok(())),
+                backing_off("no such file", 1_001_000)
+            ],
+            "demand alone does not load faster than the restart policy"
+        );
+        assert_eq!(rig.wake(), [loading_report(), spawn(Which::Main, M1, 0)]);
+    }
+
+    #[test]
+    fn a_load_after_a_cancelled_backoff_has_passed_starts_at_once() {
         let mut rig = on_demand_rig();
         rig.begin();
         rig.command(Command::Load);
@@ -2533,11 +2598,16 @@ mod tests {
             reason: "no such file".into(),
         });
         rig.on(Input::Resumed);
+        rig.command(Command::CancelLoad);
+        rig.now_ms += 5_000;
         assert_eq!(
-            rig.command(Command::CancelLoad),
-            [Effect::Answer(Ok(())), unloaded(UnloadReason::Cancelled)]
+            rig.command(Command::Load),
+            [
+                Effect::Answer(Ok(())),
+                loading_report(),
+                spawn(Which::Main, M1, 0)
+            ]
         );
-        assert_eq!(rig.machine.next_wake(), None);
     }
 
     #[test]
