@@ -2,8 +2,9 @@
 //! exact tokens and finish reasons for both stream dialects, usage, and every failure the adapters
 //! type (worker reset, decode timeout, engine rejection, cancellation), plus the connection rules: a
 //! dropped stream closes its engine connection; a stale pooled connection, or one the engine closed
-//! while idle, is retried unseen; a request the engine may have worked on is never sent twice (a
-//! scripted engine on loopback plays the closes).
+//! while idle, is retried unseen; a request the engine may have worked on is never sent twice;
+//! streams to llama-server never take a pooled connection (scripted engines on loopback play the
+//! closes).
 //!
 //! Needs `cargo build --workspace --bins` first (the engine double is another binary). Waits poll the
 //! engine's `/control/stats`; there are no fixed sleeps.
@@ -546,18 +547,26 @@ async fn closing_the_clients_cancels_a_running_stream_and_ends_every_connection_
 async fn a_stale_pooled_connection_after_an_engine_restart_is_retried_on_a_fresh_one() {
     let dir = e2e::temp_dir();
     let socket = dir.path().join("engine.sock").display().to_string();
-    let body = json!({"prompt": "go", "n_predict": 2, "stream": true});
+    // An OpenAI-compatible engine keeps a streamed response's connection (llama-server does
+    // not, so its streams never use pooled connections).
+    let body = json!({
+        "model": "test-double",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 2,
+        "stream": true,
+    });
+    let openai = |engine: &Daemon| {
+        EngineRequest::new(
+            endpoint(engine.ready("listen")),
+            EngineKind::Openai,
+            EngineRoute::ChatCompletions,
+            Bytes::from(body.to_string()),
+        )
+    };
     let clients = EngineClients::default();
 
     let first = e2e::start_engine_double(&["--listen", &socket]);
-    let mut stream = clients
-        .stream(
-            request(&first, EngineRoute::Completion, &body),
-            STALL,
-            "c-1",
-        )
-        .await
-        .unwrap();
+    let mut stream = clients.stream(openai(&first), STALL, "c-1").await.unwrap();
     collect(&mut stream).await;
     drop(stream);
     // The connection is back in the pool once hyper's tasks have run; this runtime has one thread.
@@ -571,11 +580,7 @@ async fn a_stale_pooled_connection_after_an_engine_restart_is_retried_on_a_fresh
     let second = e2e::start_engine_double(&["--listen", &socket]);
 
     let mut stream = clients
-        .stream(
-            request(&second, EngineRoute::Completion, &body),
-            STALL,
-            "c-2",
-        )
+        .stream(openai(&second), STALL, "c-2")
         .await
         .expect("a stale pooled connection is not the caller's error");
     let (chunks, _) = collect(&mut stream).await;
@@ -701,4 +706,130 @@ async fn a_request_the_engine_read_and_worked_on_before_closing_is_never_sent_ag
     );
     assert_eq!(clients.unsent_retries(), 0);
     assert_eq!(received.load(Ordering::SeqCst), 2);
+}
+
+/// A scripted engine on 127.0.0.1 that streams the way llama-server's cpp-httplib does: each
+/// request gets a chunked SSE answer (one token, a `length` finish, `[DONE]`) with `Keep-Alive`
+/// advertised; after the terminator it takes `close_after` (a busy host), half-closes, reads and
+/// discards whatever arrives for 100 ms, and closes. Counts connections and requests read whole.
+async fn stream_then_close_engine(
+    close_after: Duration,
+) -> (
+    String,
+    std::sync::Arc<AtomicUsize>,
+    std::sync::Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("cannot bind the scripted engine: {e}"));
+    let address = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("no local address: {e}"))
+        .to_string();
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let (opened, read) = (
+        std::sync::Arc::clone(&connections),
+        std::sync::Arc::clone(&requests),
+    );
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            opened.fetch_add(1, Ordering::SeqCst);
+            let read = std::sync::Arc::clone(&read);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let head_end = loop {
+                    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|value| value.trim().parse().ok())
+                    .unwrap_or(0);
+                while buffer.len() < head_end + length {
+                    let mut chunk = [0u8; 4096];
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                read.fetch_add(1, Ordering::SeqCst);
+                let events = [
+                    r#"data: {"choices":[{"index":0,"delta":{"content":" the"},"finish_reason":null}]}"#,
+                    r#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#,
+                    "data: [DONE]",
+                ];
+                let mut answer = String::from(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                     Keep-Alive: timeout=5, max=100\r\nTransfer-Encoding: chunked\r\n\r\n",
+                );
+                for event in events {
+                    let chunk = format!("{event}\n\n");
+                    answer.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+                }
+                answer.push_str("0\r\n\r\n");
+                if socket.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(close_after).await;
+                if socket.shutdown().await.is_err() {
+                    return;
+                }
+                let drain = async {
+                    let mut chunk = [0u8; 4096];
+                    while matches!(socket.read(&mut chunk).await, Ok(n) if n > 0) {}
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(100), drain).await;
+            });
+        }
+    });
+    (address, connections, requests)
+}
+
+#[tokio::test]
+async fn streams_to_llama_server_never_go_on_a_connection_it_is_about_to_close() {
+    let (address, connections, requests) =
+        stream_then_close_engine(Duration::from_millis(20)).await;
+    let clients = EngineClients::default();
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": true,
+    });
+    // Each stream is sent the instant the previous one ended, as a queued request is when a slot
+    // frees: a pooled connection would be one the engine is about to close.
+    for n in 0..3 {
+        let request = EngineRequest::new(
+            endpoint(&address),
+            EngineKind::Llamacpp,
+            EngineRoute::ChatCompletions,
+            Bytes::from(body.to_string()),
+        );
+        let mut stream = clients
+            .stream(request, STALL, &format!("c-{n}"))
+            .await
+            .unwrap_or_else(|e| panic!("stream {n}: {e:?}"));
+        let (chunks, _) = collect(&mut stream).await;
+        assert_eq!(token_texts(&chunks), words(1));
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        3,
+        "one new connection per stream"
+    );
+    assert_eq!(
+        clients.unsent_retries(),
+        0,
+        "no stream met a connection the engine was closing"
+    );
 }

@@ -5,6 +5,14 @@
 //! reused. Idle ones are dropped after [`IDLE_TIMEOUT`], below cpp-httplib's 5 s keep-alive in
 //! llama-server, so we do not pick a connection the engine is about to time out.
 //!
+//! Streams to llama-server always go on a new connection: it closes the connection after every
+//! streamed response (it advertises `Keep-Alive`, then half-closes, reads and discards whatever
+//! arrives for 100 ms, and closes: cpp-httplib's `drain_and_close_socket`), so a pooled one could
+//! only meet that close. Meeting it mostly failed fast and was sent again (below), but about once
+//! in 15 runs of the 256-stream load test a request written on such a connection got neither an
+//! answer nor an error until the 30 s stall limit (seen in hyper-util's trace: "reuse idle
+//! connection", then nothing).
+//!
 //! Retry rule (the only one): a request is sent again, once, on a brand-new connection, only when
 //! the engine cannot have acted on it:
 //! - establishing the connection failed (`hyper_util::client::legacy::Error::is_connect()`);
@@ -52,7 +60,7 @@ use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioTimer;
-use pool_ipc::registry::Endpoint;
+use pool_ipc::registry::{Endpoint, EngineKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -306,7 +314,12 @@ impl EngineClients {
             accept: EVENT_STREAM,
             correlation_id,
         };
-        let exchange = tokio::time::timeout(head_limit, self.send(&transport, &outgoing));
+        // See the module header: llama-server never keeps a streamed response's connection.
+        let pool = match request.kind {
+            EngineKind::Llamacpp => Pool::Fresh,
+            EngineKind::Openai => Pool::Shared,
+        };
+        let exchange = tokio::time::timeout(head_limit, self.send(&transport, &outgoing, pool));
         let response = tokio::select! {
             biased;
             () = self.shutdown.cancelled() => return Err(AdapterError::Cancelled),
@@ -365,7 +378,7 @@ impl EngineClients {
             correlation_id,
         };
         let exchange = async {
-            let response = self.send(&transport, &outgoing).await?;
+            let response = self.send(&transport, &outgoing, Pool::Shared).await?;
             let status = response.status();
             let content_type = response.headers().get(CONTENT_TYPE).cloned();
             let body = read_whole(response.into_body()).await?;
@@ -442,17 +455,16 @@ impl EngineClients {
         Ok(transport)
     }
 
-    /// Sends once, and once more on a fresh connection if the engine cannot have acted on the
-    /// first attempt.
+    /// Sends once (on a pooled connection, or a new one with `Pool::Fresh`), and once more on a
+    /// new connection if the engine cannot have acted on the first attempt.
     async fn send(
         &self,
         transport: &Transport,
         outgoing: &Outgoing<'_>,
+        pool: Pool,
     ) -> Result<Response<Incoming>, AdapterError> {
         let correlation_id = outgoing.correlation_id;
-        let first = transport
-            .send(Pool::Shared, build(transport, outgoing)?)
-            .await;
+        let first = transport.send(pool, build(transport, outgoing)?).await;
         let error = match first {
             Ok(response) => return Ok(response),
             Err(error) => error,
