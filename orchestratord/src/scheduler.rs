@@ -19,7 +19,6 @@ use crate::placement::{
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState};
-use pool_ipc::wire::Request;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,11 +98,6 @@ enum Command {
     Reconfigure(AdmissionConfig),
     /// Answered at once: the actor is alive and working through its inbox.
     Ping(oneshot::Sender<()>),
-    /// An operator's load (`POST /v2/pools/{id}/load`): asked at once and never withdrawn.
-    OperatorLoad {
-        pool: PoolId,
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
     /// pool-managerd refused to load a pool the queue asked for (or could not be asked).
     LoadFailed {
         pool: PoolId,
@@ -127,6 +121,8 @@ impl Scheduler {
         sessions: std::num::NonZeroUsize,
     ) -> Scheduler {
         let (commands, inbox) = mpsc::unbounded_channel();
+        let (load_calls, calls) = mpsc::unbounded_channel();
+        tokio::spawn(make_load_calls(client.clone(), calls, commands.clone()));
         let actor = SchedulerActor {
             queue: AdmissionQueue::new(config),
             client,
@@ -138,7 +134,7 @@ impl Scheduler {
             metrics,
             pool_states: Vec::new(),
             loads_requested: HashSet::new(),
-            loads_kept: HashSet::new(),
+            load_calls,
             loads_refused: HashMap::new(),
         };
         tokio::spawn(daemon_support::systemd::core_task(
@@ -161,19 +157,6 @@ impl Scheduler {
     pub async fn ping(&self) -> bool {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Ping(reply)).is_ok() && answer.await.is_ok()
-    }
-
-    /// An operator's load of an on-demand pool: unlike a load the queue asks for, it is never
-    /// withdrawn when no request waits for it.
-    pub async fn operator_load(&self, pool: PoolId) -> Result<(), ApiError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::OperatorLoad { pool, reply })
-            .map_err(|_| ApiError::ShuttingDown)?;
-        answer
-            .await
-            .map_err(|_| ApiError::ShuttingDown)?
-            .map_err(ApiError::from)
     }
 
     /// Applies the admission limits of a reloaded configuration.
@@ -207,11 +190,44 @@ struct SchedulerActor {
     /// Pools asked to load for queued requests, until the load is done (or given up): asked
     /// once, and withdrawn (`CancelLoad`) when no queued request could use the pool any more.
     loads_requested: HashSet<PoolId>,
-    /// Pools an operator asked to load, until the load is done: never withdrawn.
-    loads_kept: HashSet<PoolId>,
+    /// Where load calls go (see [`make_load_calls`]).
+    load_calls: mpsc::UnboundedSender<LoadCall>,
     /// Pools pool-managerd refused to load because they can never fit, with its reason and
     /// when: requests for their models are refused at admission for a while.
     loads_refused: HashMap<PoolId, (String, Instant)>,
+}
+
+/// What the queue asks pool-managerd about loads, in order.
+enum LoadCall {
+    /// Load the pool for requests waiting here.
+    Load(PoolId),
+    /// No request here waits for the pool's load any more.
+    Withdraw(PoolId),
+}
+
+/// Makes the queue's load calls one after the other, so a load and its withdrawal reach
+/// pool-managerd in the order the queue decided them (concurrent calls could cross, and a
+/// withdrawal overtaking its load would leave the load running, or the pool never loaded).
+async fn make_load_calls(
+    client: PoolClient,
+    mut calls: mpsc::UnboundedReceiver<LoadCall>,
+    scheduler: mpsc::UnboundedSender<Command>,
+) {
+    while let Some(call) = calls.recv().await {
+        match call {
+            LoadCall::Load(pool) => {
+                if let Err(error) = client.load_for_waiting_requests(&pool).await {
+                    tracing::warn!(%pool, %error, "pool-managerd did not load the pool");
+                    let _ = scheduler.send(Command::LoadFailed { pool, error });
+                }
+            }
+            LoadCall::Withdraw(pool) => {
+                if let Err(error) = client.cancel_load(&pool).await {
+                    tracing::warn!(%pool, %error, "could not withdraw the pool's load");
+                }
+            }
+        }
+    }
 }
 
 /// How long a refusal to load (a pool that can never fit) answers new requests at admission
@@ -293,14 +309,6 @@ impl SchedulerActor {
                 }
             }
             Command::LoadFailed { pool, error } => self.load_failed(pool, error),
-            Command::OperatorLoad { pool, reply } => {
-                tracing::info!(%pool, "an operator loads the pool");
-                self.loads_kept.insert(pool.clone());
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    let _ = reply.send(client.load(&pool).await);
-                });
-            }
         }
     }
 
@@ -547,7 +555,6 @@ impl SchedulerActor {
         // The common case, every pool loaded and no load asked for: nothing to look for in
         // the queue.
         if self.loads_requested.is_empty()
-            && self.loads_kept.is_empty()
             && !snapshot
                 .pools
                 .iter()
@@ -564,11 +571,9 @@ impl SchedulerActor {
             })
         };
         self.loads_requested.retain(under_way);
-        self.loads_kept.retain(under_way);
         let unwanted: Vec<PoolId> = self
             .loads_requested
             .iter()
-            .filter(|pool| !self.loads_kept.contains(*pool))
             .filter(|pool| {
                 !self.queue.payloads().any(|waiting| {
                     placement::may_serve(snapshot, &waiting.demand.wanted(&[]), pool)
@@ -585,12 +590,7 @@ impl SchedulerActor {
         for pool in unwanted {
             self.loads_requested.remove(&pool);
             tracing::info!(%pool, "no queued request waits for the pool's load any more");
-            let client = self.client.clone();
-            tokio::spawn(async move {
-                if let Err(error) = client.cancel_load(&pool).await {
-                    tracing::warn!(%pool, %error, "could not withdraw the pool's load");
-                }
-            });
+            let _ = self.load_calls.send(LoadCall::Withdraw(pool));
         }
         self.loads_refused
             .retain(|_, (_, when)| when.elapsed() < LOAD_REFUSAL_MEMORY);
@@ -599,14 +599,7 @@ impl SchedulerActor {
                 continue;
             }
             tracing::info!(%pool, "loading the pool for queued requests");
-            let client = self.client.clone();
-            let scheduler = self.handle.clone();
-            tokio::spawn(async move {
-                if let Err(error) = client.call(Request::Load { pool: pool.clone() }).await {
-                    tracing::warn!(%pool, %error, "pool-managerd did not load the pool");
-                    let _ = scheduler.send(Command::LoadFailed { pool, error });
-                }
-            });
+            let _ = self.load_calls.send(LoadCall::Load(pool));
         }
     }
 

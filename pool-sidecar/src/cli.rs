@@ -7,7 +7,7 @@
 use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_memory, render_table};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
-use pool_ipc::registry::PoolId;
+use pool_ipc::registry::{MemoryReport, PoolId};
 use pool_ipc::socket_path::resolve_socket_path;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -182,7 +182,7 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
     let client = connect(socket).await?;
     let text = match pool {
         Some(pool) => {
-            let memory = client.memory().await?;
+            let memory = memory_or_none(&client).await;
             let view = PoolStatusView::from(&client.pool_status(&PoolId(pool)).await?)
                 .with_memory(&memory);
             if json {
@@ -192,7 +192,7 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
             }
         }
         None => {
-            let memory = client.memory().await?;
+            let memory = memory_or_none(&client).await;
             let view = RegistryView::from(&client.snapshot().await?).with_memory(&memory);
             let gpus = client.gpus().await?;
             if json {
@@ -217,6 +217,15 @@ async fn status(socket: SocketArgs, pool: Option<String>, json: bool) -> Result<
     print!("{text}");
     client.close();
     Ok(())
+}
+
+/// The memory budgets and footprints, or none (said on stderr) if pool-managerd cannot tell
+/// right now: the rest of the status is still worth printing.
+async fn memory_or_none(client: &PoolClient) -> MemoryReport {
+    client.memory().await.unwrap_or_else(|error| {
+        eprintln!("memory budgets unavailable: {error}");
+        MemoryReport::default()
+    })
 }
 
 fn to_json(value: &impl serde::Serialize) -> String {

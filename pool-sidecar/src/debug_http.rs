@@ -221,7 +221,14 @@ async fn restart(State(state): State<DebugState>, Path(id): Path<String>) -> Res
 /// Behind the token like every route that changes things: the shim has no peer identity to tell
 /// a demand from anyone else's request.
 async fn load(State(state): State<DebugState>, Path(id): Path<String>) -> Response {
-    admin(state, WireRequest::Load { pool: PoolId(id) }).await
+    admin(
+        state,
+        WireRequest::Load {
+            pool: PoolId(id),
+            for_waiting_requests: false,
+        },
+    )
+    .await
 }
 
 async fn unload(State(state): State<DebugState>, Path(id): Path<String>) -> Response {

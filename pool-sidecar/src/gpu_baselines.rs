@@ -1,11 +1,48 @@
 //! Baselines for GPU footprints measured by delta. Where the driver gives no per-process figures
 //! (pool-managerd in a PID namespace), an engine's footprint on a GPU is the growth of the
-//! device's used memory from just before its load to its Ready. That figure is only the engine's
-//! when nothing else changed the device meanwhile: another load on the same GPU, or a pool
-//! leaving it, spoils every load pending there, and a spoiled load keeps its estimate.
+//! device's used memory from just before its load to its Ready. The pool's supervisor reads the
+//! device just before it starts the engine for a load ([`GpuMeter`]); the pools controller keeps
+//! the readings ([`Baselines`]). A figure is only the engine's when nothing else changed the
+//! device meanwhile: another load or engine start on the same GPU, or a pool leaving it, spoils
+//! every load pending there, and a spoiled load keeps its estimate.
 
+use crate::gpu::GpuProbe;
 use pool_ipc::registry::PoolId;
 use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A GPU's used memory read just before `pool`'s engine was started for a load (`None`: it
+/// could not be read).
+#[derive(Debug)]
+pub struct BaselineReading {
+    pub pool: PoolId,
+    pub used: Option<u64>,
+}
+
+/// What a GPU pool's supervisor needs to read its device before a load.
+#[derive(Clone)]
+pub struct GpuMeter {
+    pub probe: Arc<GpuProbe>,
+    pub index: u32,
+    pub readings: mpsc::UnboundedSender<BaselineReading>,
+}
+
+impl GpuMeter {
+    /// Reads the device's used memory (off the async runtime) and hands it to the controller.
+    pub async fn read_baseline(&self, pool: &PoolId) {
+        let probe = Arc::clone(&self.probe);
+        let index = self.index;
+        let used = tokio::task::spawn_blocking(move || probe.device_used(index))
+            .await
+            .ok()
+            .flatten();
+        let _ = self.readings.send(BaselineReading {
+            pool: pool.clone(),
+            used,
+        });
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Baseline {
@@ -51,11 +88,12 @@ impl Baselines {
         }
     }
 
-    /// Memory on `gpu` was given back (a pool left it): the loads pending there cannot tell
-    /// their own growth any more.
-    pub fn disturb(&mut self, gpu: u32) {
-        for (on, baseline) in self.loads.values_mut() {
-            if *on == gpu {
+    /// Memory on `gpu` changed for another reason than `except`'s load (a pool left the GPU, or
+    /// another engine started there): the loads pending there cannot tell their own growth any
+    /// more.
+    pub fn disturb(&mut self, gpu: u32, except: Option<&PoolId>) {
+        for (pool, (on, baseline)) in &mut self.loads {
+            if *on == gpu && Some(pool) != except {
                 *baseline = Baseline::Spoiled;
             }
         }
@@ -118,7 +156,11 @@ mod tests {
         let mut baselines = Baselines::default();
         baselines.begin(&pool("a"), 0);
         baselines.read(&pool("a"), Some(1_000));
-        baselines.disturb(0);
+        baselines.disturb(0, Some(&pool("a")));
+        assert_eq!(baselines.finish(&pool("a")), Some(1_000), "a's own start");
+        baselines.begin(&pool("a"), 0);
+        baselines.read(&pool("a"), Some(1_000));
+        baselines.disturb(0, Some(&pool("other")));
         assert_eq!(baselines.finish(&pool("a")), None);
         baselines.begin(&pool("a"), 0);
         baselines.read(&pool("a"), None);

@@ -193,7 +193,7 @@ impl Metrics {
         );
         registry.register(
             "unloads",
-            "On-demand pools unloaded, by reason (idle, operator)",
+            "On-demand pools unloaded, by reason (idle, operator, cancelled)",
             metrics.unloads.clone(),
         );
         registry.register(

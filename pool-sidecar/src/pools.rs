@@ -12,7 +12,7 @@ use crate::config::{AbandonedLoad, Config, EngineSource, LoadPolicy, ModelDirs, 
 use crate::eviction::{self, Budget, Device, Plan, Residency, Resident};
 use crate::footprint::{self, FootprintStore};
 use crate::gpu::{self, GpuProbe};
-use crate::gpu_baselines::Baselines;
+use crate::gpu_baselines::{BaselineReading, Baselines, GpuMeter};
 use crate::metrics::Metrics;
 use crate::probe;
 use crate::registry::RegistryHandle;
@@ -39,6 +39,10 @@ use tokio_util::task::TaskTracker;
 /// How long a retired pool's supervisor may take to stop its engine once told to.
 const RETIRE_STOP_WAIT: Duration = Duration::from_secs(60);
 
+/// Commands a supervisor may have queued (loads and cancels of a flapping demand included)
+/// before more are refused as busy.
+const SUPERVISOR_QUEUE: usize = 64;
+
 /// The longest drain deadline an operator may ask for.
 const MAX_DRAIN_DEADLINE_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -55,14 +59,31 @@ enum Message {
     Memory {
         reply: oneshot::Sender<MemoryReport>,
     },
+    /// A socket connection closed: the loads it asked for on behalf of its waiting requests are
+    /// withdrawn.
+    ConnectionClosed { connection: u64 },
 }
 
-/// Who asked for a load: a client on the socket (which may withdraw with `CancelLoad`) or an
-/// operator on the debug shim (whose load is always finished).
+/// Who asked for a load: a connection on behalf of its waiting requests (withdrawn by
+/// `CancelLoad` or when the connection closes), or an operator (the CLI, the debug shim, a
+/// `Load` without `for_waiting_requests`), whose load is always finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Requester {
     Operator,
     Connection(u64),
+}
+
+impl Requester {
+    /// Who a request from socket connection `connection` is from.
+    pub fn of(request: &Request, connection: u64) -> Requester {
+        match request {
+            Request::Load {
+                for_waiting_requests: false,
+                ..
+            } => Requester::Operator,
+            _ => Requester::Connection(connection),
+        }
+    }
 }
 
 /// How the socket server and the debug shim reach the controller.
@@ -75,20 +96,42 @@ impl PoolsHandle {
     /// Hands an admin request (drain, reload, restart, unload), a load or a cancelled load from
     /// `from` to the pool's supervisor and waits until it has taken it on.
     pub async fn admin(&self, request: Request, from: Requester) -> Result<(), IpcError> {
+        match self.submit(request, from).await {
+            Ok(answer) => answer.await.unwrap_or_else(|_| Err(stopping())),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Queues an admin request, a load or a cancelled load from `from` and returns where its
+    /// answer will come. Requests submitted one after the other reach each pool's supervisor
+    /// in that order (a load and its cancel must never cross).
+    pub async fn submit(
+        &self,
+        request: Request,
+        from: Requester,
+    ) -> Result<oneshot::Receiver<Result<(), IpcError>>, IpcError> {
         let (reply, answer) = oneshot::channel();
-        if self
-            .messages
+        self.messages
             .send(Message::Admin {
                 request,
                 from,
                 reply,
             })
             .await
-            .is_err()
+            .map_err(|_| stopping())?;
+        Ok(answer)
+    }
+
+    /// Socket connection `connection` closed; its loads for waiting requests are withdrawn.
+    /// Never waits (called from a destructor): if the controller's queue is full, the loads it
+    /// asked for are finished instead, and their idle time unloads them.
+    pub fn connection_closed(&self, connection: u64) {
+        if let Err(error) = self
+            .messages
+            .try_send(Message::ConnectionClosed { connection })
         {
-            return Err(stopping());
+            tracing::warn!(connection, %error, "could not withdraw the closed connection's loads");
         }
-        answer.await.unwrap_or_else(|_| Err(stopping()))
     }
 }
 
@@ -124,16 +167,12 @@ pub struct PoolsContext {
     pub gpus: Arc<GpuProbe>,
 }
 
-/// What the controller learns from its blocking measurements (NVML, procfs), run off its task.
-enum Measurement {
-    /// A GPU's used memory just before `pool`'s load was sent (`None`: unreadable).
-    Baseline { pool: PoolId, used: Option<u64> },
-    /// `pool`'s footprint once it was ready, with the model it was measured with.
-    Taken {
-        pool: PoolId,
-        model_path: String,
-        bytes: u64,
-    },
+/// A GPU pool's footprint measured off the controller's task (NVML blocks) once it was ready,
+/// with the model it was measured with.
+struct Measurement {
+    pool: PoolId,
+    model_path: String,
+    bytes: u64,
 }
 
 /// Starts every pool of `config` (managed engines are adopted or started before this returns,
@@ -146,6 +185,7 @@ pub async fn start(
 ) -> (PoolsHandle, JoinHandle<()>) {
     let (retired, retired_inbox) = mpsc::unbounded_channel();
     let (measurements, measured) = mpsc::unbounded_channel();
+    let (baseline_readings, readings) = mpsc::unbounded_channel();
     let footprints = FootprintStore::load(&context.paths.state_dir);
     let snapshots = context.registry.watch_snapshot();
     let mut controller = Controller {
@@ -154,6 +194,7 @@ pub async fn start(
         retiring: HashMap::new(),
         retired,
         measurements,
+        baseline_readings,
         config: config.clone(),
         memory: Memory {
             footprints,
@@ -170,7 +211,13 @@ pub async fn start(
         controller.start(pool.clone()).await;
     }
     let (messages, inbox) = mpsc::channel(64);
-    let task = tokio::spawn(controller.run(inbox, reloads, retired_inbox, measured, snapshots));
+    let task = tokio::spawn(controller.run(
+        inbox,
+        reloads,
+        retired_inbox,
+        (measured, readings),
+        snapshots,
+    ));
     (PoolsHandle { messages }, task)
 }
 
@@ -181,6 +228,8 @@ struct Controller {
     retiring: HashMap<PoolId, Option<PoolConfig>>,
     retired: mpsc::UnboundedSender<PoolId>,
     measurements: mpsc::UnboundedSender<Measurement>,
+    /// Where GPU pools' supervisors send the device readings taken before a load.
+    baseline_readings: mpsc::UnboundedSender<BaselineReading>,
     /// The configuration last applied (server settings are those of the start).
     config: Config,
     memory: Memory,
@@ -229,7 +278,10 @@ impl Controller {
         mut inbox: mpsc::Receiver<Message>,
         mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
         mut retired: mpsc::UnboundedReceiver<PoolId>,
-        mut measured: mpsc::UnboundedReceiver<Measurement>,
+        (mut measured, mut readings): (
+            mpsc::UnboundedReceiver<Measurement>,
+            mpsc::UnboundedReceiver<BaselineReading>,
+        ),
         mut snapshots: tokio::sync::watch::Receiver<Arc<RegistrySnapshot>>,
     ) {
         let shutdown = self.context.shutdown.clone();
@@ -251,10 +303,18 @@ impl Controller {
                     Message::Memory { reply } => {
                         let _ = reply.send(self.memory_report());
                     }
+                    Message::ConnectionClosed { connection } => {
+                        self.withdraw_everywhere(Requester::Connection(connection));
+                    }
                 },
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
-                Some(measurement) = measured.recv() => self.measured(measurement),
+                Some(measurement) = measured.recv() => {
+                    self.remember(&measurement.pool, measurement.model_path, measurement.bytes);
+                }
+                Some(reading) = readings.recv() => {
+                    self.memory.baselines.read(&reading.pool, reading.used);
+                }
                 changed = snapshots.changed() => {
                     if changed.is_ok() {
                         let snapshot = Arc::clone(&snapshots.borrow_and_update());
@@ -298,9 +358,9 @@ impl Controller {
         }
     }
 
-    /// Checks an admin request and hands it to the pool's supervisor; the supervisor's answer
-    /// goes to `reply` from a task of its own, so a busy supervisor never holds up the
-    /// controller.
+    /// Checks an admin request and hands it to the pool's supervisor, in the order requests
+    /// came; the supervisor's answer goes to `reply` from a task of its own, so a busy
+    /// supervisor never holds up the controller.
     fn admin(
         &mut self,
         request: Request,
@@ -311,7 +371,7 @@ impl Controller {
             let _ = reply.send(self.cancel_load(pool, from));
             return;
         }
-        if let Request::Load { pool } = &request {
+        if let Request::Load { pool, .. } = &request {
             if self.running.contains_key(pool) {
                 self.memory
                     .demand
@@ -332,10 +392,9 @@ impl Controller {
                 }
             }
         }
-        let baseline = match &request {
-            Request::Load { pool } => self.begin_gpu_load(pool),
-            _ => None,
-        };
+        if let Request::Load { pool, .. } = &request {
+            self.begin_gpu_load(pool);
+        }
         let (pool, command) = match self.command_for(request) {
             Ok(planned) => planned,
             Err(error) => {
@@ -376,17 +435,15 @@ impl Controller {
                 return;
             }
         };
+        let (taken, answer) = oneshot::channel();
+        if let Err(error) = send_command(&commands, &pool, command(taken)) {
+            let _ = reply.send(Err(error));
+            return;
+        }
         tokio::spawn(async move {
-            if let Some(baseline) = baseline {
-                baseline.read().await;
-            }
-            let (taken, answer) = oneshot::channel();
-            let result = match commands.send(command(taken)).await {
-                Ok(()) => answer
-                    .await
-                    .unwrap_or_else(|_| Err(supervisor_gone(pool.as_str()))),
-                Err(_) => Err(supervisor_gone(pool.as_str())),
-            };
+            let result = answer
+                .await
+                .unwrap_or_else(|_| Err(supervisor_gone(pool.as_str())));
             let _ = reply.send(result);
         });
     }
@@ -443,7 +500,9 @@ impl Controller {
             Request::Restart { pool } => {
                 Ok((pool, Box::new(|reply| AdminCommand::Restart { reply })))
             }
-            Request::Load { pool } => Ok((pool, Box::new(|reply| AdminCommand::Load { reply }))),
+            Request::Load { pool, .. } => {
+                Ok((pool, Box::new(|reply| AdminCommand::Load { reply })))
+            }
             Request::Unload { pool } => {
                 Ok((pool, Box::new(|reply| AdminCommand::Unload { reply })))
             }
@@ -553,35 +612,37 @@ impl Controller {
             self.context.metrics.loads_cancelled.inc();
             return Ok(());
         }
-        let loading = self
-            .context
-            .registry
-            .snapshot()
-            .pool(pool)
-            .is_some_and(|status| {
-                matches!(
-                    status.state,
-                    PoolState::Loading | PoolState::BackingOff { .. }
-                )
-            });
-        let Some(commands) = running.commands.clone().filter(|_| loading) else {
+        // The supervisor has the load (or had it: it ignores a cancel once the engine serves),
+        // queued behind it: a load and its cancel never cross.
+        let Some(commands) = running.commands.clone() else {
             return Ok(());
         };
-        tracing::info!(%pool, "cancelling the load: nobody waits for it");
-        self.context.metrics.loads_cancelled.inc();
+        tracing::info!(%pool, "nobody waits for the load any more; cancelling it");
+        let (reply, answer) = oneshot::channel();
+        send_command(&commands, pool, AdminCommand::CancelLoad { reply })?;
         let pool = pool.clone();
         tokio::spawn(async move {
-            let (reply, answer) = oneshot::channel();
-            if commands
-                .send(AdminCommand::CancelLoad { reply })
-                .await
-                .is_ok()
-                && let Ok(Err(error)) = answer.await
-            {
+            if let Ok(Err(error)) = answer.await {
                 tracing::warn!(%pool, %error, "the supervisor did not cancel the load");
             }
         });
         Ok(())
+    }
+
+    /// `from` withdraws every load it asked for (its connection closed).
+    fn withdraw_everywhere(&mut self, from: Requester) {
+        let pools: Vec<PoolId> = self
+            .memory
+            .demand
+            .iter()
+            .filter(|(_, wanting)| wanting.contains(&from))
+            .map(|(pool, _)| pool.clone())
+            .collect();
+        for pool in pools {
+            if let Err(error) = self.cancel_load(&pool, from) {
+                tracing::warn!(%pool, %error, "could not withdraw a closed connection's load");
+            }
+        }
     }
 
     fn wait_for_room(&mut self, pool: &PoolId) {
@@ -616,16 +677,15 @@ impl Controller {
         else {
             return;
         };
-        let baseline = self.begin_gpu_load(pool);
+        self.begin_gpu_load(pool);
+        let (reply, answer) = oneshot::channel();
+        if let Err(error) = send_command(&commands, pool, AdminCommand::Load { reply }) {
+            tracing::warn!(%pool, %error, "the supervisor did not take the load");
+            return;
+        }
         let pool = pool.clone();
         tokio::spawn(async move {
-            if let Some(baseline) = baseline {
-                baseline.read().await;
-            }
-            let (reply, answer) = oneshot::channel();
-            if commands.send(AdminCommand::Load { reply }).await.is_ok()
-                && let Ok(Err(error)) = answer.await
-            {
+            if let Ok(Err(error)) = answer.await {
                 tracing::warn!(%pool, %error, "the supervisor did not load the pool");
             }
         });
@@ -644,12 +704,15 @@ impl Controller {
             else {
                 continue;
             };
+            let (reply, answer) = oneshot::channel();
+            if let Err(error) = send_command(&commands, pool, AdminCommand::Unload { reply }) {
+                tracing::warn!(%pool, %error, "the pool's supervisor did not take the unload");
+                self.memory.unloading.remove(pool);
+                continue;
+            }
             let pool = pool.clone();
             tokio::spawn(async move {
-                let (reply, answer) = oneshot::channel();
-                if commands.send(AdminCommand::Unload { reply }).await.is_ok()
-                    && let Ok(Err(error)) = answer.await
-                {
+                if let Ok(Err(error)) = answer.await {
                     tracing::warn!(%pool, %error, "the pool did not unload to make room");
                 }
             });
@@ -660,28 +723,44 @@ impl Controller {
     /// ready.
     fn observe(&mut self, snapshot: &RegistrySnapshot) {
         let now = Instant::now();
+        // A load's askers are kept until it is done (the pool serves, stops or fails); a
+        // draining pool may be asked to load again once it has unloaded.
         self.memory.demand.retain(|pool, _| {
             snapshot.pool(pool).is_some_and(|status| {
                 matches!(
                     status.state,
-                    PoolState::Unloaded | PoolState::Loading | PoolState::BackingOff { .. }
+                    PoolState::Unloaded
+                        | PoolState::Loading
+                        | PoolState::BackingOff { .. }
+                        | PoolState::Draining
                 )
             })
         });
         for status in &snapshot.pools {
+            let gpu = match self
+                .running
+                .get(&status.pool_id)
+                .map(|running| residency::device_of(&running.config))
+            {
+                Some(Device::Gpu(index)) => Some(index),
+                _ => None,
+            };
+            // Another engine starting on a GPU changes its used memory under loads pending there.
+            if let Some(index) = gpu
+                && matches!(status.state, PoolState::Starting | PoolState::Loading)
+            {
+                self.memory.baselines.disturb(index, Some(&status.pool_id));
+            }
             let loaded = matches!(
                 status.state,
                 PoolState::Ready | PoolState::Unhealthy | PoolState::Draining
             );
             if !loaded {
                 let left_memory = self.memory.usage.remove(&status.pool_id).is_some();
-                if let Some(Device::Gpu(index)) = self
-                    .running
-                    .get(&status.pool_id)
-                    .map(|running| residency::device_of(&running.config))
+                if let Some(index) = gpu
                     && left_memory
                 {
-                    self.memory.baselines.disturb(index);
+                    self.memory.baselines.disturb(index, Some(&status.pool_id));
                 }
                 if matches!(
                     status.state,
@@ -773,13 +852,14 @@ impl Controller {
         MemoryReport { devices, pools }
     }
 
-    /// A GPU load of `pool` is about to be sent: the device's used memory is read first (see
-    /// `gpu_baselines`) unless another load on the GPU makes it pointless.
-    fn begin_gpu_load(&mut self, pool: &PoolId) -> Option<BaselineRead> {
-        let running = self.running.get(pool)?;
-        running.config.managed()?;
+    /// A load of GPU pool `pool` is about to be sent (its supervisor reads the device just
+    /// before it starts the engine; see `gpu_baselines`).
+    fn begin_gpu_load(&mut self, pool: &PoolId) {
+        let Some(running) = self.running.get(pool) else {
+            return;
+        };
         let Device::Gpu(index) = residency::device_of(&running.config) else {
-            return None;
+            return;
         };
         let unloaded = self
             .context
@@ -787,25 +867,8 @@ impl Controller {
             .snapshot()
             .pool(pool)
             .is_some_and(|status| status.state == PoolState::Unloaded);
-        if !unloaded || !self.memory.baselines.begin(pool, index) {
-            return None;
-        }
-        Some(BaselineRead {
-            pool: pool.clone(),
-            index,
-            probe: Arc::clone(&self.context.gpus),
-            sink: self.measurements.clone(),
-        })
-    }
-
-    fn measured(&mut self, measurement: Measurement) {
-        match measurement {
-            Measurement::Baseline { pool, used } => self.memory.baselines.read(&pool, used),
-            Measurement::Taken {
-                pool,
-                model_path,
-                bytes,
-            } => self.remember(&pool, model_path, bytes),
+        if running.config.managed().is_some() && unloaded {
+            self.memory.baselines.begin(pool, index);
         }
     }
 
@@ -867,7 +930,7 @@ impl Controller {
             .flatten();
             match reading.and_then(|reading| gpu::gpu_footprint(reading, baseline)) {
                 Some(bytes) => {
-                    let _ = sink.send(Measurement::Taken {
+                    let _ = sink.send(Measurement {
                         pool,
                         model_path,
                         bytes,
@@ -954,7 +1017,7 @@ impl Controller {
                 None,
             ),
             EngineSource::Managed(engine) => {
-                let (commands, inbox) = mpsc::channel(8);
+                let (commands, inbox) = mpsc::channel(SUPERVISOR_QUEUE);
                 let mut supervisor = EngineSupervisor::new(
                     pool.clone(),
                     engine.clone(),
@@ -963,6 +1026,13 @@ impl Controller {
                     inbox,
                     stop.clone(),
                 );
+                if let Device::Gpu(index) = residency::device_of(&pool) {
+                    supervisor = supervisor.with_gpu_meter(GpuMeter {
+                        probe: Arc::clone(&context.gpus),
+                        index,
+                        readings: self.baseline_readings.clone(),
+                    });
+                }
                 // Adoption is decided before the socket is served, so re-asserted leases find
                 // adopted engines Ready.
                 let adopted = supervisor.adopt().await;
@@ -1089,28 +1159,23 @@ impl Controller {
     }
 }
 
-/// A GPU's used memory to read before a load is sent (see [`Controller::begin_gpu_load`]).
-struct BaselineRead {
-    pool: PoolId,
-    index: u32,
-    probe: Arc<GpuProbe>,
-    sink: mpsc::UnboundedSender<Measurement>,
-}
-
-impl BaselineRead {
-    async fn read(self) {
-        let BaselineRead {
-            pool,
-            index,
-            probe,
-            sink,
-        } = self;
-        let used = tokio::task::spawn_blocking(move || probe.device_used(index))
-            .await
-            .ok()
-            .flatten();
-        let _ = sink.send(Measurement::Baseline { pool, used });
-    }
+/// Queues `command` on `pool`'s supervisor without waiting, so commands reach it in the order
+/// the controller decided them.
+fn send_command(
+    commands: &mpsc::Sender<AdminCommand>,
+    pool: &PoolId,
+    command: AdminCommand,
+) -> Result<(), IpcError> {
+    commands.try_send(command).map_err(|error| match error {
+        mpsc::error::TrySendError::Full(_) => IpcError::new(
+            ErrorCode::NotReady,
+            format!(
+                "pool {:?}'s supervisor has too many commands queued; try again",
+                pool.as_str()
+            ),
+        ),
+        mpsc::error::TrySendError::Closed(_) => supervisor_gone(pool.as_str()),
+    })
 }
 
 /// The footprints of the pools on `device` that hold memory (loaded, loading or unloading).

@@ -238,7 +238,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The memory section of `pool-managerd status`: each device's budget for pools, what the pools
-/// loaded on it hold, and which those are.
+/// loaded on it hold, and which managed pools have their memory there.
 pub fn render_memory(memory: &MemoryReport) -> String {
     if memory.devices.is_empty() {
         return "Memory budgets: none\n".to_owned();

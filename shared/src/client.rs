@@ -408,10 +408,25 @@ impl PoolClient {
         self.admin(Request::Restart { pool: pool.clone() }).await
     }
 
-    /// Starts an Unloaded on-demand pool's engine; `Ok` once the load is under way (watch the
-    /// pool turn Loading, then Ready). Any allowed peer may ask.
+    /// An operator's load: starts an Unloaded on-demand pool's engine and always finishes it;
+    /// `Ok` once the load is under way (watch the pool turn Loading, then Ready). Any allowed
+    /// peer may ask.
     pub async fn load(&self, pool: &PoolId) -> Result<(), ClientError> {
-        self.admin(Request::Load { pool: pool.clone() }).await
+        self.admin(Request::Load {
+            pool: pool.clone(),
+            for_waiting_requests: false,
+        })
+        .await
+    }
+
+    /// Starts an Unloaded on-demand pool's engine for requests waiting on this client's side:
+    /// withdrawn with [`cancel_load`](Self::cancel_load), or when the connection closes.
+    pub async fn load_for_waiting_requests(&self, pool: &PoolId) -> Result<(), ClientError> {
+        self.admin(Request::Load {
+            pool: pool.clone(),
+            for_waiting_requests: true,
+        })
+        .await
     }
 
     /// Withdraws this connection's wish for a load it asked for (see `Request::CancelLoad`).

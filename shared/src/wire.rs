@@ -125,18 +125,23 @@ pub enum Request {
     /// Start the engine of an Unloaded on-demand pool (answered once the load is under way; the
     /// pool then shows Loading, then Ready). Not admin-only: a demand for the pool's model (from
     /// orchestratord) must be able to bring it up. A no-op for a pool that is loaded or loading.
+    /// `for_waiting_requests`: the load is for requests waiting on this connection, so it is
+    /// withdrawn by `CancelLoad` or when the connection closes; otherwise (an operator's load) it
+    /// is always finished.
     Load {
         pool: PoolId,
+        for_waiting_requests: bool,
     },
     /// Admin: no new leases; unload the on-demand pool's engine when its leases end (or at its
     /// drain deadline), leaving it Unloaded.
     Unload {
         pool: PoolId,
     },
-    /// This connection no longer needs the load it asked for (its waiting requests went away).
-    /// Once no connection (and no operator) wants a load still under way, a pool configured
-    /// `abandoned_load = "cancel"` gives it up: its engine is stopped and it shows Unloaded
-    /// again. A no-op once the pool is loaded, and for a connection that never asked.
+    /// This connection no longer needs the load it asked for (`Load` with
+    /// `for_waiting_requests`: its waiting requests went away). Once no connection (and no
+    /// operator) wants a load still under way, a pool configured `abandoned_load = "cancel"`
+    /// gives it up: its engine is stopped and it shows Unloaded again. A no-op once the pool is
+    /// loaded, and for a connection that never asked.
     CancelLoad {
         pool: PoolId,
     },

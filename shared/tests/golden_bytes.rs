@@ -594,9 +594,13 @@ fn request_renew_is_pinned() {
 #[test]
 fn request_load_and_unload_are_pinned() {
     assert_golden(
-        &Request::Load { pool: "a".into() },
+        &Request::Load {
+            pool: "a".into(),
+            for_waiting_requests: true,
+        },
         &hex("0c # Load
-              01 61 # pool \"a\""),
+              01 61 # pool \"a\"
+              01 # for_waiting_requests"),
     );
     assert_golden(
         &Request::Unload { pool: "a".into() },

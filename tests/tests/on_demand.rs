@@ -348,3 +348,59 @@ fn an_operators_load_through_orchestratord_is_kept_when_a_request_that_wanted_it
     let unknown = operator("nope", "load");
     assert_eq!(unknown.status, 404, "{}", unknown.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_for_waiting_requests_is_withdrawn_when_its_connection_closes_but_an_operators_is_not()
+ {
+    // The engine double takes a minute to load (a large model's load).
+    let stack = on_demand(60_000, &["--load-ms", "60000"]);
+    let watcher = stack.client("watch").await;
+    let mut mirror = watcher.subscribe().await.unwrap();
+    let pool = PoolId::from("m");
+
+    let asker = stack.client("orchestrator").await;
+    asker.load_for_waiting_requests(&pool).await.unwrap();
+    state_is(&mut mirror, PoolState::Loading).await;
+    stack.wait_for("the engine to start", || {
+        stack.recorded_engine_pid("m").is_some()
+    });
+    let pid = stack.recorded_engine_pid("m").unwrap();
+    asker.close();
+    state_is(&mut mirror, PoolState::Unloaded).await;
+    stack.wait_for("the loading engine to be gone", || !e2e::process_alive(pid));
+
+    let operator = stack.client("operator").await;
+    operator.load(&pool).await.unwrap();
+    state_is(&mut mirror, PoolState::Loading).await;
+    operator.close();
+    // A check that something does not happen: give the controller time to act on the close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        watcher.pool_status(&pool).await.unwrap().state,
+        PoolState::Loading,
+        "an operator's load is finished whoever is still connected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_and_its_withdrawal_sent_back_to_back_reach_the_pool_in_that_order() {
+    let stack = on_demand(60_000, &["--load-ms", "60000"]);
+    let client = stack.client("orchestrator").await;
+    let pool = PoolId::from("m");
+    for round in 1..=10 {
+        // Both frames leave together: if the withdrawal overtook the load, the load would run
+        // on with nobody waiting for it.
+        let (loaded, withdrawn) = tokio::join!(
+            client.load_for_waiting_requests(&pool),
+            client.cancel_load(&pool)
+        );
+        loaded.unwrap();
+        withdrawn.unwrap();
+        stack.wait_for(&format!("round {round}'s load cancelled"), || {
+            shim_metric(&stack, "pool_managerd_loads_cancelled_total") == f64::from(round)
+        });
+        stack.wait_for("no engine left", || {
+            stack.recorded_engine_pid("m").is_none()
+        });
+    }
+}

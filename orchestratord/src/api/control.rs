@@ -1,7 +1,7 @@
 //! Pools and control on the native API: `GET /v2/pools`, `GET /v2/pools/{id}/health` (from the
 //! registry mirror; engine addresses are never shown to clients) and `POST
-//! /v2/pools/{id}/drain|reload|load|unload`, forwarded to pool-managerd over its socket (a load
-//! through the scheduler, which never withdraws an operator's load).
+//! /v2/pools/{id}/drain|reload|load|unload`, forwarded to pool-managerd over its socket (an
+//! operator's load is never withdrawn, unlike the loads the queue asks for).
 
 use crate::app::{AppState, Inbound};
 use crate::error::ApiError;
@@ -105,10 +105,7 @@ pub async fn reload(
 /// Loading, then Ready); pool-managerd's refusal otherwise (one that can never fit in its
 /// device's budget: 503 with pool-managerd's reason, footprint and budget).
 pub async fn load(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match state.scheduler.operator_load(PoolId(id)).await {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({"accepted": "load"}))).into_response(),
-        Err(error) => error.native_response(),
-    }
+    forwarded(state.pools.load(&PoolId(id)).await, "load")
 }
 
 /// An operator's unload of an on-demand pool: 202, then no new leases; the engine stops once

@@ -30,6 +30,10 @@ use tokio_util::sync::CancellationToken;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an admin request may wait for its supervisor to take it on.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a `Memory` request waits for the pools controller (busy only while it applies a
+/// configuration reload).
+const MEMORY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ID_LEN: usize = 256;
 
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -99,7 +103,8 @@ pub fn judge_first_frame(payload: &[u8]) -> Result<Hello, FirstFrameError> {
     Ok(hello)
 }
 
-/// Returns the connection's leases to the registry however the connection ends.
+/// Returns the connection's leases to the registry, and withdraws the loads it asked for,
+/// however the connection ends.
 struct LeasesReturn {
     context: Arc<IpcContext>,
     id: ConnectionId,
@@ -108,6 +113,7 @@ struct LeasesReturn {
 impl Drop for LeasesReturn {
     fn drop(&mut self) {
         self.context.registry.connection_closed(self.id);
+        self.context.pools.connection_closed(self.id);
         self.context.metrics.ipc_connections.dec();
     }
 }
@@ -328,8 +334,8 @@ impl Session {
         };
         let Call { id, request } = call;
         let op = request.name();
-        // An admin's admin requests, and anyone's Load (a demand for a model may bring its pool
-        // up), go to the pools controller beside the connection.
+        // An admin's admin requests, and anyone's Load and CancelLoad (a demand for a model may
+        // bring its pool up, and withdraw that), go to the pools controller.
         let to_controller = matches!(request, Request::Load { .. } | Request::CancelLoad { .. })
             || (request.is_admin()
                 && self
@@ -337,7 +343,7 @@ impl Session {
                     .access
                     .admits_admin(self.peer.uid(), self.peer.gid()));
         if to_controller {
-            self.start_admin(id, request);
+            self.start_admin(id, request).await;
             return Ok(());
         }
         let result = self.answer(request).await;
@@ -357,31 +363,37 @@ impl Session {
         Ok(())
     }
 
-    /// Hands an admin request (or a load) to its supervisor in a task of its own; the reply comes back
-    /// through `admin_done`. Bounded by `ADMIN_TIMEOUT`; if the connection is gone by then the
-    /// reply is dropped, and the supervisor carries out the request all the same.
-    fn start_admin(&self, id: u64, request: Request) {
+    /// Hands an admin request (or a load) to the pools controller, in the order the connection
+    /// sent them; its answer is awaited in a task of its own and comes back through
+    /// `admin_done`. Bounded by `ADMIN_TIMEOUT`; if the connection is gone by then the reply is
+    /// dropped, and the supervisor carries out the request all the same.
+    async fn start_admin(&self, id: u64, request: Request) {
         tracing::info!(
             connection = self.id,
             uid = self.peer.uid(),
             op = request.name(),
             "admin request"
         );
-        let pools = self.context.pools.clone();
+        let from = Requester::of(&request, self.id);
+        let submitted = self.context.pools.submit(request, from).await;
         let replies = self.admin_replies.clone();
-        let connection = self.id;
         tokio::spawn(async move {
-            let forwarding = pools.admin(request, Requester::Connection(connection));
-            let forwarded = tokio::time::timeout(ADMIN_TIMEOUT, forwarding).await;
-            let result = match forwarded {
-                Ok(result) => result.map(|()| Response::Accepted),
-                Err(_) => Err(IpcError::new(
-                    ErrorCode::Internal,
-                    format!(
-                        "the pool's supervisor did not take the request within {} s",
-                        ADMIN_TIMEOUT.as_secs()
-                    ),
-                )),
+            let result = match submitted {
+                Err(error) => Err(error),
+                Ok(answer) => match tokio::time::timeout(ADMIN_TIMEOUT, answer).await {
+                    Ok(Ok(result)) => result.map(|()| Response::Accepted),
+                    Ok(Err(_)) => Err(IpcError::new(
+                        ErrorCode::ShuttingDown,
+                        "pool-managerd is stopping",
+                    )),
+                    Err(_) => Err(IpcError::new(
+                        ErrorCode::Internal,
+                        format!(
+                            "the pool's supervisor did not take the request within {} s",
+                            ADMIN_TIMEOUT.as_secs()
+                        ),
+                    )),
+                },
             };
             let _ = replies.send(Reply { id, result }).await;
         });
@@ -447,7 +459,15 @@ impl Session {
                 self.subscribed = true;
                 Ok(Response::Subscribed((*registry.snapshot()).clone()))
             }
-            Request::Memory => self.context.pools.memory().await.map(Response::Memory),
+            Request::Memory => {
+                match tokio::time::timeout(MEMORY_TIMEOUT, self.context.pools.memory()).await {
+                    Ok(report) => report.map(Response::Memory),
+                    Err(_) => Err(IpcError::new(
+                        ErrorCode::NotReady,
+                        "the pools controller is busy (a configuration reload); try again",
+                    )),
+                }
+            }
             Request::Gpus => {
                 let gpus = Arc::clone(&self.context.gpus);
                 tokio::task::spawn_blocking(move || gpus.inventory())

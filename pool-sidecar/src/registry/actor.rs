@@ -12,7 +12,9 @@
 //! awaiting, and its depth is bounded in practice because every connection waits for each reply
 //! before reading its next call.
 
-use super::state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport, RegistryState};
+use super::state::{
+    ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport, RegistryState, UnloadReason,
+};
 use crate::config::PoolConfig;
 use crate::metrics::Metrics;
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -255,6 +257,9 @@ impl RegistryActor {
             EngineReport::Unloaded { reason } => {
                 self.loads_begun.remove(pool);
                 self.metrics.record_unload(*reason);
+                if *reason == UnloadReason::Cancelled {
+                    self.metrics.loads_cancelled.inc();
+                }
             }
             EngineReport::Down { .. } => {
                 self.loads_begun.remove(pool);

@@ -17,6 +17,7 @@ use super::record::{
 use super::restart::RestartTracker;
 use crate::config::{ManagedEngine, PoolConfig};
 use crate::engine_http::EngineHttp;
+use crate::gpu_baselines::GpuMeter;
 use crate::probe::{check, engine_props, unix_ms_now};
 use crate::registry::{EngineReport, ProbeReport, RegistryHandle};
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -186,6 +187,8 @@ pub struct EngineSupervisor {
     /// The accepted retiring drain's signal, sent once the engine is gone.
     retired: Option<oneshot::Sender<()>>,
     retiring: JoinSet<()>,
+    /// A GPU pool's device meter: read just before a load starts the engine.
+    gpu_meter: Option<GpuMeter>,
 }
 
 impl EngineSupervisor {
@@ -214,7 +217,15 @@ impl EngineSupervisor {
             retiring_signal: None,
             retired: None,
             retiring: JoinSet::new(),
+            gpu_meter: None,
         }
+    }
+
+    /// Reads `meter`'s device just before each load starts the engine (GPU footprints measured
+    /// by the device's growth, see `gpu_baselines`).
+    pub fn with_gpu_meter(mut self, meter: GpuMeter) -> EngineSupervisor {
+        self.gpu_meter = Some(meter);
+        self
     }
 
     fn report(&self, report: EngineReport) {
@@ -502,7 +513,12 @@ impl EngineSupervisor {
                 None
             }
             Effect::Report(report) => {
+                // A load reports Loading just before it starts the engine.
+                let loading = matches!(report, EngineReport::Loading);
                 self.report(report);
+                if loading && let Some(meter) = &self.gpu_meter {
+                    meter.read_baseline(&self.pool.id).await;
+                }
                 None
             }
             Effect::RecordProbe(report) => {

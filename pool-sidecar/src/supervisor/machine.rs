@@ -337,6 +337,9 @@ pub struct Machine {
     /// The backoff of a failed load that was then cancelled (`BackingOff` as it was): a load
     /// before it ends waits for it, so demand alone never loads faster than the restart policy.
     cancelled_backoff: Option<Phase>,
+    /// The load under way came from demand (`Load`), not from an operator's restart, so it may
+    /// be cancelled.
+    load_cancellable: bool,
 }
 
 impl Machine {
@@ -362,6 +365,7 @@ impl Machine {
             leases_held: false,
             idle_since: None,
             cancelled_backoff: None,
+            load_cancellable: false,
         }
     }
 
@@ -841,6 +845,7 @@ impl Machine {
         let answer = match &mut self.phase {
             Phase::Unloaded => {
                 effects.push(Effect::Answer(Ok(())));
+                self.load_cancellable = true;
                 if let Some(Phase::BackingOff {
                     until,
                     until_unix_ms,
@@ -868,6 +873,7 @@ impl Machine {
                 ..
             } => {
                 *load_again = true;
+                self.load_cancellable = true;
                 Ok(())
             }
             Phase::Spawning
@@ -934,12 +940,21 @@ impl Machine {
     }
 
     /// A load nobody waits for any more: an engine still starting is stopped, a retry after a
-    /// failed start is not made (its backoff still holds for the next load); an engine that
-    /// serves (the load is done) is left alone, as is a pool that was not loading (an
-    /// operator's restart, say).
+    /// failed start is not made (its backoff still holds for the next load), a load asked for
+    /// while the pool was unloading is not made; an engine that serves (the load is done) is
+    /// left alone, as is an operator's restart of an unloaded pool.
     fn on_cancel_load(&mut self, effects: &mut Vec<Effect>) {
         effects.push(Effect::Answer(Ok(())));
-        if !self.loading {
+        if let Phase::Draining {
+            then: AfterDrain::Unload { load_again, .. },
+            ..
+        } = &mut self.phase
+        {
+            // A load asked for while the pool was unloading: not any more.
+            *load_again = false;
+            return;
+        }
+        if !self.loading || !self.load_cancellable {
             return;
         }
         match self.phase {
@@ -962,10 +977,13 @@ impl Machine {
             Operator::Restart => {
                 effects.push(Effect::Answer(Ok(())));
                 self.cancelled_backoff = None;
+                self.load_cancellable = false;
                 self.load(effects);
             }
             Operator::Reload { model_path } => {
                 effects.push(Effect::Answer(Ok(())));
+                // Another model: the last one's failed load says nothing about it.
+                self.cancelled_backoff = None;
                 self.model_path = model_path;
             }
             command => self.while_stopped(command, effects),
@@ -2508,6 +2526,65 @@ mod tests {
                 &stopped_main(),
                 &[loading_report(), spawn(Which::Main, M1, 0)]
             ])
+        );
+    }
+
+    #[test]
+    fn a_load_asked_for_during_an_unload_and_then_cancelled_is_not_made() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.loaded(1);
+        rig.wake();
+        rig.command(Command::Load);
+        assert_eq!(rig.command(Command::CancelLoad), [Effect::Answer(Ok(()))]);
+        assert_eq!(
+            rig.on(Input::LeasesEnded),
+            concat([&stopped_main(), &[unloaded(UnloadReason::Idle)]])
+        );
+    }
+
+    #[test]
+    fn an_operators_restart_of_an_unloaded_pool_is_not_cancelled_by_a_withdrawn_demand() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        assert_eq!(
+            rig.command(Command::Restart),
+            [
+                Effect::Answer(Ok(())),
+                loading_report(),
+                spawn(Which::Main, M1, 0)
+            ]
+        );
+        rig.spawned(Which::Main, 1);
+        assert_eq!(rig.command(Command::CancelLoad), [Effect::Answer(Ok(()))]);
+        assert!(matches!(rig.machine.phase, Phase::Starting { .. }));
+    }
+
+    #[test]
+    fn a_reload_while_unloaded_forgets_the_last_models_failed_load() {
+        let mut rig = on_demand_rig();
+        rig.begin();
+        rig.command(Command::Load);
+        rig.on(Input::SpawnFailed {
+            which: Which::Main,
+            reason: "no such file".into(),
+        });
+        rig.on(Input::Resumed);
+        rig.command(Command::CancelLoad);
+        rig.command(Command::Reload {
+            model_path: "/m2".into(),
+        });
+        let effects = rig.command(Command::Load);
+        assert!(
+            matches!(
+                &effects[..],
+                [
+                    Effect::Answer(Ok(())),
+                    Effect::Report(EngineReport::Loading),
+                    Effect::Spawn { model_path, .. }
+                ] if model_path == "/m2"
+            ),
+            "another model loads at once: {effects:?}"
         );
     }
 

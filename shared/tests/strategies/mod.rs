@@ -227,7 +227,10 @@ pub fn request() -> BoxedStrategy<Request> {
         pool_id().prop_map(|pool| Request::Restart { pool }),
         Just(Request::Gpus),
         Just(Request::Renew),
-        pool_id().prop_map(|pool| Request::Load { pool }),
+        (pool_id(), any::<bool>()).prop_map(|(pool, for_waiting_requests)| Request::Load {
+            pool,
+            for_waiting_requests
+        }),
         pool_id().prop_map(|pool| Request::Unload { pool }),
         pool_id().prop_map(|pool| Request::CancelLoad { pool }),
         Just(Request::Memory),
