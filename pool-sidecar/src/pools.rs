@@ -205,6 +205,7 @@ pub async fn start(
             wake: None,
             demand: HashMap::new(),
             baselines: Baselines::default(),
+            sent_loads: HashSet::new(),
         },
     };
     for pool in &config.pools {
@@ -253,6 +254,8 @@ struct Memory {
     demand: HashMap<PoolId, HashSet<Requester>>,
     /// GPU loads under way, for footprints measured by the device's growth.
     baselines: Baselines,
+    /// Loads sent to Unloaded pools whose supervisors have not reported them Loading yet.
+    sent_loads: HashSet<PoolId>,
 }
 
 /// When a loaded pool was loaded and last used.
@@ -393,7 +396,7 @@ impl Controller {
             }
         }
         if let Request::Load { pool, .. } = &request {
-            self.begin_gpu_load(pool);
+            self.begin_load(pool);
         }
         let (pool, command) = match self.command_for(request) {
             Ok(planned) => planned,
@@ -437,6 +440,7 @@ impl Controller {
         };
         let (taken, answer) = oneshot::channel();
         if let Err(error) = send_command(&commands, &pool, command(taken)) {
+            self.memory.sent_loads.remove(&pool);
             let _ = reply.send(Err(error));
             return;
         }
@@ -618,6 +622,7 @@ impl Controller {
             return Ok(());
         };
         tracing::info!(%pool, "nobody waits for the load any more; cancelling it");
+        self.memory.sent_loads.remove(pool);
         let (reply, answer) = oneshot::channel();
         send_command(&commands, pool, AdminCommand::CancelLoad { reply })?;
         let pool = pool.clone();
@@ -677,10 +682,11 @@ impl Controller {
         else {
             return;
         };
-        self.begin_gpu_load(pool);
+        self.begin_load(pool);
         let (reply, answer) = oneshot::channel();
         if let Err(error) = send_command(&commands, pool, AdminCommand::Load { reply }) {
             tracing::warn!(%pool, %error, "the supervisor did not take the load");
+            self.memory.sent_loads.remove(pool);
             return;
         }
         let pool = pool.clone();
@@ -735,6 +741,11 @@ impl Controller {
                         | PoolState::Draining
                 )
             })
+        });
+        self.memory.sent_loads.retain(|pool| {
+            snapshot
+                .pool(pool)
+                .is_some_and(|status| status.state == PoolState::Unloaded)
         });
         for status in &snapshot.pools {
             let gpu = match self
@@ -852,13 +863,11 @@ impl Controller {
         MemoryReport { devices, pools }
     }
 
-    /// A load of GPU pool `pool` is about to be sent (its supervisor reads the device just
-    /// before it starts the engine; see `gpu_baselines`).
-    fn begin_gpu_load(&mut self, pool: &PoolId) {
+    /// A load of an Unloaded managed pool is about to be sent: until its supervisor reports it
+    /// Loading, the planner counts its memory as taken; a GPU pool's supervisor reads the device
+    /// just before it starts the engine (see `gpu_baselines`).
+    fn begin_load(&mut self, pool: &PoolId) {
         let Some(running) = self.running.get(pool) else {
-            return;
-        };
-        let Device::Gpu(index) = residency::device_of(&running.config) else {
             return;
         };
         let unloaded = self
@@ -867,7 +876,11 @@ impl Controller {
             .snapshot()
             .pool(pool)
             .is_some_and(|status| status.state == PoolState::Unloaded);
-        if running.config.managed().is_some() && unloaded {
+        if running.config.managed().is_none() || !unloaded {
+            return;
+        }
+        self.memory.sent_loads.insert(pool.clone());
+        if let Device::Gpu(index) = residency::device_of(&running.config) {
             self.memory.baselines.begin(pool, index);
         }
     }
@@ -979,6 +992,9 @@ impl Controller {
                     last_used: now,
                 });
                 let residency = match status.state {
+                    PoolState::Unloaded if self.memory.sent_loads.contains(&pool) => {
+                        Residency::Loading
+                    }
                     PoolState::Unloaded | PoolState::Stopped | PoolState::Failed => {
                         Residency::Unloaded
                     }

@@ -245,3 +245,53 @@ fn a_request_for_a_model_that_can_never_fit_is_refused_with_its_footprint_and_th
     }
     assert_eq!(stack.pool_status("huge")["state"], "unloaded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_asked_for_at_once_never_run_more_engines_than_the_budget_holds() {
+    let dir = temp_dir();
+    let models: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| {
+            make_model(
+                &dir.path().join(format!("{id}.gguf")),
+                &["--width", "384", "--layers", "8", "--seed", "7"],
+            )
+        })
+        .collect();
+    let mut builder = Stack::builder().without_orchestrator().pool(&format!(
+        "[memory]\nhost_budget_bytes = {}\nmin_residency_ms = 0\n",
+        130 * MIB
+    ));
+    for (id, model) in ["a", "b", "c"].iter().zip(&models) {
+        // Half a second of loading: long enough that all three asks arrive before any engine
+        // reports Loading.
+        builder = builder.pool(&pool(id, model, r#", "--load-ms", "500""#));
+    }
+    let stack = builder.start_in(dir);
+    let client = stack.client("demand").await;
+    let id = |name: &str| PoolId::from(name);
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    let (a, b, c) = tokio::join!(client.load(&a), client.load(&b), client.load(&c));
+    a.unwrap();
+    b.unwrap();
+    c.unwrap();
+    let running = || {
+        ["a", "b", "c"]
+            .iter()
+            .filter(|pool| {
+                stack
+                    .recorded_engine_pid(pool)
+                    .is_some_and(e2e::process_alive)
+            })
+            .count()
+    };
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while client.pool_status(&id("c")).await.unwrap().state != PoolState::Ready {
+        most = most.max(running());
+        assert!(std::time::Instant::now() < deadline, "c never loaded");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    most = most.max(running());
+    assert_eq!(most, 2, "two fit at a time, three never ran at once");
+}
