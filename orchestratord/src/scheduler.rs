@@ -4,8 +4,19 @@
 //! then waits until the local mirror of the registry shows a pool for its model with a free
 //! slot; the scheduler Acquires that slot over the socket (the one round trip) and hands the
 //! lease to the waiting handler. It wakes on mirror changes (a freed slot is a published
-//! change), on new requests and on the next queue deadline; nothing polls. A lost race (the
-//! slot went elsewhere between mirror and Acquire) puts the request back in line.
+//! change), on new requests, on Acquire answers and on the next queue deadline; nothing polls.
+//!
+//! Bursts are placed at once: every queued request the mirror says fits gets its Acquire sent
+//! in the same pass, without waiting for the previous answer (the shared connection pipelines
+//! them). So that a pass cannot promise the same slot twice, each sent Acquire reserves its
+//! slots locally until the mirror shows its outcome (`Reservations`): until it is answered, and
+//! if granted until the mirror reaches the lease's `registry_epoch` (the answer may come before
+//! the event that publishes the lease). Placement sees the mirror's free slots less those
+//! reservations: conservative, never promising a slot twice, while the mirror may count a lease
+//! twice for a moment. pool-managerd stays the authority: an Acquire it refuses (the
+//! slot went elsewhere between mirror and Acquire) puts the request back in line, and placement
+//! then waits for the next registry change before it tries again, so a stale mirror cannot
+//! make it spin.
 //!
 //! Every waiter ends in exactly one outcome: placed, refused, expired or cancelled; a lease
 //! whose waiter vanished is dropped, which releases it.
@@ -18,7 +29,7 @@ use crate::placement::{
 };
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
-use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState};
+use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState, RegistrySnapshot};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +94,49 @@ struct Waiting {
     placed: oneshot::Sender<Result<Placed, ApiError>>,
 }
 
+/// Slots this scheduler has promised that its mirror may not show yet.
+#[derive(Debug, Default)]
+struct Reservations {
+    /// Acquires sent and not answered, by request.
+    asked: HashMap<TaskId, (PoolId, u32)>,
+    /// Leases granted whose registry epoch the mirror has not reached.
+    granted: Vec<(PoolId, u32, u64)>,
+    /// The mirror's epoch when last looked at: a lower one is a restarted pool-managerd, whose
+    /// epochs start again (its snapshot shows every lease it holds).
+    epoch: u64,
+}
+
+impl Reservations {
+    /// Forgets what the mirror at `epoch` shows, then takes what is left off `view`'s free
+    /// slots.
+    fn apply(&mut self, view: &mut RegistrySnapshot) {
+        if view.epoch < self.epoch {
+            self.granted.clear();
+        }
+        self.epoch = view.epoch;
+        self.granted.retain(|(_, _, epoch)| *epoch > view.epoch);
+        let taken = self
+            .asked
+            .values()
+            .map(|(pool, slots)| (pool, *slots))
+            .chain(self.granted.iter().map(|(pool, slots, _)| (pool, *slots)));
+        for (pool, slots) in taken {
+            if let Some(status) = view.pools.iter_mut().find(|each| &each.pool_id == pool) {
+                status.slots_free = status.slots_free.saturating_sub(slots);
+            }
+        }
+    }
+}
+
+/// An Acquire sent for a queued request, and its answer.
+struct Acquired {
+    id: TaskId,
+    waiting: Waiting,
+    pool: PoolId,
+    slots: u32,
+    result: Result<LeaseGuard, ClientError>,
+}
+
 enum Command {
     Submit {
         demand: Demand,
@@ -122,6 +176,7 @@ impl Scheduler {
     ) -> Scheduler {
         let (commands, inbox) = mpsc::unbounded_channel();
         let (load_calls, calls) = mpsc::unbounded_channel();
+        let (acquired_sender, acquired) = mpsc::unbounded_channel();
         tokio::spawn(make_load_calls(client.clone(), calls, commands.clone()));
         let actor = SchedulerActor {
             queue: AdmissionQueue::new(config),
@@ -129,6 +184,10 @@ impl Scheduler {
             mirror,
             inbox,
             handle: commands.clone(),
+            reservations: Reservations::default(),
+            acquired,
+            acquired_sender,
+            lost_race_at: None,
             affinity: SessionAffinity::new(sessions),
             next_id: 1,
             metrics,
@@ -181,6 +240,13 @@ struct SchedulerActor {
     mirror: watch::Receiver<RegistryMirror>,
     inbox: mpsc::UnboundedReceiver<Command>,
     handle: mpsc::UnboundedSender<Command>,
+    /// Slots promised that the mirror may not show yet (see the module header).
+    reservations: Reservations,
+    /// Where sent Acquires' answers come back.
+    acquired: mpsc::UnboundedReceiver<Acquired>,
+    acquired_sender: mpsc::UnboundedSender<Acquired>,
+    /// The registry epoch at which an Acquire was last refused: placement waits for a newer one.
+    lost_race_at: Option<u64>,
     affinity: SessionAffinity,
     next_id: u64,
     metrics: Arc<Metrics>,
@@ -259,10 +325,11 @@ impl SchedulerActor {
                     self.update_capacity_hint();
                     self.fail_hopeless();
                 }
+                Some(acquired) = self.acquired.recv() => self.on_acquired(acquired),
                 () = expiry => {}
             }
             self.expire();
-            self.dispatch().await;
+            self.dispatch();
             self.request_loads();
             let (interactive, batch) = self.queue.depth();
             self.metrics.set_queue_depth(interactive, batch);
@@ -603,125 +670,165 @@ impl SchedulerActor {
         }
     }
 
-    /// Places every queued request that can be placed now.
-    async fn dispatch(&mut self) {
+    /// Sends an Acquire for every queued request that can be placed now (see the module
+    /// header), each reserving its slots until it is answered.
+    fn dispatch(&mut self) {
+        let mut view = {
+            let mirror = self.mirror.borrow();
+            if !mirror.connected || self.lost_race_at == Some(mirror.snapshot.epoch) {
+                return;
+            }
+            self.lost_race_at = None;
+            if self.queue.is_empty() {
+                return;
+            }
+            mirror.snapshot.clone()
+        };
+        self.reservations.apply(&mut view);
         loop {
-            let choice = {
-                let mirror = self.mirror.borrow();
-                if !mirror.connected {
-                    return;
-                }
-                let snapshot = &mirror.snapshot;
-                let affinity = &self.affinity;
-                // Pools whose slots wait for an earlier request that needs several at once: later
-                // requests, checked after it in service order, may not take them.
-                let mut held_back: Vec<PoolId> = Vec::new();
-                let next = self.queue.next_eligible(Instant::now(), |waiting| {
-                    let session_pool = waiting
-                        .demand
-                        .session
-                        .as_deref()
-                        .and_then(|session| affinity.pool_of(session));
-                    let wanted = waiting.demand.wanted(&held_back);
-                    match placement::choose(snapshot, &wanted, session_pool) {
-                        Ok(_) => true,
-                        Err(NoPlacement::Busy) => {
-                            if let Some(pool) = placement::pool_to_wait_for(snapshot, &wanted) {
-                                held_back.push(pool);
-                            }
-                            false
-                        }
-                        Err(_) => false,
-                    }
-                });
-                let Some((id, waiting)) = next else {
-                    return;
-                };
+            let affinity = &self.affinity;
+            // Pools whose slots wait for an earlier request that needs several at once: later
+            // requests, checked after it in service order, may not take them.
+            let mut held_back: Vec<PoolId> = Vec::new();
+            let next = self.queue.next_eligible(Instant::now(), |waiting| {
                 let session_pool = waiting
                     .demand
                     .session
                     .as_deref()
                     .and_then(|session| affinity.pool_of(session));
                 let wanted = waiting.demand.wanted(&held_back);
-                match placement::choose(snapshot, &wanted, session_pool) {
-                    Ok(choice) => (id, waiting, choice),
-                    Err(_) => {
-                        let _ = waiting
-                            .placed
-                            .send(Err(ApiError::Internal("placement changed its mind".into())));
-                        continue;
+                match placement::choose(&view, &wanted, session_pool) {
+                    Ok(_) => true,
+                    Err(NoPlacement::Busy) => {
+                        if let Some(pool) = placement::pool_to_wait_for(&view, &wanted) {
+                            held_back.push(pool);
+                        }
+                        false
                     }
+                    Err(_) => false,
+                }
+            });
+            let Some((id, waiting)) = next else {
+                return;
+            };
+            let session_pool = waiting
+                .demand
+                .session
+                .as_deref()
+                .and_then(|session| affinity.pool_of(session));
+            let wanted = waiting.demand.wanted(&held_back);
+            let Choice { pool, slots } = match placement::choose(&view, &wanted, session_pool) {
+                Ok(choice) => choice,
+                Err(_) => {
+                    let _ = waiting
+                        .placed
+                        .send(Err(ApiError::Internal("placement changed its mind".into())));
+                    continue;
                 }
             };
-            let (id, waiting, Choice { pool, slots }) = choice;
             if waiting.placed.is_closed() {
                 continue;
             }
-            let asked = Instant::now();
-            let acquired = self
-                .client
-                .acquire(
-                    AcquireTarget::Pool(pool.clone()),
-                    waiting.demand.correlation_id.clone(),
-                    waiting.demand.session.clone(),
+            if let Some(chosen) = view.pools.iter_mut().find(|each| each.pool_id == pool) {
+                chosen.slots_free = chosen.slots_free.saturating_sub(slots);
+            }
+            self.reservations.asked.insert(id, (pool.clone(), slots));
+            let client = self.client.clone();
+            let answers = self.acquired_sender.clone();
+            let metrics = Arc::clone(&self.metrics);
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let result = client
+                    .acquire(
+                        AcquireTarget::Pool(pool.clone()),
+                        waiting.demand.correlation_id.clone(),
+                        waiting.demand.session.clone(),
+                        slots,
+                    )
+                    .await;
+                Metrics::observe(&metrics.dispatch, asked.elapsed());
+                let _ = answers.send(Acquired {
+                    id,
+                    waiting,
+                    pool,
                     slots,
-                )
-                .await;
-            Metrics::observe(&self.metrics.dispatch, asked.elapsed());
-            match acquired {
-                Ok(lease) => {
-                    let queued_for = waiting.enqueued.elapsed();
-                    Metrics::observe(&self.metrics.queue_wait, queued_for);
-                    if let Err(Ok(orphan)) = waiting.placed.send(Ok(Placed { lease, queued_for })) {
-                        // Dropping the guard releases the lease.
-                        drop(orphan);
-                    }
+                    result,
+                });
+            });
+        }
+    }
+
+    /// An Acquire's answer: the lease goes to its waiting handler; a lost race puts the request
+    /// back in line; an unreachable pool-managerd answers the request.
+    fn on_acquired(&mut self, acquired: Acquired) {
+        let Acquired {
+            id,
+            waiting,
+            pool,
+            slots,
+            result,
+        } = acquired;
+        self.reservations.asked.remove(&id);
+        match result {
+            Ok(lease) => {
+                if lease.lease().registry_epoch > self.mirror.borrow().snapshot.epoch {
+                    self.reservations.granted.push((
+                        pool.clone(),
+                        slots,
+                        lease.lease().registry_epoch,
+                    ));
                 }
-                Err(ClientError::Remote(error))
-                    if matches!(
-                        error.code,
-                        ErrorCode::NoCapacity
-                            | ErrorCode::LeaseCapReached
-                            | ErrorCode::NotReady
-                            | ErrorCode::Draining
-                            | ErrorCode::NotFound
-                            | ErrorCode::BadRequest
-                    ) =>
+                let queued_for = waiting.enqueued.elapsed();
+                Metrics::observe(&self.metrics.queue_wait, queued_for);
+                if let Err(Ok(orphan)) = waiting.placed.send(Ok(Placed { lease, queued_for })) {
+                    // Dropping the guard releases the lease.
+                    drop(orphan);
+                }
+            }
+            Err(ClientError::Remote(error))
+                if matches!(
+                    error.code,
+                    ErrorCode::NoCapacity
+                        | ErrorCode::LeaseCapReached
+                        | ErrorCode::NotReady
+                        | ErrorCode::Draining
+                        | ErrorCode::NotFound
+                        | ErrorCode::BadRequest
+                ) =>
+            {
+                // Lost a race against the mirror (the slots went elsewhere, or the pool was
+                // drained, removed or reloaded with fewer slots meanwhile), or orchestratord
+                // holds all the slots pool-managerd lets one uid lease: back in line; the next
+                // change (a lease of ours ending is one) retries, and `fail_hopeless` answers a
+                // request no pool can take.
+                tracing::debug!(task = %id, %pool, %error, "lost the race for a slot");
+                self.lost_race_at = Some(self.mirror.borrow().snapshot.epoch);
+                let deadline = waiting.demand.deadline;
+                let priority = waiting.demand.priority;
+                match self
+                    .queue
+                    .push(id, priority, deadline, waiting, Instant::now())
                 {
-                    // Lost a race against the mirror (the slots went elsewhere, or the pool was
-                    // drained, removed or reloaded with fewer slots meanwhile), or orchestratord
-                    // holds all the slots pool-managerd lets one uid lease: back in line; the
-                    // next change (a lease of ours ending is one) retries, and `fail_hopeless`
-                    // answers a request no pool can take.
-                    tracing::debug!(task = %id, %pool, %error, "lost the race for a slot");
-                    let deadline = waiting.demand.deadline;
-                    let priority = waiting.demand.priority;
-                    match self
-                        .queue
-                        .push(id, priority, deadline, waiting, Instant::now())
-                    {
-                        Ok(admitted) => {
-                            if let Some((dropped_id, dropped)) = admitted.dropped {
-                                tracing::info!(task = %dropped_id, "dropped from the full queue (drop-lru)");
-                                let _ = dropped.placed.send(Err(ApiError::DroppedFromQueue));
-                            }
-                        }
-                        Err(rejected) => {
-                            // The queue filled up (or the deadline passed) meanwhile: the
-                            // payload is gone, and its handler sees its channel close.
-                            tracing::warn!(task = %id, %rejected, "could not requeue after a lost race");
+                    Ok(admitted) => {
+                        if let Some((dropped_id, dropped)) = admitted.dropped {
+                            tracing::info!(task = %dropped_id, "dropped from the full queue (drop-lru)");
+                            let _ = dropped.placed.send(Err(ApiError::DroppedFromQueue));
                         }
                     }
-                    return;
+                    Err(rejected) => {
+                        // The queue filled up (or the deadline passed) meanwhile: the payload is
+                        // gone, and its handler sees its channel close.
+                        tracing::warn!(task = %id, %rejected, "could not requeue after a lost race");
+                    }
                 }
-                Err(error) => {
-                    // pool-managerd is unreachable or refuses orchestratord itself: an operator's
-                    // problem, never the client's request.
-                    tracing::warn!(task = %id, %pool, %error, "acquire failed");
-                    let _ = waiting.placed.send(Err(ApiError::PoolUnavailable {
-                        retry_after: crate::error::POOL_MANAGER_RETRY_AFTER,
-                    }));
-                }
+            }
+            Err(error) => {
+                // pool-managerd is unreachable or refuses orchestratord itself: an operator's
+                // problem, never the client's request.
+                tracing::warn!(task = %id, %pool, %error, "acquire failed");
+                let _ = waiting.placed.send(Err(ApiError::PoolUnavailable {
+                    retry_after: crate::error::POOL_MANAGER_RETRY_AFTER,
+                }));
             }
         }
     }
@@ -753,4 +860,71 @@ fn unix_ms_now() -> u64 {
         .map_or(0, |since| {
             u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pool_ipc::registry::{Endpoint, EngineKind, PoolSnapshot};
+
+    fn view(epoch: u64, free: u32) -> RegistrySnapshot {
+        RegistrySnapshot {
+            epoch,
+            pools: vec![PoolSnapshot {
+                pool_id: PoolId("p".into()),
+                model: "m".into(),
+                engine: EngineKind::Llamacpp,
+                endpoint: Endpoint::Unix {
+                    path: "/run/p.sock".into(),
+                },
+                state: PoolState::Ready,
+                live: true,
+                slots_total: 8,
+                slots_free: free,
+                engine_version: None,
+                last_error: None,
+                restarts: 0,
+                last_probe_unix_ms: None,
+                api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
+            }],
+        }
+    }
+
+    fn free_after(reservations: &mut Reservations, epoch: u64, free: u32) -> u32 {
+        let mut view = view(epoch, free);
+        reservations.apply(&mut view);
+        view.pools[0].slots_free
+    }
+
+    #[test]
+    fn slots_stay_promised_until_the_mirror_shows_the_lease_that_took_them() {
+        let mut reservations = Reservations::default();
+        let pool = PoolId("p".into());
+        reservations.asked.insert(TaskId(1), (pool.clone(), 2));
+        assert_eq!(
+            free_after(&mut reservations, 10, 8),
+            6,
+            "asked, not answered"
+        );
+        // Granted at epoch 11, but the mirror is still at 10: still taken.
+        reservations.asked.remove(&TaskId(1));
+        reservations.granted.push((pool.clone(), 2, 11));
+        assert_eq!(free_after(&mut reservations, 10, 8), 6);
+        // The mirror shows the lease: it counts it itself.
+        assert_eq!(free_after(&mut reservations, 11, 6), 6);
+        assert!(reservations.granted.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_pool_managers_lower_epochs_drop_the_granted_reservations() {
+        let mut reservations = Reservations::default();
+        let pool = PoolId("p".into());
+        assert_eq!(free_after(&mut reservations, 500, 8), 8);
+        reservations.granted.push((pool, 1, 501));
+        assert_eq!(
+            free_after(&mut reservations, 3, 7),
+            7,
+            "its snapshot already shows the re-asserted lease"
+        );
+    }
 }

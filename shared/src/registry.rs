@@ -378,6 +378,10 @@ pub struct Lease {
     /// ([`crate::wire::HeldLease`]); never serialised to JSON.
     #[serde(skip)]
     pub secret: LeaseSecret,
+    /// The registry epoch whose snapshot (and events) first show this lease: a client placing
+    /// from a mirror counts the lease's slots as taken until its mirror reaches this epoch (the
+    /// answer to an Acquire may arrive before the event that publishes it).
+    pub registry_epoch: u64,
 }
 
 /// One GPU of the host, as NVML reports it.

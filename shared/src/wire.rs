@@ -26,8 +26,8 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 /// with `Request::Renew`; a peer over its lease cap gets `ErrorCode::LeaseCapReached`.
 /// 4: pools can be loaded on demand: two appended pool states (`PoolState::Unloaded`,
 /// `PoolState::Loading`) that an older client could not decode in a snapshot or event,
-/// `Request::Load` / `Request::Unload` / `Request::CancelLoad`, and `Request::Memory` answered
-/// by `Response::Memory`.
+/// `Request::Load` / `Request::Unload` / `Request::CancelLoad`, `Request::Memory` answered
+/// by `Response::Memory`, and `Lease::registry_epoch`.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames a client sends.

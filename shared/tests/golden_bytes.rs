@@ -537,6 +537,7 @@ fn response_acquired_is_pinned() {
         endpoint: Endpoint::Unix { path: "/s".into() },
         slots: 4,
         secret: secret(),
+        registry_epoch: 7,
     });
     assert_golden(
         &lease,
@@ -550,6 +551,7 @@ fn response_acquired_is_pinned() {
             01 02 2f 73                # endpoint Unix {{ path \"/s\" }}
             04                         # slots 4
             {SECRET}                   # secret
+            07                         # registry_epoch 7
         "
         )),
     );

@@ -1531,3 +1531,53 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
     );
     drop(client);
 }
+
+#[test]
+fn a_burst_of_200_streams_on_a_50_slot_pool_never_overbooks_and_every_stream_is_served() {
+    let stack = stack(
+        50,
+        &["--token-delay-ms", "20"],
+        "[admission]\ncapacity = 256\nqueue_deadline_ms = 60000\n",
+    );
+    let addr = stack.api();
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let (outcomes, most_leases) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                let leases = stack.pool_status("p")["active_leases"].as_u64().unwrap();
+                most = most.max(leases);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        });
+        let streams: Vec<_> = (0..200)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (reader, status, head) =
+                        post(&addr, "/v1/chat/completions", &chat(8, true), &[]);
+                    assert_eq!(status, 200, "{head}");
+                    drain_stream(reader)
+                })
+            })
+            .collect();
+        let outcomes: Vec<(usize, bool)> = streams
+            .into_iter()
+            .map(|stream| stream.join().unwrap())
+            .collect();
+        sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+        (outcomes, sampler.join().unwrap())
+    });
+    assert!(
+        outcomes.iter().all(|outcome| *outcome == (8, true)),
+        "every stream whole: {outcomes:?}"
+    );
+    assert!(most_leases <= 50, "{most_leases} leases on 50 slots");
+    assert_eq!(most_leases, 50, "the burst filled the pool");
+    assert_eq!(
+        stack.metric("orchestratord_dispatch_seconds_count"),
+        200.0,
+        "one Acquire per stream: the mirror less the slots reserved by Acquires in flight never promised a slot twice"
+    );
+    stack.wait_for_leases("p", 0);
+}

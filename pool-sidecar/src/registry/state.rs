@@ -476,6 +476,8 @@ impl RegistryState {
             endpoint,
             slots,
             secret,
+            // The next flush publishes the change that adds this lease, under the next epoch.
+            registry_epoch: self.epoch + 1,
         })
     }
 
@@ -1768,7 +1770,12 @@ mod tests {
         let mut state = ready_registry(&[pool("a", "m", 4)]);
         let epoch = state.epoch();
         for _ in 0..3 {
-            state.acquire(owner(1), &target("a"), 1).unwrap();
+            let lease = state.acquire(owner(1), &target("a"), 1).unwrap();
+            assert_eq!(
+                lease.registry_epoch,
+                epoch + 1,
+                "the flush that publishes the lease"
+            );
         }
         let changes = state.take_changes();
         assert_eq!(changes.len(), 1);

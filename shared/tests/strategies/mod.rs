@@ -143,16 +143,20 @@ pub fn lease() -> BoxedStrategy<Lease> {
         endpoint(),
         any::<u32>(),
         lease_secret(),
+        any::<u64>(),
     )
-        .prop_map(|(id, pool, model, engine, endpoint, slots, secret)| Lease {
-            id,
-            pool,
-            model,
-            engine,
-            endpoint,
-            slots,
-            secret,
-        })
+        .prop_map(
+            |(id, pool, model, engine, endpoint, slots, secret, registry_epoch)| Lease {
+                id,
+                pool,
+                model,
+                engine,
+                endpoint,
+                slots,
+                secret,
+                registry_epoch,
+            },
+        )
         .boxed()
 }
 
