@@ -8,6 +8,10 @@ use orchestratord::startup::{self, Args};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+/// See the workspace's Cargo.toml for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // Read before any thread starts: it edits the environment.
