@@ -162,8 +162,13 @@ struct PoolEntry {
     state: PoolState,
     live: bool,
     slots_total: u32,
-    /// Each live lease on the pool and the slots it holds (at least 1).
+    /// Each live lease on the pool and the slots it holds (at least 1); changed only through
+    /// `add_lease` and `remove_lease`, which keep `held` its sum.
     leases: BTreeMap<LeaseId, u32>,
+    /// Slots held by `leases`, kept as they change: the free-slot check of every Acquire and
+    /// every published snapshot reads it, and summing thousands of leases each time made a
+    /// burst quadratic.
+    held: u32,
     api_endpoints: Vec<ApiEndpoint>,
     engine_version: Option<String>,
     last_error: Option<String>,
@@ -175,9 +180,20 @@ struct PoolEntry {
 
 impl PoolEntry {
     fn slots_held(&self) -> u32 {
-        self.leases
-            .values()
-            .fold(0u32, |held, slots| held.saturating_add(*slots))
+        self.held
+    }
+
+    fn add_lease(&mut self, id: LeaseId, slots: u32) {
+        if let Some(replaced) = self.leases.insert(id, slots) {
+            self.held = self.held.saturating_sub(replaced);
+        }
+        self.held = self.held.saturating_add(slots);
+    }
+
+    fn remove_lease(&mut self, id: LeaseId) {
+        if let Some(slots) = self.leases.remove(&id) {
+            self.held = self.held.saturating_sub(slots);
+        }
     }
 
     fn slots_free(&self) -> u32 {
@@ -384,7 +400,7 @@ impl RegistryState {
     /// expiry clock.
     fn insert_lease(&mut self, id: LeaseId, pool: PoolId, owner: Owner, slots: u32) {
         if let Some(entry) = self.pools.get_mut(&pool) {
-            entry.leases.insert(id, slots);
+            entry.add_lease(id, slots);
         }
         let expires_at_ms = self.expiry_from_now();
         if let Some(at_ms) = expires_at_ms {
@@ -558,7 +574,7 @@ impl RegistryState {
     fn drop_lease(&mut self, lease: LeaseId, end: LeaseEnd) -> Option<LeaseRecord> {
         let record = self.leases.remove(&lease)?;
         if let Some(entry) = self.pools.get_mut(&record.pool) {
-            entry.leases.remove(&lease);
+            entry.remove_lease(lease);
         }
         if let Some(at_ms) = record.expires_at_ms {
             self.expiries.remove(&(at_ms, lease));
@@ -961,6 +977,7 @@ impl RegistryState {
         let mut counted = 0;
         for (id, entry) in &self.pools {
             let held: u64 = entry.leases.values().map(|slots| u64::from(*slots)).sum();
+            assert_eq!(u64::from(entry.held), held, "{id}: the kept sum of its leases' slots");
             assert!(held <= u64::from(entry.slots_total), "{id} oversubscribed");
             assert_eq!(
                 u64::from(entry.slots_total - entry.slots_free()),
@@ -1015,6 +1032,7 @@ fn new_entry(config: &PoolConfig) -> PoolEntry {
         live: false,
         slots_total: config.slots.unwrap_or(0),
         leases: BTreeMap::new(),
+        held: 0,
         api_endpoints: config.api_endpoints.clone(),
         engine_version: None,
         last_error: None,
