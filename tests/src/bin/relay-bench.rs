@@ -77,6 +77,11 @@ struct Args {
     /// (`-ngl 99`); needs a CUDA build of llama-server.
     #[arg(long, requires = "llama_server")]
     gpus: Option<String>,
+    /// The engine kind the double's pool declares: `llamacpp` (orchestratord opens a new
+    /// connection for every stream, since llama-server closes each after its answer) or `openai`
+    /// (an engine that keeps connections: orchestratord reuses pooled ones).
+    #[arg(long, default_value = "llamacpp", value_parser = ["llamacpp", "openai"], conflicts_with = "llama_server")]
+    engine_kind: String,
 }
 
 impl Args {
@@ -138,7 +143,9 @@ fn double_pool(
         r#"[[pool]]
 id = "{POOL}"
 model = "{MODEL}"
-engine = "llamacpp"
+engine = "{kind}"
+slots = {slots}
+health_path = "/health"
 command = [{engine:?}, "--listen", "{{host}}:{{port}}", "--slots", "{slots}", "--ctx", "{ctx}", "--token-delay-ms", "{delay}", "--model", "{{model}}"]
 model_path = {model:?}
 listen = "tcp"
@@ -149,6 +156,7 @@ stop_grace_ms = 1000
         engine = binary("test-engine-double").display().to_string(),
         model = model.display().to_string(),
         delay = args.token_delay_ms,
+        kind = args.engine_kind,
     ))
 }
 
@@ -884,14 +892,20 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         ),
         None => println!(
             "engine: test-engine-double, a FAKE engine (no model; filler words), {} ms between two \
-             tokens of a stream{}, {} slots, TCP {}",
+             tokens of a stream{}, {} slots, TCP {}, declared `{}` ({})",
             args.token_delay_ms,
             match args.token_delay_ms {
                 0 => " (as fast as it goes)".to_owned(),
                 d => format!(" (~{:.0} tokens/s per stream)", 1000.0 / d as f64),
             },
             stack.slots,
-            stack.engine
+            stack.engine,
+            args.engine_kind,
+            if args.engine_kind == "openai" {
+                "orchestratord reuses kept-alive engine connections"
+            } else {
+                "orchestratord opens a new engine connection per stream, as for llama-server"
+            }
         ),
     }
     println!(
