@@ -977,7 +977,11 @@ impl RegistryState {
         let mut counted = 0;
         for (id, entry) in &self.pools {
             let held: u64 = entry.leases.values().map(|slots| u64::from(*slots)).sum();
-            assert_eq!(u64::from(entry.held), held, "{id}: the kept sum of its leases' slots");
+            assert_eq!(
+                u64::from(entry.held),
+                held,
+                "{id}: the kept sum of its leases' slots"
+            );
             assert!(held <= u64::from(entry.slots_total), "{id} oversubscribed");
             assert_eq!(
                 u64::from(entry.slots_total - entry.slots_free()),
