@@ -5,7 +5,7 @@
 //! reused. Idle ones are dropped after [`IDLE_TIMEOUT`], below cpp-httplib's 5 s keep-alive in
 //! llama-server, so we do not pick a connection the engine is about to time out.
 //!
-//! Streams to llama-server always go on a new (or spare, never used) connection: it closes the connection after every
+//! Streams to llama-server always go on a new connection: it closes the connection after every
 //! streamed response (it advertises `Keep-Alive`, then half-closes, reads and discards whatever
 //! arrives for 100 ms, and closes: cpp-httplib's `drain_and_close_socket`), so a pooled one could
 //! only meet that close. Meeting it mostly failed fast and was sent again (below), but about once
@@ -23,8 +23,7 @@
 //!   e.g. EPIPE): a failed write means at least the request's last bytes never left, and an engine
 //!   acts only on a complete request (a JSON body of known length). This is how a stale pooled
 //!   Unix-socket connection often shows up;
-//! - the connection had sat idle before this request (it carried an earlier one, or it was a
-//!   spare opened ahead of demand, see `connection`) and failed (closed, reset) before one
+//! - the connection had already carried an earlier request and failed (closed, reset) before one
 //!   byte of this request's answer arrived, at once after the request was written (within
 //!   `connection::STALE_CLOSE_WINDOW`; [`ConnectionUse::closed_while_idle`]): the engine closed a
 //!   connection it held idle and never read the request. llama-server does this after every
@@ -48,7 +47,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,13 +61,10 @@ use hyper::{Method, Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioTimer;
 use pool_ipc::registry::{Endpoint, EngineKind};
-use tokio::net::{TcpStream, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connection::{
-    ConnectionUse, Spares, TcpEngineConnector, UnixEngineConnector, WithoutSpares,
-};
+use super::connection::{ConnectionUse, TcpEngineConnector, UnixEngineConnector};
 use super::stream::EngineStream;
 use super::{AdapterError, EngineRequest, MAX_ENGINE_TEXT, error_chain};
 
@@ -116,26 +112,23 @@ where
     }
 }
 
-/// The clients of one endpoint: `shared` pools connections; `fresh` never reuses one (a
-/// llama-server stream: a new connection or a spare opened ahead of it); `retry` opens a new one
-/// for the retry of a request whose connection failed (never a spare, which sat idle too).
+/// The two clients of one endpoint: `shared` pools connections, `fresh` never reuses one (for the
+/// retry of a request that a stale pooled connection handed back).
 #[derive(Debug, Clone)]
 struct Clients<C> {
     shared: Client<C, Full<Bytes>>,
     fresh: Client<C, Full<Bytes>>,
-    retry: Client<C, Full<Bytes>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pool {
     Shared,
     Fresh,
-    Retry,
 }
 
 impl<C> Clients<C>
 where
-    C: hyper_util::client::legacy::connect::Connect + WithoutSpares + Clone + Send + Sync + 'static,
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
     fn new(executor: &TrackedExecutor, connector: C) -> Self {
         let mut builder = Client::builder(executor.clone());
@@ -147,13 +140,8 @@ where
             .retry_canceled_requests(false);
         let shared = builder.build(connector.clone());
         builder.pool_max_idle_per_host(0);
-        let retry = builder.build(connector.without_spares());
         let fresh = builder.build(connector);
-        Self {
-            shared,
-            fresh,
-            retry,
-        }
+        Self { shared, fresh }
     }
 
     async fn send(
@@ -164,7 +152,6 @@ where
         match pool {
             Pool::Shared => self.shared.request(request).await,
             Pool::Fresh => self.fresh.request(request).await,
-            Pool::Retry => self.retry.request(request).await,
         }
     }
 }
@@ -175,41 +162,23 @@ enum Transport {
     Tcp {
         clients: Clients<TcpEngineConnector>,
         authority: Authority,
-        spares: Arc<Spares<TcpStream>>,
     },
     /// The connector holds the socket path; URIs carry a placeholder authority.
     Unix {
         clients: Clients<UnixEngineConnector>,
-        spares: Arc<Spares<UnixStream>>,
     },
 }
 
 impl Transport {
     fn new(executor: &TrackedExecutor, endpoint: &Endpoint) -> Result<Self, AdapterError> {
         match endpoint {
-            Endpoint::Http { authority } => {
-                let connector = TcpEngineConnector::new();
-                Ok(Self::Tcp {
-                    spares: connector.spares(),
-                    clients: Clients::new(executor, connector),
-                    authority: Authority::try_from(authority.as_str()).map_err(bad_uri)?,
-                })
-            }
-            Endpoint::Unix { path } => {
-                let connector = UnixEngineConnector::new(path);
-                Ok(Self::Unix {
-                    spares: connector.spares(),
-                    clients: Clients::new(executor, connector),
-                })
-            }
-        }
-    }
-
-    /// Keep connections ready ahead of demand: the endpoint's streams each need a new one.
-    fn want_spares(&self) {
-        match self {
-            Self::Tcp { spares, .. } => spares.want(),
-            Self::Unix { spares, .. } => spares.want(),
+            Endpoint::Http { authority } => Ok(Self::Tcp {
+                clients: Clients::new(executor, TcpEngineConnector::new()),
+                authority: Authority::try_from(authority.as_str()).map_err(bad_uri)?,
+            }),
+            Endpoint::Unix { path } => Ok(Self::Unix {
+                clients: Clients::new(executor, UnixEngineConnector::new(path)),
+            }),
         }
     }
 
@@ -233,7 +202,7 @@ impl Transport {
     ) -> Result<Response<Incoming>, LegacyError> {
         match self {
             Self::Tcp { clients, .. } => clients.send(pool, request).await,
-            Self::Unix { clients, .. } => clients.send(pool, request).await,
+            Self::Unix { clients } => clients.send(pool, request).await,
         }
     }
 }
@@ -345,13 +314,9 @@ impl EngineClients {
             accept: EVENT_STREAM,
             correlation_id,
         };
-        // See the module header: llama-server never keeps a streamed response's connection, so
-        // its streams take new (or spare) ones.
+        // See the module header: llama-server never keeps a streamed response's connection.
         let pool = match request.kind {
-            EngineKind::Llamacpp => {
-                transport.want_spares();
-                Pool::Fresh
-            }
+            EngineKind::Llamacpp => Pool::Fresh,
             EngineKind::Openai => Pool::Shared,
         };
         let exchange = tokio::time::timeout(head_limit, self.send(&transport, &outgoing, pool));
@@ -514,7 +479,7 @@ impl EngineClients {
             "the engine cannot have acted on the request; sending it once more on a fresh connection"
         );
         transport
-            .send(Pool::Retry, build(transport, outgoing)?)
+            .send(Pool::Fresh, build(transport, outgoing)?)
             .await
             .map_err(|error| connection_lost(&error))
     }

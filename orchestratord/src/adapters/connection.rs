@@ -20,21 +20,12 @@
 //! on it (an answer that comes only when done, a proxy's idle timeout): that one is not resent.
 //!
 //! Invariant: the bookkeeping only observes; it never changes what is read or written.
-//!
-//! [`Spares`]: connections opened ahead of demand. Every stream to llama-server needs a new
-//! connection (it closes each after its answer), and connecting on the request's path costs
-//! 1–3 ms of time to first token in a burst on a busy host (BENCHMARKS.md). Once an endpoint has
-//! carried such a stream, its connector keeps [`SPARES`] never-used connections ready and opens a
-//! new one whenever one is taken. A spare is handed out only while younger than
-//! [`SPARE_MAX_AGE`] (below cpp-httplib's 5 s wait for a first request) and still open (a
-//! non-blocking read finds nothing to read and no end of stream); otherwise it is dropped.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -82,8 +73,6 @@ struct UseState {
     turn: AtomicU8,
     /// When a byte was last written ([`epoch`]-relative nanoseconds).
     last_write: AtomicU64,
-    /// Opened ahead of demand and idle until its first request ([`Spares`]).
-    spare: AtomicBool,
 }
 
 impl ConnectionUse {
@@ -111,13 +100,10 @@ impl ConnectionUse {
     }
 
     /// The engine closed this connection while it was idle and never read the current request:
-    /// the connection had sat idle before it (an earlier request was answered on it, or it was a
-    /// spare opened ahead of demand), no byte of this one's answer came, and it failed at once
-    /// after being written.
+    /// an earlier request was answered on it, no byte of this one's answer came, and it failed at
+    /// once after being written.
     pub(super) fn closed_while_idle(&self) -> bool {
-        (self.was_reused() || self.0.spare.load(Ordering::Relaxed))
-            && self.awaiting_answer()
-            && self.since_last_write() <= STALE_CLOSE_WINDOW
+        self.was_reused() && self.awaiting_answer() && self.since_last_write() <= STALE_CLOSE_WINDOW
     }
 
     fn wrote(&self) {
@@ -147,13 +133,6 @@ impl<S> Tracked<S> {
             inner,
             usage: ConnectionUse::default(),
         })
-    }
-
-    /// A spare handed out: it sat idle before its first request.
-    fn spare(inner: S) -> TokioIo<Self> {
-        let usage = ConnectionUse::default();
-        usage.0.spare.store(true, Ordering::Relaxed);
-        TokioIo::new(Tracked { inner, usage })
     }
 }
 
@@ -217,149 +196,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
-/// How many never-used connections an endpoint that needs a new one per stream keeps ready.
-pub(super) const SPARES: usize = 4;
-
-/// How old a spare may be when handed out: well below the 5 s cpp-httplib waits for a first
-/// request before closing.
-pub(super) const SPARE_MAX_AGE: Duration = Duration::from_secs(2);
-
-/// A connection that can tell, without blocking, that it is still open and unused.
-pub(super) trait SpareStream: Send + Sized + 'static {
-    /// Open, and nothing has arrived on it (the peer sends nothing before a request).
-    fn still_open(&self) -> bool;
-}
-
-impl SpareStream for TcpStream {
-    fn still_open(&self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
-    }
-}
-
-impl SpareStream for UnixStream {
-    fn still_open(&self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
-    }
-}
-
-/// Connections opened ahead of demand for one endpoint (module header).
-#[derive(Debug)]
-pub(super) struct Spares<S> {
-    ready: Mutex<VecDeque<(Instant, S)>>,
-    /// Connects under way for the spares.
-    opening: AtomicUsize,
-    /// Set once the endpoint has carried a stream that needed a new connection.
-    wanted: AtomicBool,
-}
-
-impl<S> Default for Spares<S> {
-    fn default() -> Self {
-        Self {
-            ready: Mutex::new(VecDeque::new()),
-            opening: AtomicUsize::new(0),
-            wanted: AtomicBool::new(false),
-        }
-    }
-}
-
-impl<S: SpareStream> Spares<S> {
-    /// From now on, keep spares for this endpoint.
-    pub(super) fn want(&self) {
-        self.wanted.store(true, Ordering::Relaxed);
-    }
-
-    fn ready(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, S)>> {
-        // Only pushes and pops happen under the lock; a panic elsewhere cannot tear it.
-        self.ready.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A spare young enough and still open, if there is one (stale ones are dropped).
-    fn take(&self) -> Option<S> {
-        let mut ready = self.ready();
-        while let Some((opened, stream)) = ready.pop_front() {
-            if opened.elapsed() < SPARE_MAX_AGE && stream.still_open() {
-                return Some(stream);
-            }
-        }
-        None
-    }
-
-    /// Opens connections with `open` until `SPARES` are ready or on their way.
-    fn refill<F, Fut>(self: &Arc<Self>, open: F)
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = std::io::Result<S>> + Send + 'static,
-    {
-        if !self.wanted.load(Ordering::Relaxed) {
-            return;
-        }
-        let have = self.ready().len();
-        let opening = self.opening.load(Ordering::Relaxed);
-        for _ in have + opening..SPARES {
-            self.opening.fetch_add(1, Ordering::Relaxed);
-            let spares: Weak<Self> = Arc::downgrade(self);
-            let connecting = open();
-            tokio::spawn(async move {
-                let opened = connecting.await;
-                let Some(spares) = spares.upgrade() else {
-                    return;
-                };
-                spares.opening.fetch_sub(1, Ordering::Relaxed);
-                if let Ok(stream) = opened {
-                    spares.ready().push_back((Instant::now(), stream));
-                }
-            });
-        }
-    }
-}
-
-/// A connector that can be copied without its spares: a request sent again after its connection
-/// failed goes on a connection opened for it, never on one that sat idle.
-pub(super) trait WithoutSpares {
-    fn without_spares(&self) -> Self;
-}
-
-impl WithoutSpares for TcpEngineConnector {
-    fn without_spares(&self) -> Self {
-        Self {
-            connector: self.connector.clone(),
-            spares: Arc::default(),
-        }
-    }
-}
-
-impl WithoutSpares for UnixEngineConnector {
-    fn without_spares(&self) -> Self {
-        Self {
-            path: Arc::clone(&self.path),
-            spares: Arc::default(),
-        }
-    }
-}
-
 /// TCP connections to an engine, `TCP_NODELAY` on (without it Nagle's algorithm against a delayed
 /// ACK adds ~40 ms per request on a keep-alive connection).
 #[derive(Debug, Clone)]
-pub(super) struct TcpEngineConnector {
-    connector: HttpConnector,
-    spares: Arc<Spares<TcpStream>>,
-}
+pub(super) struct TcpEngineConnector(HttpConnector);
 
 impl TcpEngineConnector {
     pub(super) fn new() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
-        Self {
-            connector,
-            spares: Arc::default(),
-        }
-    }
-
-    pub(super) fn spares(&self) -> Arc<Spares<TcpStream>> {
-        Arc::clone(&self.spares)
+        Self(connector)
     }
 }
 
@@ -369,26 +216,11 @@ impl Service<Uri> for TcpEngineConnector {
     type Future = Connecting<TcpStream>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.connector.poll_ready(cx).map_err(Into::into)
+        self.0.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let spare = self.spares.take();
-        let connector = self.connector.clone();
-        let spare_uri = uri.clone();
-        self.spares.refill(move || {
-            let connecting = connector.clone().call(spare_uri.clone());
-            async move {
-                connecting
-                    .await
-                    .map(TokioIo::into_inner)
-                    .map_err(std::io::Error::other)
-            }
-        });
-        if let Some(stream) = spare {
-            return Box::pin(std::future::ready(Ok(Tracked::spare(stream))));
-        }
-        let connecting = self.connector.call(uri);
+        let connecting = self.0.call(uri);
         Box::pin(async move { Ok(Tracked::new(connecting.await?.into_inner())) })
     }
 }
@@ -397,19 +229,13 @@ impl Service<Uri> for TcpEngineConnector {
 #[derive(Debug, Clone)]
 pub(super) struct UnixEngineConnector {
     path: Arc<Path>,
-    spares: Arc<Spares<UnixStream>>,
 }
 
 impl UnixEngineConnector {
     pub(super) fn new(path: &str) -> Self {
         Self {
             path: Arc::from(Path::new(path)),
-            spares: Arc::default(),
         }
-    }
-
-    pub(super) fn spares(&self) -> Arc<Spares<UnixStream>> {
-        Arc::clone(&self.spares)
     }
 }
 
@@ -423,15 +249,6 @@ impl Service<Uri> for UnixEngineConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
-        let spare = self.spares.take();
-        let spare_path = Arc::clone(&self.path);
-        self.spares.refill(move || {
-            let path = Arc::clone(&spare_path);
-            async move { UnixStream::connect(&*path).await }
-        });
-        if let Some(stream) = spare {
-            return Box::pin(std::future::ready(Ok(Tracked::spare(stream))));
-        }
         let path = Arc::clone(&self.path);
         Box::pin(async move { Ok(Tracked::new(UnixStream::connect(&*path).await?)) })
     }
@@ -459,21 +276,5 @@ mod tests {
         assert!(usage.awaiting_answer());
         assert!(usage.closed_while_idle());
         assert!(usage.since_last_write() < STALE_CLOSE_WINDOW);
-    }
-
-    #[test]
-    fn a_spare_that_fails_at_once_on_its_first_request_was_closed_while_idle() {
-        let fresh = ConnectionUse::default();
-        fresh.wrote();
-        assert!(
-            !fresh.closed_while_idle(),
-            "a new connection's first request"
-        );
-        let spare = ConnectionUse::default();
-        spare.0.spare.store(true, Ordering::Relaxed);
-        spare.wrote();
-        assert!(spare.closed_while_idle());
-        spare.read();
-        assert!(!spare.closed_while_idle(), "its answer began");
     }
 }
