@@ -597,11 +597,42 @@ async fn a_stale_pooled_connection_after_an_engine_restart_is_retried_on_a_fresh
     assert_eq!(stats["cancelled"], 0, "{stats}");
 }
 
+/// Reads one whole request (the head, then Content-Length bytes of body) from `socket` for a
+/// scripted engine, leaving what follows it in `buffer`; `false` if the connection ended first.
+async fn read_request(socket: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        match socket.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buffer.drain(..head_end + length);
+    true
+}
+
 /// A scripted HTTP/1.1 engine on 127.0.0.1: answers the first request on every connection with a
 /// small keep-alive JSON answer; on the second request of a connection it reads the request whole,
 /// waits `close_after`, and closes without a byte of answer. Counts the requests it read whole.
 async fn closing_engine(close_after: Duration) -> (String, std::sync::Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("cannot bind the scripted engine: {e}"));
@@ -617,31 +648,9 @@ async fn closing_engine(close_after: Duration) -> (String, std::sync::Arc<Atomic
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
                 for turn in 0.. {
-                    // One whole request: the head, then Content-Length bytes of body.
-                    let head_end = loop {
-                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break at + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|line| line.strip_prefix("content-length:"))
-                        .and_then(|value| value.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buffer.len() < head_end + length {
-                        let mut chunk = [0u8; 4096];
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
+                    if !read_request(&mut socket, &mut buffer).await {
+                        return;
                     }
-                    buffer.drain(..head_end + length);
                     counter.fetch_add(1, Ordering::SeqCst);
                     if turn == 0 {
                         let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
@@ -739,28 +748,8 @@ async fn stream_then_close_engine(
             let read = std::sync::Arc::clone(&read);
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
-                let head_end = loop {
-                    if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break at + 4;
-                    }
-                    let mut chunk = [0u8; 4096];
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                    }
-                };
-                let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|line| line.strip_prefix("content-length:"))
-                    .and_then(|value| value.trim().parse().ok())
-                    .unwrap_or(0);
-                while buffer.len() < head_end + length {
-                    let mut chunk = [0u8; 4096];
-                    match socket.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                    }
+                if !read_request(&mut socket, &mut buffer).await {
+                    return;
                 }
                 read.fetch_add(1, Ordering::SeqCst);
                 let events = [

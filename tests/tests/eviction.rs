@@ -11,12 +11,12 @@
 
 use e2e::real_engine::make_model;
 use e2e::sidecar::wait_for_pool;
-use e2e::stack::Stack;
+use e2e::stack::{Stack, StackBuilder};
 use e2e::{binary, temp_dir};
 use pool_ipc::client::{ClientError, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{AcquireTarget, PoolId, PoolState, ReleaseOutcome};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tokio::sync::watch;
 
 const MIB: u64 = 1024 * 1024;
@@ -45,16 +45,12 @@ interval_ms = 100
     )
 }
 
-async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, pool: &str, state: PoolState) {
-    wait_for_pool(mirror, pool, state.name(), |status| status.state == state).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_and_refuses_what_never_fits()
- {
-    let dir = temp_dir();
-    // ~50 MB each (F32, 8 layers of width 384); two fit in 130 MiB, three do not.
-    let models: Vec<_> = ["a", "b", "c"]
+/// pool-managerd alone (no orchestratord) with on-demand pools a, b and c whose engines take
+/// `extra` arguments, on ~50 MB models each (F32, 8 layers of width 384) written into `dir`,
+/// under a host budget of 130 MiB: two fit, three do not. Returns the builder (for more pools)
+/// and the model files.
+fn three_pools(dir: &tempfile::TempDir, extra: &str) -> (StackBuilder, Vec<PathBuf>) {
+    let models: Vec<PathBuf> = ["a", "b", "c"]
         .iter()
         .map(|id| {
             make_model(
@@ -68,8 +64,20 @@ async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_an
         130 * MIB
     ));
     for (id, model) in ["a", "b", "c"].iter().zip(&models) {
-        builder = builder.pool(&pool(id, model, ""));
+        builder = builder.pool(&pool(id, model, extra));
     }
+    (builder, models)
+}
+
+async fn state_is(mirror: &mut watch::Receiver<RegistryMirror>, pool: &str, state: PoolState) {
+    wait_for_pool(mirror, pool, state.name(), |status| status.state == state).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_evicts_the_least_recently_used_idle_pool_waits_for_a_busy_one_and_refuses_what_never_fits()
+ {
+    let dir = temp_dir();
+    let (builder, models) = three_pools(&dir, "");
     // The same model with a context whose KV cache alone is larger than the budget (never
     // started: the engine double takes no -c).
     let huge = pool("huge", &models[0], r#", "-c", "4000000""#);
@@ -249,24 +257,9 @@ fn a_request_for_a_model_that_can_never_fit_is_refused_with_its_footprint_and_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loads_asked_for_at_once_never_run_more_engines_than_the_budget_holds() {
     let dir = temp_dir();
-    let models: Vec<_> = ["a", "b", "c"]
-        .iter()
-        .map(|id| {
-            make_model(
-                &dir.path().join(format!("{id}.gguf")),
-                &["--width", "384", "--layers", "8", "--seed", "7"],
-            )
-        })
-        .collect();
-    let mut builder = Stack::builder().without_orchestrator().pool(&format!(
-        "[memory]\nhost_budget_bytes = {}\nmin_residency_ms = 0\n",
-        130 * MIB
-    ));
-    for (id, model) in ["a", "b", "c"].iter().zip(&models) {
-        // Half a second of loading: long enough that all three asks arrive before any engine
-        // reports Loading.
-        builder = builder.pool(&pool(id, model, r#", "--load-ms", "500""#));
-    }
+    // Half a second of loading: long enough that all three asks arrive before any engine
+    // reports Loading.
+    let (builder, _) = three_pools(&dir, r#", "--load-ms", "500""#);
     let stack = builder.start_in(dir);
     let client = stack.client("demand").await;
     let id = |name: &str| PoolId::from(name);

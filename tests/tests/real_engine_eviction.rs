@@ -37,21 +37,29 @@ fn pools(dir: &std::path::Path, idle_ms: u64) -> String {
         .collect()
 }
 
-fn ask(stack: &e2e::stack::Stack, model: &str) -> Value {
-    let auth = stack.auth();
-    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let body =
-        json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
-    let body = body.to_string();
-    let reply = http::request_with_headers(
-        &stack.api(),
+/// A whole-answer chat request for `model` (at most `max_tokens`) with the test key; the reply.
+fn chat_reply(api: &str, model: &str, max_tokens: Option<u32>) -> http::Reply {
+    let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    if let Some(max_tokens) = max_tokens {
+        body["max_tokens"] = json!(max_tokens);
+    }
+    http::request_with_headers(
+        api,
         "POST",
         "/v1/chat/completions",
-        &headers,
-        Some(("application/json", body.as_bytes())),
+        &[(
+            "Authorization",
+            &format!("Bearer {}", e2e::real_engine::API_KEY),
+        )],
+        Some(("application/json", body.to_string().as_bytes())),
         Duration::from_secs(120),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Four tokens from `model`, which must answer.
+fn ask(stack: &e2e::stack::Stack, model: &str) -> Value {
+    let reply = chat_reply(&stack.api(), model, Some(4));
     assert_eq!(reply.status, 200, "{model}: {}", reply.text());
     reply.json()
 }
@@ -150,27 +158,7 @@ fn requests_for_three_models_that_fit_two_at_a_time_evict_the_least_recently_use
     });
     let c_request = std::thread::spawn({
         let stack_api = stack.api();
-        move || {
-            let reply = http::request_with_headers(
-                &stack_api,
-                "POST",
-                "/v1/chat/completions",
-                &[(
-                    "Authorization",
-                    &format!("Bearer {}", e2e::real_engine::API_KEY),
-                )],
-                Some((
-                    "application/json",
-                    json!({"model": "m-c", "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 4})
-                    .to_string()
-                    .as_bytes(),
-                )),
-                Duration::from_secs(120),
-            )
-            .unwrap();
-            (reply, Instant::now())
-        }
+        move || (chat_reply(&stack_api, "m-c", Some(4)), Instant::now())
     });
     // C does not fit beside A, and A is busy: A is drained (no new leases) while its stream
     // runs on, and C waits.
@@ -256,23 +244,6 @@ fn restart_with(stack: &mut e2e::stack::Stack, config: &str) {
     });
 }
 
-/// A chat request for `model` with the test key; the reply.
-fn chat_reply(api: &str, model: &str) -> http::Reply {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    http::request_with_headers(
-        api,
-        "POST",
-        "/v1/chat/completions",
-        &[(
-            "Authorization",
-            &format!("Bearer {}", e2e::real_engine::API_KEY),
-        )],
-        Some(("application/json", body.to_string().as_bytes())),
-        Duration::from_secs(120),
-    )
-    .unwrap()
-}
-
 #[test]
 fn a_load_of_a_corrupt_gguf_answers_at_once_with_a_typed_503_and_the_next_load_waits_out_its_backoff()
  {
@@ -290,7 +261,7 @@ fn a_load_of_a_corrupt_gguf_answers_at_once_with_a_typed_503_and_the_next_load_w
     );
     let stack = stack_with(dir, &pool, "[admission]\nqueue_deadline_ms = 60000\n");
     let started = Instant::now();
-    let reply = chat_reply(&stack.api(), "m-a");
+    let reply = chat_reply(&stack.api(), "m-a", None);
     assert_eq!(reply.status, 503, "{}", reply.text());
     let error = reply.json();
     assert_eq!(error["error"]["code"], "model_load_failed", "{error}");
@@ -315,7 +286,7 @@ fn a_load_of_a_corrupt_gguf_answers_at_once_with_a_typed_503_and_the_next_load_w
     // The next request's load waits out the failed one's backoff (like a restart), then fails
     // again and is answered at once.
     let api = stack.api();
-    let again = std::thread::spawn(move || chat_reply(&api, "m-a"));
+    let again = std::thread::spawn(move || chat_reply(&api, "m-a", None));
     stack.wait_for("the next load backing off", || {
         stack.pool_status("a")["state"] == "backing_off"
     });
