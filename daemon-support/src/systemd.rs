@@ -133,6 +133,39 @@ pub async fn core_task<T>(name: &'static str, task: tokio::task::JoinHandle<T>) 
     }
 }
 
+/// The environment variable of [`injected_fault`]: `<core task name>=panic` or `=hang`.
+pub const CORE_TASK_FAULT_ENV: &str = "DAEMON_TEST_CORE_TASK_FAULT";
+
+/// A fault a test asks a core task to have as it starts, so that the daemon's handling of a dead
+/// or stuck core task can be tested on the real binary (nothing a peer sends can make a core task
+/// panic). Debug builds only: release builds compile this to nothing. With
+/// `DAEMON_TEST_CORE_TASK_FAULT="the scheduler=panic"` the task named so panics; with `=hang` it
+/// never gets past this point (it stops answering, as a deadlocked task would).
+#[cfg(debug_assertions)]
+pub async fn injected_fault(name: &str) {
+    let Ok(fault) = std::env::var(CORE_TASK_FAULT_ENV) else {
+        return;
+    };
+    match fault.split_once('=') {
+        Some((task, "panic")) if task == name => {
+            panic!("{name}: fault injected by {CORE_TASK_FAULT_ENV}")
+        }
+        Some((task, "hang")) if task == name => {
+            tracing::warn!(
+                task = name,
+                "hanging: fault injected by {CORE_TASK_FAULT_ENV}"
+            );
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
+}
+
+/// Release builds: no fault can be injected.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub async fn injected_fault(_name: &str) {}
+
 /// The signals a daemon acts on. Registered when constructed, so a signal that arrives while
 /// the daemon is still starting is not lost (the default action would kill it instead).
 pub struct StopSignals {

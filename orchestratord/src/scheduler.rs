@@ -197,7 +197,7 @@ impl Scheduler {
             loads_refused: HashMap::new(),
         };
         tokio::spawn(daemon_support::systemd::core_task(
-            "the scheduler",
+            CORE_TASK,
             tokio::spawn(actor.run()),
         ));
         Scheduler { commands }
@@ -300,8 +300,12 @@ async fn make_load_calls(
 /// before pool-managerd is asked again (a restart may have changed its budgets).
 const LOAD_REFUSAL_MEMORY: Duration = Duration::from_secs(60);
 
+/// The scheduler's name as a core task (its panic ends the process).
+const CORE_TASK: &str = "the scheduler";
+
 impl SchedulerActor {
     async fn run(mut self) {
+        daemon_support::systemd::injected_fault(CORE_TASK).await;
         loop {
             let deadline = self
                 .queue

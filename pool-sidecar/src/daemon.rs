@@ -102,7 +102,10 @@ pub async fn run(
     let lease_policy = lease_policy(&config, &paths);
     let (registry, registry_task) =
         spawn_registry(&config.pools, lease_policy, Arc::clone(&metrics));
-    let registry_task = tokio::spawn(systemd::core_task("the registry", registry_task));
+    let registry_task = tokio::spawn(systemd::core_task(
+        crate::registry::CORE_TASK,
+        registry_task,
+    ));
     let tracker = TaskTracker::new();
     let external: Vec<PoolId> = config
         .pools
@@ -127,6 +130,7 @@ pub async fn run(
         reloads,
     )
     .await;
+    let pools_task = tokio::spawn(systemd::core_task(pools::CORE_TASK, pools_task));
 
     // Answer the first client with known states of external engines rather than "starting".
     let first_probe_window = config

@@ -37,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long a retired pool's supervisor may take to stop its engine once told to.
+/// The controller's name as a core task (its panic ends the process).
+pub const CORE_TASK: &str = "the pools controller";
+
 const RETIRE_STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// Commands a supervisor may have queued (loads and cancels of a flapping demand included)
@@ -287,6 +290,7 @@ impl Controller {
         ),
         mut snapshots: tokio::sync::watch::Receiver<Arc<RegistrySnapshot>>,
     ) {
+        daemon_support::systemd::injected_fault(CORE_TASK).await;
         let shutdown = self.context.shutdown.clone();
         loop {
             let wake = self.memory.wake;

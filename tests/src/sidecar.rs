@@ -164,6 +164,17 @@ impl Drop for Sidecar {
 
 /// Kills the process group of every engine recorded under `state_dir` that is still the
 /// recorded process.
+/// The pid and start time (clock ticks after boot, `/proc/PID/stat` field 22) that
+/// pool-managerd's engine record names for `pool`, while it has one; `dir` is the test's
+/// directory (the records are under its state directory).
+pub fn recorded_engine(dir: &Path, pool: &str) -> Option<(i32, u64)> {
+    let path = state_dir(dir).join("engines").join(format!("{pool}.json"));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let pid = i32::try_from(record["pid"].as_u64()?).ok()?;
+    Some((pid, record["start_ticks"].as_u64()?))
+}
+
 pub fn kill_recorded_engines(state_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(state_dir.join("engines")) else {
         return;

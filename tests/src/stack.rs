@@ -10,7 +10,7 @@
     reason = "test harness: a panic with the failing call is the report"
 )]
 
-use crate::sidecar::{Sidecar, connect_client, sidecar_command, socket_path, state_dir};
+use crate::sidecar::{Sidecar, connect_client, recorded_engine, sidecar_command, socket_path};
 use crate::{Daemon, DaemonBuilder, binary, http, temp_dir};
 use pool_ipc::client::PoolClient;
 use serde_json::Value;
@@ -316,12 +316,8 @@ impl Stack {
 
     /// The pid in the pool's engine record, if there is one.
     pub fn recorded_engine_pid(&self, pool: &str) -> Option<u32> {
-        let record = state_dir(self.path())
-            .join("engines")
-            .join(format!("{pool}.json"));
-        let text = std::fs::read_to_string(record).ok()?;
-        let record: Value = serde_json::from_str(&text).ok()?;
-        u32::try_from(record["pid"].as_u64()?).ok()
+        let (pid, _) = recorded_engine(self.path(), pool)?;
+        u32::try_from(pid).ok()
     }
 
     /// Polls `done` every few milliseconds until it holds; panics after [`WAIT`].

@@ -8,7 +8,9 @@
     reason = "test code; a panic is the failure report"
 )]
 
-use e2e::sidecar::{PoolSpec, Sidecar, sidecar_command, socket_path, state_dir, wait_for_pool};
+use e2e::sidecar::{
+    PoolSpec, Sidecar, recorded_engine, sidecar_command, socket_path, wait_for_pool,
+};
 use e2e::stack::Stack;
 use e2e::{Signal, binary, http, temp_dir};
 use pool_ipc::client::{ClientConfig, PoolClient};
@@ -45,10 +47,8 @@ drain_deadline_ms = 2000
     )
 }
 
-fn engine_pid(dir: &Path, pool: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(state_dir(dir).join("engines").join(format!("{pool}.json")))
-        .ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["pid"].as_u64()
+fn engine_pid(dir: &Path, pool: &str) -> Option<i32> {
+    recorded_engine(dir, pool).map(|(pid, _)| pid)
 }
 
 fn notifications(socket: &UnixDatagram) -> Vec<String> {

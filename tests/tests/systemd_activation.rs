@@ -9,6 +9,7 @@
     reason = "test code; a panic is the failure report"
 )]
 
+use daemon_support::systemd::CORE_TASK_FAULT_ENV;
 use e2e::sidecar::{PoolSpec, sidecar_command, write_config};
 use e2e::{DaemonBuilder, Signal, binary, http, start_engine_double, temp_dir};
 use pool_ipc::client::{ClientConfig, PoolClient};
@@ -376,4 +377,89 @@ fn pool_managerd_restarted_on_its_inherited_sockets_under_load_loses_nothing() {
     }
     drop(orchestrator);
     drop(holder);
+}
+
+/// FAULT INJECTED (debug builds only: nothing a peer sends can make a core task panic): whichever
+/// core task of either daemon panics, the daemon ends at once with status 70 and says which task
+/// died, so that systemd restarts it instead of keeping a daemon that answers 503 for ever.
+#[test]
+fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
+    let engine = start_engine_double::<&str>(&[]);
+    for task in ["the registry", "the pools controller"] {
+        let dir = temp_dir();
+        let config = write_config(
+            dir.path(),
+            "",
+            &[PoolSpec::new("p", engine.ready("listen"), 2)],
+        );
+        let run = sidecar_command(dir.path(), &config)
+            .env(CORE_TASK_FAULT_ENV, format!("{task}=panic"))
+            .run_to_exit(WAIT);
+        assert_eq!(run.status.code(), Some(70), "{task}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("{task} panicked")),
+            "{task}: {}",
+            run.stderr
+        );
+    }
+
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "",
+        &[PoolSpec::new("p", engine.ready("listen"), 2)],
+    );
+    let _sidecar = sidecar_command(dir.path(), &config).start();
+    let run = DaemonBuilder::new(binary("orchestratord"))
+        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .arg(e2e::sidecar::socket_path(dir.path()))
+        .env(CORE_TASK_FAULT_ENV, "the scheduler=panic")
+        .run_to_exit(WAIT);
+    assert_eq!(run.status.code(), Some(70), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the scheduler panicked"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// FAULT INJECTED (debug builds only): a core task that stops answering — deadlocked, not dead —
+/// stops the watchdog being fed, so systemd's WatchdogSec= kills and restarts the daemon. A
+/// plain timer would keep feeding it.
+#[test]
+fn a_core_task_that_stops_answering_stops_the_watchdog_being_fed() {
+    let engine = start_engine_double::<&str>(&[]);
+    let dir = temp_dir();
+    let config = write_config(
+        dir.path(),
+        "",
+        &[PoolSpec::new("p", engine.ready("listen"), 2)],
+    );
+    let _sidecar = sidecar_command(dir.path(), &config).start();
+    let (notify, notify_path) = notify_socket(dir.path());
+    let orchestrator = under_watchdog(binary("orchestratord"))
+        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .arg(e2e::sidecar::socket_path(dir.path()))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env(CORE_TASK_FAULT_ENV, "the scheduler=hang")
+        .start();
+    let mut seen = Vec::new();
+    read_until(&notify, "READY=1", &mut seen);
+    // The watchdog interval is 200 ms, fed every 100 ms when all is well: a second is ten feeds.
+    assert!(
+        orchestrator.wait_for_stderr("did not answer", WAIT),
+        "{}",
+        orchestrator.stderr()
+    );
+    notify
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    while let Ok(size) = notify.recv(&mut buffer) {
+        let message = String::from_utf8_lossy(&buffer[..size]).into_owned();
+        assert!(
+            !message.lines().any(|line| line == "WATCHDOG=1"),
+            "the watchdog was fed by a daemon whose scheduler hangs: {message}"
+        );
+    }
 }

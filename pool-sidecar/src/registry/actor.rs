@@ -27,6 +27,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// Commands handled in a batch before publishing; bounds how stale the snapshot can get.
+/// The registry's name as a core task (its panic ends the process).
+pub const CORE_TASK: &str = "the registry";
+
 const MAX_BATCH: usize = 256;
 const EVENT_BUFFER: usize = 1024;
 
@@ -272,6 +275,7 @@ impl RegistryActor {
     }
 
     async fn run(mut self) {
+        daemon_support::systemd::injected_fault(CORE_TASK).await;
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             let next_expiry = self

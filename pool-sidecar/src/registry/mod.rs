@@ -5,6 +5,6 @@ pub mod actor;
 pub mod signer;
 pub mod state;
 
-pub use actor::{RegistryEvent, RegistryHandle, spawn_registry};
+pub use actor::{CORE_TASK, RegistryEvent, RegistryHandle, spawn_registry};
 pub use signer::LeaseSigner;
 pub use state::{ConnectionId, EngineReport, LeasePolicy, Owner, ProbeReport, UnloadReason};

@@ -33,7 +33,7 @@
 //! anything leaked.
 
 use clap::Parser;
-use e2e::sidecar::{start_ticks, state_dir};
+use e2e::sidecar::{recorded_engine, start_ticks};
 use e2e::stack::{Stack, double_pool};
 use e2e::{binary, http};
 use http_body_util::{BodyExt as _, Full};
@@ -369,14 +369,6 @@ impl Chaos<'_> {
             self.stack.sidecar.pid()
         ));
     }
-}
-
-/// The pid and start time pool-managerd recorded for `pool`'s engine.
-fn recorded_engine(dir: &Path, pool: &str) -> Option<(i32, u64)> {
-    let path = state_dir(dir).join("engines").join(format!("{pool}.json"));
-    let record: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let pid = i32::try_from(record["pid"].as_u64()?).ok()?;
-    Some((pid, record["start_ticks"].as_u64()?))
 }
 
 // ---------------------------------------------------------------------------------------------
