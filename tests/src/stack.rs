@@ -52,6 +52,7 @@ pub struct StackBuilder {
     orchestrator_toml: String,
     api_key: Option<String>,
     startup: Option<Duration>,
+    log_filter: Option<String>,
     without_orchestrator: bool,
     engines: Vec<Daemon>,
 }
@@ -97,6 +98,13 @@ impl StackBuilder {
         self
     }
 
+    /// Both daemons' `RUST_LOG` (benchmarks run them at `warn`, so that logging does not
+    /// distort their figures).
+    pub fn log_filter(mut self, filter: &str) -> StackBuilder {
+        self.log_filter = Some(filter.to_owned());
+        self
+    }
+
     /// How long the pools may take to become ready (default 15 s).
     pub fn startup(mut self, within: Duration) -> StackBuilder {
         self.startup = Some(within);
@@ -121,7 +129,11 @@ impl StackBuilder {
             format!("[server]\n{}", self.sidecar_server)
         };
         std::fs::write(&config, format!("{server}{pools}")).unwrap();
-        let sidecar = Sidecar::from_daemon(sidecar_command(path, &config).start(), path);
+        let mut sidecar = sidecar_command(path, &config);
+        if let Some(filter) = &self.log_filter {
+            sidecar = sidecar.env("RUST_LOG", filter);
+        }
+        let sidecar = Sidecar::from_daemon(sidecar.start(), path);
         if self.without_orchestrator {
             return Stack {
                 orchestrator: None,
@@ -138,6 +150,9 @@ impl StackBuilder {
             .arg("127.0.0.1:0")
             .arg("--socket")
             .arg(socket_path(path));
+        if let Some(filter) = &self.log_filter {
+            orchestrator = orchestrator.env("RUST_LOG", filter);
+        }
         if let Some(key) = &self.api_key {
             let keys = path.join("api-keys");
             std::fs::write(&keys, format!("{key}\n")).unwrap();

@@ -5,27 +5,32 @@
 //! path, the TTFT orchestratord adds, the relayed throughput as a share of the direct one, and
 //! the CPU each process spent per relayed chunk.
 //!
-//! It starts its own stack from the same target directory: pool-managerd supervising one managed
-//! pool whose engine is `test-engine-double` (a FAKE engine: no model, filler words at a fixed
-//! pace, `--token-delay-ms` between two tokens of a stream) or, with `--llama-server` and
-//! `--gguf`, llama.cpp's real `llama-server` (optionally pinned to `--gpus`), listening on TCP, so
-//! that the direct path reaches the very engine orchestratord relays from; then orchestratord in
-//! front. Daemons
-//! log at `warn` so that logging does not distort the figures.
+//! It starts its own stack from the same target directory (the tests' `e2e::stack`):
+//! pool-managerd supervising `--pools` managed pools whose engines are `test-engine-double` (a
+//! FAKE engine: no model, filler words at a fixed pace, `--token-delay-ms` between two tokens of
+//! a stream) or, with `--llama-server` and `--gguf`, llama.cpp's real `llama-server` (optionally
+//! pinned to `--gpus`), listening on TCP, so that the direct path reaches the very engines
+//! orchestratord relays from; then orchestratord in front. Daemons log at `warn` so that logging
+//! does not distort the figures. Streams are spread evenly over the pools (the direct path sends
+//! stream `i` to engine `i % pools`; orchestratord places them itself), so thousands of streams
+//! (scale mode: e.g. `--streams 5000 --pools 5`) fit pools of at most 1,024 slots; the bench
+//! raises its open-file limit to the hard limit for itself and the daemons it starts.
 //!
 //! Per stream it measures TTFT (request sent to the first `data:` chunk with content), content
 //! chunks and total time; per round the wall time (first request sent to last stream ended), the
 //! on-CPU time of each process (`/proc/PID/task/*/schedstat`, taken once the stack is idle again,
 //! so end-of-stream work counts) and, through orchestratord, the deltas of its own `/metrics`
-//! histograms (queue wait, Acquire round trip, TTFT as it sees it), which split the added TTFT.
+//! histograms (queue wait, Acquire round trip, TTFT as it sees it), which split the added TTFT;
+//! and the daemons' resident memory, sampled every 10 ms, whose peak against the fresh daemons'
+//! gives the memory per open stream.
 //! Before each round it waits until no lease is held and the engine runs nothing.
 //!
 //! Every stream is checked: exactly T content chunks, a `finish_reason`, a usage chunk with
 //! `completion_tokens` = T, and `data: [DONE]` last. Any failure makes the exit status non-zero.
 
 use clap::Parser;
-use e2e::sidecar::{kill_recorded_engines, sidecar_command, socket_path, state_dir};
-use e2e::{Daemon, DaemonBuilder, Signal, binary, http, temp_dir};
+use e2e::binary;
+use e2e::stack::Stack;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::header::CONTENT_TYPE;
@@ -39,7 +44,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// Pools are named `bench-0`, `bench-1`, …
 const POOL: &str = "bench";
+/// pool-managerd's largest pool (`config::MAX_SLOTS`): more streams need more pools.
+const MAX_SLOTS_PER_POOL: u32 = 1024;
 const MODEL: &str = "double";
 /// How long start-up and the idle wait between rounds may take.
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,9 +60,15 @@ const SETTLE: Duration = Duration::from_millis(100);
              engine (the test engine double, a fake engine) and through orchestratord"
 )]
 struct Args {
-    /// Concurrent streams per round and path.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Concurrent streams per round and path, spread evenly over the pools. At most 20,000:
+    /// every stream holds four loopback TCP connection ends (client, orchestratord both ways,
+    /// engine) and the direct path two more, against Linux's ~28,000 ephemeral ports.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=20_000))]
     streams: u32,
+    /// Pools, each with its own engine and `ceil(streams / pools)` slots (at least 64, at most
+    /// 1,024 per pool).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pools: u32,
     /// Tokens per stream (`max_tokens`).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     tokens: u32,
@@ -90,85 +104,59 @@ impl Args {
     }
 }
 
-/// The processes under test. Dropping it stops them: orchestratord, then pool-managerd cleanly
-/// (which stops its engine), then whatever engine its records still name (engines outlive a
-/// killed pool-managerd by design, so a SIGKILL alone would leave one behind).
-struct Stack {
-    dir: tempfile::TempDir,
-    sidecar: Daemon,
-    orchestrator: Option<Daemon>,
-    shim: String,
-    /// `127.0.0.1:PORT` of the engine.
-    engine: String,
-    slots: u32,
+/// The stack under test ([`e2e::stack::Stack`]: dropping it stops orchestratord, pool-managerd
+/// and every engine) and what the bench needs to reach past it.
+struct Bench {
+    stack: Stack,
+    /// `127.0.0.1:PORT` of each pool's engine, in pool order.
+    engines: Vec<String>,
+    /// Each pool's engine's pid.
+    engine_pids: Vec<u32>,
+    slots_per_pool: u32,
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Some(mut orchestrator) = self.orchestrator.take() {
-            stop(&mut orchestrator);
-        }
-        stop(&mut self.sidecar);
-        kill_recorded_engines(&state_dir(self.dir.path()));
-    }
+fn pool_id(index: u32) -> String {
+    format!("{POOL}-{index}")
 }
 
-fn stop(daemon: &mut Daemon) {
-    if daemon.try_wait().is_none() {
-        daemon.kill_with(Signal::SIGTERM);
-        let _ = daemon.wait_exit(Duration::from_secs(10));
-    }
-}
-
-/// The engine's pid from pool-managerd's engine record, while it has one.
-fn engine_pid(dir: &Path) -> Option<u32> {
-    let record = state_dir(dir).join("engines").join(format!("{POOL}.json"));
-    let text = std::fs::read_to_string(record).ok()?;
-    let value: Value = serde_json::from_str(&text).ok()?;
-    value["pid"]
-        .as_u64()
-        .and_then(|pid| u32::try_from(pid).ok())
-}
-
-/// The `[[pool]]` running the engine double (writes its empty knob file into `dir`).
-fn double_pool(
-    args: &Args,
-    dir: &tempfile::TempDir,
-    slots: u32,
-    ctx: u32,
-) -> Result<String, String> {
-    let model = dir.path().join("model.json");
-    std::fs::write(&model, "{}").map_err(|e| format!("cannot write {}: {e}", model.display()))?;
-    Ok(format!(
+/// The `[[pool]]` running the engine double on TCP (so that the direct path reaches the very
+/// engine orchestratord relays from).
+fn double_pool(args: &Args, id: &str, slots: u32, ctx: u32) -> String {
+    format!(
         r#"[[pool]]
-id = "{POOL}"
+id = "{id}"
 model = "{MODEL}"
 engine = "{kind}"
 slots = {slots}
 health_path = "/health"
 command = [{engine:?}, "--listen", "{{host}}:{{port}}", "--slots", "{slots}", "--ctx", "{ctx}", "--token-delay-ms", "{delay}", "--model", "{{model}}"]
-model_path = {model:?}
+model_path = "{{dir}}/double-model.json"
 listen = "tcp"
 env = {{ RUST_LOG = "warn" }}
 startup_timeout_ms = 10000
 stop_grace_ms = 1000
 "#,
         engine = binary("test-engine-double").display().to_string(),
-        model = model.display().to_string(),
         delay = args.token_delay_ms,
         kind = args.engine_kind,
-    ))
+    )
 }
 
 /// The `[[pool]]` running llama-server on `gguf`: `slots` sequences of `ctx` tokens each.
-fn llama_server_pool(args: &Args, server: &Path, gguf: &Path, slots: u32, ctx: u32) -> String {
+fn llama_server_pool(
+    args: &Args,
+    id: &str,
+    (server, gguf): (&Path, &Path),
+    slots: u32,
+    ctx: u32,
+) -> String {
     let offload = match &args.gpus {
         Some(gpus) => format!(", \"-ngl\", \"99\"]\ngpus = {gpus:?}"),
         None => "]".to_owned(),
     };
     format!(
         r#"[[pool]]
-id = "{POOL}"
+id = "{id}"
 model = "{MODEL}"
 engine = "llamacpp"
 command = [{server:?}, "-m", "{{model}}", "--host", "{{host}}", "--port", "{{port}}", "--alias", "{MODEL}", "-np", "{slots}", "-c", "{total}", "--threads", "{threads}"{offload}
@@ -180,101 +168,98 @@ stop_grace_ms = 3000
         server = server.display().to_string(),
         gguf = gguf.display().to_string(),
         total = u64::from(slots) * u64::from(ctx),
-        threads = engine_threads(),
+        threads = engine_threads(args.pools),
     )
 }
 
-/// llama-server's compute threads: half the cores, so that the relay and the client keep theirs
-/// (llama.cpp's threads spin while they wait for each other, and a preempted one stalls them all,
-/// so an engine sharing every core with the relay would measure the contention, not the relay).
-fn engine_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+/// llama-server's compute threads: half the cores, shared by the pools, so that the relay and
+/// the client keep theirs (llama.cpp's threads spin while they wait for each other, and a
+/// preempted one stalls them all, so an engine sharing every core with the relay would measure
+/// the contention, not the relay).
+fn engine_threads(pools: u32) -> usize {
+    let half = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
+    (half / usize::try_from(pools).unwrap_or(1).max(1)).max(1)
 }
 
-fn start_stack(args: &Args) -> Result<Stack, String> {
-    let dir = temp_dir();
-    let slots = args.streams.max(64);
+/// Raises this process's open-file limit to its hard limit (the daemons it starts inherit it):
+/// every stream holds a client socket here, two in orchestratord and one in the engine. Returns
+/// the limit now in force.
+fn raise_fd_limit() -> Result<u64, String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .map_err(|e| format!("cannot raise the open-file limit to {hard}: {e}"))?;
+    }
+    Ok(hard)
+}
+
+fn start_stack(args: &Args) -> Result<Bench, String> {
+    let slots_per_pool = args.streams.div_ceil(args.pools).max(64);
+    if slots_per_pool > MAX_SLOTS_PER_POOL {
+        return Err(format!(
+            "{} streams over {} pools need {slots_per_pool} slots per pool, more than a pool may \
+             have ({MAX_SLOTS_PER_POOL}): add pools (--pools)",
+            args.streams, args.pools
+        ));
+    }
     // Room for the prompt and every requested token: both engines stop at a full context.
     let ctx = args.tokens.saturating_add(128).max(256);
-    let config = if let Some((server, gguf)) = args.real_engine() {
-        llama_server_pool(args, server, gguf, slots, ctx)
-    } else {
-        double_pool(args, &dir, slots, ctx)?
-    };
-    let config_path = dir.path().join("pool-managerd.toml");
-    std::fs::write(&config_path, config)
-        .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-    let sidecar = sidecar_command(dir.path(), &config_path)
-        .env("RUST_LOG", "warn")
-        .start();
-    let shim = sidecar.ready("debug_http").to_owned();
-    let mut stack = Stack {
-        dir,
-        sidecar,
-        orchestrator: None,
-        shim,
-        engine: String::new(),
-        slots,
-    };
-
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        let reply = http::get(&stack.shim, &format!("/pools/{POOL}/status"), WAIT)
-            .map_err(|e| format!("pool-managerd's shim: {e}"))?;
-        let status: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-        if status["ready"] == true && status["slots_total"] == slots {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("the engine never became ready: {status}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let endpoint = status["endpoint"].as_str().unwrap_or_default();
-    stack.engine = endpoint
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("the engine's endpoint is not http://host:port: {endpoint:?}"))?
-        .trim_end_matches('/')
-        .to_owned();
-
-    let orchestrator_config = stack.dir.path().join("orchestratord.toml");
-    std::fs::write(
-        &orchestrator_config,
-        format!("[admission]\ncapacity = {}\n", (slots * 2).max(256)),
-    )
-    .map_err(|e| format!("cannot write {}: {e}", orchestrator_config.display()))?;
-    let orchestrator = DaemonBuilder::new(binary("orchestratord"))
-        .name("orchestratord")
-        .arg("--config")
-        .arg(&orchestrator_config)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--socket")
-        .arg(socket_path(stack.dir.path()))
-        .env("RUST_LOG", "warn")
-        .start();
-    let listen = orchestrator.ready("listen").to_owned();
-    stack.orchestrator = Some(orchestrator);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let reply = http::get(&listen, "/readyz", WAIT)
-            .map_err(|e| format!("orchestratord's /readyz: {e}"))?;
-        if reply.status == 200 {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "orchestratord never became ready: {}",
-                reply.text()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut builder = Stack::builder()
+        .log_filter("warn")
+        .startup(WAIT)
+        // The bench's one uid holds every slot at once.
+        .sidecar_server(&format!(
+            "max_leased_slots_per_uid = {}",
+            slots_per_pool * args.pools
+        ))
+        .orchestrator(&format!(
+            "[admission]\ncapacity = {}\n",
+            (args.streams * 2).max(256)
+        ));
+    for index in 0..args.pools {
+        let id = pool_id(index);
+        builder = builder.pool(&match args.real_engine() {
+            Some(engine) => llama_server_pool(args, &id, engine, slots_per_pool, ctx),
+            None => double_pool(args, &id, slots_per_pool, ctx),
+        });
     }
-    Ok(stack)
+    let stack = builder.start();
+    let mut engines = Vec::new();
+    let mut engine_pids = Vec::new();
+    for index in 0..args.pools {
+        let id = pool_id(index);
+        let endpoint = stack.endpoint(&id);
+        let address = endpoint
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("the engine's endpoint is not http://host:port: {endpoint:?}"))?
+            .trim_end_matches('/')
+            .to_owned();
+        engines.push(address);
+        engine_pids.push(
+            stack
+                .recorded_engine_pid(&id)
+                .ok_or_else(|| format!("no engine recorded for pool {id}"))?,
+        );
+    }
+    Ok(Bench {
+        stack,
+        engines,
+        engine_pids,
+        slots_per_pool,
+    })
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let fd_limit = match raise_fd_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            eprintln!("relay-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let stack = match start_stack(&args) {
         Ok(stack) => stack,
         Err(error) => {
@@ -286,7 +271,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(bench(&args, &stack)),
+        Ok(runtime) => runtime.block_on(bench(&args, &stack, fd_limit)),
         Err(error) => Err(format!("cannot start the runtime: {error}")),
     };
     drop(stack);
@@ -325,11 +310,12 @@ impl Route {
     }
 }
 
-/// One path under test: its own client (so connection pools never mix) and its URL.
+/// One path under test: its own client (so connection pools never mix) and its URLs (the
+/// direct path has one per engine; stream `i` goes to `uris[i % len]`).
 struct Target {
     route: Route,
     client: HttpClient,
-    uri: Uri,
+    uris: Vec<Uri>,
 }
 
 /// What one stream saw.
@@ -541,10 +527,10 @@ struct Cpu {
     client: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pids {
     orchestrator: u32,
-    engine: u32,
+    engines: Vec<u32>,
     sidecar: u32,
     client: u32,
 }
@@ -562,10 +548,10 @@ fn cpu_ns(pid: u32) -> u64 {
 }
 
 impl Cpu {
-    fn now(pids: Pids) -> Cpu {
+    fn now(pids: &Pids) -> Cpu {
         Cpu {
             orchestrator: cpu_ns(pids.orchestrator),
-            engine: cpu_ns(pids.engine),
+            engine: pids.engines.iter().map(|&pid| cpu_ns(pid)).sum(),
             sidecar: cpu_ns(pids.sidecar),
             client: cpu_ns(pids.client),
         }
@@ -581,6 +567,50 @@ impl Cpu {
     }
 }
 
+/// Resident memory (`VmRSS`, bytes) of `pid`; 0 once it is gone.
+fn rss_bytes(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Resident memory of the two daemons.
+#[derive(Debug, Default, Clone, Copy)]
+struct Rss {
+    orchestrator: u64,
+    sidecar: u64,
+}
+
+impl Rss {
+    fn now(pids: &Pids) -> Rss {
+        Rss {
+            orchestrator: rss_bytes(pids.orchestrator),
+            sidecar: rss_bytes(pids.sidecar),
+        }
+    }
+
+    fn max(self, other: Rss) -> Rss {
+        Rss {
+            orchestrator: self.orchestrator.max(other.orchestrator),
+            sidecar: self.sidecar.max(other.sidecar),
+        }
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// One round of one path.
 struct Round {
     route: Route,
@@ -590,6 +620,9 @@ struct Round {
     events: u64,
     wall: Duration,
     cpu: Cpu,
+    /// The daemons' memory at its highest during the round (sampled every 10 ms while streams
+    /// run).
+    rss_peak: Rss,
     /// orchestratord's metrics over the round (orchestrated rounds only).
     inside: Inside,
 }
@@ -703,10 +736,11 @@ fn histogram(text: &str, name: &str) -> Totals {
 /// Control-plane reads between rounds.
 struct Control {
     client: HttpClient,
-    status: Uri,
-    /// The engine's view of its running generations: the double's `/control/stats`, or
+    /// Each pool's status on pool-managerd's shim.
+    status: Vec<Uri>,
+    /// Each engine's view of its running generations: the double's `/control/stats`, or
     /// llama-server's `/slots`.
-    stats: Uri,
+    stats: Vec<Uri>,
     real_engine: bool,
     metrics: Uri,
 }
@@ -747,45 +781,67 @@ impl Control {
         Ok(body)
     }
 
-    /// Waits until no lease is held and the engine runs no generation, so that a round never
+    /// Waits until no lease is held and no engine runs a generation, so that a round never
     /// starts while the previous one's releases are still in flight.
     async fn wait_idle(&self, slots: u32) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
-        loop {
-            let status = self.get(&self.status).await?;
-            let stats = self.get(&self.stats).await?;
-            let engine_idle = if self.real_engine {
-                stats
-                    .as_array()
-                    .is_some_and(|slots| slots.iter().all(|slot| slot["is_processing"] == false))
-            } else {
-                stats["active"] == 0
-            };
-            if status["active_leases"] == 0 && status["slots_free"] == slots && engine_idle {
-                return Ok(());
+        'poll: loop {
+            for (status, stats) in self.status.iter().zip(&self.stats) {
+                let status = self.get(status).await?;
+                let stats = self.get(stats).await?;
+                let engine_idle = if self.real_engine {
+                    stats.as_array().is_some_and(|slots| {
+                        slots.iter().all(|slot| slot["is_processing"] == false)
+                    })
+                } else {
+                    stats["active"] == 0
+                };
+                let idle =
+                    status["active_leases"] == 0 && status["slots_free"] == slots && engine_idle;
+                if !idle {
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "the stack never went idle between rounds: {status} {stats}"
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue 'poll;
+                }
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the stack never went idle between rounds: {status} {stats}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Ok(());
         }
     }
 }
 
-async fn run_round(target: &Target, args: &Args, body: &Bytes, pids: Pids) -> (Round, Vec<String>) {
+async fn run_round(
+    target: &Target,
+    args: &Args,
+    body: &Bytes,
+    pids: &Pids,
+) -> (Round, Vec<String>) {
     let cpu_before = Cpu::now(pids);
     let started = Instant::now();
     let mut streams = tokio::task::JoinSet::new();
-    for _ in 0..args.streams {
+    for (_, uri) in (0..args.streams).zip(target.uris.iter().cycle()) {
         streams.spawn(one_stream(
             target.client.clone(),
-            target.uri.clone(),
+            uri.clone(),
             body.clone(),
             u64::from(args.tokens),
         ));
     }
+    let sampled = pids.clone();
+    let (stop_sampling, mut sampling_stopped) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut peak = Rss::default();
+        loop {
+            peak = peak.max(Rss::now(&sampled));
+            tokio::select! {
+                _ = &mut sampling_stopped => return peak,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    });
     let mut round = Round {
         route: target.route,
         ttft_ms: Vec::new(),
@@ -794,6 +850,7 @@ async fn run_round(target: &Target, args: &Args, body: &Bytes, pids: Pids) -> (R
         events: 0,
         wall: Duration::ZERO,
         cpu: Cpu::default(),
+        rss_peak: Rss::default(),
         inside: Inside::default(),
     };
     let mut failures = Vec::new();
@@ -812,20 +869,22 @@ async fn run_round(target: &Target, args: &Args, body: &Bytes, pids: Pids) -> (R
         }
     }
     round.wall = started.elapsed();
+    let _ = stop_sampling.send(());
+    round.rss_peak = sampler.await.unwrap_or_default();
     // The CPU snapshot is taken by the caller once the stack is idle again, so the relay's
     // end-of-stream work (lease release) is counted too.
     round.cpu = cpu_before;
     (round, failures)
 }
 
-async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
-    let orchestrator = stack
-        .orchestrator
-        .as_ref()
-        .ok_or("orchestratord is not running")?;
+async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String> {
+    let stack = &bench.stack;
+    let orchestrator = stack.orchestrator();
+    let api = stack.api();
+    let shim = stack.shim();
     let pids = Pids {
         orchestrator: orchestrator.pid(),
-        engine: engine_pid(stack.dir.path()).unwrap_or(0),
+        engines: bench.engine_pids.clone(),
         sidecar: stack.sidecar.pid(),
         client: std::process::id(),
     };
@@ -834,31 +893,39 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
             .parse()
             .map_err(|e| format!("bad URL http://{authority}{path}: {e}"))
     };
+    let stats_path = if args.real_engine().is_some() {
+        "/slots"
+    } else {
+        "/control/stats"
+    };
     let targets = [
         Target {
             route: Route::Direct,
             client: client(),
-            uri: uri(&stack.engine, "/v1/chat/completions")?,
+            uris: bench
+                .engines
+                .iter()
+                .map(|engine| uri(engine, "/v1/chat/completions"))
+                .collect::<Result<_, _>>()?,
         },
         Target {
             route: Route::Orchestrated,
             client: client(),
-            uri: uri(orchestrator.ready("listen"), "/v1/chat/completions")?,
+            uris: vec![uri(&api, "/v1/chat/completions")?],
         },
     ];
     let control = Control {
         client: client(),
-        status: uri(&stack.shim, &format!("/pools/{POOL}/status"))?,
-        stats: uri(
-            &stack.engine,
-            if args.real_engine().is_some() {
-                "/slots"
-            } else {
-                "/control/stats"
-            },
-        )?,
+        status: (0..args.pools)
+            .map(|index| uri(&shim, &format!("/pools/{}/status", pool_id(index))))
+            .collect::<Result<_, _>>()?,
+        stats: bench
+            .engines
+            .iter()
+            .map(|engine| uri(engine, stats_path))
+            .collect::<Result<_, _>>()?,
         real_engine: args.real_engine().is_some(),
-        metrics: uri(orchestrator.ready("listen"), "/metrics")?,
+        metrics: uri(&api, "/metrics")?,
     };
     let body = Bytes::from(
         json!({
@@ -873,33 +940,35 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
 
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "relay-bench: {} concurrent streams x {} tokens, POST /v1/chat/completions \
-         (stream, include_usage), straight to the engine vs through orchestratord",
-        args.streams, args.tokens
+        "relay-bench: {} concurrent streams x {} tokens over {} pool(s), POST \
+         /v1/chat/completions (stream, include_usage), straight to the engines vs through \
+         orchestratord",
+        args.streams, args.tokens, args.pools
     );
+    let engines = bench.engines.join(" ");
     match args.real_engine() {
         Some((server, gguf)) => println!(
             "engine: llama.cpp llama-server {} on {}, {} threads{}, {} slots, TCP {}",
             server.display(),
             gguf.display(),
-            engine_threads(),
+            engine_threads(args.pools),
             match &args.gpus {
                 Some(gpus) => format!(", GPUs {gpus} (-ngl 99)"),
                 None => ", CPU".to_owned(),
             },
-            stack.slots,
-            stack.engine
+            bench.slots_per_pool,
+            engines
         ),
         None => println!(
             "engine: test-engine-double, a FAKE engine (no model; filler words), {} ms between two \
-             tokens of a stream{}, {} slots, TCP {}, declared `{}` ({})",
+             tokens of a stream{}, {} slots per pool, TCP {}, declared `{}` ({})",
             args.token_delay_ms,
             match args.token_delay_ms {
                 0 => " (as fast as it goes)".to_owned(),
                 d => format!(" (~{:.0} tokens/s per stream)", 1000.0 / d as f64),
             },
-            stack.slots,
-            stack.engine,
+            bench.slots_per_pool,
+            engines,
             args.engine_kind,
             if args.engine_kind == "openai" {
                 "orchestratord reuses kept-alive engine connections"
@@ -909,9 +978,9 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         ),
     }
     println!(
-        "orchestrated: orchestratord {} -> pool-managerd lease -> the same engine; \
-         daemons at RUST_LOG=warn",
-        orchestrator.ready("listen")
+        "orchestrated: orchestratord {api} -> pool-managerd lease -> the same engines; daemons \
+         at RUST_LOG=warn; open-file limit raised to {fd_limit} (this bench and the daemons it \
+         starts)"
     );
     println!(
         "client: one keep-alive hyper-util client per path, TCP_NODELAY, tokio multi-thread \
@@ -921,11 +990,12 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
     );
     println!();
 
+    let rss_fresh = Rss::now(&pids);
     let mut rounds: Vec<(u32, Round)> = Vec::new();
     let mut failures = Vec::new();
     let mut checked = 0u64;
     println!(
-        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>26}",
+        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>31}   {:>15}",
         "round",
         "path",
         "TTFT p50",
@@ -933,11 +1003,24 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         "TTFT max",
         "stream p50",
         "tokens/s",
-        "CPU ms in the round"
+        "CPU ms in the round",
+        "peak RSS MiB"
     );
     println!(
-        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>7} {:>7} {:>7} {:>7}",
-        "", "", "ms", "ms", "ms", "ms", "", "orchd", "engine", "pool-m", "client"
+        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>7} {:>7} {:>7} {:>7}   {:>7} {:>7}",
+        "",
+        "",
+        "ms",
+        "ms",
+        "ms",
+        "ms",
+        "",
+        "orchd",
+        "engine",
+        "pool-m",
+        "client",
+        "orchd",
+        "pool-m"
     );
     for index in 0..=args.rounds {
         let order = if index % 2 == 0 {
@@ -946,12 +1029,12 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
             [&targets[1], &targets[0]]
         };
         for target in order {
-            control.wait_idle(stack.slots).await?;
+            control.wait_idle(bench.slots_per_pool).await?;
             let inside_before = control.inside().await?;
             tokio::time::sleep(SETTLE).await;
-            let (mut round, failed) = run_round(target, args, &body, pids).await;
-            control.wait_idle(stack.slots).await?;
-            round.cpu = Cpu::now(pids).since(round.cpu);
+            let (mut round, failed) = run_round(target, args, &body, &pids).await;
+            control.wait_idle(bench.slots_per_pool).await?;
+            round.cpu = Cpu::now(&pids).since(round.cpu);
             if target.route == Route::Orchestrated {
                 round.inside = control.inside().await?.since(inside_before);
             }
@@ -963,7 +1046,7 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
                 index.to_string()
             };
             println!(
-                "{label:<6} {:<13} {:>9.2} {:>9.2} {:>9.2} {:>11.1} {:>10.0}   {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+                "{label:<6} {:<13} {:>9.2} {:>9.2} {:>9.2} {:>11.1} {:>10.0}   {:>7.1} {:>7.1} {:>7.1} {:>7.1}   {:>7.1} {:>7.1}",
                 round.route.name(),
                 percentile(&round.ttft_ms, 50.0),
                 percentile(&round.ttft_ms, 99.0),
@@ -974,6 +1057,8 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
                 round.cpu.engine as f64 / 1e6,
                 round.cpu.sidecar as f64 / 1e6,
                 round.cpu.client as f64 / 1e6,
+                round.rss_peak.orchestrator as f64 / MIB,
+                round.rss_peak.sidecar as f64 / MIB,
             );
             if index > 0 {
                 rounds.push((index, round));
@@ -1076,6 +1161,34 @@ async fn bench(args: &Args, stack: &Stack) -> Result<bool, String> {
         inside.ttft.mean_ms(),
         inside.queue_wait.mean_ms(),
         inside.dispatch.mean_ms(),
+    );
+    // Against the daemons as they started, before any request: what stays allocated after a
+    // round (allocator caches, connection pools) counts against the streams too.
+    let peak = relayed
+        .iter()
+        .fold(Rss::default(), |peak, r| peak.max(r.rss_peak));
+    let per_stream_kib = |pick: fn(&Rss) -> u64| -> f64 {
+        pick(&peak).saturating_sub(pick(&rss_fresh)) as f64 / 1024.0 / f64::from(args.streams)
+    };
+    let orchestrator_kib = per_stream_kib(|r| r.orchestrator);
+    println!(
+        "memory: orchestratord {:.1} MiB fresh, {:.1} MiB at most with {} streams open: {:.1} KiB \
+         per open stream ((peak - fresh) / streams; target <= 24 KiB: {}); pool-managerd {:.1} \
+         MiB fresh, {:.1} MiB at most ({:.2} KiB per lease)",
+        rss_fresh.orchestrator as f64 / MIB,
+        peak.orchestrator as f64 / MIB,
+        args.streams,
+        orchestrator_kib,
+        verdict(orchestrator_kib <= 24.0),
+        rss_fresh.sidecar as f64 / MIB,
+        peak.sidecar as f64 / MIB,
+        per_stream_kib(|r| r.sidecar),
+    );
+    println!(
+        "pool-managerd CPU: {:.1} us per request (all its CPU in the orchestrated rounds / requests)",
+        relayed.iter().map(|r| r.cpu.sidecar).sum::<u64>() as f64
+            / 1e3
+            / (u64::from(args.rounds) * u64::from(args.streams)) as f64
     );
     if failures.is_empty() {
         println!(
