@@ -190,7 +190,7 @@ fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
         }
     }
     let mut raw = TcpStream::connect(&addr).unwrap();
-    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{bad}}").unwrap();
+    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{bad}}").unwrap();
     let mut text = String::new();
     raw.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
@@ -1297,6 +1297,75 @@ fn only_an_admin_key_drains_reloads_loads_or_unloads_and_native_posts_must_say_j
     assert_eq!(status, 200);
     let reply = drain("ops-key-0123456789abc", "application/json");
     assert_eq!(reply.status, 202, "{}", reply.text());
+}
+
+#[test]
+fn a_web_page_cannot_make_a_keyless_loopback_orchestratord_run_inference() {
+    let stack = stack(1, &[], "");
+    let addr = stack.api();
+    let body = chat(2, false).to_string();
+    let send = |path: &str, content_type: Option<&str>| {
+        let reply = http::post_typed(&addr, path, content_type, body.as_bytes(), WAIT).unwrap();
+        let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        (reply.status, json, reply.text())
+    };
+    // What a cross-site form or a "simple" fetch can send without a preflight, and no type at all.
+    let simple = [
+        Some("text/plain"),
+        Some("text/plain; charset=utf-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ];
+    let openai_paths = [
+        "/v1/chat/completions",
+        "/v1/chat/completions/input_tokens",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v1/reranking",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+    ];
+    for content_type in simple {
+        for path in openai_paths {
+            let (status, error, text) = send(path, content_type);
+            assert_eq!(status, 415, "{path} {content_type:?}: {text}");
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{text}");
+            assert_eq!(error["error"]["code"], "unsupported_media_type", "{text}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "{message}"
+            );
+        }
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let (status, error, text) = send(path, content_type);
+            assert_eq!(status, 415, "{path} {content_type:?}: {text}");
+            assert_eq!(error["type"], "error", "Anthropic's shape: {text}");
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{text}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "{message}"
+            );
+        }
+    }
+    let engine = http::get(&stack.endpoint("p"), "/control/stats", WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(engine["completed"], 0, "the engine ran nothing: {engine}");
+    assert_eq!(engine["tokens"], 0, "the engine ran nothing: {engine}");
+    // JSON, with parameters or as a +json type, is served.
+    for content_type in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/vnd.api+json",
+    ] {
+        let (status, reply, text) = send("/v1/chat/completions", Some(content_type));
+        assert_eq!(status, 200, "{content_type}: {text}");
+        assert_eq!(reply["usage"]["completion_tokens"], 2, "{text}");
+    }
 }
 
 #[test]
