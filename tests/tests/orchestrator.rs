@@ -1147,6 +1147,120 @@ fn a_stream_whose_engine_dies_after_its_first_token_ends_with_one_error_and_is_n
     assert_eq!(engine_retries(&stack), 0.0);
 }
 
+/// Pools `ids` of model `double`, one slot each, and orchestratord configured by `orchestrator`.
+fn pools_of_double(ids: &[&str], orchestrator: &str) -> Stack {
+    ids.iter()
+        .fold(Stack::builder(), |builder, id| {
+            builder.pool(&double_pool(id, "double", 1, &[]))
+        })
+        .orchestrator(orchestrator)
+        .start()
+}
+
+/// A streamed chat sent on its own thread; its whole reply (the SSE body read to its end) comes
+/// through the returned channel.
+fn stream_in_background(stack: &Stack) -> std::sync::mpsc::Receiver<http::Reply> {
+    let api = stack.api();
+    let (sender, reply) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let answer = http::post_json(&api, "/v1/chat/completions", &chat(4, true), WAIT);
+        let _ = sender.send(answer.unwrap());
+    });
+    reply
+}
+
+/// The error of a stream that failed before its first token: its only SSE `data:`, an OpenAI
+/// error object.
+fn stream_error(reply: &http::Reply) -> Value {
+    let text = reply.text();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "one error and nothing else: {text}");
+    serde_json::from_str::<Value>(data[0]).unwrap()["error"].clone()
+}
+
+/// What `pool`'s engine double ran: its `/control/stats`.
+fn engine_stats(stack: &Stack, pool: &str) -> Value {
+    http::get(&stack.endpoint(pool), "/control/stats", WAIT)
+        .unwrap()
+        .json()
+}
+
+#[test]
+fn with_max_retries_0_a_stream_whose_engine_dies_before_its_first_token_gets_a_worker_reset_and_no_other_pool_runs_it()
+ {
+    let stack = pools_of_double(&["a", "b"], "[admission]\nmax_retries = 0\n");
+    hold_engine(&stack, "a");
+    let client = stream_in_background(&stack);
+    kill_engine_once_it_holds_a_request(&stack, "a");
+    let reply = client.recv_timeout(WAIT).unwrap();
+    assert_eq!(reply.status, 200, "the stream had begun: {}", reply.text());
+    let error = stream_error(&reply);
+    assert_eq!(error["code"], "worker_reset", "{error}");
+    assert_eq!(error["type"], "server_error", "{error}");
+    let b = engine_stats(&stack, "b");
+    assert_eq!(b["completed"], 0, "pool b served nothing: {b}");
+    assert_eq!(b["active"], 0, "pool b served nothing: {b}");
+    assert_eq!(b["tokens"], 0, "pool b served nothing: {b}");
+    assert_eq!(engine_retries(&stack), 0.0);
+}
+
+#[test]
+fn with_max_retries_1_a_request_whose_engines_all_die_before_answering_is_sent_exactly_twice() {
+    let pools = ["a", "b", "c"];
+    let stack = pools_of_double(&pools, "[admission]\nmax_retries = 1\n");
+    for pool in pools {
+        hold_engine(&stack, pool);
+    }
+    // The pool, not yet killed, whose held engine has the request.
+    let holding = |killed: &[&str]| {
+        pools
+            .iter()
+            .copied()
+            .filter(|pool| !killed.contains(pool))
+            .find(|pool| {
+                http::get(&stack.endpoint(pool), "/control/stats", WAIT)
+                    .is_ok_and(|reply| reply.json()["active"] == 1)
+            })
+    };
+    let client = stream_in_background(&stack);
+    let mut killed: Vec<&str> = Vec::new();
+    // The first attempt and the one retry each meet a held engine, which is killed.
+    for attempt in 1..=2 {
+        let mut found = None;
+        stack.wait_for(&format!("attempt {attempt} to reach an engine"), || {
+            found = holding(&killed);
+            found.is_some()
+        });
+        let pool = found.unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(stack.engine_pid(pool)),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        killed.push(pool);
+    }
+    // Now the client gets its error, unless a third attempt reaches the last pool's held engine.
+    let mut reply = None;
+    stack.wait_for("the client's answer or a third attempt", || {
+        if let Some(third) = holding(&killed) {
+            panic!("a third attempt reached pool {third}");
+        }
+        reply = client.try_recv().ok();
+        reply.is_some()
+    });
+    let reply = reply.unwrap();
+    let error = stream_error(&reply);
+    assert_eq!(error["code"], "worker_reset", "{error}");
+    let spared = pools.iter().find(|pool| !killed.contains(pool)).unwrap();
+    let third = engine_stats(&stack, spared);
+    assert_eq!(third["active"], 0, "no third attempt: {third}");
+    assert_eq!(third["completed"], 0, "no third attempt: {third}");
+    assert_eq!(engine_retries(&stack), 1.0, "one retry: two attempts");
+}
+
 #[test]
 fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
     let stack = stack(
