@@ -1261,6 +1261,100 @@ fn with_max_retries_1_a_request_whose_engines_all_die_before_answering_is_sent_e
     assert_eq!(engine_retries(&stack), 1.0, "one retry: two attempts");
 }
 
+/// Reads a streamed chat to its end: its content tokens, its finish reason, when its first token
+/// came, and whether `[DONE]` ended it.
+fn read_stream(mut reader: BufReader<http::Stream>) -> (usize, Option<String>, Instant, bool) {
+    let mut tokens = 0;
+    let mut finish = None;
+    let mut first_token = None;
+    let mut done = false;
+    while let Some(data) = http::next_sse_data(&mut reader) {
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        if chunk["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|text| !text.is_empty())
+        {
+            tokens += 1;
+            first_token.get_or_insert_with(Instant::now);
+        }
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
+    }
+    (tokens, finish, first_token.unwrap(), done)
+}
+
+#[test]
+fn a_request_queued_far_longer_than_the_head_body_and_stall_timeouts_still_gets_its_whole_answer() {
+    // Every limit on a client's connection is short: a request head (and an idle keep-alive
+    // wait) 200 ms, a body 200 ms, the stall limit 400 ms (also how long the kernel lets sent
+    // bytes go unread). None of them is meant to cut a request waiting for a slot.
+    let longest = Duration::from_millis(400);
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "100"],
+        "[http]\nheader_timeout_ms = 200\nbody_timeout_ms = 200\n\
+         [streaming]\ndecode_stall_ms = 400\nkeepalive_ms = 100\n",
+    );
+    let addr = stack.api();
+    // The only slot is busy for about 2 s: 20 tokens 100 ms apart, each within the stall limit.
+    let (blocker, status, head) = post(&addr, "/v1/chat/completions", &chat(20, true), &[]);
+    assert_eq!(status, 200, "{head}");
+    let blocker = std::thread::spawn(move || read_stream(blocker));
+    let sent = Instant::now();
+    // A stream (it gets keep-alive comments while it waits) and a whole answer (its connection
+    // carries nothing at all while it waits) queue behind it.
+    let streamed = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let (reader, status, head) = post(&addr, "/v1/chat/completions", &chat(6, true), &[]);
+            assert_eq!(status, 200, "{head}");
+            read_stream(reader)
+        }
+    });
+    let whole = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let reply =
+                http::post_json(&addr, "/v1/chat/completions", &chat(5, false), WAIT).unwrap();
+            (reply, Instant::now())
+        }
+    });
+    stack.wait_for("both to queue", || {
+        http::get(&addr, "/metrics", WAIT)
+            .unwrap()
+            .text()
+            .contains("orchestratord_queue_depth{class=\"interactive\"} 2")
+    });
+
+    let (tokens, finish, _, done) = blocker.join().unwrap();
+    assert_eq!(
+        (tokens, finish.as_deref(), done),
+        (20, Some("length"), true)
+    );
+    let (tokens, finish, first_token, done) = streamed.join().unwrap();
+    assert_eq!((tokens, finish.as_deref(), done), (6, Some("length"), true));
+    let waited = first_token.duration_since(sent);
+    assert!(
+        waited > longest * 2,
+        "the stream waited {waited:?}, not well past every timeout"
+    );
+    let (reply, answered) = whole.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 5);
+    let waited = answered.duration_since(sent);
+    assert!(
+        waited > longest * 2,
+        "the whole answer waited {waited:?}, not well past every timeout"
+    );
+    assert_eq!(stack.metric("orchestratord_in_flight"), 0.0);
+}
+
 #[test]
 fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
     let stack = stack(
