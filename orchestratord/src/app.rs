@@ -157,17 +157,15 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 /// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
 /// configured open paths pass without one. The caller's role must allow the route: the
-/// operator's routes (drain, reload, load, unload) need an admin key. POSTs to the native API must say they
-/// carry JSON: a browser cannot send that cross-site without asking first, so a web page cannot
-/// drive a daemon on the visitor's host.
+/// operator's routes (drain, reload, load, unload) need an admin key. Every POST must say it
+/// carries JSON: a browser cannot send that cross-site without asking first (a form or a "simple"
+/// fetch can only send `text/plain`, a form encoding or `multipart/form-data`), so a web page can
+/// neither run inference on nor drive a daemon on the visitor's host.
 async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let config = state.config.get();
     let path = request.uri().path();
     let shape = ErrorShape::of_path(path);
-    if request.method() == Method::POST
-        && path.starts_with("/v2/")
-        && !declares_json(request.headers())
-    {
+    if request.method() == Method::POST && !declares_json(request.headers()) {
         return ApiError::NotJson.response(shape);
     }
     let caller = if config.api_keys.is_empty() {
@@ -207,13 +205,30 @@ fn is_operators(method: &Method, path: &str) -> bool {
             .any(|action| path.ends_with(action))
 }
 
-/// `Content-Type: application/json` (with or without parameters).
+/// `Content-Type: application/json` or another JSON type (`application/<anything>+json`), with or
+/// without parameters (`; charset=utf-8`). None of these is a type a browser sends cross-site
+/// without a preflight.
 fn declares_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+        .is_some_and(|essence| is_json_type(essence.trim()))
+}
+
+/// Whether a media type's essence (`type/subtype`, no parameters) is JSON.
+fn is_json_type(essence: &str) -> bool {
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    if !kind.eq_ignore_ascii_case("application") {
+        return false;
+    }
+    let subtype = subtype.to_ascii_lowercase();
+    subtype == "json"
+        || subtype
+            .strip_suffix("+json")
+            .is_some_and(|prefix| !prefix.is_empty() && !prefix.contains(['/', ' ', '\t']))
 }
 
 /// What an API handler takes from a request besides the shared state: the body, read within the
@@ -294,4 +309,47 @@ fn forwarded_headers(headers: &HeaderMap, config: &Config) -> HeaderMap {
         }
     }
     forward
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declares_json;
+    use axum::http::{HeaderMap, HeaderValue, header};
+
+    fn with_type(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(content_type) {
+            headers.insert(header::CONTENT_TYPE, value);
+        }
+        headers
+    }
+
+    #[test]
+    fn json_types_with_or_without_parameters_declare_json_and_what_a_form_sends_does_not() {
+        for json in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/vnd.api+json",
+            "application/merge-patch+json; charset=utf-8",
+        ] {
+            assert!(declares_json(&with_type(json)), "{json}");
+        }
+        for not_json in [
+            "",
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "text/json",
+            "application/+json",
+            "application/jsonx",
+            "application/json-seq",
+            "json",
+        ] {
+            assert!(!declares_json(&with_type(not_json)), "{not_json:?}");
+        }
+        assert!(!declares_json(&HeaderMap::new()), "no Content-Type at all");
+    }
 }

@@ -105,7 +105,8 @@ pub struct RawNonStreaming {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSessions {
-    /// A session idle this long is forgotten (default 30 min).
+    /// A session idle this long is forgotten, and so is the pool placement kept it on (default
+    /// 30 min).
     pub ttl_ms: Option<u64>,
     /// Turns per session; 0 or absent: unlimited.
     pub max_turns: Option<u32>,

@@ -67,7 +67,7 @@ pub async fn run(
         mirror.clone(),
         config.admission.clone(),
         Arc::clone(&metrics),
-        config.sessions.max_sessions,
+        &config.sessions,
     );
     let sessions = Arc::new(SessionStore::new(config.sessions.clone()));
     let live = Arc::new(LiveConfig::new(config));

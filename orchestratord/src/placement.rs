@@ -7,6 +7,7 @@
 use lru::LruCache;
 use pool_ipc::registry::{ApiEndpoint, PoolId, PoolSnapshot, PoolState, RegistrySnapshot};
 use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
 
 /// Client hints from the native API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,25 +80,57 @@ pub enum NoPlacement {
 }
 
 /// Remembers which pool holds a session's KV cache, for at most `capacity` sessions (clients
-/// choose session ids): the least recently served are forgotten first.
+/// choose session ids): the least recently served are forgotten first. A pool remembered longer
+/// ago than the sessions' TTL is not used: the session has expired (its next turn starts a new
+/// one), and its cache is long gone. Checked on lookup, never by a scan; an expired entry stays
+/// until the LRU bound pushes it out or its session is served again.
 #[derive(Debug)]
 pub struct SessionAffinity {
-    pools: LruCache<String, PoolId>,
+    pools: LruCache<String, Remembered>,
+    ttl: Duration,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    pool: PoolId,
+    /// When a turn of the session last ended on `pool`.
+    at: Instant,
 }
 
 impl SessionAffinity {
-    pub fn new(capacity: NonZeroUsize) -> SessionAffinity {
+    pub fn new(capacity: NonZeroUsize, ttl: Duration) -> SessionAffinity {
         SessionAffinity {
             pools: LruCache::new(capacity),
+            ttl,
         }
     }
 
-    pub fn pool_of(&self, session: &str) -> Option<&PoolId> {
-        self.pools.peek(session)
+    /// The pool that served `session` less than the TTL before `now`.
+    pub fn pool_of(&self, session: &str, now: Instant) -> Option<&PoolId> {
+        self.pools
+            .peek(session)
+            .filter(|remembered| now.saturating_duration_since(remembered.at) < self.ttl)
+            .map(|remembered| &remembered.pool)
     }
 
-    pub fn remember(&mut self, session: &str, pool: &PoolId) {
-        self.pools.put(session.to_owned(), pool.clone());
+    /// `session`'s turn ended on `pool` at `now`.
+    pub fn remember(&mut self, session: &str, pool: &PoolId, now: Instant) {
+        self.pools.put(
+            session.to_owned(),
+            Remembered {
+                pool: pool.clone(),
+                at: now,
+            },
+        );
+    }
+
+    /// Sessions remembered, expired ones included.
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
     }
 }
 
@@ -397,6 +430,49 @@ mod tests {
             choose(&snapshot, &wanted("m", &hints), Some(&home)),
             on("b")
         );
+    }
+
+    #[test]
+    fn session_affinity_is_bounded_by_its_capacity_and_forgets_a_pool_older_than_the_ttl() {
+        let capacity = NonZeroUsize::new(1_000).unwrap();
+        let ttl = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut affinity = SessionAffinity::new(capacity, ttl);
+        let a = PoolId("a".into());
+        for i in 0..100_000 {
+            affinity.remember(&format!("session-{i}"), &a, start);
+        }
+        assert_eq!(affinity.len(), capacity.get(), "at most capacity entries");
+        assert_eq!(
+            affinity.pool_of("session-0", start),
+            None,
+            "the oldest went"
+        );
+        assert_eq!(affinity.pool_of("session-99999", start), Some(&a));
+
+        // Within the TTL the pool is used; from the TTL on it is not, though still stored.
+        let just_inside = start + ttl - Duration::from_millis(1);
+        assert_eq!(affinity.pool_of("session-99999", just_inside), Some(&a));
+        assert_eq!(affinity.pool_of("session-99999", start + ttl), None);
+        assert_eq!(affinity.len(), capacity.get());
+        // A new turn served there makes it count again from then.
+        let later = start + ttl * 2;
+        affinity.remember("session-99999", &PoolId("b".into()), later);
+        assert_eq!(
+            affinity.pool_of("session-99999", later + ttl / 2),
+            Some(&PoolId("b".into()))
+        );
+
+        // An expired session's pool is not where placement sends it.
+        let snapshot = registry(vec![
+            pool("a", "m", PoolState::Ready, 1, 4),
+            pool("b", "m", PoolState::Ready, 3, 4),
+        ]);
+        let hints = PlacementHints::default();
+        let home = affinity.pool_of("session-99998", start + ttl);
+        assert_eq!(choose(&snapshot, &wanted("m", &hints), home), on("b"));
+        let home = affinity.pool_of("session-99998", start);
+        assert_eq!(choose(&snapshot, &wanted("m", &hints), home), on("a"));
     }
 
     #[test]

@@ -166,13 +166,14 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler; it remembers the pools of at most `sessions` sessions.
+    /// Starts the scheduler; it remembers the pools of at most `sessions.max_sessions` sessions,
+    /// each for the sessions' TTL.
     pub fn start(
         client: PoolClient,
         mirror: watch::Receiver<RegistryMirror>,
         config: AdmissionConfig,
         metrics: Arc<Metrics>,
-        sessions: std::num::NonZeroUsize,
+        sessions: &crate::sessions::SessionPolicy,
     ) -> Scheduler {
         let (commands, inbox) = mpsc::unbounded_channel();
         let (load_calls, calls) = mpsc::unbounded_channel();
@@ -188,7 +189,7 @@ impl Scheduler {
             acquired,
             acquired_sender,
             lost_race_at: None,
-            affinity: SessionAffinity::new(sessions),
+            affinity: SessionAffinity::new(sessions.max_sessions, sessions.ttl),
             next_id: 1,
             metrics,
             pool_states: Vec::new(),
@@ -376,7 +377,7 @@ impl SchedulerActor {
             Command::Served { session, held_for } => {
                 self.queue.record_service(held_for);
                 if let Some((session, pool)) = session {
-                    self.affinity.remember(&session, &pool);
+                    self.affinity.remember(&session, &pool, Instant::now());
                 }
             }
             Command::LoadFailed { pool, error } => self.load_failed(pool, error),
@@ -430,7 +431,7 @@ impl SchedulerActor {
         let session_pool = demand
             .session
             .as_deref()
-            .and_then(|session| self.affinity.pool_of(session));
+            .and_then(|session| self.affinity.pool_of(session, Instant::now()));
         let choice = placement::choose(&mirror.snapshot, &demand.wanted(&[]), session_pool);
         if let Some(error) = unservable(&choice, &demand) {
             return Err(error);
@@ -691,15 +692,16 @@ impl SchedulerActor {
         self.reservations.apply(&mut view);
         loop {
             let affinity = &self.affinity;
+            let now = Instant::now();
             // Pools whose slots wait for an earlier request that needs several at once: later
             // requests, checked after it in service order, may not take them.
             let mut held_back: Vec<PoolId> = Vec::new();
-            let next = self.queue.next_eligible(Instant::now(), |waiting| {
+            let next = self.queue.next_eligible(now, |waiting| {
                 let session_pool = waiting
                     .demand
                     .session
                     .as_deref()
-                    .and_then(|session| affinity.pool_of(session));
+                    .and_then(|session| affinity.pool_of(session, now));
                 let wanted = waiting.demand.wanted(&held_back);
                 match placement::choose(&view, &wanted, session_pool) {
                     Ok(_) => true,
@@ -719,7 +721,7 @@ impl SchedulerActor {
                 .demand
                 .session
                 .as_deref()
-                .and_then(|session| affinity.pool_of(session));
+                .and_then(|session| affinity.pool_of(session, now));
             let wanted = waiting.demand.wanted(&held_back);
             let Choice { pool, slots } = match placement::choose(&view, &wanted, session_pool) {
                 Ok(choice) => choice,

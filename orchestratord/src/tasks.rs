@@ -1,7 +1,8 @@
 //! Native tasks (`/v2/tasks`): a task runs on its own once admitted, whether or not anyone
 //! reads its events; its events are kept (bounded by the tokens it may generate) so a client
 //! that connects to the event stream late, or twice, sees all of them in order. The store
-//! forgets finished tasks after a while.
+//! forgets finished tasks after a while: each task joins a queue in the order tasks finish, and a
+//! sweep pops only those whose time is up (no scan of the store).
 //!
 //! Event order is fixed: `queued`? → `started` → `token`* → `metrics`? → (`end` | `error`), and
 //! nothing after `end` or `error`.
@@ -12,7 +13,7 @@
 use crate::error::ApiError;
 use serde::Serialize;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
@@ -47,10 +48,16 @@ struct TaskRecord {
     tokens_out: u32,
 }
 
+/// Finished tasks (when, id), in the order they finished: the store's expiry queue.
+type Finished = Mutex<VecDeque<(Instant, String)>>;
+
 /// A task as the store keeps it; the runner appends, readers follow.
 #[derive(Debug)]
 pub struct TaskHandle {
+    id: String,
     record: Mutex<TaskRecord>,
+    /// The store's expiry queue, which the task joins when it ends.
+    finished: Arc<Finished>,
     changed: Notify,
     pub cancel: CancellationToken,
     /// How many clients are reading the task's events right now.
@@ -80,7 +87,7 @@ fn lock(handle: &TaskHandle) -> MutexGuard<'_, TaskRecord> {
 impl TaskHandle {
     /// Appends an event unless the task already ended; `end` and `error` end it.
     pub fn push(&self, name: &'static str, data: Value) {
-        {
+        let ended = {
             let mut record = lock(self);
             if record.finished_at.is_some() {
                 return;
@@ -103,6 +110,12 @@ impl TaskHandle {
                 _ => {}
             }
             record.events.push(TaskEvent { name, data });
+            record.finished_at
+        };
+        if let Some(at) = ended {
+            // Tasks ending at the same moment may join a few microseconds out of order: one is
+            // then forgotten that much later, never earlier.
+            lock_finished(&self.finished).push_back((at, self.id.clone()));
         }
         self.changed.notify_waiters();
     }
@@ -160,10 +173,19 @@ impl TaskHandle {
     }
 }
 
-/// Every live or recently finished task, by id.
+fn lock_finished(finished: &Finished) -> MutexGuard<'_, VecDeque<(Instant, String)>> {
+    // Pushes and pops leave the queue consistent, so a poisoned lock is still usable.
+    finished
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every live or recently finished task, by id, and the finished ones in the order they
+/// finished.
 #[derive(Debug, Default)]
 pub struct TaskStore {
     tasks: Mutex<HashMap<String, Arc<TaskHandle>>>,
+    finished: Arc<Finished>,
 }
 
 impl TaskStore {
@@ -175,6 +197,8 @@ impl TaskStore {
 
     pub fn create(&self, id: &str, model: &str) -> Arc<TaskHandle> {
         let handle = Arc::new(TaskHandle {
+            id: id.to_owned(),
+            finished: Arc::clone(&self.finished),
             record: Mutex::new(TaskRecord {
                 state: TaskState::Queued,
                 events: Vec::new(),
@@ -194,13 +218,34 @@ impl TaskStore {
         self.tasks().get(id).cloned()
     }
 
-    /// Forgets tasks that finished more than [`FINISHED_TASK_TTL`] ago.
-    pub fn sweep(&self) {
-        self.tasks().retain(|_, handle| {
-            lock(handle)
-                .finished_at
-                .is_none_or(|at| at.elapsed() < FINISHED_TASK_TTL)
-        });
+    /// Forgets tasks that finished [`FINISHED_TASK_TTL`] or longer before `now`, popping them
+    /// off the expiry queue: the work is the number forgotten, whatever the store holds. Returns
+    /// that number.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let due: Vec<(Instant, String)> = {
+            let mut finished = lock_finished(&self.finished);
+            let mut due = Vec::new();
+            while let Some((at, _)) = finished.front()
+                && now.saturating_duration_since(*at) >= FINISHED_TASK_TTL
+            {
+                due.extend(finished.pop_front());
+            }
+            due
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        let mut tasks = self.tasks();
+        for (at, id) in &due {
+            // Only the task that finished then: ids are random, but a new task may take one.
+            if tasks
+                .get(id)
+                .is_some_and(|handle| lock(handle).finished_at == Some(*at))
+            {
+                tasks.remove(id);
+            }
+        }
+        due.len()
     }
 }
 
@@ -242,6 +287,52 @@ mod tests {
         assert!(!waiting.is_finished(), "the grace has not passed");
         tokio::time::sleep(grace).await;
         waiting.await.unwrap();
+    }
+
+    #[test]
+    fn a_sweep_forgets_only_tasks_finished_a_ttl_ago_and_looks_at_nothing_else() {
+        let store = TaskStore::default();
+        for i in 0..10_000 {
+            store
+                .create(&format!("running-{i}"), "m")
+                .push("started", json!({}));
+        }
+        store.create("done", "m").push("end", json!({}));
+        store.create("failed", "m").fail(&ApiError::Cancelled);
+        store.create("dropped", "m").push("end", json!({}));
+        store.tasks().remove("dropped");
+        let between = Instant::now();
+        while Instant::now() == between {
+            std::hint::spin_loop();
+        }
+        store.create("later", "m").push("end", json!({}));
+        assert_eq!(store.tasks().len(), 10_003);
+
+        assert_eq!(store.sweep(between), 0, "nothing is due yet");
+        assert_eq!(store.sweep(between + FINISHED_TASK_TTL / 2), 0);
+        // Due: the three that finished by `between` (one already gone), and only they were
+        // looked at; neither the 10,000 running tasks nor the one that finished later.
+        assert_eq!(store.sweep(between + FINISHED_TASK_TTL), 3);
+        assert!(store.get("done").is_none());
+        assert!(store.get("failed").is_none());
+        assert!(store.get("later").is_some());
+        assert!(store.get("running-0").is_some());
+        assert_eq!(store.tasks().len(), 10_001);
+        assert_eq!(
+            store.sweep(between + FINISHED_TASK_TTL),
+            0,
+            "each goes once"
+        );
+
+        // A running task joins the queue when it ends.
+        let now = Instant::now();
+        let running = store.get("running-7").unwrap();
+        running.push("end", json!({}));
+        assert_eq!(store.sweep(now + FINISHED_TASK_TTL * 2), 2);
+        assert!(store.get("running-7").is_none());
+        assert!(store.get("later").is_none());
+        assert_eq!(store.tasks().len(), 9_999);
+        assert!(lock_finished(&store.finished).is_empty());
     }
 
     #[tokio::test]

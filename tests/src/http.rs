@@ -148,6 +148,32 @@ pub fn request_with_headers(
     parse_reply(&raw)
 }
 
+/// `POST path` with `body` sent as `content_type`, or with no `Content-Type` at all (what a
+/// browser may send cross-site, for tests of what the daemons refuse).
+pub fn post_typed(
+    addr: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> io::Result<Reply> {
+    let mut stream = connect(addr, timeout)?;
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(content_type) = content_type {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_reply(&raw)
+}
+
 fn write_request(
     stream: &mut Stream,
     method: &str,

@@ -190,7 +190,7 @@ fn bad_input_gets_a_clear_error_in_openai_shape_and_is_never_queued() {
         }
     }
     let mut raw = TcpStream::connect(&addr).unwrap();
-    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{bad}}").unwrap();
+    write!(raw, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{{bad}}").unwrap();
     let mut text = String::new();
     raw.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
@@ -1147,6 +1147,214 @@ fn a_stream_whose_engine_dies_after_its_first_token_ends_with_one_error_and_is_n
     assert_eq!(engine_retries(&stack), 0.0);
 }
 
+/// Pools `ids` of model `double`, one slot each, and orchestratord configured by `orchestrator`.
+fn pools_of_double(ids: &[&str], orchestrator: &str) -> Stack {
+    ids.iter()
+        .fold(Stack::builder(), |builder, id| {
+            builder.pool(&double_pool(id, "double", 1, &[]))
+        })
+        .orchestrator(orchestrator)
+        .start()
+}
+
+/// A streamed chat sent on its own thread; its whole reply (the SSE body read to its end) comes
+/// through the returned channel.
+fn stream_in_background(stack: &Stack) -> std::sync::mpsc::Receiver<http::Reply> {
+    let api = stack.api();
+    let (sender, reply) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let answer = http::post_json(&api, "/v1/chat/completions", &chat(4, true), WAIT);
+        let _ = sender.send(answer.unwrap());
+    });
+    reply
+}
+
+/// The error of a stream that failed before its first token: its only SSE `data:`, an OpenAI
+/// error object.
+fn stream_error(reply: &http::Reply) -> Value {
+    let text = reply.text();
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "one error and nothing else: {text}");
+    serde_json::from_str::<Value>(data[0]).unwrap()["error"].clone()
+}
+
+/// What `pool`'s engine double ran: its `/control/stats`.
+fn engine_stats(stack: &Stack, pool: &str) -> Value {
+    http::get(&stack.endpoint(pool), "/control/stats", WAIT)
+        .unwrap()
+        .json()
+}
+
+#[test]
+fn with_max_retries_0_a_stream_whose_engine_dies_before_its_first_token_gets_a_worker_reset_and_no_other_pool_runs_it()
+ {
+    let stack = pools_of_double(&["a", "b"], "[admission]\nmax_retries = 0\n");
+    hold_engine(&stack, "a");
+    let client = stream_in_background(&stack);
+    kill_engine_once_it_holds_a_request(&stack, "a");
+    let reply = client.recv_timeout(WAIT).unwrap();
+    assert_eq!(reply.status, 200, "the stream had begun: {}", reply.text());
+    let error = stream_error(&reply);
+    assert_eq!(error["code"], "worker_reset", "{error}");
+    assert_eq!(error["type"], "server_error", "{error}");
+    let b = engine_stats(&stack, "b");
+    assert_eq!(b["completed"], 0, "pool b served nothing: {b}");
+    assert_eq!(b["active"], 0, "pool b served nothing: {b}");
+    assert_eq!(b["tokens"], 0, "pool b served nothing: {b}");
+    assert_eq!(engine_retries(&stack), 0.0);
+}
+
+#[test]
+fn with_max_retries_1_a_request_whose_engines_all_die_before_answering_is_sent_exactly_twice() {
+    let pools = ["a", "b", "c"];
+    let stack = pools_of_double(&pools, "[admission]\nmax_retries = 1\n");
+    for pool in pools {
+        hold_engine(&stack, pool);
+    }
+    // The pool, not yet killed, whose held engine has the request.
+    let holding = |killed: &[&str]| {
+        pools
+            .iter()
+            .copied()
+            .filter(|pool| !killed.contains(pool))
+            .find(|pool| {
+                http::get(&stack.endpoint(pool), "/control/stats", WAIT)
+                    .is_ok_and(|reply| reply.json()["active"] == 1)
+            })
+    };
+    let client = stream_in_background(&stack);
+    let mut killed: Vec<&str> = Vec::new();
+    // The first attempt and the one retry each meet a held engine, which is killed.
+    for attempt in 1..=2 {
+        let mut found = None;
+        stack.wait_for(&format!("attempt {attempt} to reach an engine"), || {
+            found = holding(&killed);
+            found.is_some()
+        });
+        let pool = found.unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(stack.engine_pid(pool)),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        killed.push(pool);
+    }
+    // Now the client gets its error, unless a third attempt reaches the last pool's held engine.
+    let mut reply = None;
+    stack.wait_for("the client's answer or a third attempt", || {
+        if let Some(third) = holding(&killed) {
+            panic!("a third attempt reached pool {third}");
+        }
+        reply = client.try_recv().ok();
+        reply.is_some()
+    });
+    let reply = reply.unwrap();
+    let error = stream_error(&reply);
+    assert_eq!(error["code"], "worker_reset", "{error}");
+    let spared = pools.iter().find(|pool| !killed.contains(pool)).unwrap();
+    let third = engine_stats(&stack, spared);
+    assert_eq!(third["active"], 0, "no third attempt: {third}");
+    assert_eq!(third["completed"], 0, "no third attempt: {third}");
+    assert_eq!(engine_retries(&stack), 1.0, "one retry: two attempts");
+}
+
+/// Reads a streamed chat to its end: its content tokens, its finish reason, when its first token
+/// came, and whether `[DONE]` ended it.
+fn read_stream(mut reader: BufReader<http::Stream>) -> (usize, Option<String>, Instant, bool) {
+    let mut tokens = 0;
+    let mut finish = None;
+    let mut first_token = None;
+    let mut done = false;
+    while let Some(data) = http::next_sse_data(&mut reader) {
+        if data == "[DONE]" {
+            done = true;
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        if chunk["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|text| !text.is_empty())
+        {
+            tokens += 1;
+            first_token.get_or_insert_with(Instant::now);
+        }
+        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
+    }
+    (tokens, finish, first_token.unwrap(), done)
+}
+
+#[test]
+fn a_request_queued_far_longer_than_the_head_body_and_stall_timeouts_still_gets_its_whole_answer() {
+    // Every limit on a client's connection is short: a request head (and an idle keep-alive
+    // wait) 200 ms, a body 200 ms, the stall limit 400 ms (also how long the kernel lets sent
+    // bytes go unread). None of them is meant to cut a request waiting for a slot.
+    let longest = Duration::from_millis(400);
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "100"],
+        "[http]\nheader_timeout_ms = 200\nbody_timeout_ms = 200\n\
+         [streaming]\ndecode_stall_ms = 400\nkeepalive_ms = 100\n",
+    );
+    let addr = stack.api();
+    // The only slot is busy for about 2 s: 20 tokens 100 ms apart, each within the stall limit.
+    let (blocker, status, head) = post(&addr, "/v1/chat/completions", &chat(20, true), &[]);
+    assert_eq!(status, 200, "{head}");
+    let blocker = std::thread::spawn(move || read_stream(blocker));
+    let sent = Instant::now();
+    // A stream (it gets keep-alive comments while it waits) and a whole answer (its connection
+    // carries nothing at all while it waits) queue behind it.
+    let streamed = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let (reader, status, head) = post(&addr, "/v1/chat/completions", &chat(6, true), &[]);
+            assert_eq!(status, 200, "{head}");
+            read_stream(reader)
+        }
+    });
+    let whole = std::thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let reply =
+                http::post_json(&addr, "/v1/chat/completions", &chat(5, false), WAIT).unwrap();
+            (reply, Instant::now())
+        }
+    });
+    stack.wait_for("both to queue", || {
+        http::get(&addr, "/metrics", WAIT)
+            .unwrap()
+            .text()
+            .contains("orchestratord_queue_depth{class=\"interactive\"} 2")
+    });
+
+    let (tokens, finish, _, done) = blocker.join().unwrap();
+    assert_eq!(
+        (tokens, finish.as_deref(), done),
+        (20, Some("length"), true)
+    );
+    let (tokens, finish, first_token, done) = streamed.join().unwrap();
+    assert_eq!((tokens, finish.as_deref(), done), (6, Some("length"), true));
+    let waited = first_token.duration_since(sent);
+    assert!(
+        waited > longest * 2,
+        "the stream waited {waited:?}, not well past every timeout"
+    );
+    let (reply, answered) = whole.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 5);
+    let waited = answered.duration_since(sent);
+    assert!(
+        waited > longest * 2,
+        "the whole answer waited {waited:?}, not well past every timeout"
+    );
+    assert_eq!(stack.metric("orchestratord_in_flight"), 0.0);
+}
+
 #[test]
 fn a_stalled_engine_is_a_decode_timeout_and_long_waits_get_keep_alives() {
     let stack = stack(
@@ -1297,6 +1505,75 @@ fn only_an_admin_key_drains_reloads_loads_or_unloads_and_native_posts_must_say_j
     assert_eq!(status, 200);
     let reply = drain("ops-key-0123456789abc", "application/json");
     assert_eq!(reply.status, 202, "{}", reply.text());
+}
+
+#[test]
+fn a_web_page_cannot_make_a_keyless_loopback_orchestratord_run_inference() {
+    let stack = stack(1, &[], "");
+    let addr = stack.api();
+    let body = chat(2, false).to_string();
+    let send = |path: &str, content_type: Option<&str>| {
+        let reply = http::post_typed(&addr, path, content_type, body.as_bytes(), WAIT).unwrap();
+        let json = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+        (reply.status, json, reply.text())
+    };
+    // What a cross-site form or a "simple" fetch can send without a preflight, and no type at all.
+    let simple = [
+        Some("text/plain"),
+        Some("text/plain; charset=utf-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ];
+    let openai_paths = [
+        "/v1/chat/completions",
+        "/v1/chat/completions/input_tokens",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v1/reranking",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+    ];
+    for content_type in simple {
+        for path in openai_paths {
+            let (status, error, text) = send(path, content_type);
+            assert_eq!(status, 415, "{path} {content_type:?}: {text}");
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{text}");
+            assert_eq!(error["error"]["code"], "unsupported_media_type", "{text}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "{message}"
+            );
+        }
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let (status, error, text) = send(path, content_type);
+            assert_eq!(status, 415, "{path} {content_type:?}: {text}");
+            assert_eq!(error["type"], "error", "Anthropic's shape: {text}");
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{text}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("Content-Type: application/json"),
+                "{message}"
+            );
+        }
+    }
+    let engine = http::get(&stack.endpoint("p"), "/control/stats", WAIT)
+        .unwrap()
+        .json();
+    assert_eq!(engine["completed"], 0, "the engine ran nothing: {engine}");
+    assert_eq!(engine["tokens"], 0, "the engine ran nothing: {engine}");
+    // JSON, with parameters or as a +json type, is served.
+    for content_type in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/vnd.api+json",
+    ] {
+        let (status, reply, text) = send("/v1/chat/completions", Some(content_type));
+        assert_eq!(status, 200, "{content_type}: {text}");
+        assert_eq!(reply["usage"]["completion_tokens"], 2, "{text}");
+    }
 }
 
 #[test]

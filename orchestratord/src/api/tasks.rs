@@ -152,7 +152,7 @@ pub async fn create(State(state): State<AppState>, inbound: Inbound) -> Response
         "predicted_start_ms": predicted_start.as_millis() as u64,
         "streams": {"events": format!("/v2/tasks/{id}/events")},
     });
-    state.tasks.sweep();
+    state.tasks.sweep(std::time::Instant::now());
     tokio::spawn(run(life, handle, state.config.get().unattended_grace));
     (StatusCode::ACCEPTED, Json(reply)).into_response()
 }
