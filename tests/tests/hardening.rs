@@ -5,7 +5,7 @@
 //! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short). And
 //! exposure is judged on the socket really served: a non-loopback socket handed over as systemd
 //! does (inside a network namespace of the test's own) without keys or a token is refused. And a
-//! managed engine is out of other local users' reach.
+//! managed engine is out of other local users' reach, but not of the socket directory's group.
 
 #![allow(
     clippy::unwrap_used,
@@ -217,10 +217,20 @@ fn pool_managerd_refuses_an_inherited_public_shim_socket_without_a_token() {
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
 
-/// Tries to connect to `endpoint` (`http://HOST:PORT` or a Unix socket path) as the user `nobody`
-/// (`setpriv`, util-linux) and as root: whether each connected. Debian's own Python, which every
-/// user can run.
-fn connects_as_nobody_and_as_root(endpoint: &str) -> (bool, bool) {
+/// Who tries to connect in [`connects_as`].
+#[derive(Clone, Copy)]
+enum Peer {
+    Root,
+    /// uid and gid 65534 (nobody/nogroup), no supplementary groups.
+    Nobody,
+    /// uid and gid 65534 with this supplementary group.
+    NobodyInGroup(u32),
+}
+
+/// Tries to connect to `endpoint` (`http://HOST:PORT` or a Unix socket path) as `peer`
+/// (`setpriv`, util-linux, for another user): whether it connected. Debian's own Python, which
+/// every user can run.
+fn connects_as(endpoint: &str, peer: Peer) -> bool {
     let probe = r#"
 import socket, sys
 target = sys.argv[1]
@@ -231,28 +241,53 @@ else:
     conn = socket.socket(socket.AF_UNIX)
     conn.connect(target)
 "#;
-    let attempt = |as_nobody: bool| {
-        let mut command = if as_nobody {
+    let groups = match peer {
+        Peer::Root => None,
+        Peer::Nobody => Some("--clear-groups".to_owned()),
+        Peer::NobodyInGroup(gid) => Some(format!("--groups={gid}")),
+    };
+    let mut command = match groups {
+        None => std::process::Command::new("/usr/bin/python3"),
+        Some(groups) => {
             let mut command = std::process::Command::new("setpriv");
             command.args([
                 "--reuid=65534",
                 "--regid=65534",
-                "--clear-groups",
+                &groups,
                 "--",
                 "/usr/bin/python3",
             ]);
             command
-        } else {
-            std::process::Command::new("/usr/bin/python3")
-        };
-        command
-            .args(["-c", probe, endpoint])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        }
     };
-    (attempt(true), attempt(false))
+    command
+        .args(["-c", probe, endpoint])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn connects_as_nobody_and_as_root(endpoint: &str) -> (bool, bool) {
+    (
+        connects_as(endpoint, Peer::Nobody),
+        connects_as(endpoint, Peer::Root),
+    )
+}
+
+/// A managed llama.cpp pool of the engine double (Unix socket, the default `listen`).
+fn double_llamacpp_pool() -> String {
+    format!(
+        r#"
+[[pool]]
+id = "p"
+model = "double"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}"]
+model_path = "{{dir}}/double-model.json"
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+    )
 }
 
 #[test]
@@ -268,17 +303,7 @@ fn a_managed_llamacpp_engine_listens_where_other_local_users_cannot_connect() {
     std::fs::set_permissions(dir.path(), open.clone()).unwrap();
     std::fs::create_dir(dir.path().join("run")).unwrap();
     std::fs::set_permissions(dir.path().join("run"), open).unwrap();
-    let pool = format!(
-        r#"
-[[pool]]
-id = "p"
-model = "double"
-engine = "llamacpp"
-command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}"]
-model_path = "{{dir}}/double-model.json"
-"#,
-        engine = binary("test-engine-double").display().to_string(),
-    );
+    let pool = double_llamacpp_pool();
     let open_to_all = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let control = format!("http://{}", open_to_all.local_addr().unwrap());
     assert_eq!(
@@ -293,6 +318,35 @@ model_path = "{{dir}}/double-model.json"
     assert!(as_root, "pool-managerd's own user reaches the engine");
     assert!(
         !as_nobody,
+        "another local user reached the engine at {endpoint}"
+    );
+}
+
+#[test]
+fn without_a_socket_group_engine_sockets_take_the_setgid_run_directorys_group_and_its_members_connect()
+ {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching to another user needs root (CI runs as root)");
+        return;
+    }
+    // As systemd's tmpfiles.d sets up /run/pool-managerd: setgid, group of the clients
+    // (orchestratord's supplementary group), no access for others. No `server.socket_group`.
+    const CLIENTS: u32 = 54_321;
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, None, Some(nix::unistd::Gid::from_raw(CLIENTS))).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    let stack = Stack::builder().pool(&double_llamacpp_pool()).start_in(dir);
+    let endpoint = stack.endpoint("p");
+    assert!(endpoint.starts_with('/'), "a Unix socket: {endpoint}");
+    assert!(
+        connects_as(&endpoint, Peer::NobodyInGroup(CLIENTS)),
+        "a member of the run directory's group could not reach the engine at {endpoint}"
+    );
+    assert!(
+        !connects_as(&endpoint, Peer::Nobody),
         "another local user reached the engine at {endpoint}"
     );
 }

@@ -8,7 +8,7 @@
 //! taken over, a stale one (nobody listening) is replaced. Anything at the path that is not a
 //! socket is left alone and reported. Engines' Unix sockets get a directory of their own beside
 //! the socket ([`prepare_engine_directory`]) that nobody but pool-managerd and the client group
-//! can enter.
+//! (configured, or handed down by a setgid parent) can enter.
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{Gid, chown};
@@ -183,24 +183,32 @@ fn prepare_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> 
     }
 }
 
-/// The directory of the engines' Unix sockets: mode 0750, and with a client group, owned by it
-/// and setgid so every socket in it belongs to the group too. Connecting to a socket needs search
-/// permission on its directory, so other local users cannot reach an engine whatever its socket's
-/// mode. An existing directory of ours that others can enter is closed to them.
+/// The directory of the engines' Unix sockets: mode 0750 and setgid with a group, so that every
+/// socket in it belongs to that group: the client group when one is configured (the directory is
+/// then owned by it), else the group a setgid parent hands down (systemd's tmpfiles.d makes
+/// `/run/pool-managerd` 2750, group pool-clients), else none (pool-managerd's own group, no
+/// setgid). Connecting to a socket needs search permission on its directory, so other local users
+/// cannot reach an engine whatever its socket's mode. An existing directory of ours that others can
+/// enter is closed to them, and one that lost the setgid bit its parent hands down gets it back.
 pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> {
-    let setgid = if group.is_some() { 0o2000 } else { 0 };
     match std::fs::metadata(dir) {
         Ok(metadata) => {
             let mode = metadata.permissions().mode() & 0o7777;
-            if mode & 0o007 == 0 {
+            let mut wanted = mode & !0o007;
+            if group.is_none() && parent_hands_down_group(dir, metadata.gid()) {
+                wanted |= 0o2000;
+            }
+            if wanted == mode {
                 return Ok(());
             }
             if metadata.uid() != nix::unistd::geteuid().as_raw() {
-                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the engines' socket directory is accessible to everyone and not ours to change; 0750 is needed");
+                if mode & 0o007 != 0 {
+                    tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the engines' socket directory is accessible to everyone and not ours to change; 0750 is needed");
+                }
                 return Ok(());
             }
-            tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "closing the engines' socket directory to other users");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o007))
+            tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), wanted = format!("{wanted:o}"), "setting the engines' socket directory's mode: closed to other users, setgid to the group its parent hands down");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))
                 .map_err(io("cannot set the engines' socket directory mode", dir))
         }
         Err(error) if error.kind() == ErrorKind::NotFound => {
@@ -209,11 +217,23 @@ pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), So
                 .mode(0o750)
                 .create(dir)
                 .map_err(io("cannot create the engines' socket directory", dir))?;
-            if let Some(gid) = group {
-                chown(dir, None, Some(Gid::from_raw(gid))).map_err(|errno| {
-                    io("cannot chown the engines' socket directory", dir)(errno.into())
-                })?;
-            }
+            let setgid = match group {
+                Some(gid) => {
+                    chown(dir, None, Some(Gid::from_raw(gid))).map_err(|errno| {
+                        io("cannot chown the engines' socket directory", dir)(errno.into())
+                    })?;
+                    0o2000
+                }
+                // In a setgid parent mkdir gave the directory the parent's group and the setgid
+                // bit: keep both.
+                None => {
+                    std::fs::metadata(dir)
+                        .map_err(io("cannot inspect the engines' socket directory", dir))?
+                        .permissions()
+                        .mode()
+                        & 0o2000
+                }
+            };
             // After the chown, which clears setgid; the mode given to mkdir is filtered by the
             // umask besides.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750 | setgid))
@@ -223,6 +243,13 @@ pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), So
             error,
         )),
     }
+}
+
+/// Whether `dir`'s parent is setgid with group `gid`: what mkdir hands down to a new directory.
+fn parent_hands_down_group(dir: &Path, gid: u32) -> bool {
+    dir.parent()
+        .and_then(|parent| std::fs::metadata(parent).ok())
+        .is_some_and(|parent| parent.permissions().mode() & 0o2000 != 0 && parent.gid() == gid)
 }
 
 #[cfg(test)]
@@ -249,6 +276,27 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         prepare_engine_directory(&open, None).unwrap();
         assert_eq!(mode(&open), 0o770);
+    }
+
+    #[test]
+    fn without_a_client_group_the_engines_socket_directory_keeps_the_setgid_its_parent_hands_down()
+    {
+        let temp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let run = temp.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o2750)).unwrap();
+        let fresh = run.join("engines");
+        prepare_engine_directory(&fresh, None).unwrap();
+        assert_eq!(mode(&fresh), 0o2750);
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().gid(),
+            std::fs::metadata(&run).unwrap().gid()
+        );
+        // One an earlier version left without the bit gets it back.
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o750)).unwrap();
+        prepare_engine_directory(&fresh, None).unwrap();
+        assert_eq!(mode(&fresh), 0o2750);
     }
 
     #[test]
