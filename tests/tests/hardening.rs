@@ -2,7 +2,8 @@
 //! (slowloris) must not take every file descriptor. Each daemon runs under a low descriptor limit
 //! (`prlimit --nofile=128`, util-linux); 140 connections each send half a request head and stall,
 //! and a well-behaved client must still be served once the header timeout has closed them
-//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short). And
+//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short); nor can
+//! half-sent request bodies stall the shim's capped connections. And
 //! exposure is judged on the socket really served: a non-loopback socket handed over as systemd
 //! does (inside a network namespace of the test's own) without keys or a token is refused. And a
 //! managed engine is out of other local users' reach, but not of the socket directory's group.
@@ -38,9 +39,22 @@ fn stall(addr: &str) -> Vec<TcpStream> {
 
 /// A well-behaved GET answered 200 within `within`, retried on timeouts.
 fn served(addr: &str, path: &str, within: Duration) -> Duration {
+    served_with(addr, path, &[], within)
+}
+
+/// [`served`] with extra header lines (a token).
+fn served_with(addr: &str, path: &str, headers: &[(&str, &str)], within: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        match http::get(addr, path, Duration::from_millis(500)) {
+        let reply = http::request_with_headers(
+            addr,
+            "GET",
+            path,
+            headers,
+            None,
+            Duration::from_millis(500),
+        );
+        match reply {
             Ok(reply) if reply.status == 200 => return started.elapsed(),
             outcome => assert!(
                 started.elapsed() < within,
@@ -106,6 +120,80 @@ fn half_sent_request_heads_cannot_starve_the_pool_managerd_shim_of_descriptors()
     eprintln!("pool-managerd's shim served /health {waited:?} after {STALLED} stalled connections");
     all_closed(stalled, Duration::from_secs(10));
     served(&addr, "/health", Duration::from_secs(2));
+}
+
+/// The shim with at most 4 connections and a 1 s limit on request bodies, and with `token` if
+/// given, gets 4 connections that each send a reload request's head (with the token) and 4
+/// bytes of its 100-byte body, then nothing: it must still answer /health soon after, and have
+/// answered and closed them all.
+fn half_sent_reload_bodies_cannot_stall_the_shim(token: Option<&str>) {
+    let dir = temp_dir();
+    let mut debug_http = "[debug_http]\nmax_connections = 4\nbody_timeout_ms = 1000\n".to_owned();
+    if let Some(token) = token {
+        let token_file = dir.path().join("shim.token");
+        std::fs::write(&token_file, token).unwrap();
+        debug_http.push_str(&format!(
+            "token_file = {:?}\n",
+            token_file.display().to_string()
+        ));
+    }
+    let config = write_config(dir.path(), &debug_http, &[]);
+    let sidecar = sidecar_command(dir.path(), &config).start();
+    let addr = sidecar.ready("debug_http").to_owned();
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("Authorization", value.as_str()))
+        .collect();
+    let auth_lines: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            stream
+                .write_all(
+                    format!(
+                        "POST /pools/p/reload HTTP/1.1\r\nHost: x\r\n{auth_lines}\
+                         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"mo"
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+            stream
+        })
+        .collect();
+    let waited = served_with(&addr, "/health", &headers, Duration::from_secs(5));
+    eprintln!("the shim served /health {waited:?} after 4 stalled request bodies");
+    // Without a token the admin route is refused at once; with one, the body's read fails.
+    let expected = if token.is_some() {
+        "HTTP/1.1 400"
+    } else {
+        "HTTP/1.1 403"
+    };
+    for mut stream in stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .expect("the shim closed the stalled connection");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(expected), "{answer}");
+    }
+    served_with(&addr, "/health", &headers, Duration::from_secs(2));
+}
+
+#[test]
+fn half_sent_admin_request_bodies_cannot_stall_the_tokenless_shim() {
+    half_sent_reload_bodies_cannot_stall_the_shim(None);
+}
+
+#[test]
+fn half_sent_admin_request_bodies_cannot_stall_the_shim_with_a_token() {
+    half_sent_reload_bodies_cannot_stall_the_shim(Some("a-long-enough-shim-token"));
 }
 
 #[test]
