@@ -3,7 +3,7 @@
 //! down. With a token configured every route demands `Authorization: Bearer <token>` (compared
 //! in constant time), and the admin routes (drain, reload, restart, load, unload) exist; without
 //! one they answer 403 before reading any request body, and pool views leave out the engines' log
-//! lines (every local user can read them). Request bodies are read within
+//! lines and addresses (every local user can read them). Request bodies are read within
 //! `debug_http.body_timeout_ms` for each wait ([`HttpLimits::body_timeout`]).
 
 use crate::gpu::GpuProbe;
@@ -144,7 +144,7 @@ async fn pools(State(state): State<DebugState>) -> Json<RegistryView> {
     let view = RegistryView::from(&*state.registry.snapshot());
     Json(match state.token {
         Some(_) => view,
-        None => view.without_engine_output(),
+        None => view.without_engine_details(),
     })
 }
 
@@ -155,7 +155,7 @@ async fn pool_status(State(state): State<DebugState>, Path(id): Path<String>) ->
             let view = PoolStatusView::from(pool);
             Json(match state.token {
                 Some(_) => view,
-                None => view.without_engine_output(),
+                None => view.without_engine_details(),
             })
             .into_response()
         }

@@ -440,7 +440,7 @@ fn without_a_socket_group_engine_sockets_take_the_setgid_run_directorys_group_an
 }
 
 #[test]
-fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output() {
+fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output_nor_its_address() {
     let dir = temp_dir();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -450,7 +450,8 @@ fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output() {
 id = "p"
 model = "m"
 engine = "llamacpp"
-command = ["/bin/sh", "-c", "echo a-users-prompt-text; exit 3", "sh", "{socket}"]
+listen = "tcp"
+command = ["/bin/sh", "-c", "echo a-users-prompt-text; exit 3", "sh", "{host}", "{port}"]
 model_path = "/dev/null"
 [pool.restart]
 initial_ms = 60000
@@ -466,6 +467,8 @@ max_ms = 60000
             .unwrap()
             .json();
         if let Some(error) = status["last_error"].as_str() {
+            // A local user who knew a TCP engine's port could bypass keys and the queue.
+            assert!(status.get("endpoint").is_none(), "{status}");
             break error.to_owned();
         }
         assert!(Instant::now() < deadline, "no failure reported: {status}");
@@ -475,7 +478,9 @@ max_ms = 60000
     assert!(!shown.contains("a-users-prompt-text"), "{shown}");
     let pools = http::get(&shim, "/pools", Duration::from_secs(5)).unwrap();
     assert!(
-        !pools.text().contains("a-users-prompt-text"),
+        !pools.text().contains("a-users-prompt-text")
+            && !pools.text().contains("\"endpoint\"")
+            && !pools.text().contains("127.0.0.1"),
         "{}",
         pools.text()
     );
@@ -484,8 +489,11 @@ max_ms = 60000
         .arg(socket_path(dir.path()))
         .run_to_exit(Duration::from_secs(10));
     assert!(
-        operator.stdout.contains("a-users-prompt-text"),
-        "an allowed peer of the socket sees it: {}",
+        operator.stdout.contains("a-users-prompt-text")
+            && operator
+                .stdout
+                .contains("\"endpoint\": \"http://127.0.0.1:"),
+        "an allowed peer of the socket sees both: {}",
         operator.stdout
     );
 }

@@ -24,7 +24,9 @@
 //! `completion_tokens` = T, and `data: [DONE]` last. Any failure makes the exit status non-zero.
 
 use clap::Parser;
-use e2e::sidecar::{kill_recorded_engines, sidecar_command, socket_path, state_dir};
+use e2e::sidecar::{
+    kill_recorded_engines, operator_status, sidecar_command, socket_path, state_dir,
+};
 use e2e::{Daemon, DaemonBuilder, Signal, binary, http, temp_dir};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -218,18 +220,20 @@ fn start_stack(args: &Args) -> Result<Stack, String> {
     };
 
     let deadline = Instant::now() + WAIT;
-    let status = loop {
+    loop {
         let reply = http::get(&stack.shim, &format!("/pools/{POOL}/status"), WAIT)
             .map_err(|e| format!("pool-managerd's shim: {e}"))?;
         let status: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
         if status["ready"] == true && status["slots_total"] == slots {
-            break status;
+            break;
         }
         if Instant::now() >= deadline {
             return Err(format!("the engine never became ready: {status}"));
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+    // Not in the tokenless shim's view: from `pool-managerd status`, as the socket's peers see it.
+    let status = operator_status(stack.dir.path(), POOL)?;
     let endpoint = status["endpoint"].as_str().unwrap_or_default();
     stack.engine = endpoint
         .strip_prefix("http://")
