@@ -10,13 +10,19 @@
 //!   receive window stays shut) is disconnected by the kernel after that long, which ends the
 //!   request it was being answered (a stream's engine connection and lease go with it).
 //!
+//! - with [`HttpLimits::body_timeout`], a request body whose next bytes take longer than that to
+//!   arrive fails its reader (tower-http's `TimeoutBody`, a timer per wait, restarted by each piece
+//!   that arrives); the answer to the failed read ends the connection, since its body is unread.
+//!   Without it (orchestratord, which bounds the whole read where it reads a body, in its
+//!   `Inbound`, and answers 408) bodies are handed over as they come.
+//!
 //! These bound reading requests and idle connections, never the answer: a request that is waiting
-//! for a slot, or streaming, keeps its connection as long as it needs. Reading a request's body has
-//! its own limit where the body is read (orchestratord's `Inbound`).
+//! for a slot, or streaming, keeps its connection as long as it needs.
 //!
 //! When `shutdown` completes, nothing more is accepted, idle connections close, and every
 //! connection finishes the request it is serving; [`serve`] returns once all have closed.
 
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -24,11 +30,17 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower_http::timeout::TimeoutBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request's body as [`serve`] hands it to the service: behind [`HttpLimits::body_timeout`]
+/// when that is set, as it came otherwise.
+pub type RequestBody = Either<TimeoutBody<Incoming>, Incoming>;
 
 /// What one HTTP server allows its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +50,9 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// How long sent bytes may stay unacknowledged (or unsent for a shut receive window).
     pub unread_timeout: Duration,
+    /// How long a request body's reader waits for its next bytes; `None`: as long as it likes
+    /// (the service bounds the read itself).
+    pub body_timeout: Option<Duration>,
 }
 
 impl HttpLimits {
@@ -58,7 +73,44 @@ impl HttpLimits {
             max_connections: max_connections.min(room).max(1),
             header_timeout,
             unread_timeout,
+            body_timeout: None,
         }
+    }
+
+    /// These limits, with request bodies read within `body_timeout` per wait.
+    pub fn with_body_timeout(self, body_timeout: Duration) -> HttpLimits {
+        HttpLimits {
+            body_timeout: Some(body_timeout),
+            ..self
+        }
+    }
+}
+
+/// `service` with each request's body behind `body_timeout`, if set.
+#[derive(Clone)]
+struct BoundedBodies<S> {
+    service: S,
+    body_timeout: Option<Duration>,
+}
+
+impl<S> tower_service::Service<Request<Incoming>> for BoundedBodies<S>
+where
+    S: tower_service::Service<Request<RequestBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> S::Future {
+        let body_timeout = self.body_timeout;
+        self.service.call(request.map(|body| match body_timeout {
+            Some(timeout) => Either::Left(TimeoutBody::new(timeout, body)),
+            None => Either::Right(body),
+        }))
     }
 }
 
@@ -69,7 +121,10 @@ pub async fn serve<S, B>(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: tower_service::Service<Request<RequestBody>, Response = Response<B>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: hyper::body::Body + Send + 'static,
@@ -118,7 +173,10 @@ pub async fn serve<S, B>(
         }
         let connection = builder.serve_connection(
             TokioIo::new(stream),
-            TowerToHyperService::new(service.clone()),
+            TowerToHyperService::new(BoundedBodies {
+                service: service.clone(),
+                body_timeout: limits.body_timeout,
+            }),
         );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -151,6 +151,8 @@ struct RawDebugHttp {
     /// A request head, and the next one on an idle keep-alive connection, must arrive within
     /// this (default 10 s).
     header_timeout_ms: Option<u64>,
+    /// A request body's next bytes must arrive within this (default 10 s).
+    body_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -663,6 +665,14 @@ fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
         }
         value => Duration::from_millis(value.unwrap_or(10_000)),
     };
+    let body_timeout = match raw.body_timeout_ms {
+        Some(ms) if !(1..=86_400_000).contains(&ms) => {
+            return Err(format!(
+                "debug_http.body_timeout_ms must be between 1 and 86400000, got {ms}"
+            ));
+        }
+        value => Duration::from_millis(value.unwrap_or(10_000)),
+    };
     let config = DebugHttpConfig {
         listen,
         token,
@@ -670,7 +680,8 @@ fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
             max_connections,
             header_timeout,
             Duration::from_secs(30),
-        ),
+        )
+        .with_body_timeout(body_timeout),
     };
     config.check_exposure()?;
     Ok(config)

@@ -1,8 +1,10 @@
 //! The HTTP debug shim (default 127.0.0.1:9200): JSON views of the registry and Prometheus
 //! metrics for operators, from the published snapshot only, so it can never slow the registry
 //! down. With a token configured every route demands `Authorization: Bearer <token>` (compared
-//! in constant time), and the admin routes (drain, reload, restart) exist; without one they
-//! answer 403, and pool views leave out the engines' log lines (every local user can read them).
+//! in constant time), and the admin routes (drain, reload, restart, load, unload) exist; without
+//! one they answer 403 before reading any request body, and pool views leave out the engines' log
+//! lines and addresses (every local user can read them). Request bodies are read within
+//! `debug_http.body_timeout_ms` for each wait ([`HttpLimits::body_timeout`]).
 
 use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
@@ -38,6 +40,17 @@ pub struct DebugState {
 }
 
 pub fn router(state: DebugState) -> Router {
+    // Refused before their extractors run, so a tokenless shim reads no admin request's body.
+    let admin_routes = Router::new()
+        .route("/pools/{id}/drain", post(drain))
+        .route("/pools/{id}/reload", post(reload))
+        .route("/pools/{id}/restart", post(restart))
+        .route("/pools/{id}/load", post(load))
+        .route("/pools/{id}/unload", post(unload))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_token,
+        ));
     Router::new()
         .route("/health", get(health))
         .route("/pools", get(pools))
@@ -45,11 +58,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/metrics", get(metrics))
         .route("/gpus", get(gpus))
         .route("/memory", get(memory))
-        .route("/pools/{id}/drain", post(drain))
-        .route("/pools/{id}/reload", post(reload))
-        .route("/pools/{id}/restart", post(restart))
-        .route("/pools/{id}/load", post(load))
-        .route("/pools/{id}/unload", post(unload))
+        .merge(admin_routes)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -96,6 +105,26 @@ async fn require_token(
     next.run(request).await
 }
 
+/// Admin routes change things, so they exist only behind a token.
+async fn require_admin_token(
+    State(state): State<DebugState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.token.is_none() {
+        return admin_needs_a_token();
+    }
+    next.run(request).await
+}
+
+fn admin_needs_a_token() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "admin routes need debug_http.token_file to be set".into(),
+    )
+}
+
 async fn health(State(state): State<DebugState>) -> Json<serde_json::Value> {
     let snapshot = state.registry.snapshot();
     let ready = snapshot
@@ -115,7 +144,7 @@ async fn pools(State(state): State<DebugState>) -> Json<RegistryView> {
     let view = RegistryView::from(&*state.registry.snapshot());
     Json(match state.token {
         Some(_) => view,
-        None => view.without_engine_output(),
+        None => view.without_engine_details(),
     })
 }
 
@@ -126,7 +155,7 @@ async fn pool_status(State(state): State<DebugState>, Path(id): Path<String>) ->
             let view = PoolStatusView::from(pool);
             Json(match state.token {
                 Some(_) => view,
-                None => view.without_engine_output(),
+                None => view.without_engine_details(),
             })
             .into_response()
         }
@@ -235,14 +264,10 @@ async fn unload(State(state): State<DebugState>, Path(id): Path<String>) -> Resp
     admin(state, WireRequest::Unload { pool: PoolId(id) }).await
 }
 
-/// Admin routes change things, so they exist only behind a token.
+/// Behind [`require_admin_token`]; checked again here, so no admin route can go without it.
 async fn admin(state: DebugState, request: WireRequest) -> Response {
     if state.token.is_none() {
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "admin routes need debug_http.token_file to be set".into(),
-        );
+        return admin_needs_a_token();
     }
     let op = request.name();
     tracing::info!(op, "admin request on the debug shim");

@@ -12,7 +12,10 @@ pub struct PoolStatusView {
     pub pool_id: String,
     pub model: String,
     pub engine: &'static str,
-    pub endpoint: String,
+    /// Where the engine listens; left out of views for every local user
+    /// ([`without_engine_details`](Self::without_engine_details)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     pub state: &'static str,
     pub live: bool,
     pub ready: bool,
@@ -49,7 +52,7 @@ impl From<&PoolSnapshot> for PoolStatusView {
             pool_id: pool.pool_id.to_string(),
             model: pool.model.clone(),
             engine: pool.engine.name(),
-            endpoint: pool.endpoint.to_string(),
+            endpoint: Some(pool.endpoint.to_string()),
             state: pool.state.name(),
             live: pool.live,
             ready: pool.state == PoolState::Ready,
@@ -86,10 +89,12 @@ impl PoolStatusView {
         self
     }
 
-    /// The view without the engine's own output (the log lines `last_error` carries), for
-    /// readers who may not see the engine's log: the debug shim without a token, open to every
-    /// local user.
-    pub fn without_engine_output(mut self) -> PoolStatusView {
+    /// The view without the engine's own output (the log lines `last_error` carries) and without
+    /// its address (a TCP engine's port lets whoever connects bypass orchestratord's keys and
+    /// queue), for readers who may not see the engine's log nor reach the engine: the debug shim
+    /// without a token, open to every local user.
+    pub fn without_engine_details(mut self) -> PoolStatusView {
+        self.endpoint = None;
         if let Some(error) = &mut self.last_error
             && let Some(at) = error.find(LOG_TAIL_MARKER)
         {
@@ -119,14 +124,14 @@ impl RegistryView {
         }
     }
 
-    /// Every pool [`without_engine_output`](PoolStatusView::without_engine_output).
-    pub fn without_engine_output(self) -> RegistryView {
+    /// Every pool [`without_engine_details`](PoolStatusView::without_engine_details).
+    pub fn without_engine_details(self) -> RegistryView {
         RegistryView {
             epoch: self.epoch,
             pools: self
                 .pools
                 .into_iter()
-                .map(PoolStatusView::without_engine_output)
+                .map(PoolStatusView::without_engine_details)
                 .collect(),
         }
     }

@@ -81,6 +81,24 @@ pub fn socket_path(dir: &Path) -> PathBuf {
     dir.join("run").join("pool.sock")
 }
 
+/// `pool-managerd status POOL --json` on the socket under `dir`: the pool's whole view, with
+/// its engine's address (the tokenless shim leaves that out).
+pub fn operator_status(dir: &Path, pool: &str) -> Result<serde_json::Value, String> {
+    let output = std::process::Command::new(binary("pool-managerd"))
+        .args(["status", pool, "--json", "--socket"])
+        .arg(socket_path(dir))
+        .output()
+        .map_err(|e| format!("cannot run pool-managerd status: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "pool-managerd status {pool}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("pool-managerd status {pool} --json: {e}"))
+}
+
 /// Where the daemon under `dir` keeps engine records and logs.
 pub fn state_dir(dir: &Path) -> PathBuf {
     dir.join("state")

@@ -10,7 +10,9 @@
     reason = "test harness: a panic with the failing call is the report"
 )]
 
-use crate::sidecar::{Sidecar, connect_client, recorded_engine, sidecar_command, socket_path};
+use crate::sidecar::{
+    Sidecar, connect_client, operator_status, recorded_engine, sidecar_command, socket_path,
+};
 use crate::{Daemon, DaemonBuilder, binary, http, temp_dir};
 use pool_ipc::client::PoolClient;
 use serde_json::Value;
@@ -300,11 +302,13 @@ impl Stack {
         .json()
     }
 
-    /// The engine's address as pool-managerd reports it (`http://…` or a socket path).
+    /// The engine's address as pool-managerd reports it to the socket's peers (`http://…` or a
+    /// socket path).
     pub fn endpoint(&self, pool: &str) -> String {
-        self.pool_status(pool)["endpoint"]
+        let status = operator_status(self.path(), pool).unwrap();
+        status["endpoint"]
             .as_str()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no endpoint in {status}"))
             .to_owned()
     }
 

@@ -2,10 +2,11 @@
 //! (slowloris) must not take every file descriptor. Each daemon runs under a low descriptor limit
 //! (`prlimit --nofile=128`, util-linux); 140 connections each send half a request head and stall,
 //! and a well-behaved client must still be served once the header timeout has closed them
-//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short). And
+//! (orchestratord with its defaults; the shim with a 1 s timeout to keep the test short); nor can
+//! half-sent request bodies stall the shim's capped connections. And
 //! exposure is judged on the socket really served: a non-loopback socket handed over as systemd
 //! does (inside a network namespace of the test's own) without keys or a token is refused. And a
-//! managed engine is out of other local users' reach.
+//! managed engine is out of other local users' reach, but not of the socket directory's group.
 
 #![allow(
     clippy::unwrap_used,
@@ -38,9 +39,22 @@ fn stall(addr: &str) -> Vec<TcpStream> {
 
 /// A well-behaved GET answered 200 within `within`, retried on timeouts.
 fn served(addr: &str, path: &str, within: Duration) -> Duration {
+    served_with(addr, path, &[], within)
+}
+
+/// [`served`] with extra header lines (a token).
+fn served_with(addr: &str, path: &str, headers: &[(&str, &str)], within: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        match http::get(addr, path, Duration::from_millis(500)) {
+        let reply = http::request_with_headers(
+            addr,
+            "GET",
+            path,
+            headers,
+            None,
+            Duration::from_millis(500),
+        );
+        match reply {
             Ok(reply) if reply.status == 200 => return started.elapsed(),
             outcome => assert!(
                 started.elapsed() < within,
@@ -106,6 +120,80 @@ fn half_sent_request_heads_cannot_starve_the_pool_managerd_shim_of_descriptors()
     eprintln!("pool-managerd's shim served /health {waited:?} after {STALLED} stalled connections");
     all_closed(stalled, Duration::from_secs(10));
     served(&addr, "/health", Duration::from_secs(2));
+}
+
+/// The shim with at most 4 connections and a 1 s limit on request bodies, and with `token` if
+/// given, gets 4 connections that each send a reload request's head (with the token) and 4
+/// bytes of its 100-byte body, then nothing: it must still answer /health soon after, and have
+/// answered and closed them all.
+fn half_sent_reload_bodies_cannot_stall_the_shim(token: Option<&str>) {
+    let dir = temp_dir();
+    let mut debug_http = "[debug_http]\nmax_connections = 4\nbody_timeout_ms = 1000\n".to_owned();
+    if let Some(token) = token {
+        let token_file = dir.path().join("shim.token");
+        std::fs::write(&token_file, token).unwrap();
+        debug_http.push_str(&format!(
+            "token_file = {:?}\n",
+            token_file.display().to_string()
+        ));
+    }
+    let config = write_config(dir.path(), &debug_http, &[]);
+    let sidecar = sidecar_command(dir.path(), &config).start();
+    let addr = sidecar.ready("debug_http").to_owned();
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("Authorization", value.as_str()))
+        .collect();
+    let auth_lines: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            stream
+                .write_all(
+                    format!(
+                        "POST /pools/p/reload HTTP/1.1\r\nHost: x\r\n{auth_lines}\
+                         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"mo"
+                    )
+                    .as_bytes(),
+                )
+                .unwrap();
+            stream
+        })
+        .collect();
+    let waited = served_with(&addr, "/health", &headers, Duration::from_secs(5));
+    eprintln!("the shim served /health {waited:?} after 4 stalled request bodies");
+    // Without a token the admin route is refused at once; with one, the body's read fails.
+    let expected = if token.is_some() {
+        "HTTP/1.1 400"
+    } else {
+        "HTTP/1.1 403"
+    };
+    for mut stream in stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .expect("the shim closed the stalled connection");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(expected), "{answer}");
+    }
+    served_with(&addr, "/health", &headers, Duration::from_secs(2));
+}
+
+#[test]
+fn half_sent_admin_request_bodies_cannot_stall_the_tokenless_shim() {
+    half_sent_reload_bodies_cannot_stall_the_shim(None);
+}
+
+#[test]
+fn half_sent_admin_request_bodies_cannot_stall_the_shim_with_a_token() {
+    half_sent_reload_bodies_cannot_stall_the_shim(Some("a-long-enough-shim-token"));
 }
 
 #[test]
@@ -217,10 +305,20 @@ fn pool_managerd_refuses_an_inherited_public_shim_socket_without_a_token() {
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
 
-/// Tries to connect to `endpoint` (`http://HOST:PORT` or a Unix socket path) as the user `nobody`
-/// (`setpriv`, util-linux) and as root: whether each connected. Debian's own Python, which every
-/// user can run.
-fn connects_as_nobody_and_as_root(endpoint: &str) -> (bool, bool) {
+/// Who tries to connect in [`connects_as`].
+#[derive(Clone, Copy)]
+enum Peer {
+    Root,
+    /// uid and gid 65534 (nobody/nogroup), no supplementary groups.
+    Nobody,
+    /// uid and gid 65534 with this supplementary group.
+    NobodyInGroup(u32),
+}
+
+/// Tries to connect to `endpoint` (`http://HOST:PORT` or a Unix socket path) as `peer`
+/// (`setpriv`, util-linux, for another user): whether it connected. Debian's own Python, which
+/// every user can run.
+fn connects_as(endpoint: &str, peer: Peer) -> bool {
     let probe = r#"
 import socket, sys
 target = sys.argv[1]
@@ -231,28 +329,53 @@ else:
     conn = socket.socket(socket.AF_UNIX)
     conn.connect(target)
 "#;
-    let attempt = |as_nobody: bool| {
-        let mut command = if as_nobody {
+    let groups = match peer {
+        Peer::Root => None,
+        Peer::Nobody => Some("--clear-groups".to_owned()),
+        Peer::NobodyInGroup(gid) => Some(format!("--groups={gid}")),
+    };
+    let mut command = match groups {
+        None => std::process::Command::new("/usr/bin/python3"),
+        Some(groups) => {
             let mut command = std::process::Command::new("setpriv");
             command.args([
                 "--reuid=65534",
                 "--regid=65534",
-                "--clear-groups",
+                &groups,
                 "--",
                 "/usr/bin/python3",
             ]);
             command
-        } else {
-            std::process::Command::new("/usr/bin/python3")
-        };
-        command
-            .args(["-c", probe, endpoint])
-            .output()
-            .unwrap()
-            .status
-            .success()
+        }
     };
-    (attempt(true), attempt(false))
+    command
+        .args(["-c", probe, endpoint])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn connects_as_nobody_and_as_root(endpoint: &str) -> (bool, bool) {
+    (
+        connects_as(endpoint, Peer::Nobody),
+        connects_as(endpoint, Peer::Root),
+    )
+}
+
+/// A managed llama.cpp pool of the engine double (Unix socket, the default `listen`).
+fn double_llamacpp_pool() -> String {
+    format!(
+        r#"
+[[pool]]
+id = "p"
+model = "double"
+engine = "llamacpp"
+command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}"]
+model_path = "{{dir}}/double-model.json"
+"#,
+        engine = binary("test-engine-double").display().to_string(),
+    )
 }
 
 #[test]
@@ -268,17 +391,7 @@ fn a_managed_llamacpp_engine_listens_where_other_local_users_cannot_connect() {
     std::fs::set_permissions(dir.path(), open.clone()).unwrap();
     std::fs::create_dir(dir.path().join("run")).unwrap();
     std::fs::set_permissions(dir.path().join("run"), open).unwrap();
-    let pool = format!(
-        r#"
-[[pool]]
-id = "p"
-model = "double"
-engine = "llamacpp"
-command = [{engine:?}, "--listen", "{{socket}}", "--slots", "1", "--model", "{{model}}"]
-model_path = "{{dir}}/double-model.json"
-"#,
-        engine = binary("test-engine-double").display().to_string(),
-    );
+    let pool = double_llamacpp_pool();
     let open_to_all = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let control = format!("http://{}", open_to_all.local_addr().unwrap());
     assert_eq!(
@@ -298,7 +411,36 @@ model_path = "{{dir}}/double-model.json"
 }
 
 #[test]
-fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output() {
+fn without_a_socket_group_engine_sockets_take_the_setgid_run_directorys_group_and_its_members_connect()
+ {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching to another user needs root (CI runs as root)");
+        return;
+    }
+    // As systemd's tmpfiles.d sets up /run/pool-managerd: setgid, group of the clients
+    // (orchestratord's supplementary group), no access for others. No `server.socket_group`.
+    const CLIENTS: u32 = 54_321;
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    nix::unistd::chown(&run, None, Some(nix::unistd::Gid::from_raw(CLIENTS))).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o2750)).unwrap();
+    let stack = Stack::builder().pool(&double_llamacpp_pool()).start_in(dir);
+    let endpoint = stack.endpoint("p");
+    assert!(endpoint.starts_with('/'), "a Unix socket: {endpoint}");
+    assert!(
+        connects_as(&endpoint, Peer::NobodyInGroup(CLIENTS)),
+        "a member of the run directory's group could not reach the engine at {endpoint}"
+    );
+    assert!(
+        !connects_as(&endpoint, Peer::Nobody),
+        "another local user reached the engine at {endpoint}"
+    );
+}
+
+#[test]
+fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output_nor_its_address() {
     let dir = temp_dir();
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -308,7 +450,8 @@ fn the_tokenless_shim_shows_why_an_engine_failed_but_not_its_output() {
 id = "p"
 model = "m"
 engine = "llamacpp"
-command = ["/bin/sh", "-c", "echo a-users-prompt-text; exit 3", "sh", "{socket}"]
+listen = "tcp"
+command = ["/bin/sh", "-c", "echo a-users-prompt-text; exit 3", "sh", "{host}", "{port}"]
 model_path = "/dev/null"
 [pool.restart]
 initial_ms = 60000
@@ -324,6 +467,8 @@ max_ms = 60000
             .unwrap()
             .json();
         if let Some(error) = status["last_error"].as_str() {
+            // A local user who knew a TCP engine's port could bypass keys and the queue.
+            assert!(status.get("endpoint").is_none(), "{status}");
             break error.to_owned();
         }
         assert!(Instant::now() < deadline, "no failure reported: {status}");
@@ -333,7 +478,9 @@ max_ms = 60000
     assert!(!shown.contains("a-users-prompt-text"), "{shown}");
     let pools = http::get(&shim, "/pools", Duration::from_secs(5)).unwrap();
     assert!(
-        !pools.text().contains("a-users-prompt-text"),
+        !pools.text().contains("a-users-prompt-text")
+            && !pools.text().contains("\"endpoint\"")
+            && !pools.text().contains("127.0.0.1"),
         "{}",
         pools.text()
     );
@@ -342,8 +489,11 @@ max_ms = 60000
         .arg(socket_path(dir.path()))
         .run_to_exit(Duration::from_secs(10));
     assert!(
-        operator.stdout.contains("a-users-prompt-text"),
-        "an allowed peer of the socket sees it: {}",
+        operator.stdout.contains("a-users-prompt-text")
+            && operator
+                .stdout
+                .contains("\"endpoint\": \"http://127.0.0.1:"),
+        "an allowed peer of the socket sees both: {}",
         operator.stdout
     );
 }

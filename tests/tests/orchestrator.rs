@@ -229,10 +229,7 @@ fn api_keys_guard_everything_but_the_open_paths() {
 
 /// The engine double's `/control/{what}` (`stats`: counters; `last-request`: its headers).
 fn engine_control(stack: &Stack, what: &str) -> Value {
-    let engine = stack.pool_status("p")["endpoint"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let engine = stack.endpoint("p");
     http::get(&engine, &format!("/control/{what}"), WAIT)
         .unwrap()
         .json()
@@ -952,10 +949,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     }
     drop(queued);
     assert!(holder.join().unwrap().1);
-    let engine = stack.pool_status("p")["endpoint"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let engine = stack.endpoint("p");
     // A check that something does not happen: nothing to poll for, so give it time to.
     std::thread::sleep(Duration::from_millis(300));
     let stats = http::get(&engine, "/control/stats", WAIT).unwrap().json();

@@ -232,3 +232,29 @@ fn a_daemon_restarted_while_a_dying_holder_keeps_the_lock_waits_for_it_instead_o
     assert!(daemon.ready("socket").ends_with("pool.sock"));
     releaser.join().unwrap();
 }
+
+#[test]
+fn a_daemon_restarted_while_a_silent_holder_keeps_the_lock_and_a_listener_waits_for_it() {
+    let dir = temp_dir();
+    let config = write_config(dir.path(), "", &[]);
+    let socket = socket_path(dir.path());
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let mut lock_name = socket.as_os_str().to_owned();
+    lock_name.push(".lock");
+    // A child of a SIGKILLed daemon between fork and exec: it holds the lock and the listening
+    // socket (a connect succeeds, into its backlog) but answers nothing. It lets go of both a
+    // second later.
+    let file = std::fs::File::create(&lock_name).unwrap();
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, errno)| panic!("cannot take the lock: {errno}"));
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(listener);
+        drop(held);
+    });
+    let daemon = sidecar_command(dir.path(), &config).start();
+    assert!(daemon.ready("socket").ends_with("pool.sock"));
+    releaser.join().unwrap();
+    assert_eq!(status_cli(&socket).status.code(), Some(0));
+}

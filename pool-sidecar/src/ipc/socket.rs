@@ -3,17 +3,20 @@
 //! The socket lives in a directory of mode 0750 (created if missing) and is itself mode 0660,
 //! optionally owned by a client group. A lock file beside it (`<socket>.lock`, flock) makes two
 //! daemons starting at once exclude each other; a daemon restarted right after a crash waits a
-//! few seconds for a lock whose holder serves nothing (a child of the crashed daemon between fork
-//! and exec can hold it for a moment). An existing socket file is probed: a live one is never
+//! few seconds for a lock whose holder does not answer a Hello on the socket (a child of the
+//! crashed daemon between fork and exec can hold the lock, and the listening socket, for a
+//! moment). An existing socket file is probed: a live one is never
 //! taken over, a stale one (nobody listening) is replaced. Anything at the path that is not a
 //! socket is left alone and reported. Engines' Unix sockets get a directory of their own beside
 //! the socket ([`prepare_engine_directory`]) that nobody but pool-managerd and the client group
-//! can enter.
+//! (configured, or handed down by a setgid parent) can enter.
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{Gid, chown};
+use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, frame_bytes};
+use pool_ipc::wire::{ClientFrame, Hello, MAGIC, PROTOCOL_VERSION};
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     #[error(
-        "another pool-managerd is already serving {0} (it answered a connect); refusing to take over its socket"
+        "another pool-managerd is already serving {0} (it answered a connect, or a Hello while holding the lock); refusing to take over its socket"
     )]
     AlreadyServing(PathBuf),
     #[error("another pool-managerd holds the lock {0}; refusing to start a second one")]
@@ -70,6 +73,9 @@ impl Drop for SocketFile {
 /// right after a crash, a child between fork and exec (or a dying process) may still hold it.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the lock's holder has to answer a Hello on the socket to count as a live daemon.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The socket's lock. Refused at once when another pool-managerd answers on the socket; otherwise
 /// retried for up to [`LOCK_WAIT`], since a holder that serves nothing is on its way out.
 fn take_lock(file: File, lock_path: &Path, socket: &Path) -> Result<Flock<File>, SocketError> {
@@ -80,7 +86,7 @@ fn take_lock(file: File, lock_path: &Path, socket: &Path) -> Result<Flock<File>,
             Ok(lock) => return Ok(lock),
             Err((returned, _)) => file = returned,
         }
-        if UnixStream::connect(socket).is_ok() {
+        if answers_hello(socket) {
             return Err(SocketError::AlreadyServing(socket.to_owned()));
         }
         if std::time::Instant::now() >= deadline {
@@ -88,6 +94,30 @@ fn take_lock(file: File, lock_path: &Path, socket: &Path) -> Result<Flock<File>,
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Whether a pool-managerd serves `socket`: it answers a Hello with a frame (`Welcome`, or
+/// `Refused` for a peer it does not admit) within [`ANSWER_WAIT`]. A connect alone proves nothing:
+/// it also succeeds, into the backlog, against a process that merely holds the listening socket
+/// (a child of a killed daemon between fork and exec).
+fn answers_hello(socket: &Path) -> bool {
+    let hello = ClientFrame::Hello(Hello {
+        magic: MAGIC,
+        protocol_version: PROTOCOL_VERSION,
+        client_name: "pool-managerd (starting: is the socket served?)".to_owned(),
+        held_leases: Vec::new(),
+    });
+    let Ok(frame) = frame_bytes(&hello, DEFAULT_MAX_FRAME_BYTES) else {
+        return false;
+    };
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let mut header = [0u8; HEADER_BYTES];
+    stream.set_write_timeout(Some(ANSWER_WAIT)).is_ok()
+        && stream.set_read_timeout(Some(ANSWER_WAIT)).is_ok()
+        && stream.write_all(&frame).is_ok()
+        && stream.read_exact(&mut header).is_ok()
 }
 
 /// Binds the socket at `path` (see the module docs for the rules).
@@ -183,24 +213,32 @@ fn prepare_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> 
     }
 }
 
-/// The directory of the engines' Unix sockets: mode 0750, and with a client group, owned by it
-/// and setgid so every socket in it belongs to the group too. Connecting to a socket needs search
-/// permission on its directory, so other local users cannot reach an engine whatever its socket's
-/// mode. An existing directory of ours that others can enter is closed to them.
+/// The directory of the engines' Unix sockets: mode 0750 and setgid with a group, so that every
+/// socket in it belongs to that group: the client group when one is configured (the directory is
+/// then owned by it), else the group a setgid parent hands down (systemd's tmpfiles.d makes
+/// `/run/pool-managerd` 2750, group pool-clients), else none (pool-managerd's own group, no
+/// setgid). Connecting to a socket needs search permission on its directory, so other local users
+/// cannot reach an engine whatever its socket's mode. An existing directory of ours that others can
+/// enter is closed to them, and one that lost the setgid bit its parent hands down gets it back.
 pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), SocketError> {
-    let setgid = if group.is_some() { 0o2000 } else { 0 };
     match std::fs::metadata(dir) {
         Ok(metadata) => {
             let mode = metadata.permissions().mode() & 0o7777;
-            if mode & 0o007 == 0 {
+            let mut wanted = mode & !0o007;
+            if group.is_none() && parent_hands_down_group(dir, metadata.gid()) {
+                wanted |= 0o2000;
+            }
+            if wanted == mode {
                 return Ok(());
             }
             if metadata.uid() != nix::unistd::geteuid().as_raw() {
-                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the engines' socket directory is accessible to everyone and not ours to change; 0750 is needed");
+                if mode & 0o007 != 0 {
+                    tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "the engines' socket directory is accessible to everyone and not ours to change; 0750 is needed");
+                }
                 return Ok(());
             }
-            tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), "closing the engines' socket directory to other users");
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o007))
+            tracing::info!(dir = %dir.display(), mode = format!("{mode:o}"), wanted = format!("{wanted:o}"), "setting the engines' socket directory's mode: closed to other users, setgid to the group its parent hands down");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(wanted))
                 .map_err(io("cannot set the engines' socket directory mode", dir))
         }
         Err(error) if error.kind() == ErrorKind::NotFound => {
@@ -209,11 +247,23 @@ pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), So
                 .mode(0o750)
                 .create(dir)
                 .map_err(io("cannot create the engines' socket directory", dir))?;
-            if let Some(gid) = group {
-                chown(dir, None, Some(Gid::from_raw(gid))).map_err(|errno| {
-                    io("cannot chown the engines' socket directory", dir)(errno.into())
-                })?;
-            }
+            let setgid = match group {
+                Some(gid) => {
+                    chown(dir, None, Some(Gid::from_raw(gid))).map_err(|errno| {
+                        io("cannot chown the engines' socket directory", dir)(errno.into())
+                    })?;
+                    0o2000
+                }
+                // In a setgid parent mkdir gave the directory the parent's group and the setgid
+                // bit: keep both.
+                None => {
+                    std::fs::metadata(dir)
+                        .map_err(io("cannot inspect the engines' socket directory", dir))?
+                        .permissions()
+                        .mode()
+                        & 0o2000
+                }
+            };
             // After the chown, which clears setgid; the mode given to mkdir is filtered by the
             // umask besides.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750 | setgid))
@@ -223,6 +273,13 @@ pub fn prepare_engine_directory(dir: &Path, group: Option<u32>) -> Result<(), So
             error,
         )),
     }
+}
+
+/// Whether `dir`'s parent is setgid with group `gid`: what mkdir hands down to a new directory.
+fn parent_hands_down_group(dir: &Path, gid: u32) -> bool {
+    dir.parent()
+        .and_then(|parent| std::fs::metadata(parent).ok())
+        .is_some_and(|parent| parent.permissions().mode() & 0o2000 != 0 && parent.gid() == gid)
 }
 
 #[cfg(test)]
@@ -252,6 +309,27 @@ mod tests {
     }
 
     #[test]
+    fn without_a_client_group_the_engines_socket_directory_keeps_the_setgid_its_parent_hands_down()
+    {
+        let temp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let run = temp.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o2750)).unwrap();
+        let fresh = run.join("engines");
+        prepare_engine_directory(&fresh, None).unwrap();
+        assert_eq!(mode(&fresh), 0o2750);
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().gid(),
+            std::fs::metadata(&run).unwrap().gid()
+        );
+        // One an earlier version left without the bit gets it back.
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o750)).unwrap();
+        prepare_engine_directory(&fresh, None).unwrap();
+        assert_eq!(mode(&fresh), 0o2750);
+    }
+
+    #[test]
     fn a_fresh_socket_gets_a_private_directory_and_mode_0660() {
         let temp = tempfile::tempdir().unwrap();
         let path = temp.path().join("run/pool.sock");
@@ -268,11 +346,26 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let path = temp.path().join("pool.sock");
         let (listener, first) = bind_socket(&path, None).unwrap();
-        // The lock's holder serves the socket: refused at once.
-        assert!(matches!(
-            bind_socket(&path, None),
-            Err(SocketError::AlreadyServing(_))
-        ));
+        // The lock's holder answers a Hello on the socket: refused at once.
+        listener.set_nonblocking(false).unwrap();
+        let outcome = std::thread::scope(|scope| {
+            let answering = scope.spawn(|| {
+                let (mut peer, _) = listener.accept().unwrap();
+                let mut hello = [0u8; HEADER_BYTES];
+                peer.read_exact(&mut hello).unwrap();
+                peer.write_all(&[0, 0, 0, 1, 0]).unwrap();
+            });
+            let started = std::time::Instant::now();
+            let second = bind_socket(&path, None);
+            answering.join().unwrap();
+            (second, started.elapsed())
+        });
+        assert!(
+            matches!(outcome.0, Err(SocketError::AlreadyServing(_))),
+            "{:?}",
+            outcome.0
+        );
+        assert!(outcome.1 < LOCK_WAIT, "refused at once: {:?}", outcome.1);
         // A listener without the lock (e.g. started by hand elsewhere) is still detected live.
         std::mem::forget(first);
         let lock_path = temp.path().join("pool.sock.lock");
