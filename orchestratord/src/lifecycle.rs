@@ -370,6 +370,17 @@ impl Lifecycle {
         Some(Err(failure))
     }
 
+    /// The next engine event if the engine already sent it (no reading, no waiting), accounted for
+    /// as [`next_event`](Self::next_event) does; `None` otherwise, and for anything that is not an
+    /// event (the next `next_event` reports it).
+    pub fn next_ready_event(&mut self) -> Option<EngineEvent> {
+        let Phase::Streaming { stream, .. } = &mut self.phase else {
+            return None;
+        };
+        let event = stream.next_buffered()?;
+        Some(self.relayed(event))
+    }
+
     /// Accounts for an engine event going to the caller: the answer has begun.
     fn relayed(&mut self, event: EngineEvent) -> EngineEvent {
         self.answer_began = true;
@@ -837,6 +848,7 @@ pub async fn serve(
                 format,
                 include_usage,
                 keepalive,
+                ready: None,
             };
             let response = sse::response(futures_util::stream::unfold(
                 relay,
@@ -928,12 +940,25 @@ struct Relay {
     format: StreamFormat,
     include_usage: bool,
     keepalive: Duration,
+    /// An event the engine had already sent, taken ahead (see `next_frame`).
+    ready: Option<EngineEvent>,
 }
 
 impl Relay {
     /// The next bytes for the client, or `None` at the end. Every await leaves the request's
     /// state in `life`, so a client that leaves mid-await is seen by its `Drop`.
+    ///
+    /// Events the engine sent together go to the client together: after a chunk, an event already
+    /// read is taken ahead, so that the frames follow each other without a wait and hyper writes
+    /// them in one call. When that event ends the stream, the lease is released (and confirmed)
+    /// before the chunk is handed over, so nothing waits between the last frames either.
     async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(event) = self.ready.take() {
+            if matches!(event, EngineEvent::Chunk { .. }) {
+                self.take_ahead().await;
+            }
+            return Some(self.frame_of(Ok(event)).await);
+        }
         let event = loop {
             if self.life.ticket().is_some() {
                 match tokio::time::timeout(self.keepalive, self.life.placed()).await {
@@ -955,11 +980,29 @@ impl Relay {
                 Err(error) => break Err(error),
             }
         };
+        if matches!(event, Ok(EngineEvent::Chunk { .. })) {
+            self.take_ahead().await;
+        }
+        Some(self.frame_of(event).await)
+    }
+
+    /// Takes the engine's next event ahead if it already sent it; releases the lease now if that
+    /// event ends the stream.
+    async fn take_ahead(&mut self) {
+        self.ready = self.life.next_ready_event();
+        if matches!(self.ready, Some(EngineEvent::Done { .. })) {
+            self.life.release().await;
+        }
+    }
+
+    /// The bytes of one event for the client; the end of the stream (its terminator or an error)
+    /// comes after the lease is released.
+    async fn frame_of(&mut self, event: Result<EngineEvent, ApiError>) -> Bytes {
         if !matches!(event, Ok(EngineEvent::Chunk { .. })) {
             self.life.release().await;
         }
         match event {
-            Ok(EngineEvent::Chunk { frame, .. }) => Some(frame),
+            Ok(EngineEvent::Chunk { frame, .. }) => frame,
             Ok(EngineEvent::Done {
                 usage_frame,
                 terminator,
@@ -969,11 +1012,11 @@ impl Relay {
                     let mut tail = Vec::with_capacity(usage.len() + terminator.len());
                     tail.extend_from_slice(&usage);
                     tail.extend_from_slice(&terminator);
-                    Some(Bytes::from(tail))
+                    Bytes::from(tail)
                 }
-                None => Some(terminator),
+                None => terminator,
             },
-            Err(error) => Some(error_event(&error, self.format)),
+            Err(error) => error_event(&error, self.format),
         }
     }
 }

@@ -1852,3 +1852,45 @@ fn a_burst_of_200_streams_on_a_50_slot_pool_never_overbooks_and_every_stream_is_
     );
     stack.wait_for_leases("p", 0);
 }
+
+/// An engine that writes a stream's finish chunk, usage chunk and `[DONE]` at once (the engine
+/// double, told to): they reach the client in one write too, the lease released and confirmed
+/// before it, so a raw client reading as bytes arrive never sees the finish chunk without the
+/// terminator. (Before, the release's round trip to pool-managerd came between them.)
+#[test]
+fn a_streams_closing_events_sent_together_reach_the_client_in_one_write() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "20", "--closing-events-in-one-write"],
+        "",
+    );
+    let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#;
+    for _ in 0..5 {
+        let mut client = TcpStream::connect(stack.api()).unwrap();
+        client.set_nodelay(true).unwrap();
+        write!(
+            client,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reads = Vec::new();
+        let mut buffer = [0u8; 65536];
+        loop {
+            let read = client.read(&mut buffer).unwrap();
+            if read == 0 {
+                break;
+            }
+            reads.push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+        }
+        let finish = reads
+            .iter()
+            .position(|read| read.contains(r#""finish_reason":"length""#))
+            .unwrap_or_else(|| panic!("no finish chunk in {reads:?}"));
+        assert!(
+            reads[finish].contains("data: [DONE]") && reads[finish].contains(r#""usage""#),
+            "the finish chunk came without the usage chunk and [DONE]: {reads:#?}"
+        );
+    }
+    stack.wait_for_leases("p", 0);
+}

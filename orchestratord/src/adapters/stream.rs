@@ -67,6 +67,8 @@ struct Inner {
     stall_armed: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     correlation_id: Box<str>,
+    /// An error [`Inner::next_buffered`] met, for the next poll to report.
+    pending_error: Option<AdapterError>,
 }
 
 impl EngineStream {
@@ -92,6 +94,13 @@ impl EngineStream {
     /// [`AdapterError::DecodeTimeout`]). Cancel-safe: dropping the returned future loses nothing.
     pub async fn next(&mut self) -> Option<Result<EngineEvent, AdapterError>> {
         std::future::poll_fn(|cx| self.inner.poll_next_event(cx)).await
+    }
+
+    /// The next event if the engine already sent it: decoded from bytes already read, without
+    /// reading or waiting (`None` otherwise). A malformed event is kept for the next
+    /// [`next`](Self::next), which reports it.
+    pub fn next_buffered(&mut self) -> Option<EngineEvent> {
+        self.inner.next_buffered()
     }
 
     /// The poll form of [`next`](Self::next).
@@ -129,6 +138,32 @@ impl Inner {
             stall_armed: false,
             shutdown: Box::pin(shutdown),
             correlation_id: correlation_id.into(),
+            pending_error: None,
+        }
+    }
+
+    fn next_buffered(&mut self) -> Option<EngineEvent> {
+        if self.phase != Phase::Streaming || self.pending_error.is_some() {
+            return None;
+        }
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        if self.shutdown.as_mut().poll(&mut context).is_ready() {
+            return None;
+        }
+        match self.decode_buffered() {
+            Ok(Some(event)) => {
+                if matches!(event, EngineEvent::Done { .. }) {
+                    self.phase = Phase::Draining { discarded: 0 };
+                    // As in `poll_next_event`; the caller polls again for the rest.
+                    let _ = self.poll_drain(&mut context);
+                }
+                Some(event)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                self.pending_error = Some(self.fail(error));
+                None
+            }
         }
     }
 
@@ -136,6 +171,9 @@ impl Inner {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<EngineEvent, AdapterError>>> {
+        if let Some(error) = self.pending_error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         match self.phase {
             Phase::Streaming => {}
             Phase::Draining { .. } => return self.poll_drain(cx).map(|()| None),
