@@ -1894,3 +1894,38 @@ fn a_streams_closing_events_sent_together_reach_the_client_in_one_write() {
     }
     stack.wait_for_leases("p", 0);
 }
+
+/// The engine answers a stream's head at once and its first token later (held, as during a
+/// prefill): the client gets the head and the first chunk in one write, not the head alone first.
+#[test]
+fn a_streams_head_waits_for_its_first_chunk_and_both_reach_the_client_in_one_write() {
+    let stack = stack(1, &[], "");
+    hold_engine(&stack, "p");
+    let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2,"stream":true}"#;
+    let mut client = TcpStream::connect(stack.api()).unwrap();
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let engine = stack.endpoint("p");
+    stack.wait_for("the request to reach the held engine", || {
+        http::get(&engine, "/control/stats", WAIT).unwrap().json()["active"] == 1
+    });
+    let reader = std::thread::spawn(move || {
+        let mut buffer = [0u8; 65536];
+        let read = client.read(&mut buffer).unwrap();
+        String::from_utf8_lossy(&buffer[..read]).into_owned()
+    });
+    // A check that something does not happen (the head is not sent alone): give it time to.
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = http::request(&engine, "POST", "/control/release", None, WAIT).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let first_read = reader.join().unwrap();
+    assert!(
+        first_read.starts_with("HTTP/1.1 200") && first_read.contains("data: {"),
+        "the head came without the first chunk: {first_read:?}"
+    );
+    stack.wait_for_leases("p", 0);
+}
