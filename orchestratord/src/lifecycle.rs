@@ -959,58 +959,73 @@ struct Relay {
     format: StreamFormat,
     include_usage: bool,
     keepalive: Duration,
-    /// An event the engine had already sent, taken ahead (see `next_frame`).
-    ready: Option<EngineEvent>,
+    /// The event after the one being handed over, taken ahead (see `next_frame`).
+    ready: Option<Result<EngineEvent, ApiError>>,
 }
 
 impl Relay {
     /// The next bytes for the client, or `None` at the end. Every await leaves the request's
     /// state in `life`, so a client that leaves mid-await is seen by its `Drop`.
     ///
-    /// Events the engine sent together go to the client together: after a chunk, an event already
-    /// read is taken ahead, so that the frames follow each other without a wait and hyper writes
-    /// them in one call. When that event ends the stream, the lease is released (and confirmed)
-    /// before the chunk is handed over, so nothing waits between the last frames either.
+    /// Frames leave in as few writes as the engine allows: after a chunk the next event is taken
+    /// ahead — one the engine already sent, or, after an OpenAI chunk that carries no generated
+    /// output (the role, the finish reason), the next one whenever it comes — so that the frames
+    /// follow each other without a wait and hyper writes them in one call. When the event taken
+    /// ahead ends the stream, the lease is released (and confirmed) before the chunk is handed
+    /// over, so nothing waits between the last frames either. An OpenAI chunk without output is
+    /// not worth a write of its own: the client sees nothing new in it. (Anthropic and Responses
+    /// streams may carry `ping`s, which must not be held.)
     async fn next_frame(&mut self) -> Option<Bytes> {
-        if let Some(event) = self.ready.take() {
-            if matches!(event, EngineEvent::Chunk { .. }) {
-                self.take_ahead().await;
+        let event = match self.ready.take() {
+            Some(event) => event,
+            None => match self.next_event().await {
+                Ok(event) => event,
+                Err(frame) => return frame,
+            },
+        };
+        if let Ok(EngineEvent::Chunk { tokens, .. }) = &event {
+            self.ready = if *tokens == 0 && self.format == StreamFormat::OpenAiChunks {
+                match self.life.next_event().await {
+                    Some(Ok(Next::Event(next))) => Some(Ok(next)),
+                    Some(Err(error)) => Some(Err(error)),
+                    // No retry once the answer began; the next call sees the requeue.
+                    Some(Ok(Next::Requeued)) | None => None,
+                }
+            } else {
+                self.life.next_ready_event().map(Ok)
+            };
+            if matches!(self.ready, Some(Ok(EngineEvent::Done { .. }))) {
+                self.life.release().await;
             }
-            return Some(self.frame_of(Ok(event)).await);
         }
-        let event = loop {
+        Some(self.frame_of(event).await)
+    }
+
+    /// The next engine event, waiting for the lease and opening the stream as needed; or, as
+    /// `Err`, what to send instead (a keep-alive while queued, an error event) or `None` at the
+    /// end.
+    async fn next_event(&mut self) -> Result<Result<EngineEvent, ApiError>, Option<Bytes>> {
+        loop {
             if self.life.ticket().is_some() {
                 match tokio::time::timeout(self.keepalive, self.life.placed()).await {
-                    Err(_) => return Some(Bytes::from_static(sse::KEEP_ALIVE)),
-                    Ok(Err(error)) => return Some(error_event(&error, self.format)),
+                    Err(_) => return Err(Some(Bytes::from_static(sse::KEEP_ALIVE))),
+                    Ok(Err(error)) => return Err(Some(error_event(&error, self.format))),
                     Ok(Ok(())) => {}
                 }
             }
             if matches!(self.life.phase, Phase::Placed(_)) {
                 match self.life.open_stream().await {
-                    Err(error) => return Some(error_event(&error, self.format)),
+                    Err(error) => return Err(Some(error_event(&error, self.format))),
                     Ok(Opened::Requeued) => continue,
                     Ok(Opened::Streaming) => {}
                 }
             }
-            match self.life.next_event().await? {
-                Ok(Next::Requeued) => continue,
-                Ok(Next::Event(event)) => break Ok(event),
-                Err(error) => break Err(error),
+            match self.life.next_event().await {
+                None => return Err(None),
+                Some(Ok(Next::Requeued)) => continue,
+                Some(Ok(Next::Event(event))) => return Ok(Ok(event)),
+                Some(Err(error)) => return Ok(Err(error)),
             }
-        };
-        if matches!(event, Ok(EngineEvent::Chunk { .. })) {
-            self.take_ahead().await;
-        }
-        Some(self.frame_of(event).await)
-    }
-
-    /// Takes the engine's next event ahead if it already sent it; releases the lease now if that
-    /// event ends the stream.
-    async fn take_ahead(&mut self) {
-        self.ready = self.life.next_ready_event();
-        if matches!(self.ready, Some(EngineEvent::Done { .. })) {
-            self.life.release().await;
         }
     }
 

@@ -1853,17 +1853,14 @@ fn a_burst_of_200_streams_on_a_50_slot_pool_never_overbooks_and_every_stream_is_
     stack.wait_for_leases("p", 0);
 }
 
-/// An engine that writes a stream's finish chunk, usage chunk and `[DONE]` at once (the engine
-/// double, told to): they reach the client in one write too, the lease released and confirmed
-/// before it, so a raw client reading as bytes arrive never sees the finish chunk without the
-/// terminator. (Before, the release's round trip to pool-managerd came between them.)
+/// The engine double writes a stream's finish chunk, usage chunk and `[DONE]` one by one; they
+/// reach the client in one write, the lease released and confirmed before it (the finish chunk,
+/// which carries no token, waits for the terminator), so a raw client reading as bytes arrive
+/// never sees the finish chunk without the terminator. (Before, they went out as they came, and
+/// the release's round trip to pool-managerd came between the last two.)
 #[test]
-fn a_streams_closing_events_sent_together_reach_the_client_in_one_write() {
-    let stack = stack(
-        1,
-        &["--token-delay-ms", "20", "--closing-events-in-one-write"],
-        "",
-    );
+fn a_streams_finish_chunk_usage_and_done_reach_the_client_in_one_write() {
+    let stack = stack(1, &["--token-delay-ms", "20"], "");
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#;
     for _ in 0..5 {
         let mut client = TcpStream::connect(stack.api()).unwrap();

@@ -125,11 +125,6 @@ struct Args {
     #[arg(long, default_value_t = 0, value_name = "MS")]
     token_delay_ms: u64,
 
-    /// Send a stream's closing events (finish chunk, usage chunk, `[DONE]`) in one write, as an
-    /// engine that formats its tail at once does (by default each is a write of its own).
-    #[arg(long)]
-    closing_events_in_one_write: bool,
-
     /// Crash injection: exit the whole process with --exit-code right after the Nth generated token
     /// (counted across all requests), mid-stream, without any cleanup.
     #[arg(long, value_name = "N")]
@@ -267,7 +262,6 @@ struct Profile {
     model_alias: String,
     crash_after_tokens: Option<u64>,
     exit_code: i32,
-    closing_events_in_one_write: bool,
 }
 
 impl Profile {
@@ -972,22 +966,8 @@ async fn stream_tokens(
         timings.first_token.get_or_insert_with(Instant::now);
         engine.delivered().await;
     }
-    let closing = reply
-        .closing_events(reply.request.n_predict, timings)
-        .into_iter()
-        .map(|event| sse(&event));
-    let writes: Vec<Bytes> = if engine.profile.closing_events_in_one_write {
-        vec![
-            closing
-                .flat_map(|event| event.to_vec())
-                .collect::<Vec<u8>>()
-                .into(),
-        ]
-    } else {
-        closing.collect()
-    };
-    for write in writes {
-        if tx.send(write).await.is_err() {
+    for event in reply.closing_events(reply.request.n_predict, timings) {
+        if tx.send(sse(&event)).await.is_err() {
             return;
         }
     }
@@ -1213,7 +1193,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         model_alias: args.model_alias.unwrap_or_else(|| "test-double".to_owned()),
         crash_after_tokens: args.crash_after_tokens,
         exit_code: args.exit_code,
-        closing_events_in_one_write: args.closing_events_in_one_write,
     }));
     let mode = match (args.hang, args.refuse) {
         (_, true) => Mode::Refuse,
