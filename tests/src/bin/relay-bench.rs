@@ -1484,10 +1484,10 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
             );
         }
     }
-    let range = |values: &[f64]| -> String {
+    let range = |values: &[f64], decimals: usize| -> String {
         let low = values.iter().copied().fold(f64::INFINITY, f64::min);
         let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!("{low:.2}..{high:.2}")
+        format!("{low:.decimals$}..{high:.decimals$}")
     };
     let direct_p50: Vec<f64> = direct
         .iter()
@@ -1503,9 +1503,9 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
         "spread over the {} measured rounds (min..max): the engine's own (direct path) TTFT p50 {} \
          ms, p99 {} ms, tokens/s {}",
         args.rounds,
-        range(&direct_p50),
-        range(&direct_p99),
-        range(&direct_tps)
+        range(&direct_p50, 2),
+        range(&direct_p99, 2),
+        range(&direct_tps, 0)
     );
     for target in targets.iter().filter(|t| t.route != Route::Direct) {
         let set = of(target.route);
@@ -1516,9 +1516,9 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
         println!(
             "  {:<13} added TTFT p50 {} ms, p99 {} ms; relay CPU per chunk {} us",
             target.route.name(),
-            range(&added_per_round(&set, 50.0)),
-            range(&added_per_round(&set, 99.0)),
-            range(&cpu)
+            range(&added_per_round(&set, 50.0), 2),
+            range(&added_per_round(&set, 99.0), 2),
+            range(&cpu, 1)
         );
     }
     if let Some(path) = &args.plot {
@@ -1589,6 +1589,29 @@ struct PlotPath {
     sidecar_us: Option<f64>,
 }
 
+/// Most points one path's CDF is drawn with (keeps the SVG small).
+const CDF_POINTS: usize = 200;
+
+/// The empirical CDF of `sorted` as line points: a step per value, or, for more values than
+/// [`CDF_POINTS`], that many evenly spaced quantiles (the same curve at the plot's resolution).
+fn cdf_points(sorted: &[f64]) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    if n <= CDF_POINTS {
+        return sorted
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &v)| [(v, k as f64 / n as f64), (v, (k + 1) as f64 / n as f64)])
+            .collect();
+    }
+    let mut points = vec![(sorted[0], 0.0)];
+    for step in 1..=CDF_POINTS {
+        // The value a `step / CDF_POINTS` share of the way through (1-based rank).
+        let rank = (step * n).div_ceil(CDF_POINTS);
+        points.push((sorted[rank - 1], rank as f64 / n as f64));
+    }
+    points
+}
+
 fn route_color(route: Route) -> plotters::style::RGBColor {
     use plotters::style::RGBColor;
     match route {
@@ -1636,6 +1659,7 @@ fn draw_plot(
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
     cdf.configure_mesh()
+        .max_light_lines(2)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .x_desc("time to first token, ms")
@@ -1649,13 +1673,8 @@ fn draw_plot(
             .filter(|v| v.is_finite())
             .collect();
         sorted.sort_by(f64::total_cmp);
-        let n = sorted.len() as f64;
-        let steps = sorted
-            .iter()
-            .enumerate()
-            .flat_map(|(k, &v)| [(v, k as f64 / n), (v, (k + 1) as f64 / n)]);
         let color = route_color(path.route);
-        cdf.draw_series(LineSeries::new(steps, color.stroke_width(2)))?
+        cdf.draw_series(LineSeries::new(cdf_points(&sorted), color.stroke_width(2)))?
             .label(path.route.name())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -1708,6 +1727,7 @@ fn draw_plot(
         .y_label_area_size(50)
         .build_cartesian_2d((0..last).into_segmented(), 0.0..y_max)?;
     cpu.configure_mesh()
+        .max_light_lines(2)
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .disable_x_mesh()
