@@ -1453,6 +1453,13 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
         for index in 0..peer_count {
             let route = Route::Peer(index);
             let set = of(route);
+            if set.iter().all(|r| r.ttft_ms.is_empty()) {
+                println!(
+                    "  vs {:<13} no stream through it succeeded in the measured rounds",
+                    route.name()
+                );
+                continue;
+            }
             let theirs_p50 = added_per_round(&set, 50.0);
             let theirs_p99 = added_per_round(&set, 99.0);
             let theirs_cpu: Vec<f64> = set
@@ -1485,9 +1492,14 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
         }
     }
     let range = |values: &[f64], decimals: usize| -> String {
-        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!("{low:.decimals$}..{high:.decimals$}")
+        let finite = || values.iter().copied().filter(|v| v.is_finite());
+        let low = finite().fold(f64::INFINITY, f64::min);
+        let high = finite().fold(f64::NEG_INFINITY, f64::max);
+        if low > high {
+            "-".to_owned()
+        } else {
+            format!("{low:.decimals$}..{high:.decimals$}")
+        }
     };
     let direct_p50: Vec<f64> = direct
         .iter()
@@ -1557,7 +1569,8 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
                 .filter(|(route, _)| *route == target.route)
                 .take(5)
             {
-                println!("  {}: {failure}", target.route.name());
+                // Each failure already names its path.
+                println!("  {failure}");
             }
         }
         for (index, router) in peers.routers.iter().enumerate() {
