@@ -3,7 +3,8 @@
 //! It owns: finding binaries in the target directory ([`binary`]), short temporary directories for
 //! Unix socket paths ([`temp_dir`]), starting a daemon and waiting for its `READY key=value…` line
 //! ([`Daemon`]), running a short CLI invocation to completion ([`RunOutput`]), and a minimal blocking
-//! HTTP/1.1 GET over TCP or a Unix socket ([`http`]). The binary `test-engine-double` (a fake
+//! HTTP/1.1 GET over TCP or a Unix socket ([`http`]), and vllm-router as a peer for `relay-bench`
+//! ([`vllm_router`], which returns errors instead of panicking). The binary `test-engine-double` (a fake
 //! llama-server for fault injection) lives in this package too.
 //!
 //! Everything here is blocking (std processes and threads), so it works from plain `#[test]`s and from
@@ -19,6 +20,7 @@ pub mod http;
 pub mod real_engine;
 pub mod sidecar;
 pub mod stack;
+pub mod vllm_router;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;

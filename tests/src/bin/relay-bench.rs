@@ -26,11 +26,21 @@
 //! Before each round it waits until no lease is held and the engine runs nothing.
 //!
 //! Every stream is checked: exactly T content chunks, a `finish_reason`, a usage chunk with
-//! `completion_tokens` = T, and `data: [DONE]` last. Any failure makes the exit status non-zero.
+//! `completion_tokens` = T, and `data: [DONE]` last. Any failure on the direct or orchestrated path
+//! makes the exit status non-zero.
+//!
+//! Peers in the same run: with `--vllm-router PATH` (the `vllm-router` launcher of PyPI's
+//! `vllm-router`, e.g. installed by `scripts/bench-peers.sh`) it also starts two vllm-routers in
+//! front of the same engines (every engine a `--worker-urls` entry; one `--policy round_robin`, one
+//! with its default policy), each measured like orchestratord (its process's CPU and peak RSS) and
+//! each one more path in the alternating rotation, with its own keep-alive client. A failed stream
+//! through a peer is counted against that path in the table, not fatal. `--plot FILE.svg` writes the
+//! TTFT CDF of every path and the relaying process's CPU per chunk of every path as an SVG.
 
 use clap::Parser;
 use e2e::binary;
 use e2e::stack::Stack;
+use e2e::vllm_router::VllmRouter;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::header::CONTENT_TYPE;
@@ -53,6 +63,29 @@ const MODEL: &str = "double";
 const WAIT: Duration = Duration::from_secs(30);
 /// Quiet time before each measured round, after the previous one has fully wound down.
 const SETTLE: Duration = Duration::from_millis(100);
+
+/// One vllm-router `--vllm-router` starts.
+struct Peer {
+    /// The path's name in the tables and the plot.
+    name: &'static str,
+    /// Its column in the per-round table.
+    short: &'static str,
+    /// Its `--policy`; `None`: the router's default (`cache_aware` in 0.1.17).
+    policy: Option<&'static str>,
+}
+
+const PEERS: [Peer; 2] = [
+    Peer {
+        name: "vllm-rr",
+        short: "vr-rr",
+        policy: Some("round_robin"),
+    },
+    Peer {
+        name: "vllm-default",
+        short: "vr-def",
+        policy: None,
+    },
+];
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +129,15 @@ struct Args {
     /// (an engine that keeps connections: orchestratord reuses pooled ones).
     #[arg(long, default_value = "llamacpp", value_parser = ["llamacpp", "openai"], conflicts_with = "llama_server")]
     engine_kind: String,
+    /// Also send the load through vllm-router: this `vllm-router` executable (PyPI
+    /// `vllm-router`; `scripts/bench-peers.sh` installs 0.1.17), started twice on loopback in front
+    /// of the same engines, with `--policy round_robin` and with its default policy.
+    #[arg(long)]
+    vllm_router: Option<PathBuf>,
+    /// Write an SVG plot to this file: the TTFT CDF of every path, and the CPU per chunk of every
+    /// path's relaying process.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 impl Args {
@@ -251,6 +293,45 @@ fn start_stack(args: &Args) -> Result<Bench, String> {
     })
 }
 
+/// The vllm-routers of `--vllm-router`, in [`PEERS`] order, and the directory of their logs.
+struct Peers {
+    routers: Vec<VllmRouter>,
+    /// Their stdout and stderr; shown when a stream through one fails, removed on drop, after
+    /// the routers (fields drop in order).
+    _logs: tempfile::TempDir,
+}
+
+/// Starts one vllm-router per [`PEERS`] entry in front of every engine, when `--vllm-router` is
+/// given (none otherwise).
+fn start_peers(args: &Args, bench: &Bench) -> Result<Peers, String> {
+    let logs = tempfile::Builder::new()
+        .prefix("relay-bench-peers")
+        .tempdir()
+        .map_err(|e| format!("cannot create a directory for the routers' logs: {e}"))?;
+    let mut routers = Vec::new();
+    if let Some(program) = &args.vllm_router {
+        let workers: Vec<String> = bench
+            .engines
+            .iter()
+            .map(|engine| format!("http://{engine}"))
+            .collect();
+        for peer in &PEERS {
+            routers.push(VllmRouter::start(
+                program,
+                peer.name,
+                peer.policy,
+                &workers,
+                logs.path(),
+                WAIT,
+            )?);
+        }
+    }
+    Ok(Peers {
+        routers,
+        _logs: logs,
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let fd_limit = match raise_fd_limit() {
@@ -267,13 +348,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Each router is killed and reaped when dropped: on every return below, before the stack.
+    let peers = match start_peers(&args, &stack) {
+        Ok(peers) => peers,
+        Err(error) => {
+            eprintln!("relay-bench: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(bench(&args, &stack, fd_limit)),
+        Ok(runtime) => runtime.block_on(bench(&args, &stack, &peers, fd_limit)),
         Err(error) => Err(format!("cannot start the runtime: {error}")),
     };
+    drop(peers);
     drop(stack);
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -299,6 +389,8 @@ fn client() -> HttpClient {
 enum Route {
     Direct,
     Orchestrated,
+    /// Through the vllm-router of [`PEERS`]`[i]`.
+    Peer(usize),
 }
 
 impl Route {
@@ -306,7 +398,13 @@ impl Route {
         match self {
             Route::Direct => "direct",
             Route::Orchestrated => "orchestrated",
+            Route::Peer(index) => PEERS.get(index).map_or("peer", |peer| peer.name),
         }
+    }
+
+    /// Whether a failed stream on this path fails the bench (a peer's failures are only counted).
+    fn ours(self) -> bool {
+        !matches!(self, Route::Peer(_))
     }
 }
 
@@ -525,6 +623,8 @@ struct Cpu {
     engine: u64,
     sidecar: u64,
     client: u64,
+    /// The vllm-routers, in [`PEERS`] order (0 without `--vllm-router`).
+    peers: [u64; PEERS.len()],
 }
 
 #[derive(Debug, Clone)]
@@ -533,6 +633,8 @@ struct Pids {
     engines: Vec<u32>,
     sidecar: u32,
     client: u32,
+    /// The vllm-routers, in [`PEERS`] order; empty without `--vllm-router`.
+    peers: Vec<u32>,
 }
 
 /// On-CPU time of all of `pid`'s live threads, in ns (`/proc/PID/task/*/schedstat`, first field).
@@ -549,20 +651,30 @@ fn cpu_ns(pid: u32) -> u64 {
 
 impl Cpu {
     fn now(pids: &Pids) -> Cpu {
+        let mut peers = [0; PEERS.len()];
+        for (slot, &pid) in peers.iter_mut().zip(&pids.peers) {
+            *slot = cpu_ns(pid);
+        }
         Cpu {
             orchestrator: cpu_ns(pids.orchestrator),
             engine: pids.engines.iter().map(|&pid| cpu_ns(pid)).sum(),
             sidecar: cpu_ns(pids.sidecar),
             client: cpu_ns(pids.client),
+            peers,
         }
     }
 
     fn since(self, before: Cpu) -> Cpu {
+        let mut peers = self.peers;
+        for (now, then) in peers.iter_mut().zip(before.peers) {
+            *now = now.saturating_sub(then);
+        }
         Cpu {
             orchestrator: self.orchestrator.saturating_sub(before.orchestrator),
             engine: self.engine.saturating_sub(before.engine),
             sidecar: self.sidecar.saturating_sub(before.sidecar),
             client: self.client.saturating_sub(before.client),
+            peers,
         }
     }
 }
@@ -586,25 +698,46 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Resident memory of the two daemons.
+/// Resident memory of the two daemons and of the vllm-routers.
 #[derive(Debug, Default, Clone, Copy)]
 struct Rss {
     orchestrator: u64,
     sidecar: u64,
+    /// The vllm-routers, in [`PEERS`] order (0 without `--vllm-router`).
+    peers: [u64; PEERS.len()],
 }
 
 impl Rss {
     fn now(pids: &Pids) -> Rss {
+        let mut peers = [0; PEERS.len()];
+        for (slot, &pid) in peers.iter_mut().zip(&pids.peers) {
+            *slot = rss_bytes(pid);
+        }
         Rss {
             orchestrator: rss_bytes(pids.orchestrator),
             sidecar: rss_bytes(pids.sidecar),
+            peers,
         }
     }
 
     fn max(self, other: Rss) -> Rss {
+        let mut peers = self.peers;
+        for (mine, theirs) in peers.iter_mut().zip(other.peers) {
+            *mine = (*mine).max(theirs);
+        }
         Rss {
             orchestrator: self.orchestrator.max(other.orchestrator),
             sidecar: self.sidecar.max(other.sidecar),
+            peers,
+        }
+    }
+
+    /// The resident memory of the process that relays `route` (none for the direct path).
+    fn relay(&self, route: Route) -> Option<u64> {
+        match route {
+            Route::Direct => None,
+            Route::Orchestrated => Some(self.orchestrator),
+            Route::Peer(index) => self.peers.get(index).copied(),
         }
     }
 }
@@ -630,6 +763,16 @@ struct Round {
 impl Round {
     fn tokens_per_s(&self) -> f64 {
         self.tokens as f64 / self.wall.as_secs_f64()
+    }
+
+    /// The CPU (ns) of the process that relays this round's path: orchestratord, or the
+    /// vllm-router; none for the direct path.
+    fn relay_cpu(&self) -> Option<u64> {
+        match self.route {
+            Route::Direct => None,
+            Route::Orchestrated => Some(self.cpu.orchestrator),
+            Route::Peer(index) => self.cpu.peers.get(index).copied(),
+        }
     }
 }
 
@@ -877,7 +1020,7 @@ async fn run_round(
     (round, failures)
 }
 
-async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String> {
+async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Result<bool, String> {
     let stack = &bench.stack;
     let orchestrator = stack.orchestrator();
     let api = stack.api();
@@ -887,6 +1030,7 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
         engines: bench.engine_pids.clone(),
         sidecar: stack.sidecar.pid(),
         client: std::process::id(),
+        peers: peers.routers.iter().map(VllmRouter::pid).collect(),
     };
     let uri = |authority: &str, path: &str| -> Result<Uri, String> {
         format!("http://{authority}{path}")
@@ -898,7 +1042,7 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
     } else {
         "/control/stats"
     };
-    let targets = [
+    let mut targets = vec![
         Target {
             route: Route::Direct,
             client: client(),
@@ -914,6 +1058,13 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
             uris: vec![uri(&api, "/v1/chat/completions")?],
         },
     ];
+    for (index, router) in peers.routers.iter().enumerate() {
+        targets.push(Target {
+            route: Route::Peer(index),
+            client: client(),
+            uris: vec![uri(router.addr(), "/v1/chat/completions")?],
+        });
+    }
     let control = Control {
         client: client(),
         status: (0..args.pools)
@@ -942,8 +1093,15 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
     println!(
         "relay-bench: {} concurrent streams x {} tokens over {} pool(s), POST \
          /v1/chat/completions (stream, include_usage), straight to the engines vs through \
-         orchestratord",
-        args.streams, args.tokens, args.pools
+         orchestratord{}",
+        args.streams,
+        args.tokens,
+        args.pools,
+        if peers.routers.is_empty() {
+            ""
+        } else {
+            " vs through vllm-router"
+        }
     );
     let engines = bench.engines.join(" ");
     match args.real_engine() {
@@ -982,20 +1140,51 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
          at RUST_LOG=warn; open-file limit raised to {fd_limit} (this bench and the daemons it \
          starts)"
     );
+    if let Some(program) = &args.vllm_router {
+        for (router, peer) in peers.routers.iter().zip(&PEERS) {
+            println!(
+                "{}: vllm-router {} (pid {}) at {} -> the same engines (--worker-urls, all of them), \
+                 {}, --log-level warning",
+                peer.name,
+                program.display(),
+                router.pid(),
+                router.addr(),
+                match peer.policy {
+                    Some(policy) => format!("--policy {policy}"),
+                    None => "its default policy (cache_aware in 0.1.17)".to_owned(),
+                },
+            );
+        }
+    }
     println!(
         "client: one keep-alive hyper-util client per path, TCP_NODELAY, tokio multi-thread \
          runtime ({workers} workers); {} cores; 1 warm-up round per path, then {} measured \
-         rounds, alternating paths",
-        workers, args.rounds
+         rounds, {}",
+        workers,
+        args.rounds,
+        if targets.len() == 2 {
+            "alternating paths".to_owned()
+        } else {
+            format!(
+                "the {} paths in a rotating order (each round starts one path later)",
+                targets.len()
+            )
+        }
     );
     println!();
 
     let rss_fresh = Rss::now(&pids);
     let mut rounds: Vec<(u32, Round)> = Vec::new();
     let mut failures = Vec::new();
+    // Failed streams per path (in `targets` order), warm-up included.
+    let mut errors = vec![0u64; targets.len()];
     let mut checked = 0u64;
+    let peer_count = peers.routers.len();
+    let peer_headers = || PEERS.iter().take(peer_count).map(|peer| peer.short);
+    let cpu_width = 8 * (4 + peer_count) - 1;
+    let rss_width = 8 * (2 + peer_count) - 1;
     println!(
-        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>31}   {:>15}",
+        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>cpu_width$}   {:>rss_width$}",
         "round",
         "path",
         "TTFT p50",
@@ -1006,29 +1195,26 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
         "CPU ms in the round",
         "peak RSS MiB"
     );
-    println!(
-        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}   {:>7} {:>7} {:>7} {:>7}   {:>7} {:>7}",
-        "",
-        "",
-        "ms",
-        "ms",
-        "ms",
-        "ms",
-        "",
-        "orchd",
-        "engine",
-        "pool-m",
-        "client",
-        "orchd",
-        "pool-m"
+    let mut units = format!(
+        "{:<6} {:<13} {:>9} {:>9} {:>9} {:>11} {:>10}  ",
+        "", "", "ms", "ms", "ms", "ms", ""
     );
+    for column in ["orchd", "engine", "pool-m", "client"]
+        .into_iter()
+        .chain(peer_headers())
+    {
+        units.push_str(&format!(" {column:>7}"));
+    }
+    units.push_str("  ");
+    for column in ["orchd", "pool-m"].into_iter().chain(peer_headers()) {
+        units.push_str(&format!(" {column:>7}"));
+    }
+    println!("{units}");
+    let paths = targets.len();
     for index in 0..=args.rounds {
-        let order = if index % 2 == 0 {
-            [&targets[0], &targets[1]]
-        } else {
-            [&targets[1], &targets[0]]
-        };
-        for target in order {
+        // Each round starts one path later: with two paths, they alternate.
+        for position in (0..paths).map(|k| (k + index as usize) % paths) {
+            let target = &targets[position];
             control.wait_idle(bench.slots_per_pool).await?;
             let inside_before = control.inside().await?;
             tokio::time::sleep(SETTLE).await;
@@ -1039,27 +1225,38 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
                 round.inside = control.inside().await?.since(inside_before);
             }
             checked += u64::from(args.streams);
-            failures.extend(failed);
+            errors[position] += failed.len() as u64;
+            failures.extend(failed.into_iter().map(|failure| (target.route, failure)));
             let label = if index == 0 {
                 "warm".to_owned()
             } else {
                 index.to_string()
             };
-            println!(
-                "{label:<6} {:<13} {:>9.2} {:>9.2} {:>9.2} {:>11.1} {:>10.0}   {:>7.1} {:>7.1} {:>7.1} {:>7.1}   {:>7.1} {:>7.1}",
+            let mut row = format!(
+                "{label:<6} {:<13} {:>9.2} {:>9.2} {:>9.2} {:>11.1} {:>10.0}  ",
                 round.route.name(),
                 percentile(&round.ttft_ms, 50.0),
                 percentile(&round.ttft_ms, 99.0),
                 percentile(&round.ttft_ms, 100.0),
                 percentile(&round.total_ms, 50.0),
                 round.tokens_per_s(),
-                round.cpu.orchestrator as f64 / 1e6,
-                round.cpu.engine as f64 / 1e6,
-                round.cpu.sidecar as f64 / 1e6,
-                round.cpu.client as f64 / 1e6,
-                round.rss_peak.orchestrator as f64 / MIB,
-                round.rss_peak.sidecar as f64 / MIB,
             );
+            let cpu = &round.cpu;
+            for ns in [cpu.orchestrator, cpu.engine, cpu.sidecar, cpu.client]
+                .into_iter()
+                .chain(cpu.peers.into_iter().take(peer_count))
+            {
+                row.push_str(&format!(" {:>7.1}", ns as f64 / 1e6));
+            }
+            row.push_str("  ");
+            let rss = &round.rss_peak;
+            for bytes in [rss.orchestrator, rss.sidecar]
+                .into_iter()
+                .chain(rss.peers.into_iter().take(peer_count))
+            {
+                row.push_str(&format!(" {:>7.1}", bytes as f64 / MIB));
+            }
+            println!("{row}");
             if index > 0 {
                 rounds.push((index, round));
             }
@@ -1075,52 +1272,101 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
     };
     let direct = of(Route::Direct);
     let relayed = of(Route::Orchestrated);
+    // Each path's n-th measured round ran in the same rotation as the n-th direct one: the
+    // per-round differences pair neighbours in time.
+    let added_per_round = |set: &[&Round], p: f64| -> Vec<f64> {
+        direct
+            .iter()
+            .zip(set)
+            .map(|(d, o)| percentile(&o.ttft_ms, p) - percentile(&d.ttft_ms, p))
+            .collect()
+    };
+    let added = |set: &[&Round], p: f64| median(&added_per_round(set, p));
+    let per_chunk = |set: &[&Round], pick: &dyn Fn(&Round) -> Option<u64>| -> Option<f64> {
+        let events: u64 = set.iter().map(|r| r.events).sum();
+        let ns: Option<u64> = set.iter().map(|r| pick(r)).sum();
+        ns.map(|ns| ns as f64 / 1e3 / events as f64)
+    };
+    let peak_rss = |set: &[&Round]| {
+        set.iter()
+            .fold(Rss::default(), |peak, r| peak.max(r.rss_peak))
+    };
+    let ms = |value: Option<f64>, unit: &str| -> String {
+        value.map_or_else(|| "-".to_owned(), |v| format!("{v:+.2} {unit}"))
+    };
+    let us = |value: Option<f64>| -> String {
+        value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} us"))
+    };
+    let mib = |value: Option<u64>| -> String {
+        value.map_or_else(|| "-".to_owned(), |v| format!("{:.1}", v as f64 / MIB))
+    };
     println!();
     println!(
-        "summary over {} measured rounds ({} streams per path; TTFT pooled over the rounds, \
-         tokens/s and CPU averaged per round)",
+        "summary over {} measured rounds ({} streams per path; TTFT pooled over the rounds; added \
+         TTFT: the path's percentile minus the direct path's in the same round, median over the \
+         rounds; tokens/s and CPU averaged per round; relay: the process the path goes through, \
+         orchestratord or the vllm-router, whose resident memory the RSS columns show; errors: failed streams, warm-up included)",
         args.rounds,
         u64::from(args.rounds) * u64::from(args.streams)
     );
     println!(
-        "{:<13} {:>9} {:>9} {:>10} {:>18} {:>18} {:>18}",
+        "{:<13} {:>9} {:>9} {:>10} {:>10} {:>9} {:>15} {:>16} {:>16} {:>10} {:>10} {:>9}",
         "path",
         "TTFT p50",
         "TTFT p99",
+        "added p50",
+        "added p99",
         "tokens/s",
-        "orchd CPU/chunk",
+        "relay CPU/chunk",
         "engine CPU/chunk",
-        "client CPU/chunk"
+        "client CPU/chunk",
+        "RSS fresh",
+        "RSS peak",
+        "errors"
     );
-    for (route, set) in [(Route::Direct, &direct), (Route::Orchestrated, &relayed)] {
+    println!(
+        "{:<13} {:>9} {:>9} {:>10} {:>10} {:>9} {:>15} {:>16} {:>16} {:>10} {:>10} {:>9}",
+        "", "", "", "", "", "", "", "", "", "MiB", "MiB", ""
+    );
+    let mut plotted = Vec::new();
+    for (target, failed) in targets.iter().zip(&errors) {
+        let set = of(target.route);
         let ttft: Vec<f64> = set.iter().flat_map(|r| r.ttft_ms.iter().copied()).collect();
-        let events: u64 = set.iter().map(|r| r.events).sum();
-        let per_chunk = |pick: fn(&Cpu) -> u64| {
-            set.iter().map(|r| pick(&r.cpu)).sum::<u64>() as f64 / 1e3 / events as f64
+        let relay_us = per_chunk(&set, &Round::relay_cpu);
+        let (added_p50, added_p99) = match target.route {
+            Route::Direct => (None, None),
+            _ => (Some(added(&set, 50.0)), Some(added(&set, 99.0))),
         };
         println!(
-            "{:<13} {:>6.2} ms {:>6.2} ms {:>10.0} {:>15.1} us {:>15.1} us {:>15.1} us",
-            route.name(),
+            "{:<13} {:>6.2} ms {:>6.2} ms {:>10} {:>10} {:>9.0} {:>15} {:>16} {:>16} {:>10} {:>10} {:>9}",
+            target.route.name(),
             percentile(&ttft, 50.0),
             percentile(&ttft, 99.0),
+            ms(added_p50, "ms"),
+            ms(added_p99, "ms"),
             mean(set.iter().map(|r| r.tokens_per_s())),
-            per_chunk(|c| c.orchestrator),
-            per_chunk(|c| c.engine),
-            per_chunk(|c| c.client),
+            us(relay_us),
+            us(per_chunk(&set, &|r| Some(r.cpu.engine))),
+            us(per_chunk(&set, &|r| Some(r.cpu.client))),
+            mib(rss_fresh.relay(target.route)),
+            mib(peak_rss(&set).relay(target.route)),
+            format!(
+                "{failed}/{}",
+                u64::from(args.streams) * u64::from(args.rounds + 1)
+            ),
         );
+        plotted.push(PlotPath {
+            route: target.route,
+            ttft_ms: ttft,
+            relay_us,
+            sidecar_us: match target.route {
+                Route::Orchestrated => per_chunk(&set, &|r| Some(r.cpu.sidecar)),
+                _ => None,
+            },
+        });
     }
-    // Rounds are pushed in pairs, so the n-th direct and the n-th orchestrated round are
-    // neighbours in time.
-    let added = |p: f64| -> f64 {
-        let per_round: Vec<f64> = direct
-            .iter()
-            .zip(&relayed)
-            .map(|(d, o)| percentile(&o.ttft_ms, p) - percentile(&d.ttft_ms, p))
-            .collect();
-        median(&per_round)
-    };
-    let added_p50 = added(50.0);
-    let added_p99 = added(99.0);
+    let added_p50 = added(&relayed, 50.0);
+    let added_p99 = added(&relayed, 99.0);
     let ratio = 100.0 * mean(relayed.iter().map(|r| r.tokens_per_s()))
         / mean(direct.iter().map(|r| r.tokens_per_s()));
     let relayed_events: u64 = relayed.iter().map(|r| r.events).sum();
@@ -1164,9 +1410,7 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
     );
     // Against the daemons as they started, before any request: what stays allocated after a
     // round (allocator caches, connection pools) counts against the streams too.
-    let peak = relayed
-        .iter()
-        .fold(Rss::default(), |peak, r| peak.max(r.rss_peak));
+    let peak = peak_rss(&relayed);
     let per_stream_kib = |pick: fn(&Rss) -> u64| -> f64 {
         pick(&peak).saturating_sub(pick(&rss_fresh)) as f64 / 1024.0 / f64::from(args.streams)
     };
@@ -1184,27 +1428,370 @@ async fn bench(args: &Args, bench: &Bench, fd_limit: u64) -> Result<bool, String
         peak.sidecar as f64 / MIB,
         per_stream_kib(|r| r.sidecar),
     );
+    let sidecar_per_chunk = per_chunk(&relayed, &|r| Some(r.cpu.sidecar)).unwrap_or(f64::NAN);
     println!(
-        "pool-managerd CPU: {:.1} us per request (all its CPU in the orchestrated rounds / requests)",
+        "pool-managerd CPU: {:.1} us per request (all its CPU in the orchestrated rounds / \
+         requests; {sidecar_per_chunk:.1} us per relayed data: event)",
         relayed.iter().map(|r| r.cpu.sidecar).sum::<u64>() as f64
             / 1e3
             / (u64::from(args.rounds) * u64::from(args.streams)) as f64
     );
+    if peer_count > 0 {
+        println!();
+        println!(
+            "against vllm-router, same run (paired by round; ratio: orchestrated's figure / the \
+             peer's; orchestrated relay CPU = orchestratord alone, + pool-managerd in brackets)"
+        );
+        let ours_p50 = added_per_round(&relayed, 50.0);
+        let ours_p99 = added_per_round(&relayed, 99.0);
+        let ours_cpu: Vec<f64> = relayed
+            .iter()
+            .map(|r| r.cpu.orchestrator as f64 / r.events as f64)
+            .collect();
+        let lower =
+            |ours: &[f64], theirs: &[f64]| ours.iter().zip(theirs).filter(|(o, t)| o < t).count();
+        for index in 0..peer_count {
+            let route = Route::Peer(index);
+            let set = of(route);
+            if set.iter().all(|r| r.ttft_ms.is_empty()) {
+                println!(
+                    "  vs {:<13} no stream through it succeeded in the measured rounds",
+                    route.name()
+                );
+                continue;
+            }
+            let theirs_p50 = added_per_round(&set, 50.0);
+            let theirs_p99 = added_per_round(&set, 99.0);
+            let theirs_cpu: Vec<f64> = set
+                .iter()
+                .map(|r| r.relay_cpu().unwrap_or(0) as f64 / r.events as f64)
+                .collect();
+            let peer_us = per_chunk(&set, &Round::relay_cpu).unwrap_or(f64::NAN);
+            let peer_tps = mean(set.iter().map(|r| r.tokens_per_s()));
+            println!(
+                "  vs {:<13} added TTFT p50 {added_p50:+.2} vs {:+.2} ms (orchestrated lower in {} \
+                 of {} rounds), p99 {added_p99:+.2} vs {:+.2} ms (lower in {} of {}); relay CPU \
+                 per chunk {relay_cpu_us:.1} ({:.1}) vs {peer_us:.1} us = {:.2}x ({:.2}x) (lower \
+                 in {} of {}); peak RSS {:.1} vs {:.1} MiB; tokens/s {:.1}% of the peer's",
+                route.name(),
+                median(&theirs_p50),
+                lower(&ours_p50, &theirs_p50),
+                ours_p50.len().min(theirs_p50.len()),
+                median(&theirs_p99),
+                lower(&ours_p99, &theirs_p99),
+                ours_p99.len().min(theirs_p99.len()),
+                relay_cpu_us + sidecar_per_chunk,
+                relay_cpu_us / peer_us,
+                (relay_cpu_us + sidecar_per_chunk) / peer_us,
+                lower(&ours_cpu, &theirs_cpu),
+                ours_cpu.len().min(theirs_cpu.len()),
+                peak.orchestrator as f64 / MIB,
+                peak_rss(&set).relay(route).unwrap_or(0) as f64 / MIB,
+                100.0 * mean(relayed.iter().map(|r| r.tokens_per_s())) / peer_tps,
+            );
+        }
+    }
+    let range = |values: &[f64], decimals: usize| -> String {
+        let finite = || values.iter().copied().filter(|v| v.is_finite());
+        let low = finite().fold(f64::INFINITY, f64::min);
+        let high = finite().fold(f64::NEG_INFINITY, f64::max);
+        if low > high {
+            "-".to_owned()
+        } else {
+            format!("{low:.decimals$}..{high:.decimals$}")
+        }
+    };
+    let direct_p50: Vec<f64> = direct
+        .iter()
+        .map(|r| percentile(&r.ttft_ms, 50.0))
+        .collect();
+    let direct_p99: Vec<f64> = direct
+        .iter()
+        .map(|r| percentile(&r.ttft_ms, 99.0))
+        .collect();
+    let direct_tps: Vec<f64> = direct.iter().map(|r| r.tokens_per_s()).collect();
+    println!();
+    println!(
+        "spread over the {} measured rounds (min..max): the engine's own (direct path) TTFT p50 {} \
+         ms, p99 {} ms, tokens/s {}",
+        args.rounds,
+        range(&direct_p50, 2),
+        range(&direct_p99, 2),
+        range(&direct_tps, 0)
+    );
+    for target in targets.iter().filter(|t| t.route != Route::Direct) {
+        let set = of(target.route);
+        let cpu: Vec<f64> = set
+            .iter()
+            .map(|r| r.relay_cpu().unwrap_or(0) as f64 / 1e3 / r.events as f64)
+            .collect();
+        println!(
+            "  {:<13} added TTFT p50 {} ms, p99 {} ms; relay CPU per chunk {} us",
+            target.route.name(),
+            range(&added_per_round(&set, 50.0), 2),
+            range(&added_per_round(&set, 99.0), 2),
+            range(&cpu, 1)
+        );
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "relay-bench: {} streams x {} tokens, {}, {} pool(s), {} measured rounds per path",
+            args.streams,
+            args.tokens,
+            match args.real_engine() {
+                Some(_) => "llama-server".to_owned(),
+                None => format!("engine double at {} ms/token", args.token_delay_ms),
+            },
+            args.pools,
+            args.rounds
+        );
+        let engine_us = per_chunk(&direct, &|r| Some(r.cpu.engine)).unwrap_or(f64::NAN);
+        write_plot(path, &title, &plotted, engine_us)?;
+        println!("plot: {}", path.display());
+    }
+    let fatal = failures.iter().filter(|(route, _)| route.ours()).count();
     if failures.is_empty() {
         println!(
             "correctness: all {checked} streams (warm-up included) had exactly {} content chunks, \
              a finish_reason, usage.completion_tokens = {} and [DONE] last: OK",
             args.tokens, args.tokens
         );
-        Ok(true)
     } else {
         println!(
-            "correctness: {} of {checked} streams FAILED; first ones:",
+            "correctness: {} of {checked} streams FAILED ({fatal} direct or through \
+             orchestratord, which fail the run; the rest through vllm-router, counted in the \
+             table); first ones per path:",
             failures.len()
         );
-        for failure in failures.iter().take(10) {
-            println!("  {failure}");
+        for target in &targets {
+            for (_, failure) in failures
+                .iter()
+                .filter(|(route, _)| *route == target.route)
+                .take(5)
+            {
+                // Each failure already names its path.
+                println!("  {failure}");
+            }
         }
-        Ok(false)
+        for (index, router) in peers.routers.iter().enumerate() {
+            if failures
+                .iter()
+                .any(|(route, _)| *route == Route::Peer(index))
+            {
+                let log = std::fs::read_to_string(router.log()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                println!(
+                    "  {} log, last lines:\n{}",
+                    Route::Peer(index).name(),
+                    lines[lines.len().saturating_sub(10)..].join("\n")
+                );
+            }
+        }
     }
+    Ok(fatal == 0)
+}
+
+/// What the plot shows of one path.
+struct PlotPath {
+    route: Route,
+    /// Every stream's TTFT over the measured rounds.
+    ttft_ms: Vec<f64>,
+    /// Its relaying process's CPU per chunk (none for the direct path).
+    relay_us: Option<f64>,
+    /// pool-managerd's CPU per chunk, stacked on orchestratord's bar (orchestrated path only).
+    sidecar_us: Option<f64>,
+}
+
+/// Most points one path's CDF is drawn with (keeps the SVG small).
+const CDF_POINTS: usize = 200;
+
+/// The empirical CDF of `sorted` as line points: a step per value, or, for more values than
+/// [`CDF_POINTS`], that many evenly spaced quantiles (the same curve at the plot's resolution).
+fn cdf_points(sorted: &[f64]) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    if n <= CDF_POINTS {
+        return sorted
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &v)| [(v, k as f64 / n as f64), (v, (k + 1) as f64 / n as f64)])
+            .collect();
+    }
+    let mut points = vec![(sorted[0], 0.0)];
+    for step in 1..=CDF_POINTS {
+        // The value a `step / CDF_POINTS` share of the way through (1-based rank).
+        let rank = (step * n).div_ceil(CDF_POINTS);
+        points.push((sorted[rank - 1], rank as f64 / n as f64));
+    }
+    points
+}
+
+fn route_color(route: Route) -> plotters::style::RGBColor {
+    use plotters::style::RGBColor;
+    match route {
+        Route::Direct => RGBColor(60, 60, 60),
+        Route::Orchestrated => RGBColor(31, 119, 180),
+        Route::Peer(0) => RGBColor(214, 39, 40),
+        Route::Peer(_) => RGBColor(255, 127, 14),
+    }
+}
+
+/// Writes the SVG: left, the TTFT CDF of every path; right, the CPU per chunk of every path's
+/// relaying process (pool-managerd's share stacked on orchestratord's), next to the engine's own
+/// CPU per chunk on the direct path for scale.
+fn write_plot(path: &Path, title: &str, paths: &[PlotPath], engine_us: f64) -> Result<(), String> {
+    draw_plot(path, title, paths, engine_us)
+        .map_err(|e| format!("cannot write the plot {}: {e}", path.display()))
+}
+
+fn draw_plot(
+    path: &Path,
+    title: &str,
+    paths: &[PlotPath],
+    engine_us: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let (left, right) = root.split_horizontally(640);
+
+    let x_max = paths
+        .iter()
+        .flat_map(|p| p.ttft_ms.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.05;
+    let mut cdf = ChartBuilder::on(&left)
+        .caption(
+            "TTFT CDF per path (every stream of the measured rounds)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.0)?;
+    cdf.configure_mesh()
+        .max_light_lines(2)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .x_desc("time to first token, ms")
+        .y_desc("fraction of streams")
+        .draw()?;
+    for path in paths {
+        let mut sorted: Vec<f64> = path
+            .ttft_ms
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .collect();
+        sorted.sort_by(f64::total_cmp);
+        let color = route_color(path.route);
+        cdf.draw_series(LineSeries::new(cdf_points(&sorted), color.stroke_width(2)))?
+            .label(path.route.name())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    cdf.configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    // Bars: each relaying path, then the engine on the direct path.
+    let mut bars: Vec<(String, f64, f64, RGBColor)> = paths
+        .iter()
+        .filter_map(|p| {
+            Some((
+                match p.route {
+                    Route::Orchestrated => "orchestratord (+pool-m)".to_owned(),
+                    route => route.name().to_owned(),
+                },
+                p.relay_us?,
+                p.sidecar_us.unwrap_or(0.0),
+                route_color(p.route),
+            ))
+        })
+        .collect();
+    bars.push((
+        "engine (direct)".to_owned(),
+        engine_us,
+        0.0,
+        RGBColor(140, 140, 140),
+    ));
+    let y_max = bars
+        .iter()
+        .map(|(_, relay, extra, _)| relay + extra)
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.2;
+    let labels: Vec<String> = bars.iter().map(|(name, ..)| name.clone()).collect();
+    // `(0..n).into_segmented()` has n + 1 segments: one per bar is 0..len - 1.
+    let last = i32::try_from(bars.len().saturating_sub(1).max(1))?;
+    let mut cpu = ChartBuilder::on(&right)
+        .caption(
+            "relaying process CPU per chunk (light: pool-managerd)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((0..last).into_segmented(), 0.0..y_max)?;
+    cpu.configure_mesh()
+        .max_light_lines(2)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .disable_x_mesh()
+        .x_labels(bars.len())
+        .x_label_formatter(&|value| match value {
+            SegmentValue::CenterOf(index) => usize::try_from(*index)
+                .ok()
+                .and_then(|index| labels.get(index))
+                .cloned()
+                .unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_desc("us of CPU per data: event")
+        .draw()?;
+    let sidecar_color = RGBColor(158, 202, 225);
+    for (index, (_, relay, extra, color)) in bars.iter().enumerate() {
+        let index = i32::try_from(index)?;
+        let mut bar = Rectangle::new(
+            [
+                (SegmentValue::Exact(index), 0.0),
+                (SegmentValue::Exact(index + 1), *relay),
+            ],
+            color.filled(),
+        );
+        bar.set_margin(0, 0, 14, 14);
+        cpu.draw_series(std::iter::once(bar))?;
+        if *extra > 0.0 {
+            let mut stacked = Rectangle::new(
+                [
+                    (SegmentValue::Exact(index), *relay),
+                    (SegmentValue::Exact(index + 1), relay + extra),
+                ],
+                sidecar_color.filled(),
+            );
+            stacked.set_margin(0, 0, 14, 14);
+            cpu.draw_series(std::iter::once(stacked))?;
+        }
+        let text = if *extra > 0.0 {
+            format!("{relay:.1} + {extra:.1}")
+        } else {
+            format!("{relay:.1}")
+        };
+        cpu.draw_series(std::iter::once(Text::new(
+            text,
+            (SegmentValue::CenterOf(index), relay + extra + y_max * 0.02),
+            ("sans-serif", 14)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
 }
