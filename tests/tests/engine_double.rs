@@ -956,3 +956,45 @@ fn sigterm_mid_stream_exits_zero_promptly() {
     events.rest();
     assert!(!events.ended_cleanly());
 }
+
+/// `--close-after-stream`: like llama-server, the double says `Connection: close` on a streamed
+/// response and closes the connection after it; without the flag the connection stays open.
+#[test]
+fn close_after_stream_ends_the_connection_after_each_streamed_response() {
+    for close in [true, false] {
+        let flags: &[&str] = if close {
+            &["--close-after-stream"]
+        } else {
+            &[]
+        };
+        let engine = start_engine_double(flags);
+        let addr = engine.ready("listen");
+        wait_for_status(addr, "/health", 200);
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true}"#;
+        let mut connection = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            connection,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        connection.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        let closed = loop {
+            match connection.read(&mut buffer) {
+                Ok(0) => break true,
+                Ok(read) => seen.extend_from_slice(&buffer[..read]),
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break false,
+                Err(error) => panic!("{error}"),
+            }
+            if !close && String::from_utf8_lossy(&seen).contains("\r\n0\r\n\r\n") {
+                break false;
+            }
+        };
+        let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+        assert!(text.contains("data: [done]"), "{text}");
+        assert_eq!(text.contains("connection: close"), close, "{text}");
+        assert_eq!(closed, close, "connection closed after the stream: {text}");
+    }
+}

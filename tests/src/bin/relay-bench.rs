@@ -124,9 +124,9 @@ struct Args {
     /// (`-ngl 99`); needs a CUDA build of llama-server.
     #[arg(long, requires = "llama_server")]
     gpus: Option<String>,
-    /// The engine kind the double's pool declares: `llamacpp` (orchestratord opens a new
-    /// connection for every stream, since llama-server closes each after its answer) or `openai`
-    /// (an engine that keeps connections: orchestratord reuses pooled ones).
+    /// The engine kind the double's pool declares: `llamacpp` (the double closes the connection
+    /// after every streamed response, as llama-server does, so every path opens a new connection
+    /// per stream) or `openai` (an engine that keeps connections: every path reuses pooled ones).
     #[arg(long, default_value = "llamacpp", value_parser = ["llamacpp", "openai"], conflicts_with = "llama_server")]
     engine_kind: String,
     /// Also send the load through vllm-router: this `vllm-router` executable (PyPI
@@ -162,8 +162,15 @@ fn pool_id(index: u32) -> String {
 }
 
 /// The `[[pool]]` running the engine double on TCP (so that the direct path reaches the very
-/// engine orchestratord relays from).
+/// engine orchestratord relays from). Declared `llamacpp`, the double closes the connection after
+/// every streamed response as llama-server does, so every path (direct, orchestratord, a peer
+/// router) needs a new connection per stream; declared `openai`, it keeps them.
 fn double_pool(args: &Args, id: &str, slots: u32, ctx: u32) -> String {
+    let close = if args.engine_kind == "llamacpp" {
+        r#", "--close-after-stream""#
+    } else {
+        ""
+    };
     format!(
         r#"[[pool]]
 id = "{id}"
@@ -171,7 +178,7 @@ model = "{MODEL}"
 engine = "{kind}"
 slots = {slots}
 health_path = "/health"
-command = [{engine:?}, "--listen", "{{host}}:{{port}}", "--slots", "{slots}", "--ctx", "{ctx}", "--token-delay-ms", "{delay}", "--model", "{{model}}"]
+command = [{engine:?}, "--listen", "{{host}}:{{port}}", "--slots", "{slots}", "--ctx", "{ctx}", "--token-delay-ms", "{delay}", "--model", "{{model}}"{close}]
 model_path = "{{dir}}/double-model.json"
 listen = "tcp"
 env = {{ RUST_LOG = "warn" }}
@@ -1129,9 +1136,10 @@ async fn bench(args: &Args, bench: &Bench, peers: &Peers, fd_limit: u64) -> Resu
             engines,
             args.engine_kind,
             if args.engine_kind == "openai" {
-                "orchestratord reuses kept-alive engine connections"
+                "it keeps connections alive: every path reuses pooled engine connections"
             } else {
-                "orchestratord opens a new engine connection per stream, as for llama-server"
+                "it closes the connection after every stream, as llama-server does: every path \
+                 opens a new engine connection per stream"
             }
         ),
     }

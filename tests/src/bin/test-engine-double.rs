@@ -44,7 +44,7 @@ use anyhow::{Context as _, bail};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -124,6 +124,11 @@ struct Args {
     /// Sleep this long between two generated tokens.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     token_delay_ms: u64,
+
+    /// Close the connection after every streamed response (`Connection: close`), as llama-server
+    /// does: a client then needs a new connection for each stream.
+    #[arg(long)]
+    close_after_stream: bool,
 
     /// Crash injection: exit the whole process with --exit-code right after the Nth generated token
     /// (counted across all requests), mid-stream, without any cleanup.
@@ -262,6 +267,7 @@ struct Profile {
     model_alias: String,
     crash_after_tokens: Option<u64>,
     exit_code: i32,
+    close_after_stream: bool,
 }
 
 impl Profile {
@@ -923,6 +929,7 @@ async fn generate(
         // Capacity 1: the producer runs at most one event ahead of what the HTTP layer has taken,
         // so a token is produced only when the previous one is on its way to the client.
         let (tx, rx) = mpsc::channel(1);
+        let close_after = engine.profile.close_after_stream;
         // Detached on purpose: it ends with its stream (or when its client goes away), and at
         // shutdown `main` drops the runtime, which ends it mid-token.
         tokio::spawn(stream_tokens(engine, generation, reply, tx));
@@ -930,6 +937,9 @@ async fn generate(
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if close_after {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         Ok(response)
     } else {
         Ok(axum::Json(complete_tokens(&engine, generation, &reply).await).into_response())
@@ -1193,6 +1203,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         model_alias: args.model_alias.unwrap_or_else(|| "test-double".to_owned()),
         crash_after_tokens: args.crash_after_tokens,
         exit_code: args.exit_code,
+        close_after_stream: args.close_after_stream,
     }));
     let mode = match (args.hang, args.refuse) {
         (_, true) => Mode::Refuse,
