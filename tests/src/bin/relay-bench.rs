@@ -386,10 +386,28 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A keep-alive HTTP/1.1 client with TCP_NODELAY (without it Nagle's algorithm against the
 /// peer's delayed ACK would add ~40 ms to requests on a reused connection).
+/// An error with its sources, outermost first.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Idle connections are dropped after 5 s, below orchestratord's 10 s idle limit
+/// (`http.header_timeout_ms`) as a client must keep it (httpx's default is 5 s): otherwise a
+/// request sent on a connection just as the server closes it for idleness meets a reset (seen
+/// here at 5,000 streams, where one path idles through two rounds of the others).
 fn client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build(connector)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -593,7 +611,7 @@ async fn one_stream(
     let response = client
         .request(request)
         .await
-        .map_err(|e| format!("request failed: {e}"))?;
+        .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
     let status = response.status();
     let mut body = response.into_body();
     if status != hyper::StatusCode::OK {
