@@ -845,6 +845,8 @@ pub async fn serve(
                 break;
             }
             let retries_before = life.retries();
+            // A request still queued after the keep-alive interval answers with its head now.
+            let queued = life.ticket().is_some();
             let mut relay = Relay {
                 life,
                 format,
@@ -859,10 +861,14 @@ pub async fn serve(
                 let frame = relay.next_frame().await;
                 (frame, relay)
             });
-            let started = tokio::select! {
-                biased;
-                started = &mut first => Some(started),
-                () = tokio::time::sleep(keepalive) => None,
+            let started = if queued {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    started = &mut first => Some(started),
+                    () = tokio::time::sleep(keepalive) => None,
+                }
             };
             let (head_start, retries) = match started {
                 Some((frame, relay)) => {
@@ -968,13 +974,12 @@ impl Relay {
     /// state in `life`, so a client that leaves mid-await is seen by its `Drop`.
     ///
     /// Frames leave in as few writes as the engine allows: after a chunk the next event is taken
-    /// ahead — one the engine already sent, or, after an OpenAI chunk that carries no generated
-    /// output (the role, the finish reason), the next one whenever it comes — so that the frames
-    /// follow each other without a wait and hyper writes them in one call. When the event taken
-    /// ahead ends the stream, the lease is released (and confirmed) before the chunk is handed
-    /// over, so nothing waits between the last frames either. An OpenAI chunk without output is
-    /// not worth a write of its own: the client sees nothing new in it. (Anthropic and Responses
-    /// streams may carry `ping`s, which must not be held.)
+    /// ahead — one the engine already sent, or, after an OpenAI finish chunk that adds no output,
+    /// the stream's end whenever it comes — so that the frames follow each other without a wait
+    /// and hyper writes them in one call. When the event taken ahead ends the stream after a chunk
+    /// without output, the lease is released (and confirmed) before the chunk is handed over, so
+    /// nothing waits between the last frames either; a chunk with output is never held back for
+    /// the release. Nothing else is held: progress, pings and reasoning go out as they come.
     async fn next_frame(&mut self) -> Option<Bytes> {
         let event = match self.ready.take() {
             Some(event) => event,
@@ -983,8 +988,13 @@ impl Relay {
                 Err(frame) => return frame,
             },
         };
-        if let Ok(EngineEvent::Chunk { tokens, .. }) = &event {
-            self.ready = if *tokens == 0 && self.format == StreamFormat::OpenAiChunks {
+        if let Ok(EngineEvent::Chunk {
+            tokens,
+            closes_choice,
+            ..
+        }) = &event
+        {
+            self.ready = if *closes_choice {
                 match self.life.next_event().await {
                     Some(Ok(Next::Event(next))) => Some(Ok(next)),
                     Some(Err(error)) => Some(Err(error)),
@@ -994,7 +1004,8 @@ impl Relay {
             } else {
                 self.life.next_ready_event().map(Ok)
             };
-            if matches!(self.ready, Some(Ok(EngineEvent::Done { .. }))) {
+            // Only a chunk without output waits for the release: a last token never does.
+            if *tokens == 0 && matches!(self.ready, Some(Ok(EngineEvent::Done { .. }))) {
                 self.life.release().await;
             }
         }

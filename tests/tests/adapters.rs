@@ -70,6 +70,7 @@ async fn collect(stream: &mut EngineStream) -> (Vec<Chunk>, EngineEvent) {
                 data,
                 token_text,
                 tokens,
+                ..
             })) => chunks.push(Chunk {
                 raw: {
                     let expected = format!("data: {}\n\n", String::from_utf8_lossy(&data));

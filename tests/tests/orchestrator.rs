@@ -1926,3 +1926,38 @@ fn a_streams_head_waits_for_its_first_chunk_and_both_reach_the_client_in_one_wri
     );
     stack.wait_for_leases("p", 0);
 }
+
+/// A stream still queued after the keep-alive interval gets its response head then, alone, and
+/// its first keep-alive comment one interval later — the head does not wait for a first frame
+/// while the request is queued (which would double the silence a client sees).
+#[test]
+fn a_queued_streams_head_leaves_after_one_keepalive_interval_not_with_the_first_keepalive() {
+    let stack = stack(
+        1,
+        &["--token-delay-ms", "100"],
+        "[streaming]\nkeepalive_ms = 1000\n",
+    );
+    let addr = stack.api();
+    let holder = std::thread::spawn(move || {
+        drain_stream(post(&addr, "/v1/chat/completions", &chat(40, true), &[]).0)
+    });
+    stack.wait_for_leases("p", 1);
+    let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":1,"stream":true}"#;
+    let mut client = TcpStream::connect(stack.api()).unwrap();
+    write!(
+        client,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buffer = [0u8; 65536];
+    let read = client.read(&mut buffer).unwrap();
+    let first_read = String::from_utf8_lossy(&buffer[..read]).into_owned();
+    assert!(
+        first_read.starts_with("HTTP/1.1 200") && !first_read.contains(": keep-alive"),
+        "the head of a queued stream came with its first keep-alive: {first_read:?}"
+    );
+    holder.join().unwrap();
+    drop(client);
+    stack.wait_for_leases("p", 0);
+}

@@ -103,6 +103,7 @@ impl AnthropicStream {
             data,
             token_text,
             tokens,
+            closes_choice: false,
         })
     }
 }

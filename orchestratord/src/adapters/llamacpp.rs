@@ -69,6 +69,7 @@ pub(super) fn on_data(data: Bytes, frame: Bytes) -> Result<EngineEvent, AdapterE
         data,
         token_text,
         tokens,
+        closes_choice: false,
     })
 }
 
@@ -100,6 +101,7 @@ mod tests {
                 data: Bytes::from_static(raw.as_bytes()),
                 token_text: Some(" fox".to_owned()),
                 tokens: 1,
+                closes_choice: false,
             }
         );
     }

@@ -149,6 +149,9 @@ pub enum EngineEvent {
         /// when the event carries generated output (text, reasoning, tool-call arguments), else 0
         /// (role-only, finish and bookkeeping events).
         tokens: u32,
+        /// An OpenAI choice's finish chunk that adds no output (a finish reason and an empty
+        /// delta or text): the stream's end follows it, so a relay may hold it for that end.
+        closes_choice: bool,
     },
     /// The stream ended at its terminator (native `"stop":true`, OpenAI `[DONE]`, Anthropic
     /// `message_stop`, Responses `response.completed`/`incomplete`/`failed`). Last event.

@@ -39,17 +39,26 @@ struct Delta {
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
+    /// vLLM's name for `reasoning_content` in its newer releases.
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
     #[serde(default)]
     tool_calls: Option<IgnoredAny>,
+    /// The legacy form of a tool call.
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
 }
 
 impl Delta {
-    /// Output other than content: reasoning text or a tool call.
+    /// Output other than content: reasoning or refusal text, or a tool call.
     fn has_other_output(&self) -> bool {
-        self.reasoning_content
-            .as_deref()
-            .is_some_and(|text| !text.is_empty())
+        [&self.reasoning_content, &self.reasoning, &self.refusal]
+            .iter()
+            .any(|text| text.as_deref().is_some_and(|text| !text.is_empty()))
             || self.tool_calls.is_some()
+            || self.function_call.is_some()
     }
 }
 
@@ -116,8 +125,10 @@ impl OpenAiStream {
                 data,
                 token_text: None,
                 tokens: 0,
+                closes_choice: false,
             }));
         };
+        let finishes = choice.finish_reason.is_some();
         if let Some(reason) = choice.finish_reason {
             self.finish_reason = Some(reason);
         }
@@ -129,11 +140,13 @@ impl OpenAiStream {
             None => (choice.text, false),
         };
         let token_text = text.filter(|text| !text.is_empty());
+        let output = token_text.is_some() || generated;
         Ok(Some(EngineEvent::Chunk {
             frame,
             data,
-            tokens: u32::from(token_text.is_some() || generated),
+            tokens: u32::from(output),
             token_text,
+            closes_choice: finishes && !output,
         }))
     }
 }
@@ -183,6 +196,49 @@ mod tests {
                 terminator: frame_of("[DONE]"),
             })
         );
+    }
+
+    fn closes_choice(event: Option<EngineEvent>) -> bool {
+        match event {
+            Some(EngineEvent::Chunk { closes_choice, .. }) => closes_choice,
+            other => panic!("expected a chunk, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_finish_chunk_without_output_may_be_held_for_the_end() {
+        let mut stream = OpenAiStream::default();
+        let role_only = r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#;
+        assert!(!closes_choice(feed(&mut stream, role_only)));
+        let last_token =
+            r#"{"choices":[{"index":0,"delta":{"content":" end"},"finish_reason":"stop"}]}"#;
+        assert!(!closes_choice(feed(&mut stream, last_token)));
+        let progress = r#"{"choices":[],"prompt_progress":{"total":9,"processed":3}}"#;
+        assert!(!closes_choice(feed(&mut stream, progress)));
+        let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
+        assert!(closes_choice(feed(&mut stream, finish)));
+        let text_finish = r#"{"choices":[{"index":0,"text":"","finish_reason":"stop"}]}"#;
+        assert!(closes_choice(feed(&mut stream, text_finish)));
+    }
+
+    #[test]
+    fn reasoning_refusal_and_tool_calls_under_any_name_are_output() {
+        let mut stream = OpenAiStream::default();
+        for delta in [
+            r#"{"reasoning_content":"hm"}"#,
+            r#"{"reasoning":"hm"}"#,
+            r#"{"refusal":"no"}"#,
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#,
+            r#"{"function_call":{"arguments":"{"}}"#,
+        ] {
+            let text: &'static str = Box::leak(
+                format!(r#"{{"choices":[{{"index":0,"delta":{delta},"finish_reason":"stop"}}]}}"#)
+                    .into_boxed_str(),
+            );
+            let event = feed(&mut stream, text);
+            assert!(!closes_choice(event.clone()), "{delta}");
+            assert_eq!(chunk(event).1, 1, "{delta}");
+        }
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub(super) fn on_data(data: Bytes, frame: Bytes) -> Result<EngineEvent, AdapterE
                 data,
                 token_text,
                 tokens: u32::from(generated),
+                closes_choice: false,
             })
         }
     }
