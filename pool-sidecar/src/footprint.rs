@@ -57,11 +57,15 @@ impl FootprintStore {
             .map(|measured| measured.bytes)
     }
 
-    /// Remembers a measurement, durably.
-    pub fn record(&mut self, pool: &str, measured: Measured) -> std::io::Result<()> {
+    /// Remembers a measurement, durably: the file is written and synced on a blocking thread
+    /// (pool-managerd's runtime has one thread, which a sync to disk must not stall).
+    pub async fn record(&mut self, pool: &str, measured: Measured) -> std::io::Result<()> {
         self.pools.insert(pool.to_owned(), measured);
         let text = serde_json::to_vec_pretty(&self.pools).map_err(std::io::Error::other)?;
-        durable::write_file(&self.path, &text, 0o640)
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || durable::write_file(&path, &text, 0o640))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -103,8 +107,8 @@ pub fn measure_host(pgid: u32, model_path: &Path) -> std::io::Result<u64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn measurements_survive_a_restart_and_belong_to_the_model_they_were_taken_with() {
+    #[tokio::test]
+    async fn measurements_survive_a_restart_and_belong_to_the_model_they_were_taken_with() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = FootprintStore::load(dir.path());
         assert_eq!(store.get("a", "/m/a.gguf"), None);
@@ -113,7 +117,7 @@ mod tests {
             model_path: "/m/a.gguf".into(),
             measured_unix_ms: 1,
         };
-        store.record("a", measured).unwrap();
+        store.record("a", measured).await.unwrap();
         let again = FootprintStore::load(dir.path());
         assert_eq!(again.get("a", "/m/a.gguf"), Some(123_456));
         assert_eq!(again.get("a", "/m/other.gguf"), None, "another model");

@@ -317,7 +317,8 @@ impl Controller {
                 Some(reread) = reloads.recv() => self.reload(reread).await,
                 Some(id) = retired.recv() => self.retired(&id).await,
                 Some(measurement) = measured.recv() => {
-                    self.remember(&measurement.pool, measurement.model_path, measurement.bytes);
+                    self.remember(&measurement.pool, measurement.model_path, measurement.bytes)
+                        .await;
                 }
                 Some(reading) = readings.recv() => {
                     self.memory.baselines.read(&reading.pool, reading.used);
@@ -890,14 +891,14 @@ impl Controller {
     }
 
     /// Keeps a measured footprint (in the state directory, across restarts).
-    fn remember(&mut self, pool: &PoolId, model_path: String, bytes: u64) {
+    async fn remember(&mut self, pool: &PoolId, model_path: String, bytes: u64) {
         tracing::info!(%pool, bytes, "measured the pool's footprint");
         let measured = footprint::Measured {
             bytes,
             model_path: model_path.clone(),
             measured_unix_ms: crate::probe::unix_ms_now(),
         };
-        if let Err(error) = self.memory.footprints.record(pool.as_str(), measured) {
+        if let Err(error) = self.memory.footprints.record(pool.as_str(), measured).await {
             tracing::warn!(%pool, %error, "cannot keep the measured footprint");
         }
         self.memory
@@ -928,7 +929,14 @@ impl Controller {
         let model_path = engine.model_path.clone();
         let Device::Gpu(index) = device else {
             match footprint::measure_host(pid, Path::new(&model_path)) {
-                Ok(bytes) => self.remember(pool, model_path, bytes),
+                // Kept by the run loop, like a GPU measurement: writing it waits for the disk.
+                Ok(bytes) => {
+                    let _ = self.measurements.send(Measurement {
+                        pool: pool.clone(),
+                        model_path,
+                        bytes,
+                    });
+                }
                 Err(error) => tracing::warn!(%pool, %error, "cannot measure the pool's footprint"),
             }
             return;

@@ -503,8 +503,13 @@ impl EngineSupervisor {
                 restarts,
             } => {
                 let path = self.record(file);
-                if let Some(running) = self.engines.get(which) {
-                    self.write_record_at(&path, running, &model_path, restarts);
+                let record = self
+                    .engines
+                    .get(which)
+                    .as_ref()
+                    .map(|running| self.engine_record(running, &model_path, restarts));
+                if let Some(record) = record {
+                    write_record_durably(path, record, &self.pool.id).await;
                 }
                 None
             }
@@ -618,8 +623,8 @@ impl EngineSupervisor {
         })
     }
 
-    fn write_record_at(&self, path: &Path, running: &Running, model_path: &str, restarts: u32) {
-        let record = EngineRecord {
+    fn engine_record(&self, running: &Running, model_path: &str, restarts: u32) -> EngineRecord {
+        EngineRecord {
             pid: running.process.pid,
             start_ticks: running.process.start_ticks,
             endpoint: running.endpoint.clone(),
@@ -627,9 +632,6 @@ impl EngineSupervisor {
             model_path: model_path.to_owned(),
             restarts,
             boot_id: super::record::current_boot_id(),
-        };
-        if let Err(error) = write_record(path, &record) {
-            tracing::warn!(pool = %self.pool.id, %error, "cannot write the engine record; this engine cannot be adopted");
         }
     }
 
@@ -745,6 +747,18 @@ pub fn supervisor_gone(pool: &str) -> IpcError {
         ErrorCode::ShuttingDown,
         format!("pool {pool:?}'s supervisor is not running"),
     )
+}
+
+/// Writes an engine record, synced, on a blocking thread: pool-managerd's runtime has one thread,
+/// which a sync to disk must not stall.
+async fn write_record_durably(path: PathBuf, record: EngineRecord, pool: &PoolId) {
+    let written = tokio::task::spawn_blocking(move || write_record(&path, &record))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written);
+    if let Err(error) = written {
+        tracing::warn!(%pool, %error, "cannot write the engine record; this engine cannot be adopted");
+    }
 }
 
 #[cfg(test)]
