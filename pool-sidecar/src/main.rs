@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     // connection, the registry, the pools controller); on one thread that costs no wake-up of
     // another. relay-bench, one-token requests, alternately ×3: 22–27 µs of pool-managerd CPU per
     // request on one worker against 37–39 µs on the default two. Blocking work (NVML, log
-    // rotation, state files synced to disk) runs on tokio's blocking threads.
+    // rotation, measured footprints synced to disk) runs on tokio's blocking threads; engine
+    // records are synced in place, in order with the engine's reports (rare: start, swap, stop).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

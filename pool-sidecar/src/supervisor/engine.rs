@@ -503,13 +503,8 @@ impl EngineSupervisor {
                 restarts,
             } => {
                 let path = self.record(file);
-                let record = self
-                    .engines
-                    .get(which)
-                    .as_ref()
-                    .map(|running| self.engine_record(running, &model_path, restarts));
-                if let Some(record) = record {
-                    write_record_durably(path, record, &self.pool.id).await;
+                if let Some(running) = self.engines.get(which) {
+                    self.write_record_at(&path, running, &model_path, restarts);
                 }
                 None
             }
@@ -623,8 +618,11 @@ impl EngineSupervisor {
         })
     }
 
-    fn engine_record(&self, running: &Running, model_path: &str, restarts: u32) -> EngineRecord {
-        EngineRecord {
+    /// Written in place (synced to disk on pool-managerd's one thread, a few ms at an engine's
+    /// start, swap or stop), so that it lands in order with the engine's reports: whoever sees
+    /// an engine reported (the pools controller measuring its footprint, a test) finds its record.
+    fn write_record_at(&self, path: &Path, running: &Running, model_path: &str, restarts: u32) {
+        let record = EngineRecord {
             pid: running.process.pid,
             start_ticks: running.process.start_ticks,
             endpoint: running.endpoint.clone(),
@@ -632,6 +630,9 @@ impl EngineSupervisor {
             model_path: model_path.to_owned(),
             restarts,
             boot_id: super::record::current_boot_id(),
+        };
+        if let Err(error) = write_record(path, &record) {
+            tracing::warn!(pool = %self.pool.id, %error, "cannot write the engine record; this engine cannot be adopted");
         }
     }
 
@@ -747,18 +748,6 @@ pub fn supervisor_gone(pool: &str) -> IpcError {
         ErrorCode::ShuttingDown,
         format!("pool {pool:?}'s supervisor is not running"),
     )
-}
-
-/// Writes an engine record, synced, on a blocking thread: pool-managerd's runtime has one thread,
-/// which a sync to disk must not stall.
-async fn write_record_durably(path: PathBuf, record: EngineRecord, pool: &PoolId) {
-    let written = tokio::task::spawn_blocking(move || write_record(&path, &record))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|written| written);
-    if let Err(error) = written {
-        tracing::warn!(%pool, %error, "cannot write the engine record; this engine cannot be adopted");
-    }
 }
 
 #[cfg(test)]
