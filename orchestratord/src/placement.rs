@@ -356,11 +356,18 @@ pub fn models(snapshot: &RegistrySnapshot) -> Vec<(String, bool)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind};
 
-    fn pool(id: &str, model: &str, state: PoolState, free: u32, total: u32) -> PoolSnapshot {
+    /// A llama.cpp pool on a Unix socket (also the scheduler's tests' pool).
+    pub(crate) fn pool(
+        id: &str,
+        model: &str,
+        state: PoolState,
+        free: u32,
+        total: u32,
+    ) -> PoolSnapshot {
         PoolSnapshot {
             pool_id: PoolId(id.into()),
             model: model.into(),

@@ -696,6 +696,8 @@ impl SchedulerActor {
             // Pools whose slots wait for an earlier request that needs several at once: later
             // requests, checked after it in service order, may not take them.
             let mut held_back: Vec<PoolId> = Vec::new();
+            // The choice made for the request the queue hands out (the search stops at it).
+            let mut chosen = None;
             let next = self.queue.next_eligible(now, |waiting| {
                 let session_pool = waiting
                     .demand
@@ -704,7 +706,10 @@ impl SchedulerActor {
                     .and_then(|session| affinity.pool_of(session, now));
                 let wanted = waiting.demand.wanted(&held_back);
                 match placement::choose(&view, &wanted, session_pool) {
-                    Ok(_) => true,
+                    Ok(choice) => {
+                        chosen = Some(choice);
+                        true
+                    }
                     Err(NoPlacement::Busy) => {
                         if let Some(pool) = placement::pool_to_wait_for(&view, &wanted) {
                             held_back.push(pool);
@@ -714,23 +719,8 @@ impl SchedulerActor {
                     Err(_) => false,
                 }
             });
-            let Some((id, waiting)) = next else {
+            let (Some((id, waiting)), Some(Choice { pool, slots })) = (next, chosen) else {
                 return;
-            };
-            let session_pool = waiting
-                .demand
-                .session
-                .as_deref()
-                .and_then(|session| affinity.pool_of(session, now));
-            let wanted = waiting.demand.wanted(&held_back);
-            let Choice { pool, slots } = match placement::choose(&view, &wanted, session_pool) {
-                Ok(choice) => choice,
-                Err(_) => {
-                    let _ = waiting
-                        .placed
-                        .send(Err(ApiError::Internal("placement changed its mind".into())));
-                    continue;
-                }
             };
             if waiting.placed.is_closed() {
                 continue;
@@ -871,28 +861,12 @@ fn unix_ms_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pool_ipc::registry::{Endpoint, EngineKind, PoolSnapshot};
+    use crate::placement::tests::pool;
 
     fn view(epoch: u64, free: u32) -> RegistrySnapshot {
         RegistrySnapshot {
             epoch,
-            pools: vec![PoolSnapshot {
-                pool_id: PoolId("p".into()),
-                model: "m".into(),
-                engine: EngineKind::Llamacpp,
-                endpoint: Endpoint::Unix {
-                    path: "/run/p.sock".into(),
-                },
-                state: PoolState::Ready,
-                live: true,
-                slots_total: 8,
-                slots_free: free,
-                engine_version: None,
-                last_error: None,
-                restarts: 0,
-                last_probe_unix_ms: None,
-                api_endpoints: ApiEndpoint::defaults(EngineKind::Llamacpp),
-            }],
+            pools: vec![pool("p", "m", PoolState::Ready, free, 8)],
         }
     }
 

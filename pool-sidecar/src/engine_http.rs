@@ -3,13 +3,13 @@
 //! probes use it; token traffic never goes through the sidecar.
 
 use bytes::Bytes;
+use daemon_support::errors::error_chain;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::StatusCode;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use pool_ipc::registry::Endpoint;
-use std::error::Error as _;
 use std::time::Duration;
 
 /// Responses larger than this are an engine fault, not something to buffer.
@@ -64,7 +64,7 @@ impl EngineHttp {
                     path: socket,
                 } => client.get(hyperlocal::Uri::new(socket, path).into()).await,
             }
-            .map_err(|error| describe(&error))?;
+            .map_err(|error| error_chain(&error))?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
@@ -78,16 +78,4 @@ impl EngineHttp {
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
         }
     }
-}
-
-/// hyper-util's errors say "client error (Connect)"; the cause is further down the chain.
-fn describe(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -199,6 +199,21 @@ fn write_request(
     stream.flush()
 }
 
+/// Sends one request (`Connection: close`) and returns the connection, for a reply read as raw
+/// bytes (how they arrive is what some tests look at).
+pub fn send(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> io::Result<Stream> {
+    let mut stream = connect(addr, timeout)?;
+    write_request(&mut stream, method, path, headers, body)?;
+    Ok(stream)
+}
+
 /// Sends one request (`Connection: close`) and returns the connection positioned at the start of
 /// the body, with the status and the response head, for replies read as they arrive (SSE).
 pub fn open(
@@ -209,8 +224,7 @@ pub fn open(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> io::Result<(BufReader<Stream>, u16, String)> {
-    let mut stream = connect(addr, timeout)?;
-    write_request(&mut stream, method, path, headers, body)?;
+    let stream = send(addr, method, path, headers, body, timeout)?;
     let mut reader = BufReader::new(stream);
     let mut head = String::new();
     loop {

@@ -54,6 +54,20 @@ fn post(
     .unwrap()
 }
 
+/// Sends a chat completion request (`Connection: close`) and returns the raw connection, for
+/// tests that look at how the reply's bytes arrive.
+fn send_chat(addr: &str, body: &str) -> http::Stream {
+    http::send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        Some(("application/json", body.as_bytes())),
+        WAIT,
+    )
+    .unwrap()
+}
+
 fn chat(max_tokens: u32, stream: bool) -> Value {
     json!({
         "model": "double",
@@ -925,14 +939,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     });
     stack.wait_for_leases("p", 1);
     // Queued behind the holder, then gone.
-    let mut queued = TcpStream::connect(&addr).unwrap();
-    let body = chat(5, false).to_string();
-    write!(
-        queued,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let queued = send_chat(&addr, &chat(5, false).to_string());
     let metrics = |name: &str| -> String {
         http::get(&addr, "/metrics", WAIT)
             .unwrap()
@@ -1770,13 +1777,7 @@ fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_slot_comes_back() {
     );
     // A stream far larger than the sockets' buffers, from a client that never reads it.
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2000000,"stream":true}"#;
-    let mut client = TcpStream::connect(stack.api()).unwrap();
-    write!(
-        client,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let client = send_chat(&stack.api(), body);
     stack.wait_for_leases("p", 1);
     let stopped_reading = Instant::now();
     // A check that something does not happen (the stream is not cut early): give it time to.
@@ -1863,14 +1864,7 @@ fn a_streams_finish_chunk_usage_and_done_reach_the_client_in_one_write() {
     let stack = stack(1, &["--token-delay-ms", "20"], "");
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#;
     for _ in 0..5 {
-        let mut client = TcpStream::connect(stack.api()).unwrap();
-        client.set_nodelay(true).unwrap();
-        write!(
-            client,
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
+        let mut client = send_chat(&stack.api(), body);
         let mut reads = Vec::new();
         let mut buffer = [0u8; 65536];
         loop {
@@ -1899,13 +1893,7 @@ fn a_streams_head_waits_for_its_first_chunk_and_both_reach_the_client_in_one_wri
     let stack = stack(1, &[], "");
     hold_engine(&stack, "p");
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":2,"stream":true}"#;
-    let mut client = TcpStream::connect(stack.api()).unwrap();
-    write!(
-        client,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut client = send_chat(&stack.api(), body);
     let engine = stack.endpoint("p");
     stack.wait_for("the request to reach the held engine", || {
         http::get(&engine, "/control/stats", WAIT).unwrap().json()["active"] == 1
@@ -1943,13 +1931,7 @@ fn a_queued_streams_head_leaves_after_one_keepalive_interval_not_with_the_first_
     });
     stack.wait_for_leases("p", 1);
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":1,"stream":true}"#;
-    let mut client = TcpStream::connect(stack.api()).unwrap();
-    write!(
-        client,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut client = send_chat(&stack.api(), body);
     let mut buffer = [0u8; 65536];
     let read = client.read(&mut buffer).unwrap();
     let first_read = String::from_utf8_lossy(&buffer[..read]).into_owned();

@@ -11,7 +11,7 @@ use e2e::sidecar::{PoolSpec, sidecar_command, socket_path, start_sidecar, write_
 use e2e::{DaemonBuilder, Signal, binary, start_engine_double, temp_dir};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -211,23 +211,32 @@ fn a_peer_whose_uid_is_not_allowed_is_refused_and_an_allowed_group_is_admitted()
     );
 }
 
+/// A dying holder of pool-managerd's lock (what a crashed daemon's child between fork and exec
+/// looks like): it holds the lock and, with `listening`, a bound, listening socket that answers
+/// nothing (a connect succeeds, into its backlog); it lets go of both a second later. Returns the
+/// socket's path and the thread that lets go.
+fn dying_lock_holder(dir: &Path, listening: bool) -> (PathBuf, std::thread::JoinHandle<()>) {
+    let socket = socket_path(dir);
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let mut lock_name = socket.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let file = std::fs::File::create(&lock_name).unwrap();
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, errno)| panic!("cannot take the lock: {errno}"));
+    let listener = listening.then(|| std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(listener);
+        drop(held);
+    });
+    (socket, releaser)
+}
+
 #[test]
 fn a_daemon_restarted_while_a_dying_holder_keeps_the_lock_waits_for_it_instead_of_failing() {
     let dir = temp_dir();
     let config = write_config(dir.path(), "", &[]);
-    let socket = socket_path(dir.path());
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    let mut lock_name = socket.as_os_str().to_owned();
-    lock_name.push(".lock");
-    // What a crashed daemon's child between fork and exec looks like: the lock held, nothing
-    // served on the socket. It lets go a second later.
-    let file = std::fs::File::create(&lock_name).unwrap();
-    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .unwrap_or_else(|(_, errno)| panic!("cannot take the lock: {errno}"));
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        drop(held);
-    });
+    let (_, releaser) = dying_lock_holder(dir.path(), false);
     let daemon = sidecar_command(dir.path(), &config).start();
     assert!(daemon.ready("socket").ends_with("pool.sock"));
     releaser.join().unwrap();
@@ -237,22 +246,7 @@ fn a_daemon_restarted_while_a_dying_holder_keeps_the_lock_waits_for_it_instead_o
 fn a_daemon_restarted_while_a_silent_holder_keeps_the_lock_and_a_listener_waits_for_it() {
     let dir = temp_dir();
     let config = write_config(dir.path(), "", &[]);
-    let socket = socket_path(dir.path());
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    let mut lock_name = socket.as_os_str().to_owned();
-    lock_name.push(".lock");
-    // A child of a SIGKILLed daemon between fork and exec: it holds the lock and the listening
-    // socket (a connect succeeds, into its backlog) but answers nothing. It lets go of both a
-    // second later.
-    let file = std::fs::File::create(&lock_name).unwrap();
-    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .unwrap_or_else(|(_, errno)| panic!("cannot take the lock: {errno}"));
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    let releaser = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        drop(listener);
-        drop(held);
-    });
+    let (socket, releaser) = dying_lock_holder(dir.path(), true);
     let daemon = sidecar_command(dir.path(), &config).start();
     assert!(daemon.ready("socket").ends_with("pool.sock"));
     releaser.join().unwrap();

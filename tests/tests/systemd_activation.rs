@@ -50,11 +50,7 @@ async fn pool_managerd_under_socket_activation_serves_an_early_client_and_binds_
     let dir = temp_dir();
     // A slow first probe keeps the daemon busy starting while the client is already waiting.
     let engine = start_engine_double(&["--health-delay-ms", "400"]);
-    let config = write_config(
-        dir.path(),
-        "",
-        &[PoolSpec::new("p", engine.ready("listen"), 2)],
-    );
+    let config = one_pool_config(dir.path(), &engine);
     let socket = dir.path().join("pool.sock");
     let port = free_port();
     let not_used = dir.path().join("own.sock");
@@ -105,6 +101,11 @@ async fn pool_managerd_under_socket_activation_serves_an_early_client_and_binds_
         socket.exists(),
         "an inherited socket belongs to systemd: the daemon must not remove it"
     );
+}
+
+/// pool-managerd's config in `dir` with one pool, `p` (2 slots), on the test's `engine`.
+fn one_pool_config(dir: &Path, engine: &e2e::Daemon) -> std::path::PathBuf {
+    write_config(dir, "", &[PoolSpec::new("p", engine.ready("listen"), 2)])
 }
 
 /// Reads notify datagrams until one contains `wanted`; returns everything read.
@@ -161,11 +162,7 @@ fn under_watchdog(program: std::path::PathBuf) -> DaemonBuilder {
 fn both_daemons_tell_systemd_ready_status_watchdog_and_stopping_in_order() {
     let dir = temp_dir();
     let engine = start_engine_double::<&str>(&[]);
-    let config = write_config(
-        dir.path(),
-        "",
-        &[PoolSpec::new("p", engine.ready("listen"), 2)],
-    );
+    let config = one_pool_config(dir.path(), &engine);
 
     let (notify, notify_path) = notify_socket(dir.path());
     let mut sidecar = under_watchdog(binary("pool-managerd"))
@@ -194,11 +191,7 @@ fn both_daemons_tell_systemd_ready_status_watchdog_and_stopping_in_order() {
     assert_eq!(sidecar.wait_exit(WAIT).unwrap().code(), Some(0));
 
     let dir2 = temp_dir();
-    let config = write_config(
-        dir2.path(),
-        "",
-        &[PoolSpec::new("p", engine.ready("listen"), 2)],
-    );
+    let config = one_pool_config(dir2.path(), &engine);
     let _sidecar = sidecar_command(dir2.path(), &config).start();
     let (notify, notify_path) = notify_socket(dir2.path());
     let mut orchestrator = under_watchdog(binary("orchestratord"))
@@ -387,11 +380,7 @@ fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
     let engine = start_engine_double::<&str>(&[]);
     for task in ["the registry", "the pools controller"] {
         let dir = temp_dir();
-        let config = write_config(
-            dir.path(),
-            "",
-            &[PoolSpec::new("p", engine.ready("listen"), 2)],
-        );
+        let config = one_pool_config(dir.path(), &engine);
         let run = sidecar_command(dir.path(), &config)
             .env(CORE_TASK_FAULT_ENV, format!("{task}=panic"))
             .run_to_exit(WAIT);
@@ -404,11 +393,7 @@ fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
     }
 
     let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        "",
-        &[PoolSpec::new("p", engine.ready("listen"), 2)],
-    );
+    let config = one_pool_config(dir.path(), &engine);
     let _sidecar = sidecar_command(dir.path(), &config).start();
     let run = DaemonBuilder::new(binary("orchestratord"))
         .args(["--listen", "127.0.0.1:0", "--socket"])
@@ -430,11 +415,7 @@ fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
 fn a_core_task_that_stops_answering_stops_the_watchdog_being_fed() {
     let engine = start_engine_double::<&str>(&[]);
     let dir = temp_dir();
-    let config = write_config(
-        dir.path(),
-        "",
-        &[PoolSpec::new("p", engine.ready("listen"), 2)],
-    );
+    let config = one_pool_config(dir.path(), &engine);
     let _sidecar = sidecar_command(dir.path(), &config).start();
     let (notify, notify_path) = notify_socket(dir.path());
     let orchestrator = under_watchdog(binary("orchestratord"))

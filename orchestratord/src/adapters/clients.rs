@@ -352,7 +352,7 @@ impl EngineClients {
             body,
             request.route,
             stall_limit,
-            self.shutdown.clone().cancelled_owned(),
+            self.shutdown.clone(),
             correlation_id,
         ))
     }

@@ -34,6 +34,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use daemon_support::errors::error_chain;
 use hyper::HeaderMap;
 use pool_ipc::registry::{Endpoint, EngineKind};
 
@@ -211,18 +212,6 @@ struct TokenUsage {
     input_tokens: Option<u32>,
     #[serde(default)]
     output_tokens: Option<u32>,
-}
-
-/// An error with its whole `source()` chain, for [`AdapterError::WorkerReset`] details.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// How much of an engine's own error text goes into a detail or a rejection body.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hyper::body::{Body as _, Incoming};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::anthropic::AnthropicStream;
 use super::openai::OpenAiStream;
@@ -65,7 +65,9 @@ struct Inner {
     /// Re-armed (not re-allocated) each time the stream starts waiting for bytes.
     stall: Pin<Box<Sleep>>,
     stall_armed: bool,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown: CancellationToken,
+    /// Waits for `shutdown` in polls (made once per stream).
+    shutdown_waiter: Pin<Box<WaitForCancellationFutureOwned>>,
     correlation_id: Box<str>,
     /// An error [`Inner::next_buffered`] met, for the next poll to report.
     pending_error: Option<AdapterError>,
@@ -76,7 +78,7 @@ impl EngineStream {
         body: Incoming,
         route: EngineRoute,
         stall_limit: Duration,
-        shutdown: WaitForCancellationFutureOwned,
+        shutdown: CancellationToken,
         correlation_id: &str,
     ) -> Self {
         Self {
@@ -117,7 +119,7 @@ impl Inner {
         body: Incoming,
         route: EngineRoute,
         stall_limit: Duration,
-        shutdown: WaitForCancellationFutureOwned,
+        shutdown: CancellationToken,
         correlation_id: &str,
     ) -> Self {
         let dialect = match route {
@@ -136,7 +138,8 @@ impl Inner {
             stall_limit,
             stall: Box::pin(tokio::time::sleep(stall_limit)),
             stall_armed: false,
-            shutdown: Box::pin(shutdown),
+            shutdown_waiter: Box::pin(shutdown.clone().cancelled_owned()),
+            shutdown,
             correlation_id: correlation_id.into(),
             pending_error: None,
         }
@@ -146,10 +149,10 @@ impl Inner {
         if self.phase != Phase::Streaming || self.pending_error.is_some() {
             return None;
         }
-        let mut context = Context::from_waker(std::task::Waker::noop());
-        if self.shutdown.as_mut().poll(&mut context).is_ready() {
+        if self.shutdown.is_cancelled() {
             return None;
         }
+        let mut context = Context::from_waker(std::task::Waker::noop());
         match self.decode_buffered() {
             Ok(Some(event)) => {
                 if matches!(event, EngineEvent::Done { .. }) {
@@ -180,7 +183,7 @@ impl Inner {
             Phase::Ended => return Poll::Ready(None),
         }
         // Checked before buffered events, so nothing is yielded after shutdown.
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        if self.shutdown_waiter.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Some(Err(self.fail(AdapterError::Cancelled))));
         }
         loop {

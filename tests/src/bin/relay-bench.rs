@@ -38,6 +38,7 @@
 //! TTFT CDF of every path and the relaying process's CPU per chunk of every path as an SVG.
 
 use clap::Parser;
+use daemon_support::errors::error_chain;
 use e2e::binary;
 use e2e::stack::Stack;
 use e2e::vllm_router::VllmRouter;
@@ -385,20 +386,7 @@ fn main() -> ExitCode {
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A keep-alive HTTP/1.1 client with TCP_NODELAY (without it Nagle's algorithm against the
-/// peer's delayed ACK would add ~40 ms to requests on a reused connection).
-/// An error with its sources, outermost first.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// Idle connections are dropped after 5 s, below orchestratord's 10 s idle limit
+/// peer's delayed ACK would add ~40 ms to requests on a reused connection). Idle connections are dropped after 5 s, below orchestratord's 10 s idle limit
 /// (`http.header_timeout_ms`) as a client must keep it (httpx's default is 5 s): otherwise a
 /// request sent on a connection just as the server closes it for idleness meets a reset (seen
 /// here at 5,000 streams, where one path idles through two rounds of the others).
