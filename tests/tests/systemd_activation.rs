@@ -376,7 +376,7 @@ fn pool_managerd_restarted_on_its_inherited_sockets_under_load_loses_nothing() {
 /// core task of either daemon panics, the daemon ends at once with status 70 and says which task
 /// died, so that systemd restarts it instead of keeping a daemon that answers 503 for ever.
 #[test]
-fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
+fn an_injected_panic_in_a_core_task_ends_its_daemon_with_status_70_naming_the_task() {
     let engine = start_engine_double::<&str>(&[]);
     for task in ["the registry", "the pools controller"] {
         let dir = temp_dir();
@@ -412,7 +412,7 @@ fn a_core_task_that_panics_ends_its_daemon_with_status_70_naming_the_task() {
 /// stops the watchdog being fed, so systemd's WatchdogSec= kills and restarts the daemon. A
 /// plain timer would keep feeding it.
 #[test]
-fn a_core_task_that_stops_answering_stops_the_watchdog_being_fed() {
+fn an_injected_hang_in_a_core_task_stops_the_watchdog_being_fed() {
     let engine = start_engine_double::<&str>(&[]);
     let dir = temp_dir();
     let config = one_pool_config(dir.path(), &engine);
