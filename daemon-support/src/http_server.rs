@@ -16,6 +16,8 @@
 //!   Without it (orchestratord, which bounds the whole read where it reads a body, in its
 //!   `Inbound`, and answers 408) bodies are handed over as they come.
 //!
+//! Every request carries its connection's peer address as a [`PeerAddr`] extension.
+//!
 //! These bound reading requests and idle connections, never the answer: a request that is waiting
 //! for a slot, or streaming, keeps its connection as long as it needs.
 //!
@@ -29,6 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -91,7 +94,12 @@ impl HttpLimits {
 struct BoundedBodies<S> {
     service: S,
     body_timeout: Option<Duration>,
+    peer: SocketAddr,
 }
+
+/// The address a request's connection came from (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
 
 impl<S> tower_service::Service<Request<Incoming>> for BoundedBodies<S>
 where
@@ -107,10 +115,12 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> S::Future {
         let body_timeout = self.body_timeout;
-        self.service.call(request.map(|body| match body_timeout {
+        let mut request = request.map(|body| match body_timeout {
             Some(timeout) => Either::Left(TimeoutBody::new(timeout, body)),
             None => Either::Right(body),
-        }))
+        });
+        request.extensions_mut().insert(PeerAddr(self.peer));
+        self.service.call(request)
     }
 }
 
@@ -150,8 +160,8 @@ pub async fn serve<S, B>(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of descriptors (or a connection reset before it was accepted): back off
                 // briefly rather than spin; what is open keeps being served.
@@ -176,6 +186,7 @@ pub async fn serve<S, B>(
             TowerToHyperService::new(BoundedBodies {
                 service: service.clone(),
                 body_timeout: limits.body_timeout,
+                peer,
             }),
         );
         let connection = graceful.watch(connection);

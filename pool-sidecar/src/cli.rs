@@ -5,7 +5,8 @@
 //! could not be reached or the command line / config is wrong.
 
 use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_memory, render_table};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use daemon_support::logging::LogFormat;
 use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
 use pool_ipc::registry::{MemoryReport, PoolId};
 use pool_ipc::socket_path::resolve_socket_path;
@@ -27,12 +28,6 @@ pub struct Cli {
     pub serve: ServeArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Clone, Args)]

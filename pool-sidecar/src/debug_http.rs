@@ -18,6 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use daemon_support::exposition::Format;
 use daemon_support::http_server::{self, HttpLimits};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{PoolId, PoolState};
@@ -167,16 +168,15 @@ async fn pool_status(State(state): State<DebugState>, Path(id): Path<String>) ->
     }
 }
 
-async fn metrics(State(state): State<DebugState>) -> Response {
-    let text = state.metrics.render(&state.registry.snapshot());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+/// In the format the scraper asks for (`daemon_support::exposition`).
+async fn metrics(State(state): State<DebugState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let text = format.render(&state.metrics.render(&state.registry.snapshot()));
+    ([(header::CONTENT_TYPE, format.content_type())], text).into_response()
 }
 
 /// Each device's memory budget and what its pools hold, and each managed pool's footprint.

@@ -3,10 +3,10 @@
 //! a busy socket fails before anything starts) or runs an operator command against a running one.
 
 use clap::Parser;
+use daemon_support::logging;
 use daemon_support::systemd::InheritedSockets;
-use pool_sidecar::cli::{Cli, Command, LogFormat, ServeArgs, run_command};
+use pool_sidecar::cli::{Cli, Command, ServeArgs, run_command};
 use pool_sidecar::startup;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -41,25 +41,12 @@ fn serve(
     runtime: &tokio::runtime::Runtime,
     inherited: InheritedSockets,
 ) -> ExitCode {
-    init_tracing(args.log_format);
+    logging::init(args.log_format);
     match startup::serve(args, runtime, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("pool-managerd: {message}");
             ExitCode::from(2)
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
