@@ -12,5 +12,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 POOL_TEST_LLAMA_SERVER=$(scripts/build-llama-server.sh | tail -n1)
 POOL_TEST_PYTHON=$(scripts/python-env.sh test | tail -n1)/bin/python
-export POOL_TEST_LLAMA_SERVER POOL_TEST_PYTHON
+POOL_TEST_PROMTOOL=$(scripts/promtool.sh | tail -n1)
+export POOL_TEST_LLAMA_SERVER POOL_TEST_PYTHON POOL_TEST_PROMTOOL
 cargo test --workspace

@@ -1,8 +1,9 @@
 //! The HTTP application: shared state, the router, and what every request passes through —
-//! its correlation id, the API key check, and [`Inbound`]: the body read within its endpoint
+//! its correlation id and access line, the API key check, and [`Inbound`]: the body read within its endpoint
 //! family's limit and the client headers an engine may use. Handlers live in `api/`.
 
 use crate::api::{anthropic, control, health, openai, tasks};
+use crate::client_address::client_address;
 use crate::config::{Config, LiveConfig};
 use crate::error::{ApiError, ErrorShape};
 use crate::keys::{Caller, Role};
@@ -14,10 +15,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use daemon_support::http_server::PeerAddr;
 use pool_ipc::client::{PoolClient, RegistryMirror};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 
@@ -48,8 +50,8 @@ pub struct AppState {
     pub tasks: Arc<crate::tasks::TaskStore>,
     pub sessions: Arc<crate::sessions::SessionStore>,
     pub models_seen: Arc<ModelsSeen>,
-    /// Set on SIGTERM: /readyz answers 503 while running requests finish.
-    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether new requests are admitted (the operator's drain, SIGTERM).
+    pub host: Arc<crate::drain::HostDrain>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -112,6 +114,8 @@ pub fn router(state: AppState) -> Router {
             "/v2/sessions/{id}",
             get(tasks::session).delete(tasks::delete_session),
         )
+        .route("/v2/admin/drain", post(control::drain_host))
+        .route("/v2/admin/undrain", post(control::undrain_host))
         .route("/v2/pools", get(control::pools))
         .route("/v2/pools/{id}/health", get(control::health))
         .route("/v2/pools/{id}/drain", post(control::drain))
@@ -122,20 +126,56 @@ pub fn router(state: AppState) -> Router {
         // [`Inbound`] reads bodies within each endpoint family's own limit.
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
-        .layer(middleware::from_fn(correlate))
+        .layer(middleware::from_fn_with_state(state.clone(), correlate))
         .with_state(state)
 }
 
 /// Takes the client's `X-Correlation-Id`, else its `X-Request-Id`, else makes one; hands it to
-/// handlers and logs, and returns it on every response (an `X-Request-Id` is echoed too).
-async fn correlate(mut request: Request, next: Next) -> Response {
+/// handlers and logs, and returns it on every response (an `X-Request-Id` is echoed too). Writes
+/// the request's access line (target `access`, level info) when its response head leaves: client
+/// (`client_address`), method, path, status, key name, correlation id and the time to the head (a
+/// stream's head leaves with its first frame).
+async fn correlate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
     let request_id = usable_id(request.headers(), &REQUEST_ID_HEADER);
     let id = usable_id(request.headers(), &CORRELATION_HEADER)
         .or_else(|| request_id.clone())
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
     request.extensions_mut().insert(CorrelationId(id.clone()));
+    let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+        let client = request.extensions().get::<PeerAddr>().map(|peer| {
+            client_address(
+                peer.0.ip(),
+                request.headers(),
+                &state.config.get().trusted_proxies,
+            )
+        });
+        (
+            client,
+            request.method().clone(),
+            request.uri().path().to_owned(),
+        )
+    });
     let span = tracing::info_span!("request", correlation_id = %id, method = %request.method(), path = %request.uri().path());
     let mut response = next.run(request).instrument(span).await;
+    if let Some((client, method, path)) = logged {
+        let key = response
+            .extensions()
+            .get::<Caller>()
+            .and_then(|caller| caller.key.as_deref())
+            .unwrap_or("-");
+        tracing::info!(
+            target: "access",
+            client = %client.map_or_else(|| "-".to_owned(), |client| client.to_string()),
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            key,
+            correlation_id = %id,
+            head_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&id) {
         headers.insert(CORRELATION_HEADER, value);
@@ -146,7 +186,6 @@ async fn correlate(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// A client-chosen id from header `name`, if it is short enough to log and echo.
 fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     headers
         .get(name)
@@ -157,7 +196,8 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 /// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
 /// configured open paths pass without one. The caller's role must allow the route: the
-/// operator's routes (drain, reload, load, unload) need an admin key. Every POST must say it
+/// operator's routes (the host's drain and undrain; a pool's drain, reload, load, unload) need an
+/// admin key. Every POST must say it
 /// carries JSON: a browser cannot send that cross-site without asking first (a form or a "simple"
 /// fetch can only send `text/plain`, a form encoding or `multipart/form-data`), so a web page can
 /// neither run inference on nor drive a daemon on the visitor's host.
@@ -192,17 +232,21 @@ async fn require_key(State(state): State<AppState>, mut request: Request, next: 
     if caller.role != Role::Admin && is_operators(request.method(), path) {
         return ApiError::AdminOnly.response(shape);
     }
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    request.extensions_mut().insert(caller.clone());
+    let mut response = next.run(request).await;
+    // For the access log line, written outside this layer.
+    response.extensions_mut().insert(caller);
+    response
 }
 
-/// The operator's routes: draining, reloading, loading and unloading pools.
+/// The operator's routes: draining the host, draining, reloading, loading and unloading pools.
 fn is_operators(method: &Method, path: &str) -> bool {
     method == Method::POST
-        && path.starts_with("/v2/pools/")
-        && ["/drain", "/reload", "/load", "/unload"]
-            .iter()
-            .any(|action| path.ends_with(action))
+        && (path.starts_with("/v2/admin/")
+            || path.starts_with("/v2/pools/")
+                && ["/drain", "/reload", "/load", "/unload"]
+                    .iter()
+                    .any(|action| path.ends_with(action)))
 }
 
 /// `Content-Type: application/json` or another JSON type (`application/<anything>+json`), with or

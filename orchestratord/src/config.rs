@@ -8,8 +8,9 @@ use crate::keys::KeyRing;
 use crate::sessions::SessionPolicy;
 use axum::http::HeaderName;
 use daemon_support::http_server::HttpLimits;
+use ipnet::IpNet;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct RawConfig {
     pub max_body_bytes: Option<usize>,
     /// More client headers to forward to engines (besides trace context and API versions).
     pub forward_headers: Option<Vec<String>>,
+    /// Balancers whose `X-Forwarded-For` names the client (addresses or CIDR ranges; default
+    /// none: the peer is the client). See `client_address`.
+    pub trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     pub body_limits: RawBodyLimits,
     #[serde(default)]
@@ -147,6 +151,7 @@ pub struct Config {
     pub open_paths: Vec<String>,
     pub body_limits: BodyLimits,
     pub forward_headers: Vec<HeaderName>,
+    pub trusted_proxies: Vec<IpNet>,
     pub admission: AdmissionConfig,
     pub queue_deadline: Duration,
     /// Placements on another pool after an engine failed before the answer began.
@@ -233,6 +238,12 @@ impl RawConfig {
             .iter()
             .map(|name| forwardable(name))
             .collect::<Result<Vec<_>, _>>()?;
+        let trusted_proxies = self
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|range| trusted_range(range))
+            .collect::<Result<Vec<_>, _>>()?;
         let limit = |name: &str, value: Option<usize>, default: usize| match value {
             Some(0) => Err(ConfigError::Invalid(format!("{name} must be positive"))),
             value => Ok(value.unwrap_or(default)),
@@ -275,6 +286,7 @@ impl RawConfig {
                 .unwrap_or_else(|| ["/livez", "/readyz", "/metrics"].map(String::from).to_vec()),
             body_limits,
             forward_headers,
+            trusted_proxies,
             admission,
             queue_deadline: millis(
                 "admission.queue_deadline_ms",
@@ -370,6 +382,18 @@ impl LiveConfig {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::new(config);
     }
+}
+
+/// A trusted balancer's address or CIDR range (`127.0.0.1`, `10.0.0.0/8`, `::1`).
+fn trusted_range(text: &str) -> Result<IpNet, ConfigError> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            ConfigError::Invalid(format!(
+                "trusted_proxies: {text:?} is neither an address nor a CIDR range"
+            ))
+        })
 }
 
 /// A header name an operator asked to forward: valid, and not a credential or connection header.

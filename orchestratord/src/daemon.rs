@@ -8,6 +8,7 @@
 use crate::adapters::EngineClients;
 use crate::app::{AppState, router};
 use crate::config::{Config, LiveConfig};
+use crate::drain::HostDrain;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::sessions::SessionStore;
@@ -18,7 +19,6 @@ use pool_ipc::socket_path::resolve_socket_path;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -61,7 +61,7 @@ pub async fn run(
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
     let metrics = Arc::new(Metrics::new());
-    let draining = Arc::new(AtomicBool::new(false));
+    let host = Arc::new(HostDrain::default());
     let scheduler = Scheduler::start(
         pools.clone(),
         mirror.clone(),
@@ -81,7 +81,7 @@ pub async fn run(
         tasks: Arc::default(),
         sessions,
         models_seen: Arc::default(),
-        draining: Arc::clone(&draining),
+        host: Arc::clone(&host),
     };
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
@@ -106,7 +106,7 @@ pub async fn run(
             NotifyState::Stopping,
             NotifyState::Status("stopping: letting running requests finish"),
         ]);
-        draining.store(true, Ordering::Relaxed);
+        host.shut_down();
         tokio::spawn(async move {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
             tracing::warn!("shutdown grace period over; cutting off running requests");

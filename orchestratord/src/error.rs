@@ -98,6 +98,8 @@ pub enum ApiError {
     Unattended(Duration),
     #[error("{0}")]
     SessionBudget(String),
+    #[error("this host is drained: it admits no new requests")]
+    HostDraining,
     #[error("orchestratord is shutting down")]
     ShuttingDown,
     #[error("internal error")]
@@ -225,6 +227,7 @@ impl ApiError {
             ApiError::PoolUnready(_)
             | ApiError::ModelLoadFailed { .. }
             | ApiError::PoolUnavailable { .. }
+            | ApiError::HostDraining
             | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ModelNeverFits { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::PoolManagerRefused { code, .. } => match code {
@@ -300,6 +303,7 @@ impl ApiError {
             ApiError::EngineFailed(_) => "ENGINE_ERROR",
             ApiError::Cancelled | ApiError::Unattended(_) => "CANCELLED",
             ApiError::SessionBudget(_) => "SESSION_BUDGET_EXCEEDED",
+            ApiError::HostDraining => "HOST_DRAINING",
             ApiError::ShuttingDown => "SHUTTING_DOWN",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -310,7 +314,9 @@ impl ApiError {
             ApiError::QueueFull { retry_after }
             | ApiError::PoolUnavailable { retry_after }
             | ApiError::ModelLoadFailed { retry_after, .. } => Some(*retry_after),
-            ApiError::PoolUnready(_) | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
+            ApiError::PoolUnready(_) | ApiError::HostDraining | ApiError::ShuttingDown => {
+                Some(Duration::from_secs(1))
+            }
             ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
             ApiError::ModelNeverFits { .. }
             | ApiError::InvalidParams(_)
@@ -353,6 +359,7 @@ impl ApiError {
             | ApiError::LeaseRevoked
             | ApiError::EngineFailed(_)
             | ApiError::DecodeTimeout(_)
+            | ApiError::HostDraining
             | ApiError::ShuttingDown => true,
             ApiError::PoolManagerRefused { .. } => self.status() == StatusCode::SERVICE_UNAVAILABLE,
             ApiError::EngineRejected { status, .. } => *status == 503 || *status == 429,
@@ -415,6 +422,7 @@ impl ApiError {
             | ApiError::EngineRejected { .. }
             | ApiError::Cancelled
             | ApiError::Unattended(_)
+            | ApiError::HostDraining
             | ApiError::ShuttingDown
             | ApiError::Internal(_) => "server_error",
         }
@@ -685,6 +693,7 @@ mod tests {
             ApiError::Cancelled,
             ApiError::Unattended(Duration::from_secs(1)),
             ApiError::SessionBudget("s".into()),
+            ApiError::HostDraining,
             ApiError::ShuttingDown,
             ApiError::Internal("x".into()),
         ];

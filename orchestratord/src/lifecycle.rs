@@ -20,6 +20,7 @@ use crate::adapters::{
 };
 use crate::admission::Priority;
 use crate::app::{AppState, Inbound};
+use crate::drain::HostState;
 use crate::error::{ApiError, ErrorShape, error_event};
 use crate::json_object::{self, TopLevel};
 use crate::keys::Caller;
@@ -185,11 +186,15 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// Admits `exchange` (or says at once why not: queue full, unknown model or API, pool-manager
-    /// down, session over budget). A request that takes no slot is placed on a ready pool here.
+    /// Admits `exchange` (or says at once why not: the host drained or shutting down, queue full,
+    /// unknown model or API, pool-manager down, session over budget). A request that takes no slot is placed on a ready pool here.
     pub async fn admit(state: &AppState, exchange: Exchange) -> Result<Lifecycle, ApiError> {
         let received = Instant::now();
-        let admitted = Self::place_or_queue(state, &exchange).await;
+        let admitted = match state.host.state() {
+            HostState::Serving => Self::place_or_queue(state, &exchange).await,
+            HostState::Drained => Err(ApiError::HostDraining),
+            HostState::ShuttingDown => Err(ApiError::ShuttingDown),
+        };
         let phase = match admitted {
             Ok(phase) => phase,
             Err(error) => {

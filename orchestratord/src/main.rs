@@ -5,7 +5,6 @@
 use clap::Parser;
 use daemon_support::systemd::InheritedSockets;
 use orchestratord::startup::{self, Args};
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// See the workspace's Cargo.toml for why.
@@ -16,14 +15,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Read before any thread starts: it edits the environment.
     let inherited = InheritedSockets::from_env();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    daemon_support::logging::init(args.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -1,6 +1,9 @@
 //! orchestratord's Prometheus metrics (prefix `orchestratord_`, base units, `_total` counters),
-//! kept with `prometheus-client`. Labels come from fixed sets only (class, reason).
+//! kept with `prometheus-client`, and the per-model load signals a fleet's endpoint picker scrapes
+//! (vLLM's names, computed at scrape time from the queue and the leases). Labels come from fixed
+//! sets only (class, reason, and the configured models).
 
+use daemon_support::exposition::Format;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -162,11 +165,65 @@ impl Metrics {
         histogram.observe(elapsed.as_secs_f64());
     }
 
-    pub fn render(&self) -> String {
+    /// Every metric in `format`: orchestratord's own, then the model-server signals of `models`.
+    pub fn render(&self, format: Format, models: &[ModelLoad]) -> String {
         let mut text = String::new();
-        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
-            tracing::error!(%error, "cannot encode metrics");
+        let signals = model_server_signals(models);
+        for registry in [&self.registry, &signals] {
+            if let Err(error) =
+                prometheus_client::encoding::text::encode_registry(&mut text, registry)
+            {
+                tracing::error!(%error, "cannot encode metrics");
+            }
         }
-        text
+        format.render(&text)
     }
+}
+
+/// One model's load on this host, as a fleet's endpoint picker reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLoad {
+    pub model: String,
+    /// Requests in orchestratord's queue for the model.
+    pub waiting: u64,
+    /// Slots held by leases on the model's pools (every client of pool-managerd).
+    pub running: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model_name: String,
+}
+
+/// The gauges of the Gateway API Inference Extension's model-server protocol
+/// (`docs/proposals/003-model-server-protocol` at its release v1.6.0, whose endpoint picker reads
+/// vLLM's names by default), one series per model, labelled `model_name` as vLLM labels them.
+/// KV-cache utilisation (`vllm:kv_cache_usage_perc`) is left out: llama-server reports no KV
+/// gauge in the build used here, and slot occupancy is not KV use.
+fn model_server_signals(models: &[ModelLoad]) -> Registry {
+    let mut registry = Registry::default();
+    let waiting = Family::<ModelLabels, Gauge>::default();
+    let running = Family::<ModelLabels, Gauge>::default();
+    for load in models {
+        let labels = ModelLabels {
+            model_name: load.model.clone(),
+        };
+        waiting
+            .get_or_create(&labels)
+            .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+        running
+            .get_or_create(&labels)
+            .set(i64::try_from(load.running).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "vllm:num_requests_waiting",
+        "Requests waiting in orchestratord's queue for the model (model-server protocol: TotalQueuedRequests)",
+        waiting,
+    );
+    registry.register(
+        "vllm:num_requests_running",
+        "Slots held by leases on the model's pools (model-server protocol: TotalRunningRequests)",
+        running,
+    );
+    registry
 }

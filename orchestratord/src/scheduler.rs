@@ -152,6 +152,8 @@ enum Command {
     Reconfigure(AdmissionConfig),
     /// Answered at once: the actor is alive and working through its inbox.
     Ping(oneshot::Sender<()>),
+    /// Requests waiting in the queue, by model.
+    WaitingByModel(oneshot::Sender<HashMap<String, usize>>),
     /// pool-managerd refused to load a pool the queue asked for (or could not be asked).
     LoadFailed {
         pool: PoolId,
@@ -217,6 +219,15 @@ impl Scheduler {
     pub async fn ping(&self) -> bool {
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Ping(reply)).is_ok() && answer.await.is_ok()
+    }
+
+    /// Requests waiting in the queue, by model (empty if the scheduler is gone).
+    pub async fn waiting_by_model(&self) -> HashMap<String, usize> {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::WaitingByModel(reply)).is_err() {
+            return HashMap::new();
+        }
+        answer.await.unwrap_or_default()
     }
 
     /// Applies the admission limits of a reloaded configuration.
@@ -369,6 +380,13 @@ impl SchedulerActor {
             }
             Command::Ping(reply) => {
                 let _ = reply.send(());
+            }
+            Command::WaitingByModel(reply) => {
+                let mut waiting: HashMap<String, usize> = HashMap::new();
+                for queued in self.queue.payloads() {
+                    *waiting.entry(queued.demand.model.clone()).or_default() += 1;
+                }
+                let _ = reply.send(waiting);
             }
             Command::Reconfigure(config) => {
                 tracing::info!(capacity = config.capacity, policy = ?config.full_policy, "admission limits reloaded");

@@ -6,6 +6,7 @@
 
 use crate::config::{Config, RawConfig};
 use daemon_support::listeners::tcp_listener;
+use daemon_support::logging::LogFormat;
 use daemon_support::systemd::{self, DaemonSignal, InheritedSockets, NotifyState, StopSignals};
 use std::path::PathBuf;
 use tokio::sync::mpsc;
@@ -31,6 +32,10 @@ pub struct Args {
     /// API keys, one per line; overrides the config.
     #[arg(long, env = "ORCHESTRATORD_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// Log lines as text or as one JSON object each (access lines carry the key's name and the
+    /// correlation id either way).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
 }
 
 /// Serves until asked to stop; `Err` is the message it could not start (or serve) with.

@@ -3,7 +3,9 @@
 //! SDK and llama-cpp-python's server (`scripts/python-env.sh test`), and tiny GGUF models generated
 //! by `scripts/make-tiny-model.py` — the one stand-in, since no model can be downloaded here.
 //!
-//! `scripts/test.sh` exports `POOL_TEST_LLAMA_SERVER` and `POOL_TEST_PYTHON`. When they are unset
+//! Also the one tool the tests take from elsewhere: Prometheus's `promtool` ([`promtool`]).
+//!
+//! `scripts/test.sh` exports `POOL_TEST_LLAMA_SERVER`, `POOL_TEST_PYTHON` and `POOL_TEST_PROMTOOL`. When they are unset
 //! (a bare `cargo test`), the scripts are run once per test binary to find or build them (both
 //! cache outside the repository; a cold build takes several minutes and says so on stderr).
 //!
@@ -93,6 +95,12 @@ pub fn python() -> &'static Path {
                 .join("python")
         })
     })
+}
+
+/// Prometheus's `promtool` (`scripts/promtool.sh`: extracted from Debian's package, cached).
+pub fn promtool() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| tool("POOL_TEST_PROMTOOL", || script_output("promtool.sh", &[])))
 }
 
 /// Writes a generated LLaMA GGUF to `out` (`scripts/make-tiny-model.py out args…`).

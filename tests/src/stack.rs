@@ -55,6 +55,7 @@ pub struct StackBuilder {
     api_key: Option<String>,
     startup: Option<Duration>,
     log_filter: Option<String>,
+    orchestrator_args: Vec<String>,
     without_orchestrator: bool,
     engines: Vec<Daemon>,
 }
@@ -97,6 +98,12 @@ impl StackBuilder {
     /// running and stops it last.
     pub fn engine(mut self, engine: Daemon) -> StackBuilder {
         self.engines.push(engine);
+        self
+    }
+    /// More command-line arguments for orchestratord (`--log-format json`).
+    pub fn orchestrator_args(mut self, args: &[&str]) -> StackBuilder {
+        self.orchestrator_args
+            .extend(args.iter().map(|arg| (*arg).to_owned()));
         self
     }
 
@@ -155,6 +162,7 @@ impl StackBuilder {
         if let Some(filter) = &self.log_filter {
             orchestrator = orchestrator.env("RUST_LOG", filter);
         }
+        orchestrator = orchestrator.args(&self.orchestrator_args);
         if let Some(key) = &self.api_key {
             let keys = path.join("api-keys");
             std::fs::write(&keys, format!("{key}\n")).unwrap();

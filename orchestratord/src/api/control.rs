@@ -1,9 +1,11 @@
 //! Pools and control on the native API: `GET /v2/pools`, `GET /v2/pools/{id}/health` (from the
 //! registry mirror; engine addresses are never shown to clients) and `POST
 //! /v2/pools/{id}/drain|reload|load|unload`, forwarded to pool-managerd over its socket (an
-//! operator's load is never withdrawn, unlike the loads the queue asks for).
+//! operator's load is never withdrawn, unlike the loads the queue asks for); and the whole host's
+//! drain, `POST /v2/admin/drain|undrain` (see `drain`).
 
 use crate::app::{AppState, Inbound};
+use crate::drain::HostState;
 use crate::error::ApiError;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -112,4 +114,71 @@ pub async fn load(State(state): State<AppState>, Path(id): Path<String>) -> Resp
 /// its leases end (or at its drain deadline) and the pool shows Unloaded.
 pub async fn unload(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     forwarded(state.pools.unload(&PoolId(id)).await, "unload")
+}
+
+/// The host's drain and undrain take no parameters: an empty body or `{}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostBody {}
+
+fn no_parameters(inbound: &Inbound, op: &str) -> Result<(), ApiError> {
+    if inbound.body.is_empty() {
+        return Ok(());
+    }
+    serde_json::from_slice::<HostBody>(&inbound.body)
+        .map(|_| ())
+        .map_err(|error| ApiError::InvalidParams(format!("invalid {op} request: {error}")))
+}
+
+/// What the host's drain and undrain answer: the state now and before, and the requests still
+/// holding a slot.
+fn host_view(state: &AppState, before: HostState) -> Response {
+    let now = state.host.state();
+    Json(json!({
+        "host": now.name(),
+        "before": before.name(),
+        "in_flight": state.metrics.in_flight.get(),
+    }))
+    .into_response()
+}
+
+/// `POST /v2/admin/drain`: `/readyz` answers 503 from now on and nothing new is admitted;
+/// requests already admitted run to their end. Idempotent.
+pub async fn drain_host(State(state): State<AppState>, inbound: Inbound) -> Response {
+    if let Err(refused) = no_parameters(&inbound, "drain") {
+        return refused.native_response();
+    }
+    let before = state.host.drain();
+    if before == HostState::Serving {
+        tracing::warn!(
+            key = inbound.caller.key.as_deref().unwrap_or("-"),
+            "host drained by the operator: admitting nothing new, running requests finish"
+        );
+        daemon_support::systemd::notify(&[daemon_support::systemd::NotifyState::Status(
+            "drained by the operator: admitting nothing new",
+        )]);
+    }
+    host_view(&state, before)
+}
+
+/// `POST /v2/admin/undrain`: admits again; 503 `SHUTTING_DOWN` once SIGTERM came. Idempotent.
+pub async fn undrain_host(State(state): State<AppState>, inbound: Inbound) -> Response {
+    if let Err(refused) = no_parameters(&inbound, "undrain") {
+        return refused.native_response();
+    }
+    match state.host.undrain() {
+        Ok(before) => {
+            if before == HostState::Drained {
+                tracing::warn!(
+                    key = inbound.caller.key.as_deref().unwrap_or("-"),
+                    "host undrained by the operator: admitting again"
+                );
+                daemon_support::systemd::notify(&[daemon_support::systemd::NotifyState::Status(
+                    "serving",
+                )]);
+            }
+            host_view(&state, before)
+        }
+        Err(_) => ApiError::ShuttingDown.native_response(),
+    }
 }

@@ -1,12 +1,15 @@
 //! `/livez` (the process is up) and `/readyz` (pool-managerd connected, at least one pool
-//! ready, not shutting down), `/metrics`, and the JSON 404 for unknown routes.
+//! ready or loadable, the host neither drained nor shutting down), `/metrics`, and the JSON 404 for unknown routes.
 
 use crate::app::AppState;
+use crate::drain::HostState;
 use crate::error::{ApiError, ErrorShape};
+use crate::metrics::ModelLoad;
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use daemon_support::exposition::Format;
 use pool_ipc::registry::PoolState;
 use serde_json::json;
 
@@ -29,14 +32,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .iter()
         .filter(|pool| matches!(pool.state, PoolState::Unloaded | PoolState::Loading))
         .count();
-    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let host = state.host.state();
     let body = json!({
         "pool_manager_connected": mirror.connected,
         "pools_ready": ready,
         "pools_loadable": loadable,
-        "draining": draining,
+        "draining": host != HostState::Serving,
+        "host": host.name(),
     });
-    let status = if mirror.connected && ready + loadable > 0 && !draining {
+    let status = if mirror.connected && ready + loadable > 0 && host == HostState::Serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -44,8 +48,36 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    let connected = state.mirror.borrow().connected;
+/// `/metrics` in the format the scraper asks for (`daemon_support::exposition`), with the
+/// model-server signals of every model the registry knows.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let mut waiting = state.scheduler.waiting_by_model().await;
+    let (connected, mut models) = {
+        let mirror = state.mirror.borrow();
+        let mut models: Vec<ModelLoad> = Vec::new();
+        for pool in &mirror.snapshot.pools {
+            let running = u64::from(pool.active_leases());
+            match models.iter_mut().find(|load| load.model == pool.model) {
+                Some(load) => load.running += running,
+                None => models.push(ModelLoad {
+                    model: pool.model.clone(),
+                    waiting: 0,
+                    running,
+                }),
+            }
+        }
+        (mirror.connected, models)
+    };
+    for load in &mut models {
+        load.waiting = waiting
+            .remove(&load.model)
+            .map_or(0, |count| u64::try_from(count).unwrap_or(u64::MAX));
+    }
     state.metrics.sidecar_connected.set(i64::from(connected));
     let sessions = state.sessions.remembered();
     state
@@ -53,11 +85,8 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .sessions
         .set(i64::try_from(sessions).unwrap_or(i64::MAX));
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.render(format, &models),
     )
         .into_response()
 }

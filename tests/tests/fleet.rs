@@ -1,0 +1,391 @@
+//! A host as one endpoint of a fleet, end to end: the load signals a fleet's endpoint picker
+//! scrapes from /metrics (in both exposition formats, read with the Prometheus reference parsers
+//! and promtool), the operator's drain of the whole host, and access lines that name the key,
+//! the correlation id and the client a trusted balancer forwarded for. pool-managerd supervises
+//! engine doubles (fake llama-servers); orchestratord runs for real.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code; a panic is the failure report"
+)]
+
+use e2e::real_engine::{promtool, python};
+use e2e::stack::{Stack, double_pool};
+use e2e::{http, temp_dir};
+use serde_json::{Value, json};
+use std::io::{BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+const INFERENCE_KEY: &str = "sk-alice-0123456789abcdef";
+const ADMIN_KEY: &str = "sk-ops-0123456789abcdef01";
+
+/// orchestratord's key file: `alice` (inference) and `ops` (admin).
+fn key_file(dir: &std::path::Path) -> String {
+    let path = dir.join("keys");
+    std::fs::write(
+        &path,
+        format!("alice inference {INFERENCE_KEY}\nops admin {ADMIN_KEY}\n"),
+    )
+    .unwrap();
+    format!("api_keys_file = {:?}\n", path.display().to_string())
+}
+
+fn bearer(key: &str) -> (&'static str, String) {
+    ("Authorization", format!("Bearer {key}"))
+}
+
+fn chat(max_tokens: u32) -> Value {
+    json!({
+        "model": "double",
+        "messages": [{"role": "user", "content": "say something nice"}],
+        "max_tokens": max_tokens,
+        "stream": true,
+    })
+}
+
+/// Opens a streamed chat; the connection after the head, the status and the head.
+fn open_chat(
+    addr: &str,
+    key: &str,
+    max_tokens: u32,
+    more: &[(&str, &str)],
+) -> (BufReader<http::Stream>, u16, String) {
+    let (name, value) = bearer(key);
+    let mut headers = vec![(name, value.as_str())];
+    headers.extend_from_slice(more);
+    let body = chat(max_tokens).to_string();
+    http::open(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        Some(("application/json", body.as_bytes())),
+        WAIT,
+    )
+    .unwrap()
+}
+
+/// Reads a stream to its end: the chunks with content, and whether `[DONE]` came last.
+fn read_stream(mut reader: BufReader<http::Stream>) -> (usize, bool) {
+    let mut tokens = 0;
+    while let Some(data) = http::next_sse_data(&mut reader) {
+        if data == "[DONE]" {
+            return (tokens, true);
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if chunk["choices"][0]["delta"]["content"].is_string() {
+            tokens += 1;
+        }
+    }
+    (tokens, false)
+}
+
+/// An admin POST with an empty JSON body; status and JSON answer.
+fn admin_post(addr: &str, key: &str, path: &str, body: &str) -> (u16, Value) {
+    let (name, value) = bearer(key);
+    let reply = http::request_with_headers(
+        addr,
+        "POST",
+        path,
+        &[(name, value.as_str())],
+        Some(("application/json", body.as_bytes())),
+        WAIT,
+    )
+    .unwrap();
+    (reply.status, reply.json())
+}
+
+#[test]
+fn draining_the_host_turns_readyz_away_at_once_refuses_new_requests_and_lets_running_streams_finish()
+ {
+    let keys = temp_dir();
+    let stack = Stack::builder()
+        .pool(&double_pool("p", "double", 2, &["--token-delay-ms", "20"]))
+        .orchestrator(&key_file(keys.path()))
+        .start();
+    let addr = stack.api();
+    let (status, answer) = admin_post(&addr, INFERENCE_KEY, "/v2/admin/drain", "");
+    assert_eq!(status, 403, "an inference key drained the host: {answer}");
+    assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 200);
+
+    let (reader, status, _) = open_chat(&addr, INFERENCE_KEY, 40, &[]);
+    assert_eq!(status, 200);
+    let running = std::thread::spawn(move || read_stream(reader));
+    stack.wait_for_leases("p", 1);
+
+    let (status, answer) = admin_post(&addr, ADMIN_KEY, "/v2/admin/drain", "{}");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["host"], "drained", "{answer}");
+    assert_eq!(answer["before"], "serving", "{answer}");
+    assert_eq!(answer["in_flight"], 1, "{answer}");
+    let ready = http::get(&addr, "/readyz", WAIT).unwrap();
+    assert_eq!(ready.status, 503, "readyz still 200 right after the drain");
+    assert_eq!(ready.json()["host"], "drained");
+
+    let (mut refused, status, head) = open_chat(&addr, INFERENCE_KEY, 4, &[]);
+    assert_eq!(status, 503, "a drained host admitted a request: {head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "no Retry-After: {head}"
+    );
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut refused, &mut body).unwrap();
+    assert!(body.contains("host_draining"), "{body}");
+
+    assert_eq!(
+        running.join().unwrap(),
+        (40, true),
+        "the stream running at the drain was cut off"
+    );
+    let (status, answer) = admin_post(&addr, ADMIN_KEY, "/v2/admin/drain", "{\"now\": true}");
+    assert_eq!(status, 400, "a drain with unknown parameters: {answer}");
+
+    let (status, answer) = admin_post(&addr, ADMIN_KEY, "/v2/admin/undrain", "");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (&answer["host"], &answer["before"]),
+        (&json!("serving"), &json!("drained"))
+    );
+    assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 200);
+    let (reader, status, _) = open_chat(&addr, INFERENCE_KEY, 3, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(read_stream(reader), (3, true));
+}
+
+/// The samples of one exposition `text`, as the Prometheus Python client's reference parser for
+/// `format` (`text` 0.0.4 or `openmetrics`) reads them: `{sample name: [[labels, value]…]}`.
+fn parse_exposition(format: &str, text: &str) -> Value {
+    let program = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families as text_parser
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parser
+parse = om_parser if sys.argv[1] == "openmetrics" else text_parser
+samples = {}
+for family in parse(sys.stdin.read()):
+    for sample in family.samples:
+        samples.setdefault(sample.name, []).append([sample.labels, sample.value])
+print(json.dumps(samples))
+"#;
+    let mut child = Command::new(python())
+        .args(["-c", program, format])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the {format} parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// A sample's value for `model_name="double"`.
+fn model_value(samples: &Value, name: &str) -> Option<f64> {
+    samples[name]
+        .as_array()?
+        .iter()
+        .find(|sample| sample[0]["model_name"] == "double")
+        .and_then(|sample| sample[1].as_f64())
+}
+
+/// `/metrics` asked for as Prometheus asks (OpenMetrics preferred) or as curl does.
+fn scrape(addr: &str, accept: &str) -> http::Reply {
+    http::request_with_headers(addr, "GET", "/metrics", &[("Accept", accept)], None, WAIT).unwrap()
+}
+
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,\
+                                 text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+
+#[test]
+fn model_server_signals_count_waiting_and_running_requests_in_both_exposition_formats() {
+    let stack = Stack::builder()
+        .pool(&double_pool("p", "double", 4, &["--token-delay-ms", "50"]))
+        .start();
+    let addr = stack.api();
+    let streams: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = chat(40).to_string();
+                let (reader, status, _) = http::open(
+                    &addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &[],
+                    Some(("application/json", body.as_bytes())),
+                    Duration::from_secs(60),
+                )
+                .unwrap();
+                assert_eq!(status, 200);
+                read_stream(reader)
+            })
+        })
+        .collect();
+    let mut loaded = None;
+    stack.wait_for("6 waiting and 4 running in the text form", || {
+        let reply = scrape(&addr, "*/*");
+        let samples = parse_exposition("text", &reply.text());
+        let counts = (
+            model_value(&samples, "vllm:num_requests_waiting"),
+            model_value(&samples, "vllm:num_requests_running"),
+        );
+        let done = counts == (Some(6.0), Some(4.0));
+        if done {
+            loaded = Some(reply);
+        }
+        done
+    });
+    let text = loaded.unwrap();
+    assert_eq!(
+        text.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let openmetrics = scrape(&addr, PROMETHEUS_ACCEPT);
+    assert_eq!(
+        openmetrics.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let samples = parse_exposition("openmetrics", &openmetrics.text());
+    assert_eq!(
+        (
+            model_value(&samples, "vllm:num_requests_waiting"),
+            model_value(&samples, "vllm:num_requests_running"),
+        ),
+        (Some(6.0), Some(4.0)),
+        "the OpenMetrics form disagrees: {}",
+        openmetrics.text()
+    );
+    // orchestratord's own series read the same in both forms.
+    for (form, samples) in [
+        ("text", parse_exposition("text", &text.text())),
+        ("openmetrics", samples),
+    ] {
+        assert_eq!(
+            samples["orchestratord_sidecar_connected"][0][1].as_f64(),
+            Some(1.0),
+            "{form}"
+        );
+        assert_eq!(
+            samples["orchestratord_in_flight"][0][1].as_f64(),
+            Some(4.0),
+            "{form}"
+        );
+    }
+
+    let lint = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.text().as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let complaints =
+        String::from_utf8_lossy(&lint.stderr).to_string() + &String::from_utf8_lossy(&lint.stdout);
+    let unexpected: Vec<&str> = complaints
+        .lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with("vllm:"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "promtool check metrics: {complaints}\n{}",
+        text.text()
+    );
+
+    for stream in streams {
+        assert_eq!(stream.join().unwrap(), (40, true));
+    }
+    let samples = parse_exposition("text", &scrape(&addr, "*/*").text());
+    assert_eq!(
+        (
+            model_value(&samples, "vllm:num_requests_waiting"),
+            model_value(&samples, "vllm:num_requests_running"),
+        ),
+        (Some(0.0), Some(0.0))
+    );
+}
+
+/// orchestratord's JSON access lines (target `access`) so far.
+fn access_lines(stack: &Stack) -> Vec<Value> {
+    stack
+        .orchestrator()
+        .stderr()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .map(|line| line["fields"].clone())
+        .collect()
+}
+
+#[test]
+fn access_lines_name_the_key_the_correlation_id_and_the_client_a_trusted_balancer_forwarded_for() {
+    for trusted in [true, false] {
+        let keys = temp_dir();
+        let mut toml = key_file(keys.path());
+        if trusted {
+            toml.push_str("trusted_proxies = [\"127.0.0.0/8\"]\n");
+        }
+        let stack = Stack::builder()
+            .pool(&double_pool("p", "double", 1, &[]))
+            .orchestrator(&toml)
+            .orchestrator_args(&["--log-format", "json"])
+            .start();
+        let (reader, status, _) = open_chat(
+            &stack.api(),
+            INFERENCE_KEY,
+            2,
+            &[
+                ("X-Forwarded-For", "198.51.100.7, 203.0.113.9"),
+                ("X-Correlation-Id", "fleet-corr-1"),
+            ],
+        );
+        assert_eq!(status, 200);
+        assert_eq!(read_stream(reader), (2, true));
+        let (reader, status, _) = open_chat(&stack.api(), "sk-nobody-0123456789abcdef", 2, &[]);
+        assert_eq!(status, 401);
+        drop(reader);
+        let mut lines = Vec::new();
+        stack.wait_for("two access lines", || {
+            lines = access_lines(&stack);
+            lines.len() >= 2
+        });
+        let served = lines
+            .iter()
+            .find(|line| line["correlation_id"] == "fleet-corr-1")
+            .unwrap_or_else(|| panic!("no access line for the request: {lines:?}"));
+        assert_eq!(served["key"], "alice", "{served}");
+        assert_eq!(served["status"], 200, "{served}");
+        assert_eq!(served["method"], "POST", "{served}");
+        assert_eq!(served["path"], "/v1/chat/completions", "{served}");
+        let client = if trusted { "203.0.113.9" } else { "127.0.0.1" };
+        assert_eq!(
+            served["client"], client,
+            "trusted balancer {trusted}: {served}"
+        );
+        let refused = lines
+            .iter()
+            .find(|line| line["status"] == 401)
+            .unwrap_or_else(|| panic!("no access line for the refusal: {lines:?}"));
+        assert_eq!(refused["key"], "-", "{refused}");
+    }
+}
