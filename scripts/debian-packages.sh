@@ -8,6 +8,8 @@
 #   python3-venv    the Python venvs of scripts/python-env.sh (model generator, openai SDK)
 #   systemd         (--tests) systemd-analyze, -sysusers, -tmpfiles and -socket-activate for the
 #                   tests of the units and of socket activation; nothing is started
+#   haproxy         (--tests) the balancer of the fleet test (tests/tests/fleet.rs runs
+#                   deploy/haproxy/haproxy.cfg); Debian enables its service with an empty config
 set -euo pipefail
 
 missing=()
@@ -17,6 +19,7 @@ command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${1:-}" = "--tests" ]; then
     command -v systemd-analyze >/dev/null || missing+=(systemd)
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 fi
 [ "${#missing[@]}" -eq 0 ] && exit 0
 

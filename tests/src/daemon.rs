@@ -232,6 +232,12 @@ impl DaemonBuilder {
         daemon
     }
 
+    /// Spawns a program that prints no `READY` line (a third-party daemon such as HAProxy); the
+    /// caller waits for it to serve in its own way. Stopped like any [`Daemon`] when dropped.
+    pub fn start_unannounced(self) -> Daemon {
+        self.spawn()
+    }
+
     /// Runs the program to completion and returns its status and output. Panics, with the output so
     /// far, if it is still running after `timeout` (it is then killed and reaped). Needs no `READY`.
     pub fn run_to_exit(self, timeout: Duration) -> RunOutput {

@@ -56,6 +56,7 @@ pub struct StackBuilder {
     startup: Option<Duration>,
     log_filter: Option<String>,
     orchestrator_args: Vec<String>,
+    listen: Option<String>,
     without_orchestrator: bool,
     engines: Vec<Daemon>,
 }
@@ -100,6 +101,13 @@ impl StackBuilder {
         self.engines.push(engine);
         self
     }
+    /// orchestratord's listen address (default `127.0.0.1:0`), e.g. `127.0.0.2:0` for a second
+    /// host on a loopback alias.
+    pub fn listen(mut self, address: &str) -> StackBuilder {
+        self.listen = Some(address.to_owned());
+        self
+    }
+
     /// More command-line arguments for orchestratord (`--log-format json`).
     pub fn orchestrator_args(mut self, args: &[&str]) -> StackBuilder {
         self.orchestrator_args
@@ -156,7 +164,7 @@ impl StackBuilder {
         let mut orchestrator = DaemonBuilder::new(binary("orchestratord"))
             .name("orchestratord")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--socket")
             .arg(socket_path(path));
         if let Some(filter) = &self.log_filter {
