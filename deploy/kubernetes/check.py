@@ -8,11 +8,15 @@ installed (`pip install kubernetes-validate`), every document is also validated,
 fields are errors), against the Kubernetes OpenAPI schemas that package bundles.
 
 What it checks: every YAML document parses and has apiVersion, kind and metadata.name; the
-kustomization lists every manifest; the Deployment's selector, volumes, mounts, probes, GPU request
+kustomization lists every manifest (and the inference-pool/ overlay's lists the base and its own); the Deployment's selector, volumes, mounts, probes, GPU request
 and security context hang together; the Service selects the pod and targets a named container port;
 the TOML configs in the ConfigMaps parse, use only keys orchestratord knows, and name the paths the
-containers mount. Not checked: anything only a cluster can tell (admission, the NVIDIA device plugin,
-images, the Secret and the PVC, which the operator provides).
+containers mount. The inference-pool/ overlay: its InferencePool selects the pods (their labels
+with the overlay's), targets orchestratord's port, names an endpoint picker, and /metrics stays
+reachable without a key for the picker; its HTTPRoute sends to that InferencePool. InferencePool
+and HTTPRoute are CRDs that kubernetes-validate has no schema for: only these structural checks
+apply to them. Not checked: anything only a cluster can tell (admission, the NVIDIA device plugin,
+images, the Secret and the PVC, which the operator provides; a gateway and its endpoint picker).
 """
 
 import sys
@@ -41,9 +45,13 @@ def check(condition, message):
         failures.append(message)
 
 
-def load_documents():
+# Kinds defined by CRDs, which kubernetes-validate bundles no schema for.
+CUSTOM_KINDS = {"InferencePool", "HTTPRoute"}
+
+
+def load_documents(folder=HERE):
     documents = {}
-    for path in sorted(HERE.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             if document is None:
                 continue
@@ -189,15 +197,57 @@ def schema_validate(documents):
     except ImportError:
         print("kubernetes-validate not installed: schema validation skipped")
         return
+    validated, custom = 0, []
     for file, docs in documents.items():
         for document in docs:
             if document.get("kind") == "Kustomization":
                 continue
+            if document.get("kind") in CUSTOM_KINDS:
+                custom.append(f"{file}: {document['kind']}")
+                continue
             try:
                 kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+                validated += 1
             except kubernetes_validate.ValidationError as error:
                 check(False, f"{file}: {document['kind']} fails the schema: {error.message} at {list(error.path)}")
-    print(f"schema-validated against Kubernetes {kubernetes_validate.latest_version()} (strict)")
+    print(f"schema-validated {validated} documents against Kubernetes {kubernetes_validate.latest_version()} (strict)"
+          + (f"; no bundled schema, structural checks only: {', '.join(custom)}" if custom else ""))
+
+
+def check_inference_pool(overlay, labels, ports, configs):
+    kustomization = find(overlay, "Kustomization")
+    listed = set(kustomization.get("resources", []))
+    manifests = {name for name in overlay if name != "kustomization.yaml"}
+    check(listed == manifests | {"../"}, f"inference-pool kustomization lists {sorted(listed)}")
+    added = {}
+    for entry in kustomization.get("labels", []):
+        check(entry.get("includeSelectors") is False, "inference-pool: a label would change the Deployment's selector")
+        if entry.get("includeTemplates"):
+            added.update(entry.get("pairs", {}))
+    pod_labels = {**labels, **added}
+    for replica in kustomization.get("replicas", []):
+        check(replica.get("name") == "llm-host", f"inference-pool: replicas of unknown {replica.get('name')}")
+
+    pool = find(overlay, "InferencePool", "llm-host")
+    check(pool.get("apiVersion") == "inference.networking.k8s.io/v1", "InferencePool: not inference.networking.k8s.io/v1")
+    spec = pool.get("spec", {})
+    selector = spec.get("selector", {}).get("matchLabels", {})
+    check(selector and selector.items() <= pod_labels.items(), "InferencePool: its selector does not match the pods")
+    targets = [port.get("number") for port in spec.get("targetPorts", [])]
+    check(targets == [ports.get("http")], f"InferencePool: targetPorts {targets} are not orchestratord's port {ports.get('http')}")
+    picker = spec.get("endpointPickerRef", {})
+    check(picker.get("name") and picker.get("port", {}).get("number"), "InferencePool: no endpoint picker name and port")
+    check(picker.get("failureMode", "FailClose") in {"FailOpen", "FailClose"}, "InferencePool: unknown failureMode")
+    open_paths = configs.get("orchestratord-config", {}).get("open_paths", ["/livez", "/readyz", "/metrics"])
+    check("/metrics" in open_paths, "orchestratord config: /metrics needs a key, the endpoint picker cannot scrape it")
+
+    route = find(overlay, "HTTPRoute", "llm-host")
+    check(route.get("apiVersion") == "gateway.networking.k8s.io/v1", "HTTPRoute: not gateway.networking.k8s.io/v1")
+    backends = [ref for rule in route.get("spec", {}).get("rules", []) for ref in rule.get("backendRefs", [])]
+    check(backends and all(ref.get("group") == "inference.networking.k8s.io" and ref.get("kind") == "InferencePool"
+                           and ref.get("name") == pool.get("metadata", {}).get("name") for ref in backends),
+          "HTTPRoute: its backends are not the InferencePool")
+    check(route.get("spec", {}).get("parentRefs"), "HTTPRoute: no parent Gateway")
 
 
 def main():
@@ -206,13 +256,16 @@ def main():
     configs = load_configs(documents)
     labels, ports = check_deployment(documents, configs)
     check_service(documents, labels, ports)
+    overlay = load_documents(HERE / "inference-pool")
+    check_inference_pool(overlay, labels, ports, configs)
     schema_validate(documents)
+    schema_validate({f"inference-pool/{name}": docs for name, docs in overlay.items()})
     for failure in failures:
         print(f"FAIL {failure}")
-    count = sum(len(docs) for docs in documents.values())
+    count = sum(len(docs) for docs in documents.values()) + sum(len(docs) for docs in overlay.values())
     if failures:
         sys.exit(1)
-    print(f"ok: {count} documents in {len(documents)} files")
+    print(f"ok: {count} documents in {len(documents) + len(overlay)} files")
 
 
 if __name__ == "__main__":
