@@ -52,6 +52,8 @@ pub struct AppState {
     pub models_seen: Arc<ModelsSeen>,
     /// Whether new requests are admitted (the operator's drain, SIGTERM).
     pub host: Arc<crate::drain::HostDrain>,
+    /// Per-key limits and usage.
+    pub tenants: Arc<crate::tenants::Tenants>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -114,6 +116,8 @@ pub fn router(state: AppState) -> Router {
             "/v2/sessions/{id}",
             get(tasks::session).delete(tasks::delete_session),
         )
+        .route("/v2/usage", get(control::usage))
+        .route("/v2/admin/metrics", get(health::admin_metrics))
         .route("/v2/admin/drain", post(control::drain_host))
         .route("/v2/admin/undrain", post(control::undrain_host))
         .route("/v2/pools", get(control::pools))
@@ -196,8 +200,8 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 /// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
 /// configured open paths pass without one. The caller's role must allow the route: the
-/// operator's routes (the host's drain and undrain; a pool's drain, reload, load, unload) need an
-/// admin key. Every POST must say it
+/// operator's routes (usage, the admin metrics view, the host's drain and undrain; a pool's drain,
+/// reload, load, unload) need an admin key. Every POST must say it
 /// carries JSON: a browser cannot send that cross-site without asking first (a form or a "simple"
 /// fetch can only send `text/plain`, a form encoding or `multipart/form-data`), so a web page can
 /// neither run inference on nor drive a daemon on the visitor's host.
@@ -239,14 +243,16 @@ async fn require_key(State(state): State<AppState>, mut request: Request, next: 
     response
 }
 
-/// The operator's routes: draining the host, draining, reloading, loading and unloading pools.
+/// The operator's routes: usage per key, the metrics with per-key series, draining the host;
+/// draining, reloading, loading and unloading pools.
 fn is_operators(method: &Method, path: &str) -> bool {
-    method == Method::POST
-        && (path.starts_with("/v2/admin/")
-            || path.starts_with("/v2/pools/")
-                && ["/drain", "/reload", "/load", "/unload"]
-                    .iter()
-                    .any(|action| path.ends_with(action)))
+    path == "/v2/usage"
+        || path.starts_with("/v2/admin/")
+        || method == Method::POST
+            && path.starts_with("/v2/pools/")
+            && ["/drain", "/reload", "/load", "/unload"]
+                .iter()
+                .any(|action| path.ends_with(action))
 }
 
 /// `Content-Type: application/json` or another JSON type (`application/<anything>+json`), with or

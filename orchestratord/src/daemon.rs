@@ -12,6 +12,7 @@ use crate::drain::HostDrain;
 use crate::metrics::Metrics;
 use crate::scheduler::Scheduler;
 use crate::sessions::SessionStore;
+use crate::tenants::Tenants;
 use daemon_support::http_server;
 use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::client::{ClientConfig, PoolClient};
@@ -62,6 +63,7 @@ pub async fn run(
     let mirror = pools.follow();
     let metrics = Arc::new(Metrics::new());
     let host = Arc::new(HostDrain::default());
+    let tenants = Arc::new(Tenants::new(&config.api_keys));
     let scheduler = Scheduler::start(
         pools.clone(),
         mirror.clone(),
@@ -82,10 +84,11 @@ pub async fn run(
         sessions,
         models_seen: Arc::default(),
         host: Arc::clone(&host),
+        tenants: Arc::clone(&tenants),
     };
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
-            apply_reload(&live, &scheduler, new, local);
+            apply_reload(&live, &scheduler, &tenants, new, local);
         }
     });
     tracing::info!(%local, socket = %socket.display(), "orchestratord listening");
@@ -117,7 +120,13 @@ pub async fn run(
     Ok(())
 }
 
-fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config, local: SocketAddr) {
+fn apply_reload(
+    live: &LiveConfig,
+    scheduler: &Scheduler,
+    tenants: &Tenants,
+    new: Config,
+    local: SocketAddr,
+) {
     if !local.ip().is_loopback() && new.api_keys.is_empty() {
         tracing::error!(%local, "reload refused: it removes every API key while serving a non-loopback address; nothing changed");
         systemd::notify(&[
@@ -139,6 +148,7 @@ fn apply_reload(live: &LiveConfig, scheduler: &Scheduler, new: Config, local: So
         );
     }
     scheduler.reconfigure(new.admission.clone());
+    tenants.apply(&new.api_keys);
     live.replace(new);
     tracing::info!("configuration reloaded");
     systemd::notify(&[

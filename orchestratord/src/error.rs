@@ -46,6 +46,17 @@ pub enum ApiError {
     PoolNotFound(String),
     #[error("the queue is full; retry later")]
     QueueFull { retry_after: Duration },
+    /// A key over one of its limits (the key file's `concurrency`, `rpm` or `tpm`).
+    #[error("key {key:?} is over its limit of {limit}; retry later")]
+    KeyLimit {
+        key: String,
+        /// The limit in words, with its value ("60 requests per minute").
+        limit: String,
+        retry_after: Duration,
+    },
+    /// A key whose `models` setting does not name the model asked for.
+    #[error("key {key:?} may not use model {model:?}")]
+    ModelNotAllowed { key: String, model: String },
     #[error("dropped from the full queue to make room for newer work")]
     DroppedFromQueue,
     #[error("the request's deadline passed before it could start")]
@@ -219,8 +230,10 @@ impl ApiError {
             | ApiError::SessionNotFound(_)
             | ApiError::PoolNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::QueueFull { .. }
+            | ApiError::KeyLimit { .. }
             | ApiError::DroppedFromQueue
             | ApiError::SessionBudget(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::DeadlineUnmet | ApiError::DecodeTimeout(_) | ApiError::ResponseTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -272,6 +285,8 @@ impl ApiError {
             ApiError::SessionNotFound(_) => "SESSION_NOT_FOUND",
             ApiError::PoolNotFound(_) => "POOL_NOT_FOUND",
             ApiError::QueueFull { .. } => "ADMISSION_REJECT",
+            ApiError::KeyLimit { .. } => "KEY_LIMIT_EXCEEDED",
+            ApiError::ModelNotAllowed { .. } => "MODEL_NOT_ALLOWED",
             ApiError::DroppedFromQueue => "QUEUE_FULL_DROP_LRU",
             ApiError::DeadlineUnmet => "DEADLINE_UNMET",
             ApiError::PoolUnready(_) => "POOL_UNREADY",
@@ -312,6 +327,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::QueueFull { retry_after }
+            | ApiError::KeyLimit { retry_after, .. }
             | ApiError::PoolUnavailable { retry_after }
             | ApiError::ModelLoadFailed { retry_after, .. } => Some(*retry_after),
             ApiError::PoolUnready(_) | ApiError::HostDraining | ApiError::ShuttingDown => {
@@ -319,6 +335,7 @@ impl ApiError {
             }
             ApiError::PoolManagerRefused { .. } if self.retriable() => Some(Duration::from_secs(1)),
             ApiError::ModelNeverFits { .. }
+            | ApiError::ModelNotAllowed { .. }
             | ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
@@ -351,6 +368,7 @@ impl ApiError {
     pub fn retriable(&self) -> bool {
         match self {
             ApiError::QueueFull { .. }
+            | ApiError::KeyLimit { .. }
             | ApiError::DroppedFromQueue
             | ApiError::PoolUnready(_)
             | ApiError::ModelLoadFailed { .. }
@@ -364,6 +382,7 @@ impl ApiError {
             ApiError::PoolManagerRefused { .. } => self.status() == StatusCode::SERVICE_UNAVAILABLE,
             ApiError::EngineRejected { status, .. } => *status == 503 || *status == 429,
             ApiError::ModelNeverFits { .. }
+            | ApiError::ModelNotAllowed { .. }
             | ApiError::InvalidParams(_)
             | ApiError::BodyTooLarge { .. }
             | ApiError::BodyTimeout(_)
@@ -399,13 +418,14 @@ impl ApiError {
             | ApiError::SessionNotFound(_)
             | ApiError::PoolNotFound(_) => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
-            ApiError::AdminOnly => "permission_error",
+            ApiError::AdminOnly | ApiError::ModelNotAllowed { .. } => "permission_error",
             ApiError::PoolManagerRefused { .. } | ApiError::EngineRejected { .. }
                 if self.status().is_client_error() =>
             {
                 "invalid_request_error"
             }
             ApiError::QueueFull { .. }
+            | ApiError::KeyLimit { .. }
             | ApiError::DroppedFromQueue
             | ApiError::SessionBudget(_) => "rate_limit_error",
             ApiError::DeadlineUnmet
@@ -693,6 +713,15 @@ mod tests {
             ApiError::Cancelled,
             ApiError::Unattended(Duration::from_secs(1)),
             ApiError::SessionBudget("s".into()),
+            ApiError::KeyLimit {
+                key: "k".into(),
+                limit: "1 requests per minute".into(),
+                retry_after: Duration::from_secs(30),
+            },
+            ApiError::ModelNotAllowed {
+                key: "k".into(),
+                model: "m".into(),
+            },
             ApiError::HostDraining,
             ApiError::ShuttingDown,
             ApiError::Internal("x".into()),

@@ -5,7 +5,8 @@
 //! `lifecycle` (one request's life, the same for every endpoint), `scheduler` (the queue's owner:
 //! admission → placement → lease), `admission` (the pure queue), `placement` (choosing a pool
 //! from the registry mirror), `adapters` (talking to engines), `json_object` (top-level JSON edits
-//! that keep every other byte), `keys` (API keys and their roles), `drain` (whether the host
+//! that keep every other byte), `keys` (API keys, their roles and limits), `tenants` (per-key
+//! limits and usage), `drain` (whether the host
 //! takes new requests), `config`, `error` (every failure's status and shape).
 
 pub mod adapters;
@@ -27,5 +28,6 @@ pub mod sessions;
 pub mod sse;
 pub mod startup;
 pub mod tasks;
+pub mod tenants;
 
 pub use daemon::run;

@@ -28,6 +28,7 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::placement::{self, NoPlacement, PlacementHints, SlotNeed, Wanted};
 use crate::scheduler::{Demand, Placed, Ticket};
 use crate::sse::{self, StreamFormat};
+use crate::tenants::TenantPermit;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -183,20 +184,32 @@ pub struct Lifecycle {
     retries: u32,
     /// Set once an engine event has gone to the caller: from then on a failure is final.
     answer_began: bool,
+    /// The request's place in its key's limits (`tenants`), until it ends.
+    tenant: Option<TenantPermit>,
 }
 
 impl Lifecycle {
     /// Admits `exchange` (or says at once why not: the host drained or shutting down, queue full,
     /// unknown model or API, pool-manager down, session over budget). A request that takes no slot is placed on a ready pool here.
-    pub async fn admit(state: &AppState, exchange: Exchange) -> Result<Lifecycle, ApiError> {
+    pub async fn admit(state: &AppState, mut exchange: Exchange) -> Result<Lifecycle, ApiError> {
         let received = Instant::now();
         let admitted = match state.host.state() {
-            HostState::Serving => Self::place_or_queue(state, &exchange).await,
+            HostState::Serving => match state.tenants.admit(&exchange.caller, &exchange.model) {
+                Ok(tenant) => {
+                    if let Some(class) = tenant.as_ref().and_then(|tenant| tenant.class) {
+                        exchange.priority = class;
+                    }
+                    Self::place_or_queue(state, &exchange)
+                        .await
+                        .map(|phase| (phase, tenant))
+                }
+                Err(refused) => Err(refused),
+            },
             HostState::Drained => Err(ApiError::HostDraining),
             HostState::ShuttingDown => Err(ApiError::ShuttingDown),
         };
-        let phase = match admitted {
-            Ok(phase) => phase,
+        let (phase, tenant) = match admitted {
+            Ok(admitted) => admitted,
             Err(error) => {
                 state.metrics.reject(error.code());
                 return Err(error);
@@ -214,6 +227,7 @@ impl Lifecycle {
             ending_lease: None,
             retries: 0,
             answer_began: false,
+            tenant,
         })
     }
 
@@ -645,6 +659,12 @@ impl Lifecycle {
                     .tokens_out
                     .inc_by(self.completion_tokens.unwrap_or(0));
                 Metrics::observe(&metrics.request_duration, self.received.elapsed());
+                if let Some(tenant) = &self.tenant {
+                    tenant.charge(
+                        self.prompt_tokens.unwrap_or(0),
+                        self.completion_tokens.unwrap_or(0),
+                    );
+                }
             }
             Ending::Failed => {
                 Metrics::observe(&metrics.request_duration, self.received.elapsed());
@@ -653,6 +673,8 @@ impl Lifecycle {
                 metrics.cancellations.inc();
             }
         }
+        // The key's running count frees with the request, not with its connection.
+        self.tenant = None;
         if let Some(session) = &self.exchange.session {
             let used = match ending {
                 Ending::Completed => {

@@ -2,7 +2,8 @@
 //! registry mirror; engine addresses are never shown to clients) and `POST
 //! /v2/pools/{id}/drain|reload|load|unload`, forwarded to pool-managerd over its socket (an
 //! operator's load is never withdrawn, unlike the loads the queue asks for); and the whole host's
-//! drain, `POST /v2/admin/drain|undrain` (see `drain`).
+//! drain, `POST /v2/admin/drain|undrain` (see `drain`); usage per key, `GET /v2/usage` (see
+//! `tenants`).
 
 use crate::app::{AppState, Inbound};
 use crate::drain::HostState;
@@ -181,4 +182,10 @@ pub async fn undrain_host(State(state): State<AppState>, inbound: Inbound) -> Re
         }
         Err(_) => ApiError::ShuttingDown.native_response(),
     }
+}
+
+/// `GET /v2/usage` (admin key): every named key's requests, tokens as engines reported them,
+/// running requests and refusals by limit.
+pub async fn usage(State(state): State<AppState>) -> Json<Value> {
+    Json(state.tenants.usage())
 }

@@ -48,18 +48,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `/metrics` in the format the scraper asks for (`daemon_support::exposition`), with the
-/// model-server signals of every model the registry knows.
-pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let format = Format::negotiate(
-        headers
-            .get(header::ACCEPT)
-            .and_then(|value| value.to_str().ok()),
-    );
+/// Every model the registry knows, with its requests waiting here and slots held by leases; and
+/// the gauges read when scraped (pool-managerd connected, sessions remembered) brought up to date.
+async fn scraped(state: &AppState) -> Vec<ModelLoad> {
     let mut waiting = state.scheduler.waiting_by_model().await;
-    let (connected, mut models) = {
+    let mut models: Vec<ModelLoad> = Vec::new();
+    let connected = {
         let mirror = state.mirror.borrow();
-        let mut models: Vec<ModelLoad> = Vec::new();
         for pool in &mirror.snapshot.pools {
             let running = u64::from(pool.active_leases());
             match models.iter_mut().find(|load| load.model == pool.model) {
@@ -71,7 +66,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
                 }),
             }
         }
-        (mirror.connected, models)
+        mirror.connected
     };
     for load in &mut models {
         load.waiting = waiting
@@ -84,9 +79,40 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         .metrics
         .sessions
         .set(i64::try_from(sessions).unwrap_or(i64::MAX));
+    models
+}
+
+/// The format a scraper's `Accept` asks for.
+fn negotiated(headers: &HeaderMap) -> Format {
+    Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    )
+}
+
+/// `/metrics` in the format the scraper asks for (`daemon_support::exposition`), with the
+/// model-server signals of every model the registry knows.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let format = negotiated(&headers);
+    let models = scraped(&state).await;
     (
         [(header::CONTENT_TYPE, format.content_type())],
         state.metrics.render(format, &models),
+    )
+        .into_response()
+}
+
+/// `GET /v2/admin/metrics` (admin key): `/metrics` with the per-key series (`tenants`), which
+/// the open view never shows.
+pub async fn admin_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let format = negotiated(&headers);
+    let models = scraped(&state).await;
+    let mut text = state.metrics.render(Format::OpenMetrics, &models);
+    text.push_str(&state.tenants.render());
+    (
+        [(header::CONTENT_TYPE, format.content_type())],
+        format.render(&text),
     )
         .into_response()
 }
