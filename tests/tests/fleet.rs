@@ -128,6 +128,18 @@ fn draining_the_host_turns_readyz_away_at_once_refuses_new_requests_and_lets_run
     let ready = http::get(&addr, "/readyz", WAIT).unwrap();
     assert_eq!(ready.status, 503, "readyz still 200 right after the drain");
     assert_eq!(ready.json()["host"], "drained");
+    let (name, value) = bearer(ADMIN_KEY);
+    let pools = http::request_with_headers(
+        &addr,
+        "GET",
+        "/v2/pools",
+        &[(name, value.as_str())],
+        None,
+        WAIT,
+    )
+    .unwrap()
+    .json();
+    assert_eq!(pools["host"], "drained", "{pools}");
 
     let (mut refused, status, head) = open_chat(&addr, INFERENCE_KEY, 4, &[]);
     assert_eq!(status, 503, "a drained host admitted a request: {head}");

@@ -25,6 +25,7 @@ conc    inference  sk-conc-0123456789abcdef     concurrency=1
 rate    inference  sk-rate-0123456789abcdef     rpm=2
 tok     inference  sk-tok-0123456789abcdefgh    tpm=20
 pick    inference  sk-pick-0123456789abcdef     models=double
+etl     inference  sk-etl-0123456789abcdefgh    class=batch
 free    inference  sk-free-0123456789abcdef
 ops     admin      sk-ops-0123456789abcdefgh
 sk-legacy-0123456789abcdef
@@ -288,4 +289,46 @@ fn a_key_file_reloaded_on_sighup_applies_at_once_and_keeps_usage() {
     );
     assert_eq!(usage["keys"]["conc"]["requests"], 2, "{usage}");
     assert_eq!(usage["keys"]["new"]["requests"], 1, "{usage}");
+}
+
+#[test]
+fn a_batch_keys_requests_queue_as_batch() {
+    let dir = temp_dir();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, KEYS).unwrap();
+    let stack = Stack::builder()
+        .pool(&double_pool("p", "double", 1, &[]))
+        .orchestrator(&format!(
+            "api_keys_file = {:?}\n",
+            keys.display().to_string()
+        ))
+        .start();
+    let addr = stack.api();
+    let engine = stack.endpoint("p");
+    let hold = http::request(&engine, "POST", "/control/hold", None, WAIT).unwrap();
+    assert_eq!(hold.status, 200);
+    let first = {
+        let addr = addr.clone();
+        std::thread::spawn(move || whole(&addr, "sk-free-0123456789abcdef", "double", 1).0)
+    };
+    stack.wait_for_leases("p", 1);
+    let queued = {
+        let addr = addr.clone();
+        std::thread::spawn(move || whole(&addr, "sk-etl-0123456789abcdefgh", "double", 1).0)
+    };
+    let depth = |class: &str| {
+        let metrics = http::get(&addr, "/metrics", WAIT).unwrap().text();
+        e2e::stack::prometheus_value(
+            &metrics,
+            &format!("orchestratord_queue_depth{{class=\"{class}\"}}"),
+        )
+    };
+    stack.wait_for("the batch key's request in the batch queue", || {
+        depth("batch") == 1.0
+    });
+    assert_eq!(depth("interactive"), 0.0);
+    let release = http::request(&engine, "POST", "/control/release", None, WAIT).unwrap();
+    assert_eq!(release.status, 200);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(queued.join().unwrap(), 200);
 }

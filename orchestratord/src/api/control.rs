@@ -37,7 +37,11 @@ fn view(pool: &PoolSnapshot) -> Value {
 pub async fn pools(State(state): State<AppState>) -> Json<Value> {
     let mirror = state.mirror.borrow();
     let pools: Vec<Value> = mirror.snapshot.pools.iter().map(view).collect();
-    Json(json!({"pool_manager_connected": mirror.connected, "pools": pools}))
+    Json(json!({
+        "pool_manager_connected": mirror.connected,
+        "host": state.host.state().name(),
+        "pools": pools,
+    }))
 }
 
 pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Response {
