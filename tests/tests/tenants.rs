@@ -139,7 +139,10 @@ fn each_key_limit_refuses_its_key_with_429_and_retry_after_while_another_key_is_
     assert_limited(status, &head, &body, "1 concurrent requests");
     let (status, _, body) = whole(&addr, "sk-free-0123456789abcdef", "double", 2);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(running.join().unwrap().2, true);
+    assert!(
+        running.join().unwrap().2,
+        "the running stream did not end with [DONE]"
+    );
     let (status, _, body) = whole(&addr, "sk-conc-0123456789abcdef", "double", 2);
     assert_eq!(status, 200, "the finished stream still counts: {body}");
 
@@ -275,7 +278,10 @@ fn a_key_file_reloaded_on_sighup_applies_at_once_and_keeps_usage() {
 
     let (status, _, body) = whole(&addr, "sk-conc-0123456789abcdef", "double", 1);
     assert_eq!(status, 200, "the raised concurrency did not apply: {body}");
-    assert_eq!(running.join().unwrap().2, true);
+    assert!(
+        running.join().unwrap().2,
+        "the running stream did not end with [DONE]"
+    );
     let (status, _, _) = whole(&addr, "sk-new-0123456789abcdefgh", "double", 1);
     assert_eq!(status, 200, "the added key was refused");
     let (status, head, body) = whole(&addr, "sk-new-0123456789abcdefgh", "double", 1);
