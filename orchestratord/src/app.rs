@@ -1,6 +1,6 @@
 //! The HTTP application: shared state, the router, and what every request passes through —
-//! its correlation id and access line, the API key check, and [`Inbound`]: the body read within its endpoint
-//! family's limit and the client headers an engine may use. Handlers live in `api/`.
+//! its correlation id and access line, the API key check, and [`Inbound`]: the body read within
+//! its endpoint family's limit and the client headers an engine may use. Handlers live in `api/`.
 
 use crate::api::{anthropic, control, health, openai, tasks};
 use crate::client_address::client_address;
@@ -190,6 +190,7 @@ async fn correlate(State(state): State<AppState>, mut request: Request, next: Ne
     response
 }
 
+/// A client-chosen id from header `name`, if it is short enough to log and echo.
 fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     headers
         .get(name)
@@ -201,10 +202,10 @@ fn usable_id(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
 /// API keys, as `Authorization: Bearer <key>` or Anthropic's `x-api-key: <key>` (see `keys`);
 /// configured open paths pass without one. The caller's role must allow the route: the
 /// operator's routes (usage, the admin metrics view, the host's drain and undrain; a pool's drain,
-/// reload, load, unload) need an admin key. Every POST must say it
-/// carries JSON: a browser cannot send that cross-site without asking first (a form or a "simple"
-/// fetch can only send `text/plain`, a form encoding or `multipart/form-data`), so a web page can
-/// neither run inference on nor drive a daemon on the visitor's host.
+/// reload, load, unload) need an admin key. Every POST must say it carries JSON: a browser cannot
+/// send that cross-site without asking first (a form or a "simple" fetch can only send
+/// `text/plain`, a form encoding or `multipart/form-data`), so a web page can neither run
+/// inference on nor drive a daemon on the visitor's host.
 async fn require_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let config = state.config.get();
     let path = request.uri().path();

@@ -189,8 +189,9 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    /// Admits `exchange` (or says at once why not: the host drained or shutting down, queue full,
-    /// unknown model or API, pool-manager down, session over budget). A request that takes no slot is placed on a ready pool here.
+    /// Admits `exchange` (or says at once why not: the host drained or shutting down, a key's
+    /// limit, queue full, unknown model or API, pool-manager down, session over budget). A request
+    /// that takes no slot is placed on a ready pool here.
     pub async fn admit(state: &AppState, mut exchange: Exchange) -> Result<Lifecycle, ApiError> {
         let received = Instant::now();
         let admitted = match state.host.state() {

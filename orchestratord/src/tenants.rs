@@ -13,9 +13,10 @@
 //! - `concurrency`: requests admitted and not yet finished;
 //! - `rpm`: requests per minute, with governor's GCRA (a burst of the whole minute's quota).
 //!
-//! Usage per key name — requests admitted, prompt and generated tokens, refusals by limit — is
-//! kept in counters that [`Tenants::render`] writes for the admin-keyed metrics view and
-//! [`Tenants::usage`] for `GET /v2/usage`; never on the open `/metrics`, and never the key itself.
+//! Usage per key name — requests within the key's limits, prompt and generated tokens, refusals
+//! by limit — is kept in counters that [`Tenants::render`] writes for the admin-keyed metrics
+//! view and [`Tenants::usage`] for `GET /v2/usage`; never on the open `/metrics`, and never the
+//! key itself.
 //! Unnamed keys (the key file's one-field form) and keyless hosts have neither limits nor usage.
 //!
 //! A reloaded key file ([`Tenants::apply`]) takes effect at once: changed limits start afresh,
@@ -188,7 +189,7 @@ impl Tenants {
         };
         registry.register(
             "requests",
-            "Requests admitted, by key name",
+            "Requests within the key's limits (a later refusal, e.g. a full queue, still counts), by key name",
             tenants.requests.clone(),
         );
         registry.register(
