@@ -1,16 +1,22 @@
-//! The command line: `pool-managerd [serve]` runs the daemon; `status`, `drain`, `reload` and
-//! `restart` are operator commands that talk to a running daemon over its socket.
+//! The command line: `pool-managerd [serve]` runs the daemon; `status`, `drain`, `reload`,
+//! `restart`, `load` and `unload` are operator commands that talk to a running daemon over its
+//! socket; `logs` reads a pool's engine log file.
 //!
-//! Exit codes: 0 success; 1 the daemon answered with an error (e.g. unknown pool); 2 the daemon
-//! could not be reached or the command line / config is wrong.
+//! Exit codes: 0 success; 1 the daemon answered with an error (e.g. unknown pool), or the log
+//! cannot be read; 2 the daemon could not be reached or the command line / config is wrong.
 
+use crate::config::Config;
+use crate::startup::default_state_dir;
 use crate::status_view::{PoolStatusView, RegistryView, render_gpus, render_memory, render_table};
+use crate::supervisor::EnginePaths;
+use crate::supervisor::log::{FOLLOW_POLL, LogTail};
 use clap::{Args, Parser, Subcommand};
 use daemon_support::logging::LogFormat;
 use pool_ipc::client::{ClientConfig, ClientError, PoolClient};
 use pool_ipc::registry::{MemoryReport, PoolId};
 use pool_ipc::socket_path::resolve_socket_path;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -105,12 +111,38 @@ pub enum Command {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Print the last lines of a pool's engine log (`<state dir>/logs/<pool>.log`), and with
+    /// `-f` every line written after them, across rotations, until interrupted. Reads the file
+    /// itself: run it as a user who may (root, or pool-managerd's user).
+    Logs {
+        pool: String,
+        /// Follow the log.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// The daemon's state directory (default: its config's server.state_dir, else
+        /// /var/lib/pool-managerd for root, $XDG_STATE_HOME/pool-managerd otherwise).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The daemon's config, read for server.state_dir when --state-dir is not given.
+        #[arg(long, env = "POOL_MANAGERD_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 /// Runs an operator command against a running daemon.
 pub async fn run_command(command: Command) -> ExitCode {
     let result = match command {
         Command::Serve(_) => return ExitCode::from(2),
+        Command::Logs {
+            pool,
+            follow,
+            lines,
+            state_dir,
+            config,
+        } => return logs(&pool, follow, lines, state_dir, &config).await,
         Command::Status { pool, json, socket } => status(socket, pool, json).await,
         Command::Drain {
             pool,
@@ -240,4 +272,82 @@ where
     println!("accepted");
     client.close();
     Ok(())
+}
+
+/// `pool-managerd logs`: see [`Command::Logs`].
+async fn logs(
+    pool: &str,
+    follow: bool,
+    lines: usize,
+    state_dir: Option<PathBuf>,
+    config: &Path,
+) -> ExitCode {
+    if pool.is_empty()
+        || pool.starts_with('.')
+        || !pool
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        eprintln!("pool-managerd: {pool:?} is not a pool id");
+        return ExitCode::from(2);
+    }
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => match configured_state_dir(config) {
+            Ok(dir) => dir,
+            Err(message) => {
+                eprintln!("pool-managerd: {message}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let path = EnginePaths::under(&state_dir).log(pool);
+    let (mut tail, last) = match LogTail::open(&path, lines) {
+        Ok(opened) => opened,
+        Err(error) => {
+            eprintln!("pool-managerd: cannot read {}: {error}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    if print_lines(&last).is_err() || !follow {
+        return ExitCode::SUCCESS;
+    }
+    loop {
+        tokio::time::sleep(FOLLOW_POLL).await;
+        match tail.read_new() {
+            Ok(new) => {
+                // A closed stdout (`| head`) ends the command quietly.
+                if print_lines(&new).is_err() {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(error) => {
+                eprintln!("pool-managerd: cannot read {}: {error}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+}
+
+fn print_lines(lines: &[String]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        writeln!(stdout, "{line}")?;
+    }
+    stdout.flush()
+}
+
+/// The state directory a daemon started with `config` uses (without --state-dir).
+fn configured_state_dir(config: &Path) -> Result<PathBuf, String> {
+    let from_config = if config.exists() {
+        Config::load(config)
+            .map_err(|error| error.to_string())?
+            .server
+            .state_dir
+    } else {
+        None
+    };
+    from_config
+        .or_else(default_state_dir)
+        .ok_or_else(|| "no state directory: pass --state-dir".to_owned())
 }

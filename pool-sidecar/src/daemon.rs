@@ -114,6 +114,7 @@ pub async fn run(
         .map(|pool| pool.id.clone())
         .collect();
     let gpus = Arc::new(GpuProbe::default());
+    let log_dir = paths.log_dir.clone();
     let (pools, pools_task) = pools::start(
         PoolsContext {
             registry: registry.clone(),
@@ -162,6 +163,7 @@ pub async fn run(
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
             token: config.debug_http.token.as_deref().map(Arc::from),
+            log_dir,
         };
         let stop = shutdown.clone();
         let limits = config.debug_http.limits;

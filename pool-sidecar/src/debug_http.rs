@@ -11,10 +11,12 @@ use crate::metrics::Metrics;
 use crate::pools::{PoolsHandle, Requester};
 use crate::registry::RegistryHandle;
 use crate::status_view::{PoolStatusView, RegistryView};
-use axum::extract::rejection::JsonRejection;
+use crate::supervisor::log::{FOLLOW_POLL, LogTail};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -25,6 +27,9 @@ use pool_ipc::registry::{PoolId, PoolState};
 use pool_ipc::wire::Request as WireRequest;
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -38,11 +43,15 @@ pub struct DebugState {
     pub gpus: Arc<GpuProbe>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Arc<str>>,
+    /// Where engine logs are (`<log_dir>/<pool>.log`).
+    pub log_dir: PathBuf,
 }
 
 pub fn router(state: DebugState) -> Router {
     // Refused before their extractors run, so a tokenless shim reads no admin request's body.
+    // Engine logs may hold prompts, so they are behind the token too.
     let admin_routes = Router::new()
+        .route("/pools/{id}/logs", get(logs))
         .route("/pools/{id}/drain", post(drain))
         .route("/pools/{id}/reload", post(reload))
         .route("/pools/{id}/restart", post(restart))
@@ -122,8 +131,126 @@ fn admin_needs_a_token() -> Response {
     error(
         StatusCode::FORBIDDEN,
         "forbidden",
-        "admin routes need debug_http.token_file to be set".into(),
+        "admin routes and engine logs need debug_http.token_file to be set".into(),
     )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    /// How many of the last lines to send first (default 100).
+    lines: Option<usize>,
+    /// `1`: then follow the log as SSE.
+    follow: Option<u8>,
+}
+
+/// The most lines a request may ask for at once.
+const MAX_LOG_LINES: usize = 10_000;
+
+/// `GET /pools/{id}/logs?lines=N[&follow=1]` (token only): the engine log's last lines as text, or
+/// with `follow=1` as SSE, one `data:` event per line, then every new line as it is written
+/// (across rotations) until the client leaves.
+async fn logs(
+    State(state): State<DebugState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected ?lines=N (0 to 10000) and/or follow=1".into(),
+        );
+    };
+    if state
+        .registry
+        .snapshot()
+        .pool(&PoolId(id.clone()))
+        .is_none()
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("unknown pool {id:?}"),
+        );
+    }
+    let lines = query.lines.unwrap_or(100).min(MAX_LOG_LINES);
+    let path = state.log_dir.join(format!("{id}.log"));
+    let (tail, last) = match tokio::task::spawn_blocking(move || LogTail::open(&path, lines)).await
+    {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(failure)) if failure.kind() == std::io::ErrorKind::NotFound => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("pool {id:?} has no engine log (an external or never-started engine)"),
+            );
+        }
+        Ok(Err(failure)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot read the engine log: {failure}"),
+            );
+        }
+        Err(failure) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot read the engine log: {failure}"),
+            );
+        }
+    };
+    if query.follow != Some(1) {
+        let mut text = last.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
+    }
+    let following = Following {
+        pending: last.into(),
+        tail: Some(tail),
+    };
+    let events = futures_util::stream::unfold(following, |mut following| async move {
+        loop {
+            if let Some(line) = following.pending.pop_front() {
+                // SSE cannot carry a carriage return inside an event (progress bars write them).
+                let event = Event::default().data(line.replace('\r', ""));
+                return Some((Ok::<Event, Infallible>(event), following));
+            }
+            let mut tail = following.tail.take()?;
+            tokio::time::sleep(FOLLOW_POLL).await;
+            let read = tokio::task::spawn_blocking(move || {
+                let lines = tail.read_new();
+                (tail, lines)
+            })
+            .await;
+            match read {
+                Ok((tail, Ok(lines))) => {
+                    following.tail = Some(tail);
+                    following.pending.extend(lines);
+                }
+                Ok((_, Err(failure))) => {
+                    // The last event; the stream ends after it.
+                    let event = Event::default()
+                        .event("error")
+                        .data(format!("cannot read the engine log: {failure}"));
+                    return Some((Ok(event), following));
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// A followed log: lines read and not yet sent, and the tail (`None` once it failed).
+struct Following {
+    pending: VecDeque<String>,
+    tail: Option<LogTail>,
 }
 
 async fn health(State(state): State<DebugState>) -> Json<serde_json::Value> {

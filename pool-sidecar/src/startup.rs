@@ -89,7 +89,8 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(config)
 }
 
-fn default_state_dir() -> Option<PathBuf> {
+/// Where state lives without --state-dir or server.state_dir.
+pub(crate) fn default_state_dir() -> Option<PathBuf> {
     if nix::unistd::geteuid().is_root() {
         return Some(PathBuf::from("/var/lib/pool-managerd"));
     }

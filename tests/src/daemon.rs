@@ -411,6 +411,12 @@ impl Daemon {
         self.capture.lock().stderr.clone()
     }
 
+    /// Waits until the collected stdout contains `needle`; returns whether it did within `timeout`.
+    pub fn wait_for_stdout(&self, needle: &str, timeout: Duration) -> bool {
+        self.capture
+            .wait_until(Instant::now() + timeout, |s| s.stdout.contains(needle))
+    }
+
     /// Waits until the collected stderr contains `needle`; returns whether it did within `timeout`.
     /// For "the daemon logged X" checks without sleeping.
     pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) -> bool {

@@ -318,6 +318,21 @@ impl Stack {
         .json()
     }
 
+    /// [`pool_status`](Self::pool_status) from a shim that wants `token`.
+    pub fn pool_status_with(&self, token: &str, pool: &str) -> Value {
+        let auth = format!("Bearer {token}");
+        http::request_with_headers(
+            self.sidecar.ready("debug_http"),
+            "GET",
+            &format!("/pools/{pool}/status"),
+            &[("Authorization", auth.as_str())],
+            None,
+            WAIT,
+        )
+        .unwrap()
+        .json()
+    }
+
     /// The engine's address as pool-managerd reports it to the socket's peers (`http://…` or a
     /// socket path).
     pub fn endpoint(&self, pool: &str) -> String {

@@ -3,10 +3,15 @@
 //! copying it to `<log>.1` and truncating it (the engine opened it O_APPEND, so it simply goes
 //! on writing at the new end; lines written during the copy may be lost, as with logrotate's
 //! copytruncate).
+//!
+//! [`LogTail`] is how operators read it (`pool-managerd logs`, the shim's `/pools/{id}/logs`): the
+//! last lines, then what is appended, across rotations — a rotation is seen by `<log>.1`
+//! changing, and the part of the old file not yet read is taken from `<log>.1` (a full copy, so
+//! at the same offsets) before the new file is read from its start.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 const POLL: Duration = Duration::from_millis(200);
@@ -76,4 +81,175 @@ fn read_and_rotate(path: &Path, mut offset: u64, cap_bytes: u64) -> (Vec<u8>, u6
         }
     }
     (bytes, offset)
+}
+
+/// The most one [`LogTail::read_new`] returns; the rest comes with the next call.
+const MAX_READ: u64 = 1024 * 1024;
+
+/// How often a follower looks for new lines.
+pub const FOLLOW_POLL: Duration = POLL;
+
+/// Where an operator reading an engine's log has got to (module header).
+#[derive(Debug)]
+pub struct LogTail {
+    path: PathBuf,
+    rotated: PathBuf,
+    offset: u64,
+    /// `<log>.1` as last seen (length, modification time): a change means a rotation.
+    rotated_seen: Option<(u64, SystemTime)>,
+    partial: Vec<u8>,
+}
+
+fn identity(path: &Path) -> Option<(u64, SystemTime)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.len(), metadata.modified().ok()?))
+}
+
+/// Bytes of `path` from `from` to its end (at most `limit`).
+fn read_range(path: &Path, from: u64, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+impl LogTail {
+    /// A tail of the log at `path` with its last `lines` lines (from `<log>.1` too when the
+    /// current file holds fewer), positioned at the end.
+    pub fn open(path: &Path, lines: usize) -> std::io::Result<(LogTail, Vec<String>)> {
+        let rotated = path.with_extension("log.1");
+        let length = std::fs::metadata(path)?.len();
+        let mut tail = LogTail {
+            path: path.to_owned(),
+            rotated_seen: identity(&rotated),
+            rotated,
+            offset: length,
+            partial: Vec::new(),
+        };
+        let start = length.saturating_sub(MAX_READ);
+        let mut text = read_range(path, start, length - start)?;
+        if start == 0
+            && count_lines(&text) < lines
+            && let Some((old_length, _)) = tail.rotated_seen
+        {
+            let old_start = old_length.saturating_sub(MAX_READ);
+            if let Ok(mut old) = read_range(&tail.rotated, old_start, old_length - old_start) {
+                old.extend_from_slice(&text);
+                text = old;
+            }
+        }
+        let mut last = tail.lines_of(&text);
+        // An unfinished last line stays for the next read.
+        let skip = last.len().saturating_sub(lines);
+        last.drain(..skip);
+        Ok((tail, last))
+    }
+
+    /// The whole lines appended since the last call (across a rotation).
+    pub fn read_new(&mut self) -> std::io::Result<Vec<String>> {
+        let mut bytes = Vec::new();
+        let rotated_now = identity(&self.rotated);
+        if rotated_now != self.rotated_seen {
+            if let Some((old_length, _)) = rotated_now
+                && old_length > self.offset
+            {
+                bytes = read_range(&self.rotated, self.offset, old_length - self.offset)?;
+            }
+            self.rotated_seen = rotated_now;
+            self.offset = 0;
+        }
+        let length = std::fs::metadata(&self.path)?.len();
+        if length < self.offset {
+            // Truncated by someone else: start again from the top.
+            self.offset = 0;
+        }
+        if length > self.offset {
+            let fresh = read_range(&self.path, self.offset, MAX_READ)?;
+            self.offset += fresh.len() as u64;
+            bytes.extend_from_slice(&fresh);
+        }
+        Ok(self.lines_of(&bytes))
+    }
+
+    /// The whole lines of `bytes` after what was left over; keeps an unfinished last line (cut
+    /// into pieces past [`MAX_LINE`]).
+    fn lines_of(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.partial.extend_from_slice(bytes);
+        let mut lines = Vec::new();
+        while let Some(newline) = self.partial.iter().position(|&byte| byte == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=newline).collect();
+            lines.push(
+                String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            );
+        }
+        if self.partial.len() > MAX_LINE {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            self.partial.clear();
+        }
+        lines
+    }
+}
+
+fn count_lines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&byte| byte == b'\n').count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn append(path: &Path, text: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|error| panic!("{error}"));
+        file.write_all(text.as_bytes())
+            .unwrap_or_else(|error| panic!("{error}"));
+    }
+
+    #[test]
+    fn a_tail_gives_the_last_lines_then_every_new_one_once_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap_or_else(|error| panic!("{error}"));
+        let path = dir.path().join("p.log");
+        append(&path, "one\ntwo\nthree\nfour");
+        let (mut tail, last) = LogTail::open(&path, 2).unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(last, ["two", "three"]);
+        append(&path, " and more\nfive\n");
+        assert_eq!(
+            tail.read_new().unwrap_or_else(|error| panic!("{error}")),
+            ["four and more", "five"]
+        );
+        // Written after the last read, then the file is rotated as the supervisor does it.
+        append(&path, "six\n");
+        std::fs::copy(&path, path.with_extension("log.1"))
+            .unwrap_or_else(|error| panic!("{error}"));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.set_len(0))
+            .unwrap_or_else(|error| panic!("{error}"));
+        append(&path, "seven\n");
+        assert_eq!(
+            tail.read_new().unwrap_or_else(|error| panic!("{error}")),
+            ["six", "seven"]
+        );
+        assert!(
+            tail.read_new()
+                .unwrap_or_else(|error| panic!("{error}"))
+                .is_empty()
+        );
+        append(&path, "eight\n");
+        assert_eq!(
+            tail.read_new().unwrap_or_else(|error| panic!("{error}")),
+            ["eight"]
+        );
+        // Fewer lines in the new file than asked: the rotated one supplies the rest.
+        let (_, last) = LogTail::open(&path, 4).unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(last, ["five", "six", "seven", "eight"]);
+    }
 }

@@ -10,7 +10,8 @@
 //! (`--crash-after-tokens`). `--model FILE` may carry the same knobs as JSON, so a supervisor that only
 //! passes a model path can still choose the fault. Tests gate generation deterministically with
 //! `POST /control/hold` / `POST /control/release`, read counters from `GET /control/stats` and the
-//! last generation request's headers from `GET /control/last-request`.
+//! last generation request's headers from `GET /control/last-request`, and write a line of their
+//! choosing to the engine's log with `POST /control/log`.
 //!
 //! Layout: `Args` (flags) + `Knobs` (the model file) → `Profile` (the immutable behaviour of this
 //! run) → `Engine` (the profile plus the little mutable state: busy slots, counters, the hold gate)
@@ -523,6 +524,7 @@ fn router(engine: Arc<Engine>) -> Router {
         .route("/control/release", post(release))
         .route("/control/stats", get(stats))
         .route("/control/last-request", get(last_request))
+        .route("/control/log", post(log_line))
         .fallback(not_found)
         .with_state(engine)
 }
@@ -563,6 +565,14 @@ async fn slots(State(engine): Shared) -> Result<axum::Json<Value>, EngineError> 
 async fn hold(State(engine): Shared) -> axum::Json<Value> {
     engine.hold.send_replace(true);
     axum::Json(json!({ "held": true }))
+}
+
+/// Test control, not llama-server: writes the request body as one line of the engine's log
+/// (its stderr, which pool-managerd sends to the pool's log file).
+async fn log_line(body: String) -> axum::Json<Value> {
+    let line = body.trim_end().to_owned();
+    tracing::info!("{line}");
+    axum::Json(json!({ "logged": line }))
 }
 
 async fn release(State(engine): Shared) -> axum::Json<Value> {
