@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/debian-packages.sh --tests
 cargo fmt --all -- --check
+python3 scripts/check-links.py
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 POOL_TEST_LLAMA_SERVER=$(scripts/build-llama-server.sh | tail -n1)
