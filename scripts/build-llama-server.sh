@@ -32,6 +32,9 @@
 #   CUDA_ARCHS                   CUDA architectures for --cuda (default 90)
 #   JOBS                         parallel build jobs (default $(nproc))
 #
+# Progress: ninja's [n/N] on one updating line (on a terminal; otherwise a line at every tenth of
+# the build), and the full configure and build logs beside the binary (configure.log, build.log).
+#
 # Cache layout: $LLAMA_CACHE/<version>-<flags-hash>/llama-server, where the hash covers the
 # version, the CMake flags (GGML_NATIVE=OFF: a portable build, not tied to this CPU; a -march=native
 # build must never be cached without the CPU in the key) and the machine architecture. A cached
@@ -43,6 +46,31 @@ set -euo pipefail
 
 log() { printf '[build-llama-server] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+# Copies the build's output (stdin) to the log file $1 and shows ninja's progress: its [n/N] on
+# one updating line on a terminal, else one line at every tenth of the way (CI logs).
+progress() {
+    local line n total tenth shown=-1
+    exec 8>"$1"
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >&8
+        [[ $line =~ ^\[([0-9]+)/([0-9]+)\] ]] || continue
+        n=${BASH_REMATCH[1]}
+        total=${BASH_REMATCH[2]}
+        if [ -t 2 ]; then
+            line="[build-llama-server] [$n/$total] ${line#*] }"
+            printf '\r\033[K%s' "${line:0:100}" >&2
+        else
+            tenth=$(( n * 10 / total ))
+            if [ "$tenth" -gt "$shown" ]; then
+                shown=$tenth
+                log "[$n/$total]"
+            fi
+        fi
+    done
+    [ -t 2 ] && printf '\n' >&2
+    exec 8>&-
+}
 
 cuda=0
 force=0
@@ -177,17 +205,21 @@ sdist_version=$(sed -n 's/^Version: *//p' "$work/src/PKG-INFO" 2>/dev/null | hea
 # llama.cpp stamps its version from `git describe`; stop git from finding an enclosing repository.
 export GIT_CEILING_DIRECTORIES="$work"
 
+# The configure and build logs stay in the cache, next to the binary they made (or the failure).
+mkdir -p "$out_dir"
+configure_log="$out_dir/configure.log"
+build_log="$out_dir/build.log"
 log "configuring ($(cmake --version | head -n1), ninja $(ninja --version))"
-cmake -S "$src" -B "$work/build" -G Ninja "${cmake_flags[@]}" >"$work/configure.log" 2>&1 || {
-    tail -n 40 "$work/configure.log" >&2
-    die "cmake configure failed; full log: $work/configure.log"
+cmake -S "$src" -B "$work/build" -G Ninja "${cmake_flags[@]}" >"$configure_log" 2>&1 || {
+    tail -n 40 "$configure_log" >&2
+    die "cmake configure failed; full log: $configure_log"
 }
 
-log "building target llama-server with -j$jobs (6.5-12 min on 2 cores; log: $work/build.log)"
-cmake --build "$work/build" --target llama-server -j "$jobs" >"$work/build.log" 2>&1 || {
-    tail -n 60 "$work/build.log" >&2
-    die "build failed; full log: $work/build.log"
-}
+log "building target llama-server with -j$jobs (6.5-12 min on 2 cores; full log: $build_log)"
+if ! cmake --build "$work/build" --target llama-server -j "$jobs" 2>&1 | progress "$build_log"; then
+    tail -n 60 "$build_log" >&2
+    die "build failed; full log: $build_log"
+fi
 
 built="$work/build/bin/llama-server"
 verify "$built" || die "the freshly built $built does not run --version"
