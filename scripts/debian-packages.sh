@@ -10,6 +10,8 @@
 #                   tests of the units and of socket activation; nothing is started
 #   haproxy         (--tests) the balancer of the fleet test (tests/tests/fleet.rs runs
 #                   deploy/haproxy/haproxy.cfg); Debian enables its service with an empty config
+#   chromium        (--tests) the headless browser the status page test drives (through
+#                   Playwright's driver from the test venv; no browser is downloaded)
 set -euo pipefail
 
 missing=()
@@ -20,6 +22,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${1:-}" = "--tests" ]; then
     command -v systemd-analyze >/dev/null || missing+=(systemd)
     command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    command -v chromium >/dev/null || missing+=(chromium)
 fi
 [ "${#missing[@]}" -eq 0 ] && exit 0
 

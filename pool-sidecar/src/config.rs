@@ -20,6 +20,7 @@
 //! [debug_http]
 //! listen = "127.0.0.1:9200"                 # "off" disables the shim
 //! token_file = "/etc/pool-managerd/token"   # required for a non-loopback address
+//! orchestrator_metrics_url = "http://127.0.0.1:8080/metrics"   # live figures on /status
 //!
 //! [[pool]]
 //! id = "tiny"
@@ -49,6 +50,7 @@
 //! `load = "on-demand"` on an external endpoint and `idle_unload_ms` on an `always` pool are
 //! refused, not ignored: both would promise something pool-managerd cannot do.
 
+use crate::status_page::MetricsUrl;
 use daemon_support::http_server::HttpLimits;
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
@@ -153,6 +155,9 @@ struct RawDebugHttp {
     header_timeout_ms: Option<u64>,
     /// A request body's next bytes must arrive within this (default 10 s).
     body_timeout_ms: Option<u64>,
+    /// orchestratord's `/metrics` (`http://host:port/metrics`), for the status page's live
+    /// figures; absent: the page shows the pool side only.
+    orchestrator_metrics_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -450,6 +455,8 @@ pub struct DebugHttpConfig {
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
     pub limits: HttpLimits,
+    /// orchestratord's `/metrics`, read for the status page (`status_page`).
+    pub orchestrator_metrics: Option<MetricsUrl>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -673,9 +680,15 @@ fn validate_debug_http(raw: RawDebugHttp) -> Result<DebugHttpConfig, String> {
         }
         value => Duration::from_millis(value.unwrap_or(10_000)),
     };
+    let orchestrator_metrics = raw
+        .orchestrator_metrics_url
+        .as_deref()
+        .map(MetricsUrl::parse)
+        .transpose()?;
     let config = DebugHttpConfig {
         listen,
         token,
+        orchestrator_metrics,
         limits: HttpLimits::within_fd_limit(
             max_connections,
             header_timeout,

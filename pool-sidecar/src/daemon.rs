@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::pools::{self, PoolsContext};
 use crate::registry::{LeasePolicy, LeaseSigner, spawn_registry};
 use crate::residency;
+use crate::status_page::OrchestratorFeed;
 use crate::supervisor::EnginePaths;
 use daemon_support::systemd::{self, NotifyState};
 use pool_ipc::registry::PoolId;
@@ -157,6 +158,11 @@ pub async fn run(
     }
 
     if let Some(listener) = listeners.debug_http {
+        let feed = config.debug_http.orchestrator_metrics.clone().map(|url| {
+            let feed = Arc::new(OrchestratorFeed::new(url));
+            tracker.spawn(Arc::clone(&feed).run(shutdown.clone()));
+            feed
+        });
         let state = DebugState {
             gpus: Arc::clone(&gpus),
             pools: pools.clone(),
@@ -164,6 +170,7 @@ pub async fn run(
             metrics: Arc::clone(&metrics),
             token: config.debug_http.token.as_deref().map(Arc::from),
             log_dir,
+            feed,
         };
         let stop = shutdown.clone();
         let limits = config.debug_http.limits;

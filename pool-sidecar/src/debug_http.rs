@@ -10,6 +10,7 @@ use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
 use crate::pools::{PoolsHandle, Requester};
 use crate::registry::RegistryHandle;
+use crate::status_page::{self, OrchestratorFeed, StatusView};
 use crate::status_view::{PoolStatusView, RegistryView};
 use crate::supervisor::log::{FOLLOW_POLL, LogTail};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -45,6 +46,8 @@ pub struct DebugState {
     pub token: Option<Arc<str>>,
     /// Where engine logs are (`<log_dir>/<pool>.log`).
     pub log_dir: PathBuf,
+    /// orchestratord's figures for the status page, when configured.
+    pub feed: Option<Arc<OrchestratorFeed>>,
 }
 
 pub fn router(state: DebugState) -> Router {
@@ -68,6 +71,8 @@ pub fn router(state: DebugState) -> Router {
         .route("/metrics", get(metrics))
         .route("/gpus", get(gpus))
         .route("/memory", get(memory))
+        .route("/status", get(status_page))
+        .route("/status/events", get(status_events))
         .merge(admin_routes)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -304,6 +309,40 @@ async fn metrics(State(state): State<DebugState>, headers: HeaderMap) -> Respons
     );
     let text = format.render(&state.metrics.render(&state.registry.snapshot()));
     ([(header::CONTENT_TYPE, format.content_type())], text).into_response()
+}
+
+/// The status page's view now (`status_page`): an empty memory report if the pools controller
+/// does not answer.
+async fn status_view(state: &DebugState) -> StatusView {
+    let memory = state.pools.memory().await.unwrap_or_default();
+    StatusView::new(
+        &state.registry.snapshot(),
+        &memory,
+        &state.gpus.inventory(),
+        state.feed.as_deref().map(OrchestratorFeed::figures),
+    )
+}
+
+/// `GET /status`: the status page, rendered with the view of now.
+async fn status_page(State(state): State<DebugState>) -> Response {
+    let html = status_view(&state).await.html();
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
+
+/// `GET /status/events`: the status page's view as JSON, one SSE event a second, for as long as
+/// the page is open.
+async fn status_events(State(state): State<DebugState>) -> Response {
+    let events = futures_util::stream::unfold((state, true), |(state, first)| async move {
+        if !first {
+            tokio::time::sleep(status_page::REFRESH).await;
+        }
+        let view = status_view(&state).await;
+        let event = Event::default()
+            .json_data(&view)
+            .unwrap_or_else(|error| Event::default().event("error").data(error.to_string()));
+        Some((Ok::<Event, Infallible>(event), (state, false)))
+    });
+    Sse::new(events).into_response()
 }
 
 /// Each device's memory budget and what its pools hold, and each managed pool's footprint.

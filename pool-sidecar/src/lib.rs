@@ -4,7 +4,7 @@
 //!
 //! Module map: `config` (the TOML file), `registry` (state + the actor that owns it), `probe`
 //! and `engine_http` (engine health), `ipc` (socket file, accept loop, one connection),
-//! `debug_http` and `status_view` (operator views), `metrics`, `cli`, `startup` (from flags to
+//! `debug_http`, `status_view` and `status_page` (operator views), `metrics`, `cli`, `startup` (from flags to
 //! a running daemon), `listeners` (which sockets it serves: systemd's or its own), `daemon`
 //! (wiring and shutdown order), `pools` (the controller of which pools run) and `supervisor`
 //! (one managed engine's lifecycle), `eviction`, `residency`, `footprint`, `gguf`, `gpu` and
@@ -30,5 +30,6 @@ pub mod probe;
 pub mod registry;
 pub mod residency;
 pub mod startup;
+pub mod status_page;
 pub mod status_view;
 pub mod supervisor;

@@ -1,7 +1,8 @@
-//! What an operator sees of a running host, end to end: an engine's log, read by `pool-managerd
-//! logs` and by the shim's `/pools/{id}/logs`, including lines the engine writes while it is
-//! being followed. pool-managerd supervises an engine double (a fake llama-server) whose log lines
-//! the test chooses.
+//! What an operator sees of a running host, end to end: the status page in a real headless
+//! browser (Debian's chromium, driven by `tests/python/status_page_check.py`), and an engine's
+//! log, read by `pool-managerd logs` and by the shim's `/pools/{id}/logs`, including lines the
+//! engine writes while it is being followed. pool-managerd supervises engine doubles (fake
+//! llama-servers); orchestratord runs for real where the page needs its figures.
 
 #![allow(
     clippy::unwrap_used,
@@ -9,9 +10,12 @@
     reason = "test code; a panic is the failure report"
 )]
 
+use e2e::real_engine::{python, repo_root};
 use e2e::sidecar::state_dir;
 use e2e::stack::{Stack, double_pool};
 use e2e::{DaemonBuilder, binary, http};
+use serde_json::Value;
+use std::process::Command;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -134,4 +138,91 @@ fn the_shims_log_endpoint_streams_new_lines_and_only_with_its_token() {
     engine_logs(&stack, "line-two");
     let next = http::next_sse_data(&mut reader).unwrap();
     assert!(next.contains("line-two"), "{next}");
+}
+
+/// A loopback address free right now, for a daemon the other must know before it starts.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn the_status_page_shows_both_pools_and_its_live_figures_change_without_a_reload() {
+    let orchestrator = free_address();
+    let stack = Stack::builder()
+        .pool(&double_pool("a", "double", 2, &[]))
+        .pool(&double_pool("b", "other", 3, &[]))
+        .pool(&format!(
+            "[debug_http]\norchestrator_metrics_url = \"http://{orchestrator}/metrics\"\n"
+        ))
+        .listen(&orchestrator)
+        .start();
+    let shim = format!("http://{}", stack.sidecar.ready("debug_http"));
+    let script = repo_root().join("tests/python/status_page_check.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .args([
+            shim.as_str(),
+            &format!("http://{orchestrator}"),
+            "double",
+            "a",
+            "b",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the browser check failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        stack.sidecar.stderr()
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(seen["status"], 200, "{seen}");
+    assert_eq!(
+        seen["first_paint_rows"], 2,
+        "no server-rendered rows: {seen}"
+    );
+    assert_eq!(seen["a"]["state"], "ready", "{seen}");
+    assert_eq!(seen["a"]["slots"], "0 / 2", "{seen}");
+    assert_eq!(seen["b"]["state"], "ready", "{seen}");
+    assert_eq!(seen["b"]["slots"], "0 / 3", "{seen}");
+    assert_eq!(seen["chat_status"], 200, "{seen}");
+    assert!(
+        seen["requests_after"].as_u64() > seen["requests_before"].as_u64(),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["reloaded"], false,
+        "the figures changed by a reload: {seen}"
+    );
+}
+
+#[test]
+fn with_a_token_the_status_page_and_the_logs_refuse_a_request_without_it() {
+    let stack = stack(true);
+    let shim = stack.sidecar.ready("debug_http").to_owned();
+    for path in ["/status", "/status/events", "/pools/p/logs"] {
+        assert_eq!(
+            http::get(&shim, path, WAIT).unwrap().status,
+            401,
+            "{path} without the token"
+        );
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let page = http::request_with_headers(
+        &shim,
+        "GET",
+        "/status",
+        &[("Authorization", auth.as_str())],
+        None,
+        WAIT,
+    )
+    .unwrap();
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(html.contains("data-id=\"p\""), "{html}");
+    assert!(
+        !html.contains(&stack.endpoint("p")),
+        "the page shows the engine's address"
+    );
 }
