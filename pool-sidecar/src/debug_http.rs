@@ -312,13 +312,18 @@ async fn metrics(State(state): State<DebugState>, headers: HeaderMap) -> Respons
 }
 
 /// The status page's view now (`status_page`): an empty memory report if the pools controller
-/// does not answer.
+/// does not answer, no GPUs if their inventory failed.
 async fn status_view(state: &DebugState) -> StatusView {
     let memory = state.pools.memory().await.unwrap_or_default();
+    // NVML blocks: off the runtime, as for `/gpus`.
+    let probe = Arc::clone(&state.gpus);
+    let gpus = tokio::task::spawn_blocking(move || probe.inventory())
+        .await
+        .unwrap_or_default();
     StatusView::new(
         &state.registry.snapshot(),
         &memory,
-        &state.gpus.inventory(),
+        &gpus,
         state.feed.as_deref().map(OrchestratorFeed::figures),
     )
 }
