@@ -434,6 +434,7 @@ impl Session {
                 task_id,
                 session,
                 slots,
+                trace_parent: _,
             } => {
                 if task_id.len() > MAX_ID_LEN
                     || session.as_ref().is_some_and(|s| s.len() > MAX_ID_LEN)
