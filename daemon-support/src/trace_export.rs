@@ -188,11 +188,9 @@ impl HttpClient for ExportClient {
                 .to_bytes();
             Ok::<_, HttpError>(Response::from_parts(head, body))
         };
-        match self
-            .runtime
-            .spawn(tokio::time::timeout(EXPORT_TIMEOUT, exchange))
-            .await?
-        {
+        // The timer is made inside the task: this thread (the batch processor's) has no runtime.
+        let bounded = async move { tokio::time::timeout(EXPORT_TIMEOUT, exchange).await };
+        match self.runtime.spawn(bounded).await? {
             Ok(answer) => answer,
             Err(_) => Err(format!("no answer within {EXPORT_TIMEOUT:?}").into()),
         }
