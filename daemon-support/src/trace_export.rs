@@ -30,7 +30,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub use opentelemetry_sdk::trace::{SdkTracer as Tracer, Span};
+pub use opentelemetry_sdk::trace::SdkTracer as Tracer;
 
 /// One export may take this long (connecting included) before it counts as failed.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
