@@ -29,7 +29,8 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Client headers always forwarded to engines: trace context and API version selectors. Credentials
-/// never are (the configured allowlist cannot name them).
+/// never are (the configured allowlist cannot name them). When spans are exported, the engine gets
+/// the trace context of orchestratord's own span instead of the client's (`request_trace`).
 pub const FORWARDED_HEADERS: [HeaderName; 5] = [
     HeaderName::from_static("traceparent"),
     HeaderName::from_static("tracestate"),
@@ -54,6 +55,8 @@ pub struct AppState {
     pub host: Arc<crate::drain::HostDrain>,
     /// Per-key limits and usage.
     pub tenants: Arc<crate::tenants::Tenants>,
+    /// Makes requests' spans when `otlp_endpoint` is configured (`request_trace`).
+    pub tracer: Option<daemon_support::trace_export::Tracer>,
 }
 
 impl std::fmt::Debug for AppState {

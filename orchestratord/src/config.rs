@@ -8,6 +8,7 @@ use crate::keys::KeyRing;
 use crate::sessions::SessionPolicy;
 use axum::http::HeaderName;
 use daemon_support::http_server::HttpLimits;
+use daemon_support::trace_export::OtlpEndpoint;
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +48,9 @@ pub struct RawConfig {
     /// Balancers whose `X-Forwarded-For` names the client (addresses or CIDR ranges; default
     /// none: the peer is the client). See `client_address`.
     pub trusted_proxies: Option<Vec<String>>,
+    /// An OTLP/HTTP collector's base URL (`http://host:4318`): requests' spans go there.
+    /// Absent: no spans are made.
+    pub otlp_endpoint: Option<String>,
     #[serde(default)]
     pub body_limits: RawBodyLimits,
     #[serde(default)]
@@ -163,6 +167,8 @@ pub struct Config {
     pub http: HttpLimits,
     pub body_timeout: Duration,
     pub unattended_grace: Duration,
+    /// Where spans go; `None`: none are made.
+    pub otlp_endpoint: Option<OtlpEndpoint>,
 }
 
 /// How large a request body may be, by endpoint family.
@@ -244,6 +250,12 @@ impl RawConfig {
             .iter()
             .map(|range| trusted_range(range))
             .collect::<Result<Vec<_>, _>>()?;
+        let otlp_endpoint = self
+            .otlp_endpoint
+            .as_deref()
+            .map(OtlpEndpoint::parse)
+            .transpose()
+            .map_err(|error| ConfigError::Invalid(format!("otlp_endpoint: {error}")))?;
         let limit = |name: &str, value: Option<usize>, default: usize| match value {
             Some(0) => Err(ConfigError::Invalid(format!("{name} must be positive"))),
             value => Ok(value.unwrap_or(default)),
@@ -279,6 +291,7 @@ impl RawConfig {
         };
         Ok(Config {
             listen,
+            otlp_endpoint,
             socket: self.socket,
             api_keys,
             open_paths: self
@@ -452,6 +465,22 @@ mod tests {
         assert_eq!(limits.for_path("/v1/embeddings"), 64 * 1024 * 1024);
         assert_eq!(limits.for_path("/v1/messages"), 32 * 1024 * 1024);
         assert_eq!(limits.for_path("/v2/tasks"), 1024 * 1024);
+    }
+
+    #[test]
+    fn an_otlp_endpoint_must_be_an_http_url_and_is_absent_by_default() {
+        assert_eq!(RawConfig::default().validate().unwrap().otlp_endpoint, None);
+        let raw = |endpoint: &str| RawConfig {
+            otlp_endpoint: Some(endpoint.into()),
+            ..RawConfig::default()
+        };
+        let config = raw("http://127.0.0.1:4318").validate().unwrap();
+        assert_eq!(
+            config.otlp_endpoint.unwrap().traces_url().to_string(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        let error = raw("127.0.0.1:4318").validate().unwrap_err().to_string();
+        assert!(error.starts_with("otlp_endpoint: "), "{error}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Running orchestratord: [`run`] takes a validated configuration and an already-bound listener
 //! (so tests and systemd socket activation pass their own), connects to pool-managerd in the
 //! background (it may start later), starts the scheduler, serves HTTP, applies reloaded
-//! configurations, and shuts down in phases when `shutdown` fires: not ready, no new
-//! connections, running requests finish within [`SHUTDOWN_GRACE`], then whatever still runs is
-//! cut off (its engine streams end, its leases return).
+//! configurations, exports requests' spans when `otlp_endpoint` is set, and shuts down in phases
+//! when `shutdown` fires: not ready, no new connections, running requests finish within
+//! [`SHUTDOWN_GRACE`], then whatever still runs is cut off (its engine streams end, its leases
+//! return), and the spans still queued are exported.
 
 use crate::adapters::EngineClients;
 use crate::app::{AppState, router};
@@ -15,6 +16,7 @@ use crate::sessions::SessionStore;
 use crate::tenants::Tenants;
 use daemon_support::http_server;
 use daemon_support::systemd::{self, NotifyState};
+use daemon_support::trace_export::{TraceExport, TraceExportError};
 use pool_ipc::client::{ClientConfig, PoolClient};
 use pool_ipc::socket_path::resolve_socket_path;
 use std::io::Write;
@@ -39,6 +41,8 @@ pub enum DaemonError {
         "refusing to serve on {0} (not a loopback address) without API keys: set api_keys_file"
     )]
     OpenToTheNetwork(std::net::SocketAddr),
+    #[error("otlp_endpoint: {0}")]
+    TraceExport(#[from] TraceExportError),
 }
 
 /// Serves until `shutdown` is cancelled; each configuration received on `reloads` replaces the
@@ -58,6 +62,13 @@ pub async fn run(
     if !local.ip().is_loopback() && config.api_keys.is_empty() {
         return Err(DaemonError::OpenToTheNetwork(local));
     }
+    let (export, tracer) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let (export, tracer) = TraceExport::start(endpoint, "orchestratord")?;
+            (Some(export), Some(tracer))
+        }
+        None => (None, None),
+    };
     let cut_off = CancellationToken::new();
     let pools = PoolClient::start(ClientConfig::new(&socket, "orchestratord"));
     let mirror = pools.follow();
@@ -85,6 +96,7 @@ pub async fn run(
         models_seen: Arc::default(),
         host: Arc::clone(&host),
         tenants: Arc::clone(&tenants),
+        tracer,
     };
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
@@ -117,6 +129,9 @@ pub async fn run(
         });
     };
     http_server::serve(listener, router(state), limits, phased).await;
+    if let Some(export) = export {
+        export.shutdown().await;
+    }
     Ok(())
 }
 
@@ -142,9 +157,10 @@ fn apply_reload(
         || new.socket != old.socket
         || new.sessions != old.sessions
         || new.http != old.http
+        || new.otlp_endpoint != old.otlp_endpoint
     {
         tracing::warn!(
-            "listen, socket, [sessions] and [http] connection limits apply at the next restart"
+            "listen, socket, otlp_endpoint, [sessions] and [http] connection limits apply at the next restart"
         );
     }
     scheduler.reconfigure(new.admission.clone());

@@ -2,7 +2,8 @@
 //! signals), `daemon` ([`run`]: wiring and phased shutdown), `app` (router and
 //! what every request passes through: keys, correlation ids, access lines), `client_address` (who
 //! a request came from, through trusted balancers), `api` (handlers: validation and answer shapes),
-//! `lifecycle` (one request's life, the same for every endpoint), `scheduler` (the queue's owner:
+//! `lifecycle` (one request's life, the same for every endpoint), `request_trace` (its
+//! OpenTelemetry spans, when exported), `scheduler` (the queue's owner:
 //! admission → placement → lease), `admission` (the pure queue), `placement` (choosing a pool
 //! from the registry mirror), `adapters` (talking to engines), `json_object` (top-level JSON edits
 //! that keep every other byte), `keys` (API keys, their roles and limits), `tenants` (per-key
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
+pub mod request_trace;
 pub mod scheduler;
 pub mod sessions;
 pub mod sse;

@@ -26,6 +26,7 @@ use crate::json_object::{self, TopLevel};
 use crate::keys::Caller;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::placement::{self, NoPlacement, PlacementHints, SlotNeed, Wanted};
+use crate::request_trace::{Outcome, RequestTrace, Usage};
 use crate::scheduler::{Demand, Placed, Ticket};
 use crate::sse::{self, StreamFormat};
 use crate::tenants::TenantPermit;
@@ -186,6 +187,9 @@ pub struct Lifecycle {
     answer_began: bool,
     /// The request's place in its key's limits (`tenants`), until it ends.
     tenant: Option<TenantPermit>,
+    /// Its spans, when spans are exported (`request_trace`); boxed, so that a request without
+    /// them carries one null pointer.
+    trace: Option<Box<RequestTrace>>,
 }
 
 impl Lifecycle {
@@ -194,13 +198,23 @@ impl Lifecycle {
     /// that takes no slot is placed on a ready pool here.
     pub async fn admit(state: &AppState, mut exchange: Exchange) -> Result<Lifecycle, ApiError> {
         let received = Instant::now();
+        let mut trace = state.tracer.as_ref().map(|tracer| {
+            Box::new(RequestTrace::begin(
+                tracer,
+                &exchange.headers,
+                exchange.api,
+                &exchange.model,
+                exchange.priority,
+                &exchange.correlation_id,
+            ))
+        });
         let admitted = match state.host.state() {
             HostState::Serving => match state.tenants.admit(&exchange.caller, &exchange.model) {
                 Ok(tenant) => {
                     if let Some(class) = tenant.as_ref().and_then(|tenant| tenant.class) {
                         exchange.priority = class;
                     }
-                    Self::place_or_queue(state, &exchange)
+                    Self::place_or_queue(state, &exchange, trace.as_deref_mut())
                         .await
                         .map(|phase| (phase, tenant))
                 }
@@ -210,9 +224,17 @@ impl Lifecycle {
             HostState::ShuttingDown => Err(ApiError::ShuttingDown),
         };
         let (phase, tenant) = match admitted {
-            Ok(admitted) => admitted,
+            Ok(admitted) => {
+                if let Some(trace) = &mut trace {
+                    trace.admitted();
+                }
+                admitted
+            }
             Err(error) => {
                 state.metrics.reject(error.code());
+                if let Some(trace) = trace {
+                    trace.refused(&error);
+                }
                 return Err(error);
             }
         };
@@ -229,10 +251,16 @@ impl Lifecycle {
             retries: 0,
             answer_began: false,
             tenant,
+            trace,
         })
     }
 
-    async fn place_or_queue(state: &AppState, exchange: &Exchange) -> Result<Phase, ApiError> {
+    /// Places a request that takes no slot, or queues one that does (its `queue` span begins).
+    async fn place_or_queue(
+        state: &AppState,
+        exchange: &Exchange,
+        trace: Option<&mut RequestTrace>,
+    ) -> Result<Phase, ApiError> {
         let Some(slots) = exchange.slots else {
             return unleased_placement(state, exchange, &exchange.hints).map(Phase::Placed);
         };
@@ -253,6 +281,10 @@ impl Lifecycle {
             hints: exchange.hints.clone(),
             deadline: Instant::now() + exchange.queue_deadline,
             correlation_id: exchange.correlation_id.clone(),
+            trace: trace.and_then(|trace| {
+                trace.queued();
+                trace.acquire_parent()
+            }),
         };
         let submitted = state.scheduler.submit(demand).await;
         if let (Err(_), Some(session), Some(turn)) = (&submitted, &exchange.session, turn) {
@@ -300,6 +332,9 @@ impl Lifecycle {
         };
         let Placed { lease, queued_for } = placed;
         let held = lease.lease();
+        if let Some(trace) = &mut self.trace {
+            trace.placed(&held.pool);
+        }
         self.phase = Phase::Placed(Placement {
             pool: held.pool.clone(),
             endpoint: held.endpoint.clone(),
@@ -329,8 +364,17 @@ impl Lifecycle {
                 ));
             }
         };
+        let mut headers = self.exchange.headers.clone();
+        if let Some(trace) = &mut self.trace {
+            trace.engine_request(
+                &placement.pool,
+                placement.engine,
+                route.path(),
+                &mut headers,
+            );
+        }
         let request = EngineRequest::new(placement.endpoint.clone(), placement.engine, route, body)
-            .with_headers(self.exchange.headers.clone());
+            .with_headers(headers);
         self.engine_began();
         let stall = self.state.config.get().decode_stall;
         let opened = self
@@ -340,6 +384,9 @@ impl Lifecycle {
             .await;
         match opened {
             Ok(stream) => {
+                if let Some(trace) = &self.trace {
+                    trace.engine_answered(stream.status());
+                }
                 if let Phase::Placed(placement) =
                     std::mem::replace(&mut self.phase, Phase::Finished)
                 {
@@ -357,6 +404,7 @@ impl Lifecycle {
                 if self.retry_elsewhere(&error).await {
                     return Ok(Opened::Requeued);
                 }
+                self.trace_failure(&error);
                 self.finish(Ending::Failed).await;
                 Err(error)
             }
@@ -388,6 +436,7 @@ impl Lifecycle {
         if self.retry_elsewhere(&failure).await {
             return Some(Ok(Next::Requeued));
         }
+        self.trace_failure(&failure);
         self.settle(Ending::Failed);
         Some(Err(failure))
     }
@@ -436,6 +485,7 @@ impl Lifecycle {
                     if self.retry_elsewhere(&error).await {
                         continue;
                     }
+                    self.trace_failure(&error);
                     self.finish(Ending::Failed).await;
                     return Err(error);
                 }
@@ -454,6 +504,7 @@ impl Lifecycle {
         let (body, usage) = match read {
             Ok(read) => read,
             Err(error) => {
+                self.trace_failure(&error);
                 self.finish(Ending::Failed).await;
                 return Err(error);
             }
@@ -478,17 +529,21 @@ impl Lifecycle {
                 "a stream sent as a whole request".into(),
             ));
         };
+        let mut headers = self.exchange.headers.clone();
+        if let Some(trace) = &mut self.trace {
+            trace.engine_request(&placement.pool, placement.engine, path, &mut headers);
+        }
         let request = WholeRequest {
             endpoint: placement.endpoint.clone(),
             path,
             body: body.clone(),
-            headers: self.exchange.headers.clone(),
+            headers,
         };
         let revocation = revoked(placement);
         self.engine_began();
         let limit = self.state.config.get().answer_timeout;
         let engines = Arc::clone(&self.state.engines);
-        tokio::select! {
+        let answer = tokio::select! {
             biased;
             answer = engines.whole(&request, limit, &self.exchange.correlation_id) => {
                 answer.map_err(|error| match error {
@@ -497,7 +552,11 @@ impl Lifecycle {
                 })
             }
             () = revocation => Err(ApiError::LeaseRevoked),
+        };
+        if let (Some(trace), Ok(answer)) = (&self.trace, &answer) {
+            trace.engine_answered(answer.status);
         }
+        answer
     }
 
     /// After the engine of a placed or streaming request failed with `error` before the answer
@@ -526,6 +585,9 @@ impl Lifecycle {
             Phase::Placed(placement) | Phase::Streaming { placement, .. } => placement.pool.clone(),
             Phase::Queued(_) | Phase::Finished => return false,
         };
+        if let Some(trace) = &mut self.trace {
+            trace.attempt_failed(error);
+        }
         let mut hints = self.exchange.hints.clone();
         hints.avoid.push(failed_pool.clone());
         let replaced = match self.exchange.slots {
@@ -544,6 +606,9 @@ impl Lifecycle {
                 if !placement::another_ready(&self.state.mirror.borrow().snapshot, &wanted) {
                     return false;
                 }
+                if let Some(trace) = &mut self.trace {
+                    trace.queued();
+                }
                 let demand = Demand {
                     model: self.exchange.model.clone(),
                     api: self.exchange.api,
@@ -553,6 +618,7 @@ impl Lifecycle {
                     hints: hints.clone(),
                     deadline: Instant::now() + self.exchange.queue_deadline,
                     correlation_id: self.exchange.correlation_id.clone(),
+                    trace: self.trace.as_deref().and_then(RequestTrace::acquire_parent),
                 };
                 match self.state.scheduler.submit(demand).await {
                     Ok(ticket) => Phase::Queued(ticket),
@@ -598,8 +664,16 @@ impl Lifecycle {
     /// Ends a request that never reached its engine (its wait in the queue ended in `error`).
     async fn fail_before_start(&mut self, error: ApiError) -> ApiError {
         self.state.metrics.reject(error.code());
+        self.trace_failure(&error);
         self.finish(Ending::Failed).await;
         error
+    }
+
+    /// Records on the request's spans that it fails with `error`.
+    fn trace_failure(&mut self, error: &ApiError) {
+        if let Some(trace) = &mut self.trace {
+            trace.failed(error);
+        }
     }
 
     fn engine_began(&mut self) {
@@ -611,7 +685,12 @@ impl Lifecycle {
         let now = Instant::now();
         let metrics = &self.state.metrics;
         match self.last_token {
-            None => Metrics::observe(&metrics.time_to_first_token, now - self.received),
+            None => {
+                Metrics::observe(&metrics.time_to_first_token, now - self.received);
+                if let Some(trace) = &mut self.trace {
+                    trace.first_token();
+                }
+            }
             Some(last) => Metrics::observe(&metrics.inter_token, now - last),
         }
         self.last_token = Some(now);
@@ -673,6 +752,21 @@ impl Lifecycle {
             Ending::Cancelled => {
                 metrics.cancellations.inc();
             }
+        }
+        if let Some(mut trace) = self.trace.take() {
+            let outcome = match ending {
+                Ending::Completed => Outcome::Completed,
+                Ending::Failed => Outcome::Failed,
+                Ending::Cancelled => Outcome::Cancelled,
+            };
+            trace.end(
+                outcome,
+                Usage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: self.completion_tokens,
+                    retries: self.retries,
+                },
+            );
         }
         // The key's running count frees with the request, not with its connection.
         self.tenant = None;

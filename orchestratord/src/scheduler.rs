@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::placement::{
     self, Choice, NoPlacement, PlacementHints, SessionAffinity, SlotNeed, Wanted,
 };
+use crate::request_trace::AcquireParent;
 use pool_ipc::client::{ClientError, LeaseGuard, PoolClient, RegistryMirror};
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{AcquireTarget, ApiEndpoint, PoolId, PoolState, RegistrySnapshot};
@@ -49,6 +50,8 @@ pub struct Demand {
     pub deadline: Instant,
     /// For logs and the lease's task id.
     pub correlation_id: String,
+    /// Where the spans of its Acquires hang, when spans are exported.
+    pub trace: Option<AcquireParent>,
 }
 
 impl Demand {
@@ -752,15 +755,24 @@ impl SchedulerActor {
             let metrics = Arc::clone(&self.metrics);
             tokio::spawn(async move {
                 let asked = Instant::now();
+                let span = waiting
+                    .demand
+                    .trace
+                    .as_ref()
+                    .map(|parent| parent.acquire(&pool, slots));
                 let result = client
-                    .acquire(
+                    .acquire_traced(
                         AcquireTarget::Pool(pool.clone()),
                         waiting.demand.correlation_id.clone(),
                         waiting.demand.session.clone(),
                         slots,
+                        span.as_ref().and_then(|span| span.traceparent()),
                     )
                     .await;
                 Metrics::observe(&metrics.dispatch, asked.elapsed());
+                if let Some(span) = span {
+                    span.answered(&result);
+                }
                 let _ = answers.send(Acquired {
                     id,
                     waiting,

@@ -11,6 +11,7 @@
 //! socket_group = "pool-clients"             # group owning the socket and its directory
 //! max_leased_slots_per_uid = 4096           # slots one uid's leases may hold at once
 //! lease_ttl_ms = 30000                      # a lease not renewed this long expires; 0: never
+//! otlp_endpoint = "http://127.0.0.1:4318"   # OTLP/HTTP collector for spans; default: no spans
 //!
 //! [memory]                                  # for on-demand pools (`load = "on-demand"`)
 //! host_budget_bytes = 68719476736           # pools without gpus; default 3/4 of MemTotal
@@ -52,6 +53,7 @@
 
 use crate::status_page::MetricsUrl;
 use daemon_support::http_server::HttpLimits;
+use daemon_support::trace_export::OtlpEndpoint;
 use pool_ipc::codec::{DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_BYTES_CEILING};
 use pool_ipc::registry::{ApiEndpoint, Endpoint, EngineKind, PoolId};
 use serde::{Deserialize, Serialize};
@@ -134,6 +136,8 @@ struct RawServer {
     max_leased_slots_per_uid: Option<u32>,
     /// A lease its holder does not renew for this long is taken back; 0: leases never expire.
     lease_ttl_ms: Option<u64>,
+    /// An OTLP/HTTP collector's base URL (`http://host:4318`): spans go there. Absent: no spans.
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +389,8 @@ pub struct ServerConfig {
     pub max_leased_slots_per_uid: u32,
     /// `None`: leases never expire.
     pub lease_ttl_ms: Option<u64>,
+    /// Where spans go; `None`: none are made.
+    pub otlp_endpoint: Option<OtlpEndpoint>,
 }
 
 /// The directories a reload may load a model from, canonical (symbolic links resolved), so that
@@ -633,8 +639,15 @@ fn validate_server(raw: RawServer) -> Result<ServerConfig, String> {
             ));
         }
     };
+    let otlp_endpoint = raw
+        .otlp_endpoint
+        .as_deref()
+        .map(OtlpEndpoint::parse)
+        .transpose()
+        .map_err(|error| format!("server.otlp_endpoint: {error}"))?;
     Ok(ServerConfig {
         socket: raw.socket,
+        otlp_endpoint,
         access: AccessPolicy {
             allowed_uids,
             allowed_gids: raw.allowed_gids,
@@ -1065,6 +1078,23 @@ mod tests {
             let key = bad.split(' ').next().unwrap();
             assert!(error.contains(&format!("server.{key}")), "{error}");
         }
+    }
+
+    #[test]
+    fn spans_are_off_by_default_and_an_otlp_endpoint_must_be_an_http_url() {
+        assert_eq!(parse(ONE_POOL).unwrap().server.otlp_endpoint, None);
+        let set = |line: &str| parse(&format!("[server]\n{line}\n{ONE_POOL}"));
+        let server = set("otlp_endpoint = \"http://127.0.0.1:4318\"")
+            .unwrap()
+            .server;
+        assert_eq!(
+            server.otlp_endpoint.unwrap().traces_url().to_string(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        let error = set("otlp_endpoint = \"https://collector:4318\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("server.otlp_endpoint"), "{error}");
     }
 
     #[test]

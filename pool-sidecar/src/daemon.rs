@@ -2,9 +2,9 @@
 //! pass their own), starts the registry, the pools controller (which starts the probes of
 //! external engines and the supervisors of managed ones, adopting engines a previous run left
 //! behind, and applies reloaded configurations: see `pools`), the socket server and the debug
-//! shim; and shuts everything down in order when `shutdown` fires: stop accepting, close
-//! connections (their leases come back), stop engines, wait for every task within the grace
-//! period.
+//! shim, exporting spans when `server.otlp_endpoint` is set; and shuts everything down in order
+//! when `shutdown` fires: stop accepting, close connections (their leases come back), stop
+//! engines, wait for every task within the grace period, export the spans still queued.
 
 use crate::config::Config;
 use crate::debug_http::{self, DebugState};
@@ -17,6 +17,7 @@ use crate::residency;
 use crate::status_page::OrchestratorFeed;
 use crate::supervisor::EnginePaths;
 use daemon_support::systemd::{self, NotifyState};
+use daemon_support::trace_export::TraceExport;
 use pool_ipc::registry::PoolId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +100,16 @@ pub async fn run(
     reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
     on_ready: impl FnOnce(),
 ) {
+    let (export, tracer) = match &config.server.otlp_endpoint {
+        Some(endpoint) => match TraceExport::start(endpoint, "pool-managerd") {
+            Ok((export, tracer)) => (Some(export), Some(tracer)),
+            Err(error) => {
+                tracing::error!(%error, "no spans are exported");
+                (None, None)
+            }
+        },
+        None => (None, None),
+    };
     let metrics = Arc::new(Metrics::new());
     let lease_policy = lease_policy(&config, &paths);
     let (registry, registry_task) =
@@ -127,6 +138,7 @@ pub async fn run(
             min_residency: config.memory.min_residency,
             metrics: Arc::clone(&metrics),
             gpus: Arc::clone(&gpus),
+            tracer: tracer.clone(),
         },
         &config,
         reloads,
@@ -185,6 +197,7 @@ pub async fn run(
         lease_ttl_ms: config.server.lease_ttl_ms.unwrap_or(0),
         max_leased_slots_per_uid: config.server.max_leased_slots_per_uid,
         metrics,
+        tracer,
     });
     tracker.spawn(server::serve(
         listeners.ipc,
@@ -246,6 +259,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("the registry did not stop in time");
+    }
+    if let Some(export) = export {
+        export.shutdown().await;
     }
     tracing::info!("stopped");
 }

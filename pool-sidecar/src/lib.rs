@@ -9,7 +9,7 @@
 //! (wiring and shutdown order), `pools` (the controller of which pools run) and `supervisor`
 //! (one managed engine's lifecycle), `eviction`, `residency`, `footprint`, `gguf`, `gpu` and
 //! `gpu_baselines` (on-demand pools under memory budgets), `durable` (files that survive a
-//! crash).
+//! crash), `spans` (OpenTelemetry spans of Acquires, Releases, probes and engine starts).
 
 pub mod cli;
 pub mod config;
@@ -29,6 +29,7 @@ pub mod pools;
 pub mod probe;
 pub mod registry;
 pub mod residency;
+pub mod spans;
 pub mod startup;
 pub mod status_page;
 pub mod status_view;

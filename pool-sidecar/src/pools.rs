@@ -21,6 +21,7 @@ use crate::supervisor::engine::supervisor_gone;
 use crate::supervisor::log::{DEFAULT_LOG_CAP_BYTES, follow_log};
 use crate::supervisor::{AdminCommand, EnginePaths, EngineSupervisor};
 use daemon_support::systemd::{self, NotifyState};
+use daemon_support::trace_export::Tracer;
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{
     DeviceMemory, MemoryReport, PoolFootprint, PoolId, PoolState, RegistrySnapshot,
@@ -168,6 +169,8 @@ pub struct PoolsContext {
     pub metrics: Arc<Metrics>,
     /// NVML, for GPU pools' footprints.
     pub gpus: Arc<GpuProbe>,
+    /// Makes the spans of probes and engine starts when spans are exported.
+    pub tracer: Option<Tracer>,
 }
 
 /// A GPU pool's footprint measured off the controller's task (NVML blocks) once it was ready,
@@ -344,6 +347,7 @@ impl Controller {
             Ok(new) => {
                 if new.server.access != self.config.server.access
                     || new.server.max_frame_bytes != self.config.server.max_frame_bytes
+                    || new.server.otlp_endpoint != self.config.server.otlp_endpoint
                     || new.debug_http.listen != self.config.debug_http.listen
                 {
                     tracing::warn!(
@@ -1040,6 +1044,7 @@ impl Controller {
                     pool.clone(),
                     endpoint.clone(),
                     context.registry.clone(),
+                    context.tracer.clone(),
                     stop.clone(),
                 )),
                 None,
@@ -1054,6 +1059,9 @@ impl Controller {
                     inbox,
                     stop.clone(),
                 );
+                if let Some(tracer) = &context.tracer {
+                    supervisor = supervisor.with_tracer(tracer.clone());
+                }
                 if let Device::Gpu(index) = residency::device_of(&pool) {
                     supervisor = supervisor.with_gpu_meter(GpuMeter {
                         probe: Arc::clone(&context.gpus),
@@ -1249,6 +1257,7 @@ mod tests {
             min_residency: Duration::ZERO,
             metrics: Arc::new(Metrics::new()),
             gpus: Arc::new(GpuProbe::default()),
+            tracer: None,
         };
         let (_reload_requests, reloads) = mpsc::unbounded_channel();
         let (pools, _task) = start(context, &config, reloads).await;

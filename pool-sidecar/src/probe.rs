@@ -1,11 +1,14 @@
 //! Health probes: one GET of the engine's health endpoint, judged twice — any answer means
 //! alive, a 2xx means ready — and reported to the registry, which applies the thresholds. Probes
 //! never send a generation. External engines get a probing task here; managed engines are probed
-//! by their supervisor with the same [`check`]. llama.cpp's `/props` gives slots and version.
+//! by their supervisor with the same [`check`], which makes each probe's span when spans are
+//! exported. llama.cpp's `/props` gives slots and version.
 
 use crate::config::PoolConfig;
 use crate::engine_http::EngineHttp;
 use crate::registry::{ProbeReport, RegistryHandle};
+use crate::spans;
+use daemon_support::trace_export::Tracer;
 use pool_ipc::registry::{Endpoint, EngineKind};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
@@ -22,12 +25,13 @@ pub async fn probe_pool(
     pool: PoolConfig,
     endpoint: Endpoint,
     registry: RegistryHandle,
+    tracer: Option<Tracer>,
     shutdown: CancellationToken,
 ) {
     let engine = EngineHttp::new(&endpoint);
     let mut version_known = false;
     loop {
-        let mut report = check(&engine, &pool).await;
+        let mut report = check(&engine, &pool, tracer.as_ref()).await;
         if report.result.is_ok() && !version_known {
             report.engine_version = engine_props(&engine, &pool).await.version;
             version_known = report.engine_version.is_some();
@@ -43,8 +47,10 @@ pub async fn probe_pool(
     }
 }
 
-/// One probe of the health endpoint: any answer proves the engine alive; a 2xx, ready.
-pub async fn check(engine: &EngineHttp, pool: &PoolConfig) -> ProbeReport {
+/// One probe of the health endpoint: any answer proves the engine alive; a 2xx, ready. Its span
+/// is made with `tracer`, when there is one.
+pub async fn check(engine: &EngineHttp, pool: &PoolConfig, tracer: Option<&Tracer>) -> ProbeReport {
+    let span = tracer.map(|tracer| spans::probe(tracer, &pool.id, &pool.health_path));
     let (alive, result) = match engine.get(&pool.health_path, pool.probe.timeout()).await {
         Ok((status, _)) if status.is_success() => (true, Ok(())),
         Ok((status, _)) => (
@@ -53,12 +59,16 @@ pub async fn check(engine: &EngineHttp, pool: &PoolConfig) -> ProbeReport {
         ),
         Err(error) => (false, Err(format!("{}: {error}", pool.health_path))),
     };
-    ProbeReport {
+    let report = ProbeReport {
         at_unix_ms: unix_ms_now(),
         result,
         alive,
         engine_version: None,
+    };
+    if let Some(span) = span {
+        spans::probed(span, &report);
     }
+    report
 }
 
 /// What a llama.cpp engine says about itself in `/props`.

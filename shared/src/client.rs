@@ -332,11 +332,26 @@ impl PoolClient {
         session: Option<String>,
         slots: u32,
     ) -> Result<LeaseGuard, ClientError> {
+        self.acquire_traced(target, task_id, session, slots, None)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire) as part of a trace: `trace_parent` is the W3C `traceparent` of
+    /// the caller's span for it, which pool-managerd's span of the Acquire takes as its parent.
+    pub async fn acquire_traced(
+        &self,
+        target: AcquireTarget,
+        task_id: impl Into<String>,
+        session: Option<String>,
+        slots: u32,
+        trace_parent: Option<String>,
+    ) -> Result<LeaseGuard, ClientError> {
         let request = Request::Acquire {
             target,
             task_id: task_id.into(),
             session,
             slots,
+            trace_parent,
         };
         match self.round_trip(request).await? {
             Delivery::Lease(guard) => Ok(guard),

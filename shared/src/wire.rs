@@ -28,7 +28,9 @@ pub const MAGIC: [u8; 4] = *b"PMGR";
 /// `PoolState::Loading`) that an older client could not decode in a snapshot or event,
 /// `Request::Load` / `Request::Unload` / `Request::CancelLoad`, `Request::Memory` answered
 /// by `Response::Memory`, and `Lease::registry_epoch`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `Request::Acquire::trace_parent`, the caller's W3C `traceparent`, so that the server's span
+/// of the Acquire joins the caller's trace.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Frames a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -96,6 +98,9 @@ pub enum Request {
         task_id: String,
         session: Option<String>,
         slots: u32,
+        /// The W3C `traceparent` of the caller's span for this Acquire (`None`: not traced); the
+        /// server's span of it becomes that span's child.
+        trace_parent: Option<String>,
     },
     Release {
         lease: LeaseId,

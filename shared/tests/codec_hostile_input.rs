@@ -276,6 +276,7 @@ fn a_cut_payload_of_its_own_type_is_always_malformed() {
             task_id: "task".into(),
             session: Some("s".into()),
             slots: 300,
+            trace_parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         },
     });
     let bytes = encode(&frame);
@@ -465,6 +466,13 @@ fn payloads_claiming(claimed: u64) -> Vec<(&'static str, Side, Vec<u8>)> {
         ("pool_status.pool", Side::Client, with(&[1, 0, 2])),
         // ClientFrame::Call, id 0, Request::Acquire(4), target Model(1): <claimed> bytes.
         ("acquire.target", Side::Client, with(&[1, 0, 4, 1])),
+        // ... target Model("m"), task_id "", session None, slots 1, trace_parent Some: <claimed>
+        // bytes.
+        (
+            "acquire.trace_parent",
+            Side::Client,
+            with(&[1, 0, 4, 1, 1, b'm', 0, 0, 1, 1]),
+        ),
         // ClientFrame::Hello(0), magic, version 1, client_name: <claimed> bytes.
         (
             "hello.client_name",

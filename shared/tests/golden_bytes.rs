@@ -174,7 +174,7 @@ fn the_magic_and_version_are_pinned() {
     assert_eq!(&MAGIC, b"PMGR");
     // Changing this without changing the golden bytes is a sign the bump was not deliberate; when
     // you bump it, update this line together with the expectations that changed.
-    assert_eq!(PROTOCOL_VERSION, 4);
+    assert_eq!(PROTOCOL_VERSION, 5);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ fn client_frame_hello_is_pinned() {
             "
             00             # ClientFrame::Hello
             50 4d 47 52    # magic \"PMGR\" (raw, no length)
-            04             # protocol_version 4
+            05             # protocol_version 5
             04 6f 72 63 68 # client_name \"orch\"
             01             # held_leases: 1 entry
             fb 02 01       #   lease 258
@@ -284,6 +284,7 @@ fn request_acquire_is_pinned_for_both_targets() {
             task_id: "t".into(),
             session: Some("s".into()),
             slots: 2,
+            trace_parent: Some("00-01-02-01".into()),
         },
         &hex("
             04       # Acquire
@@ -291,6 +292,8 @@ fn request_acquire_is_pinned_for_both_targets() {
             01 74    # task_id \"t\"
             01 01 73 # session Some(\"s\")
             02       # slots 2
+            01 0b 30 30 2d 30 31 2d 30 32 2d 30 31
+                     # trace_parent Some(\"00-01-02-01\"): a string, never parsed by the codec
         "),
     );
     assert_golden(
@@ -299,6 +302,7 @@ fn request_acquire_is_pinned_for_both_targets() {
             task_id: String::new(),
             session: None,
             slots: 1,
+            trace_parent: None,
         },
         &hex("
             04       # Acquire
@@ -306,6 +310,7 @@ fn request_acquire_is_pinned_for_both_targets() {
             00       # task_id \"\"
             00       # session None
             01       # slots 1
+            00       # trace_parent None
         "),
     );
 }

@@ -55,6 +55,7 @@ pub struct StackBuilder {
     api_key: Option<String>,
     startup: Option<Duration>,
     log_filter: Option<String>,
+    env: Vec<(String, String)>,
     orchestrator_args: Vec<String>,
     listen: Option<String>,
     without_orchestrator: bool,
@@ -122,6 +123,12 @@ impl StackBuilder {
         self
     }
 
+    /// An environment variable for both daemons.
+    pub fn env(mut self, key: &str, value: &str) -> StackBuilder {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// How long the pools may take to become ready (default 15 s).
     pub fn startup(mut self, within: Duration) -> StackBuilder {
         self.startup = Some(within);
@@ -150,6 +157,9 @@ impl StackBuilder {
         if let Some(filter) = &self.log_filter {
             sidecar = sidecar.env("RUST_LOG", filter);
         }
+        for (key, value) in &self.env {
+            sidecar = sidecar.env(key, value);
+        }
         let sidecar = Sidecar::from_daemon(sidecar.start(), path);
         if self.without_orchestrator {
             return Stack {
@@ -169,6 +179,9 @@ impl StackBuilder {
             .arg(socket_path(path));
         if let Some(filter) = &self.log_filter {
             orchestrator = orchestrator.env("RUST_LOG", filter);
+        }
+        for (key, value) in &self.env {
+            orchestrator = orchestrator.env(key, value);
         }
         orchestrator = orchestrator.args(&self.orchestrator_args);
         if let Some(key) = &self.api_key {

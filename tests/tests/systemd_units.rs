@@ -492,6 +492,7 @@ fn the_example_orchestratord_config_is_accepted_as_shipped_and_with_every_key_se
         "api_keys_file",
         "open_paths",
         "max_body_bytes",
+        "otlp_endpoint",
         "capacity",
         "full_policy",
         "batch_max_wait_ms",

@@ -349,6 +349,7 @@ impl EngineClients {
             });
         }
         Ok(EngineStream::new(
+            status.as_u16(),
             body,
             request.route,
             stall_limit,

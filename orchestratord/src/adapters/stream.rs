@@ -71,10 +71,14 @@ struct Inner {
     correlation_id: Box<str>,
     /// An error [`Inner::next_buffered`] met, for the next poll to report.
     pending_error: Option<AdapterError>,
+    /// The status of the engine's response head.
+    status: u16,
 }
 
 impl EngineStream {
+    /// The stream of a response whose head said `status` (a 2xx) and whose body is `body`.
     pub(super) fn new(
+        status: u16,
         body: Incoming,
         route: EngineRoute,
         stall_limit: Duration,
@@ -83,6 +87,7 @@ impl EngineStream {
     ) -> Self {
         Self {
             inner: Box::new(Inner::new(
+                status,
                 body,
                 route,
                 stall_limit,
@@ -90,6 +95,11 @@ impl EngineStream {
                 correlation_id,
             )),
         }
+    }
+
+    /// The status of the engine's response head.
+    pub fn status(&self) -> u16 {
+        self.inner.status
     }
 
     /// The next event. Waits at most the stall limit for engine bytes (then
@@ -116,6 +126,7 @@ impl EngineStream {
 
 impl Inner {
     fn new(
+        status: u16,
         body: Incoming,
         route: EngineRoute,
         stall_limit: Duration,
@@ -142,6 +153,7 @@ impl Inner {
             shutdown,
             correlation_id: correlation_id.into(),
             pending_error: None,
+            status,
         }
     }
 

@@ -10,6 +10,7 @@
 use super::server::IpcContext;
 use crate::pools::Requester;
 use crate::registry::{ConnectionId, Owner, RegistryEvent};
+use crate::spans;
 use bytes::BytesMut;
 use pool_ipc::codec::{decode_payload, decode_payload_prefix, encode_frame};
 use pool_ipc::error_code::{ErrorCode, IpcError};
@@ -434,21 +435,38 @@ impl Session {
                 task_id,
                 session,
                 slots,
+                trace_parent,
             } => {
                 if task_id.len() > MAX_ID_LEN
                     || session.as_ref().is_some_and(|s| s.len() > MAX_ID_LEN)
+                    || trace_parent.as_ref().is_some_and(|t| t.len() > MAX_ID_LEN)
                 {
                     return Err(IpcError::new(
                         ErrorCode::BadRequest,
-                        format!("task_id and session must be at most {MAX_ID_LEN} bytes"),
+                        format!(
+                            "task_id, session and trace_parent must be at most {MAX_ID_LEN} bytes"
+                        ),
                     ));
                 }
-                let lease = registry.acquire(self.owner(), target, slots).await?;
+                let span = self.context.tracer.as_ref().map(|tracer| {
+                    spans::acquire(tracer, trace_parent.as_deref(), &target, slots, &task_id)
+                });
+                let acquired = registry.acquire(self.owner(), target, slots).await;
+                if let Some(span) = span {
+                    spans::acquired(span, &acquired);
+                }
+                let lease = acquired?;
                 tracing::debug!(connection = self.id, lease = %lease.id, pool = %lease.pool, slots, %task_id, ?session, "lease granted");
                 Ok(Response::Acquired(lease))
             }
             Request::Release { lease, outcome } => {
-                registry.release(self.id, lease, outcome).await?;
+                let span = (self.context.tracer.as_ref())
+                    .map(|tracer| spans::release(tracer, lease, outcome));
+                let released = registry.release(self.id, lease, outcome).await;
+                if let Some(span) = span {
+                    spans::released(span, &released);
+                }
+                released?;
                 Ok(Response::Released)
             }
             Request::Renew => {

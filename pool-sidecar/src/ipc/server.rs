@@ -7,6 +7,7 @@ use crate::gpu::GpuProbe;
 use crate::metrics::Metrics;
 use crate::pools::PoolsHandle;
 use crate::registry::{ConnectionId, RegistryHandle};
+use daemon_support::trace_export::Tracer;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
@@ -27,6 +28,8 @@ pub struct IpcContext {
     /// whole (each lease holds at least one slot), before any secret is checked.
     pub max_leased_slots_per_uid: u32,
     pub metrics: Arc<Metrics>,
+    /// Makes the spans of Acquires and Releases when `server.otlp_endpoint` is configured.
+    pub tracer: Option<Tracer>,
 }
 
 pub async fn serve(

@@ -20,6 +20,8 @@ use crate::engine_http::EngineHttp;
 use crate::gpu_baselines::GpuMeter;
 use crate::probe::{check, engine_props, unix_ms_now};
 use crate::registry::{EngineReport, ProbeReport, RegistryHandle};
+use crate::spans::EngineStarts;
+use daemon_support::trace_export::Tracer;
 use pool_ipc::error_code::{ErrorCode, IpcError};
 use pool_ipc::registry::{Endpoint, PoolId, PoolState, RegistrySnapshot};
 use std::collections::VecDeque;
@@ -189,6 +191,10 @@ pub struct EngineSupervisor {
     retiring: JoinSet<()>,
     /// A GPU pool's device meter: read just before a load starts the engine.
     gpu_meter: Option<GpuMeter>,
+    /// Makes probes' spans when spans are exported.
+    tracer: Option<Tracer>,
+    /// The spans of engine starts (nothing without a tracer).
+    starts: EngineStarts,
 }
 
 impl EngineSupervisor {
@@ -200,6 +206,7 @@ impl EngineSupervisor {
         commands: mpsc::Receiver<AdminCommand>,
         shutdown: CancellationToken,
     ) -> EngineSupervisor {
+        let starts = EngineStarts::new(None, pool.id.clone());
         EngineSupervisor {
             model_path: engine.model_path.clone(),
             pool,
@@ -218,7 +225,16 @@ impl EngineSupervisor {
             retired: None,
             retiring: JoinSet::new(),
             gpu_meter: None,
+            tracer: None,
+            starts,
         }
+    }
+
+    /// Makes spans of this pool's probes and engine starts with `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> EngineSupervisor {
+        self.starts = EngineStarts::new(Some(tracer.clone()), self.pool.id.clone());
+        self.tracer = Some(tracer);
+        self
     }
 
     /// Reads `meter`'s device just before each load starts the engine (GPU footprints measured
@@ -256,7 +272,7 @@ impl EngineSupervisor {
             return None;
         }
         let http = EngineHttp::new(&record.endpoint);
-        let probe = check(&http, &self.pool).await;
+        let probe = check(&http, &self.pool, self.tracer.as_ref()).await;
         if let Err(error) = probe.result {
             tracing::info!(pool = %self.pool.id, pid = record.pid, %error, "recorded engine does not pass its probe; stopping it");
             process.stop(self.engine.stop_grace()).await;
@@ -270,6 +286,7 @@ impl EngineSupervisor {
             return None;
         };
         tracing::info!(pool = %self.pool.id, pid = record.pid, endpoint = %record.endpoint, "adopted a running engine");
+        self.starts.adopted();
         self.model_path = record.model_path;
         self.restarts = record.restarts;
         self.started_once = true;
@@ -363,6 +380,7 @@ impl EngineSupervisor {
     /// An engine exited on its own: nothing of its process group may stay behind.
     fn exited(&mut self, which: Which, status: String) -> Input {
         *self.probes.get_mut(which) = None;
+        self.starts.exited(which, &status);
         if let Some(running) = self.engines.get_mut(which).take() {
             running.process.kill_leftovers();
         }
@@ -430,6 +448,7 @@ impl EngineSupervisor {
     }
 
     async fn carry_out_one(&mut self, effect: Effect) -> Option<Input> {
+        self.starts.before(&effect);
         match effect {
             Effect::Spawn {
                 which,
@@ -437,6 +456,7 @@ impl EngineSupervisor {
                 generation,
             } => Some(match self.launch(&model_path, generation) {
                 Ok(running) => {
+                    self.starts.spawned(which, running.process.pid);
                     let input = Input::Spawned {
                         which,
                         endpoint: running.endpoint.clone(),
@@ -445,14 +465,19 @@ impl EngineSupervisor {
                     *self.engines.get_mut(which) = Some(running);
                     input
                 }
-                Err(reason) => Input::SpawnFailed { which, reason },
+                Err(reason) => {
+                    self.starts.spawn_failed(which, &reason);
+                    Input::SpawnFailed { which, reason }
+                }
             }),
             Effect::Probe(which) => {
                 if let Some(running) = self.engines.get(which) {
                     let http = EngineHttp::new(&running.endpoint);
                     let pool = self.pool.clone();
-                    *self.probes.get_mut(which) =
-                        Some(Box::pin(async move { check(&http, &pool).await }));
+                    let tracer = self.tracer.clone();
+                    *self.probes.get_mut(which) = Some(Box::pin(async move {
+                        check(&http, &pool, tracer.as_ref()).await
+                    }));
                 }
                 None
             }

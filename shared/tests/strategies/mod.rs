@@ -214,14 +214,18 @@ pub fn request() -> BoxedStrategy<Request> {
             acquire_target(),
             text(),
             proptest::option::of(text()),
-            any::<u32>()
+            any::<u32>(),
+            proptest::option::of(text()),
         )
-            .prop_map(|(target, task_id, session, slots)| Request::Acquire {
-                target,
-                task_id,
-                session,
-                slots,
-            }),
+            .prop_map(
+                |(target, task_id, session, slots, trace_parent)| Request::Acquire {
+                    target,
+                    task_id,
+                    session,
+                    slots,
+                    trace_parent,
+                }
+            ),
         (lease_id(), release_outcome())
             .prop_map(|(lease, outcome)| Request::Release { lease, outcome }),
         Just(Request::Subscribe),
