@@ -16,6 +16,39 @@
 set -euo pipefail
 
 log() { printf '[python-env] %s\n' "$*" >&2; }
+
+# Copies pip's output (stdin) to the log file $1 and shows its steps (Collecting, Building wheel,
+# Successfully installed) — on one updating line on a terminal, else a line each — and, while a
+# step is silent (llama-cpp-python's wheel compiles llama.cpp for minutes), how long it has run.
+progress() {
+    local line="" partial="" started status
+    started=$(date +%s)
+    exec 8>"$1"
+    while :; do
+        if IFS= read -r -t 30 line; then
+            line="$partial$line"
+            partial=""
+            printf '%s\n' "$line" >&8
+            case $line in
+                Collecting*|Building\ wheel*|Successfully*) ;;
+                *) continue ;;
+            esac
+        else
+            status=$?
+            [ "$status" -gt 128 ] || break
+            partial+="$line"
+            line="still working: $(( $(date +%s) - started )) s (log: $1)"
+        fi
+        if [ -t 2 ]; then
+            printf '\r\033[K[python-env] %s' "${line:0:100}" >&2
+        else
+            log "$line"
+        fi
+    done
+    [ -n "$partial" ] && printf '%s\n' "$partial" >&8
+    [ -t 2 ] && printf '\n' >&2
+    exec 8>&-
+}
 die() { log "ERROR: $*"; exit 1; }
 
 name="${1:-}"
@@ -67,8 +100,13 @@ t0=$(date +%s)
 python3 -m venv "$venv" || die "python3 -m venv failed (apt-get install python3-venv)"
 log "installing $(grep -cv '^\s*\(#\|$\)' "$requirements") pinned packages from $requirements into $venv"
 [ "$name" = test ] && log "(llama-cpp-python compiles llama.cpp: 6-10 min on 2 cores)"
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2 \
-    || { rm -rf "$venv"; die "pip install -r $requirements failed"; }
+install_log="$cache_root/$name-$hash.install.log"
+if ! "$venv/bin/pip" install --disable-pip-version-check --progress-bar off -r "$requirements" 2>&1 \
+        | progress "$install_log"; then
+    tail -n 40 "$install_log" >&2
+    rm -rf "$venv"
+    die "pip install -r $requirements failed; full log: $install_log"
+fi
 "$venv/bin/python" -c "$imports" || { rm -rf "$venv"; die "the new venv cannot: $imports"; }
 touch "$stamp"
 log "ready in $(( $(date +%s) - t0 )) s: $venv"
