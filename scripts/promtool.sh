@@ -31,7 +31,7 @@ upstream=${upstream%%+*}
 dir="$cache_root/promtool-${version//[^A-Za-z0-9.+_-]/_}"
 promtool="$dir/promtool"
 
-verify() { [ -x "$promtool" ] && "$promtool" --version 2>&1 | head -n1 | grep -q "version $upstream"; }
+verify() { [ -x "$promtool" ] && "$promtool" --version 2>&1 | head -n1 | grep -qE "version ${upstream//./\\.}([^0-9.]|$)"; }
 
 if ! verify; then
     mkdir -p "$cache_root"

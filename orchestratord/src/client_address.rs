@@ -1,4 +1,4 @@
-//! Who a request came from, for access logs and per-client limits: the connection's peer, or,
+//! Who a request came from, for access logs: the connection's peer, or,
 //! when the peer is a trusted balancer (`trusted_proxies`), the address that balancer says it
 //! forwarded for in `X-Forwarded-For`. The list is read from its right end (the hop nearest to us)
 //! leftwards past every trusted address; the first untrusted one is the client. An untrusted peer's
@@ -13,6 +13,8 @@ pub const FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The client's address (module header).
 pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    // A dual-stack listener sees an IPv4 peer as `::ffff:a.b.c.d`: compared as IPv4.
+    let peer = peer.to_canonical();
     let is_trusted = |address: &IpAddr| trusted.iter().any(|net| net.contains(address));
     if !is_trusted(&peer) {
         return peer;
@@ -26,7 +28,7 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
         .flat_map(|value| value.split(','))
         .collect();
     for hop in hops.iter().rev() {
-        let Ok(address) = hop.trim().parse::<IpAddr>() else {
+        let Ok(address) = hop.trim().parse::<IpAddr>().map(|hop| hop.to_canonical()) else {
             // Not an address: nothing further left can be trusted.
             break;
         };
@@ -78,6 +80,12 @@ mod tests {
             client_address(balancer, &chained, &trusted),
             address("203.0.113.5"),
             "trusted hops are skipped, across headers"
+        );
+        let mapped = address("::ffff:127.0.0.9");
+        assert_eq!(
+            client_address(mapped, &forwarded, &trusted),
+            address("203.0.113.5"),
+            "a balancer seen through a dual-stack listener is still trusted"
         );
         let garbage = headers(&["203.0.113.5, not-an-address, 127.0.0.3"]);
         assert_eq!(

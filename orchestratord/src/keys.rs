@@ -16,7 +16,7 @@
 //! and task APIs) or `admin` (those, and the operator's: drain, reload, usage), then its limits
 //! (see [`KeyLimits`]; `tenants` enforces them). A line with one field is the older format: an
 //! unnamed inference key without limits. Blank lines and `#` comments are ignored; keys are at
-//! least 16 characters; names are unique.
+//! least 16 characters; names are unique and made of letters, digits, `.`, `_` and `-`.
 
 use crate::admission::Priority;
 use crate::config::ConfigError;
@@ -213,6 +213,16 @@ impl KeyRing {
                     ));
                 }
             };
+            if let Some(name) = &key.name
+                && !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                // Names label metrics and access lines.
+                return Err(format!(
+                    "line {number}: the name {name:?} may hold only letters, digits, '.', '_' and '-'"
+                ));
+            }
             if key.secret.len() < MIN_KEY_LEN {
                 return Err(format!(
                     "line {number}: keys must be at least {MIN_KEY_LEN} characters (this one is {})",
@@ -339,6 +349,7 @@ mod tests {
             ),
             ("a inference key-0123456789abcdef tpm", "not setting=value"),
             ("a inference key-0123456789abcdef models=", "names no model"),
+            ("bob\"x inference key-0123456789abcdef", "only letters"),
         ] {
             let error = KeyRing::parse(text).unwrap_err();
             assert!(error.contains(needle), "{text}: {error}");

@@ -187,6 +187,9 @@ pub struct Lifecycle {
     answer_began: bool,
     /// The request's place in its key's limits (`tenants`), until it ends.
     tenant: Option<TenantPermit>,
+    /// Tokens relayed so far (chunks with output): what a request that does not complete is
+    /// charged to its key, so that leaving early does not dodge a token budget.
+    tokens_relayed: u64,
     /// Its spans, when spans are exported (`request_trace`); boxed, so that a request without
     /// them carries one null pointer.
     trace: Option<Box<RequestTrace>>,
@@ -250,6 +253,7 @@ impl Lifecycle {
             ending_lease: None,
             retries: 0,
             answer_began: false,
+            tokens_relayed: 0,
             tenant,
             trace,
         })
@@ -458,6 +462,7 @@ impl Lifecycle {
         match &event {
             EngineEvent::Chunk { tokens, .. } => {
                 if *tokens > 0 {
+                    self.tokens_relayed += u64::from(*tokens);
                     self.token_seen();
                 }
             }
@@ -739,12 +744,6 @@ impl Lifecycle {
                     .tokens_out
                     .inc_by(self.completion_tokens.unwrap_or(0));
                 Metrics::observe(&metrics.request_duration, self.received.elapsed());
-                if let Some(tenant) = &self.tenant {
-                    tenant.charge(
-                        self.prompt_tokens.unwrap_or(0),
-                        self.completion_tokens.unwrap_or(0),
-                    );
-                }
             }
             Ending::Failed => {
                 Metrics::observe(&metrics.request_duration, self.received.elapsed());
@@ -752,6 +751,14 @@ impl Lifecycle {
             Ending::Cancelled => {
                 metrics.cancellations.inc();
             }
+        }
+        if let Some(tenant) = &self.tenant {
+            // The engine's usage when it reported one; else the tokens that reached the client.
+            let completion = match ending {
+                Ending::Completed => self.completion_tokens.unwrap_or(self.tokens_relayed),
+                Ending::Failed | Ending::Cancelled => self.tokens_relayed,
+            };
+            tenant.charge(self.prompt_tokens.unwrap_or(0), completion);
         }
         if let Some(mut trace) = self.trace.take() {
             let outcome = match ending {

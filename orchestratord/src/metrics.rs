@@ -195,6 +195,21 @@ struct ModelLabels {
     model_name: String,
 }
 
+/// `text` escaped for a label value, which prometheus-client writes as it is given (a model id
+/// with a quote or a backslash would otherwise break the whole exposition).
+fn label_value(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
 /// The gauges of the Gateway API Inference Extension's model-server protocol
 /// (`docs/proposals/003-model-server-protocol` at its release v1.6.0, whose endpoint picker reads
 /// vLLM's names by default), one series per model, labelled `model_name` as vLLM labels them.
@@ -206,7 +221,7 @@ fn model_server_signals(models: &[ModelLoad]) -> Registry {
     let running = Family::<ModelLabels, Gauge>::default();
     for load in models {
         let labels = ModelLabels {
-            model_name: load.model.clone(),
+            model_name: label_value(&load.model),
         };
         waiting
             .get_or_create(&labels)
@@ -226,4 +241,29 @@ fn model_server_signals(models: &[ModelLoad]) -> Registry {
         running,
     );
     registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_id_with_quotes_and_backslashes_stays_one_valid_label_value() {
+        let text = Metrics::new().render(
+            Format::PrometheusText,
+            &[ModelLoad {
+                model: "a\"b\\c".into(),
+                waiting: 6,
+                running: 4,
+            }],
+        );
+        assert!(
+            text.contains("vllm:num_requests_waiting{model_name=\"a\\\"b\\\\c\"} 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vllm:num_requests_running{model_name=\"a\\\"b\\\\c\"} 4"),
+            "{text}"
+        );
+    }
 }

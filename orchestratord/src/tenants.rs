@@ -5,7 +5,8 @@
 //!
 //! The limits, checked in this order, each refusing with 429 and a Retry-After that names it:
 //! - `models`: a model the key may not use is 403 `MODEL_NOT_ALLOWED` (checked first);
-//! - `tpm`: a token budget charged after the fact from the engine's usage, refilled continuously
+//! - `tpm`: a token budget charged after the fact from the engine's usage (a request cancelled or
+//!   failed mid-stream: the tokens relayed before it ended), refilled continuously
 //!   at `tpm` per minute up to `tpm`. A request may take the budget below zero; the key is then
 //!   refused from its next request on until the budget is positive again. This is a balance that
 //!   goes negative, which a rate limiter that refuses what it cannot grant (governor's) does not
@@ -152,8 +153,8 @@ impl std::fmt::Debug for TenantPermit {
 }
 
 impl TenantPermit {
-    /// Records a completed request's tokens, as the engine reported them, and charges the key's
-    /// token budget.
+    /// Records a request's tokens (as the engine reported them; for a request that did not
+    /// complete, the generated tokens that reached the client) and charges the key's budget.
     pub fn charge(&self, prompt_tokens: u64, completion_tokens: u64) {
         self.tenant.prompt_tokens.inc_by(prompt_tokens);
         self.tenant.completion_tokens.inc_by(completion_tokens);

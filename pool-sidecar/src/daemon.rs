@@ -183,6 +183,7 @@ pub async fn run(
             token: config.debug_http.token.as_deref().map(Arc::from),
             log_dir,
             feed,
+            shutdown: shutdown.clone(),
         };
         let stop = shutdown.clone();
         let limits = config.debug_http.limits;

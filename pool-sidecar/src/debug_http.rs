@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use daemon_support::exposition::Format;
 use daemon_support::http_server::{self, HttpLimits};
+use futures_util::StreamExt as _;
 use pool_ipc::error_code::ErrorCode;
 use pool_ipc::registry::{PoolId, PoolState};
 use pool_ipc::wire::Request as WireRequest;
@@ -48,6 +49,9 @@ pub struct DebugState {
     pub log_dir: PathBuf,
     /// orchestratord's figures for the status page, when configured.
     pub feed: Option<Arc<OrchestratorFeed>>,
+    /// Ends the shim's endless streams (followed logs, status events) when the daemon stops, so
+    /// an open page does not hold up the shutdown.
+    pub shutdown: CancellationToken,
 }
 
 pub fn router(state: DebugState) -> Router {
@@ -246,7 +250,8 @@ async fn logs(
                 Err(_) => return None,
             }
         }
-    });
+    })
+    .take_until(state.shutdown.clone().cancelled_owned());
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -337,6 +342,7 @@ async fn status_page(State(state): State<DebugState>) -> Response {
 /// `GET /status/events`: the status page's view as JSON, one SSE event a second, for as long as
 /// the page is open.
 async fn status_events(State(state): State<DebugState>) -> Response {
+    let stop = state.shutdown.clone().cancelled_owned();
     let events = futures_util::stream::unfold((state, true), |(state, first)| async move {
         if !first {
             tokio::time::sleep(status_page::REFRESH).await;
@@ -346,7 +352,8 @@ async fn status_events(State(state): State<DebugState>) -> Response {
             .json_data(&view)
             .unwrap_or_else(|error| Event::default().event("error").data(error.to_string()));
         Some((Ok::<Event, Infallible>(event), (state, false)))
-    });
+    })
+    .take_until(stop);
     Sse::new(events).into_response()
 }
 

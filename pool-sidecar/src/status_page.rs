@@ -12,6 +12,7 @@
 //! rather than since its start.
 
 use crate::engine_http::EngineHttp;
+use crate::status_view::PoolStatusView;
 use pool_ipc::registry::{Endpoint, GpuInventory, MemoryReport, RegistrySnapshot};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -349,7 +350,10 @@ impl StatusView {
                     slots_total: pool.slots_total,
                     slots_free: pool.slots_free,
                     restarts: pool.restarts,
-                    last_error: pool.last_error.clone(),
+                    // Without the engine's last output: log lines are for the token only.
+                    last_error: PoolStatusView::from(pool)
+                        .without_engine_details()
+                        .last_error,
                 }
             })
             .collect();

@@ -226,3 +226,29 @@ fn with_a_token_the_status_page_and_the_logs_refuse_a_request_without_it() {
         "the page shows the engine's address"
     );
 }
+
+#[test]
+fn the_status_page_never_shows_an_engines_last_output() {
+    let stack = Stack::builder()
+        .pool(&double_pool("p", "double", 1, &["--exit-after-ms", "300"]))
+        .without_orchestrator()
+        .start();
+    stack.wait_for("the engine's crash with its last output", || {
+        e2e::sidecar::operator_status(stack.path(), "p")
+            .ok()
+            .and_then(|status| status["last_error"].as_str().map(str::to_owned))
+            .is_some_and(|error| error.contains("injected crash"))
+    });
+    let shim = stack.sidecar.ready("debug_http").to_owned();
+    let page = http::get(&shim, "/status", WAIT).unwrap().text();
+    assert!(!page.contains("injected crash"), "{page}");
+    let (mut reader, status, _) =
+        http::open(&shim, "GET", "/status/events", &[], None, WAIT).unwrap();
+    assert_eq!(status, 200);
+    let view = http::next_sse_data(&mut reader).unwrap();
+    assert!(!view.contains("injected crash"), "{view}");
+    assert!(
+        view.contains("engine output: `pool-managerd status`"),
+        "{view}"
+    );
+}

@@ -5,9 +5,9 @@
 //! copytruncate).
 //!
 //! [`LogTail`] is how operators read it (`pool-managerd logs`, the shim's `/pools/{id}/logs`): the
-//! last lines, then what is appended, across rotations — a rotation is seen by `<log>.1`
-//! changing, and the part of the old file not yet read is taken from `<log>.1` (a full copy, so
-//! at the same offsets) before the new file is read from its start.
+//! last lines, then what is appended, across rotations — a rotation is seen by the file being
+//! shorter than what was read, and the part of the old file not yet read is taken from
+//! `<log>.1` (a full copy, so at the same offsets) before the new file is read from its start.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -149,19 +149,19 @@ impl LogTail {
     /// The whole lines appended since the last call (across a rotation).
     pub fn read_new(&mut self) -> std::io::Result<Vec<String>> {
         let mut bytes = Vec::new();
-        let rotated_now = identity(&self.rotated);
-        if rotated_now != self.rotated_seen {
-            if let Some((old_length, _)) = rotated_now
+        let length = std::fs::metadata(&self.path)?.len();
+        if length < self.offset {
+            // Truncated. The supervisor truncates only after `<log>.1` holds the whole old file,
+            // so a `<log>.1` that changed since the last look has the part not yet read (a
+            // `<log>.1` still being copied is never taken for a finished rotation).
+            let rotated_now = identity(&self.rotated);
+            if rotated_now != self.rotated_seen
+                && let Some((old_length, _)) = rotated_now
                 && old_length > self.offset
             {
                 bytes = read_range(&self.rotated, self.offset, old_length - self.offset)?;
             }
             self.rotated_seen = rotated_now;
-            self.offset = 0;
-        }
-        let length = std::fs::metadata(&self.path)?.len();
-        if length < self.offset {
-            // Truncated by someone else: start again from the top.
             self.offset = 0;
         }
         if length > self.offset {
