@@ -54,6 +54,15 @@ impl Format {
         }
     }
 
+    /// The format a scrape request's `Accept` header asks for ([`negotiate`](Self::negotiate)).
+    pub fn of_request(headers: &hyper::HeaderMap) -> Format {
+        Format::negotiate(
+            headers
+                .get(hyper::header::ACCEPT)
+                .and_then(|value| value.to_str().ok()),
+        )
+    }
+
     /// `openmetrics` (one or more registries' OpenMetrics text, each with or without its `# EOF`)
     /// in this format, with one `# EOF` at the end for OpenMetrics.
     pub fn render(self, openmetrics: &str) -> String {

@@ -307,11 +307,7 @@ async fn pool_status(State(state): State<DebugState>, Path(id): Path<String>) ->
 
 /// In the format the scraper asks for (`daemon_support::exposition`).
 async fn metrics(State(state): State<DebugState>, headers: HeaderMap) -> Response {
-    let format = Format::negotiate(
-        headers
-            .get(header::ACCEPT)
-            .and_then(|value| value.to_str().ok()),
-    );
+    let format = Format::of_request(&headers);
     let text = format.render(&state.metrics.render(&state.registry.snapshot()));
     ([(header::CONTENT_TYPE, format.content_type())], text).into_response()
 }

@@ -141,8 +141,7 @@ pub fn request_with_headers(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> io::Result<Reply> {
-    let mut stream = connect(addr, timeout)?;
-    write_request(&mut stream, method, path, headers, body)?;
+    let mut stream = send(addr, method, path, headers, body, timeout)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_reply(&raw)
@@ -255,6 +254,23 @@ pub fn next_sse_data(reader: &mut BufReader<Stream>) -> Option<String> {
             return Some(data.trim_end().to_owned());
         }
     }
+}
+
+/// Reads an OpenAI chat stream opened with [`open`] to its end: the chunks with content, and
+/// whether `[DONE]` came last. Panics on a chunk that is not JSON.
+pub fn read_chat_stream(mut reader: BufReader<Stream>) -> (usize, bool) {
+    let mut chunks = 0;
+    while let Some(data) = next_sse_data(&mut reader) {
+        if data == "[DONE]" {
+            return (chunks, true);
+        }
+        let chunk: serde_json::Value = serde_json::from_str(&data)
+            .unwrap_or_else(|error| panic!("a stream chunk that is not JSON ({error}): {data}"));
+        if chunk["choices"][0]["delta"]["content"].is_string() {
+            chunks += 1;
+        }
+    }
+    (chunks, false)
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {

@@ -72,21 +72,6 @@ fn open_chat(
     .unwrap()
 }
 
-/// Reads a stream to its end: the chunks with content, and whether `[DONE]` came last.
-fn read_stream(mut reader: BufReader<http::Stream>) -> (usize, bool) {
-    let mut tokens = 0;
-    while let Some(data) = http::next_sse_data(&mut reader) {
-        if data == "[DONE]" {
-            return (tokens, true);
-        }
-        let chunk: Value = serde_json::from_str(&data).unwrap();
-        if chunk["choices"][0]["delta"]["content"].is_string() {
-            tokens += 1;
-        }
-    }
-    (tokens, false)
-}
-
 /// An admin POST with an empty JSON body; status and JSON answer.
 fn admin_post(addr: &str, key: &str, path: &str, body: &str) -> (u16, Value) {
     let (name, value) = bearer(key);
@@ -117,7 +102,7 @@ fn draining_the_host_turns_readyz_away_at_once_refuses_new_requests_and_lets_run
 
     let (reader, status, _) = open_chat(&addr, INFERENCE_KEY, 40, &[]);
     assert_eq!(status, 200);
-    let running = std::thread::spawn(move || read_stream(reader));
+    let running = std::thread::spawn(move || http::read_chat_stream(reader));
     stack.wait_for_leases("p", 1);
 
     let (status, answer) = admin_post(&addr, ADMIN_KEY, "/v2/admin/drain", "{}");
@@ -168,7 +153,7 @@ fn draining_the_host_turns_readyz_away_at_once_refuses_new_requests_and_lets_run
     assert_eq!(http::get(&addr, "/readyz", WAIT).unwrap().status, 200);
     let (reader, status, _) = open_chat(&addr, INFERENCE_KEY, 3, &[]);
     assert_eq!(status, 200);
-    assert_eq!(read_stream(reader), (3, true));
+    assert_eq!(http::read_chat_stream(reader), (3, true));
 }
 
 /// The samples of one exposition `text`, as the Prometheus Python client's reference parser for
@@ -250,7 +235,7 @@ fn model_server_signals_count_waiting_and_running_requests_in_both_exposition_fo
                 )
                 .unwrap();
                 assert_eq!(status, 200);
-                read_stream(reader)
+                http::read_chat_stream(reader)
             })
         })
         .collect();
@@ -382,7 +367,7 @@ fn access_lines_name_the_key_the_correlation_id_and_the_client_a_trusted_balance
             ],
         );
         assert_eq!(status, 200);
-        assert_eq!(read_stream(reader), (2, true));
+        assert_eq!(http::read_chat_stream(reader), (2, true));
         let (reader, status, _) = open_chat(&stack.api(), "sk-nobody-0123456789abcdef", 2, &[]);
         assert_eq!(status, 401);
         drop(reader);
@@ -583,7 +568,7 @@ impl Fleet {
             if status != 200 {
                 return (status, 0, false);
             }
-            let (chunks, done) = read_stream(reader);
+            let (chunks, done) = http::read_chat_stream(reader);
             (status, chunks, done)
         })
     }

@@ -759,7 +759,7 @@ fn requests_for_a_drained_model_get_pool_unready_at_once_even_those_already_queu
     let addr = stack.api();
     let holder = std::thread::spawn({
         let addr = addr.clone();
-        move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+        move || http::read_chat_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
     stack.wait_for_leases("p", 1);
     // Queued behind the holder (the only slot), with a long deadline.
@@ -843,21 +843,6 @@ fn session_budgets_are_enforced_and_a_deleted_session_starts_afresh() {
     assert_eq!(turn().0, 202);
 }
 
-/// Reads a whole OpenAI stream: (content chunks, ended with [DONE]).
-fn drain_stream(mut reader: BufReader<http::Stream>) -> (usize, bool) {
-    let mut chunks = 0;
-    while let Some(data) = http::next_sse_data(&mut reader) {
-        if data == "[DONE]" {
-            return (chunks, true);
-        }
-        let chunk: Value = serde_json::from_str(&data).unwrap();
-        if chunk["choices"][0]["delta"]["content"].is_string() {
-            chunks += 1;
-        }
-    }
-    (chunks, false)
-}
-
 #[test]
 fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
     let mut stack = stack(2, &["--token-delay-ms", "20"], "");
@@ -868,7 +853,7 @@ fn a_sidecar_restart_mid_load_keeps_streams_running_and_leaks_no_lease() {
             std::thread::spawn(move || {
                 let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(80, true), &[]);
                 assert_eq!(status, 200);
-                drain_stream(reader)
+                http::read_chat_stream(reader)
             })
         })
         .collect();
@@ -935,7 +920,7 @@ fn a_client_that_leaves_while_queued_is_never_served_and_counters_agree() {
     let addr = stack.api();
     let holder = std::thread::spawn({
         let addr = addr.clone();
-        move || drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+        move || http::read_chat_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
     stack.wait_for_leases("p", 1);
     // Queued behind the holder, then gone.
@@ -974,7 +959,7 @@ fn sigterm_lets_running_streams_finish_then_exits_cleanly() {
     let addr = stack.api();
     let (reader, status, _) = post(&addr, "/v1/chat/completions", &chat(40, true), &[]);
     assert_eq!(status, 200);
-    let stream = std::thread::spawn(move || drain_stream(reader));
+    let stream = std::thread::spawn(move || http::read_chat_stream(reader));
     stack.wait_for_leases("p", 1);
     stack.orchestrator().kill_with(e2e::Signal::SIGTERM);
     assert_eq!(
@@ -1401,7 +1386,7 @@ fn stack_with_hold() -> Stack {
     );
     let addr = stack.api();
     std::thread::spawn(move || {
-        drain_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
+        http::read_chat_stream(post(&addr, "/v1/chat/completions", &chat(30, true), &[]).0)
     });
     stack.wait_for_leases("p", 1);
     stack
@@ -1716,7 +1701,7 @@ fn a_frozen_orchestratord_loses_its_leases_after_the_lease_ttl() {
         .start();
     let addr = stack.api();
     std::thread::spawn(move || {
-        drain_stream(post(&addr, "/v1/chat/completions", &chat(400, true), &[]).0)
+        http::read_chat_stream(post(&addr, "/v1/chat/completions", &chat(400, true), &[]).0)
     });
     stack.wait_for_leases("p", 1);
     // Frozen whole, its connection to pool-managerd left open: nothing renews the lease.
@@ -1829,7 +1814,7 @@ fn a_burst_of_200_streams_on_a_50_slot_pool_never_overbooks_and_every_stream_is_
                     let (reader, status, head) =
                         post(&addr, "/v1/chat/completions", &chat(8, true), &[]);
                     assert_eq!(status, 200, "{head}");
-                    drain_stream(reader)
+                    http::read_chat_stream(reader)
                 })
             })
             .collect();
@@ -1927,7 +1912,7 @@ fn a_queued_streams_head_leaves_after_one_keepalive_interval_not_with_the_first_
     );
     let addr = stack.api();
     let holder = std::thread::spawn(move || {
-        drain_stream(post(&addr, "/v1/chat/completions", &chat(40, true), &[]).0)
+        http::read_chat_stream(post(&addr, "/v1/chat/completions", &chat(40, true), &[]).0)
     });
     stack.wait_for_leases("p", 1);
     let body = r#"{"model":"double","messages":[{"role":"user","content":"go"}],"max_tokens":1,"stream":true}"#;

@@ -82,19 +82,10 @@ async fn scraped(state: &AppState) -> Vec<ModelLoad> {
     models
 }
 
-/// The format a scraper's `Accept` asks for.
-fn negotiated(headers: &HeaderMap) -> Format {
-    Format::negotiate(
-        headers
-            .get(header::ACCEPT)
-            .and_then(|value| value.to_str().ok()),
-    )
-}
-
 /// `/metrics` in the format the scraper asks for (`daemon_support::exposition`), with the
 /// model-server signals of every model the registry knows.
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let format = negotiated(&headers);
+    let format = Format::of_request(&headers);
     let models = scraped(&state).await;
     (
         [(header::CONTENT_TYPE, format.content_type())],
@@ -106,7 +97,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
 /// `GET /v2/admin/metrics` (admin key): `/metrics` with the per-key series (`tenants`), which
 /// the open view never shows.
 pub async fn admin_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let format = negotiated(&headers);
+    let format = Format::of_request(&headers);
     let models = scraped(&state).await;
     let mut text = state.metrics.render(Format::OpenMetrics, &models);
     text.push_str(&state.tenants.render());
